@@ -1,0 +1,467 @@
+"""Bytes on disk: the snapshot, the write-ahead journal, and recovery.
+
+This module knows the file formats and nothing about HTTP or locks over the
+dict.  The store (store.py) decides *when* to write; this module decides
+*how*, so that a crash at any instant leaves files that load() recovers.
+
+Files in the data directory
+---------------------------
+
+    store.pickle          the snapshot: the whole dict {str: bytes}, pickled
+                          with protocol 5, replaced atomically.
+    store.pickle.tmp      a snapshot being written; ignored by load() and
+                          overwritten by the next save.
+    journal-00000007.log  a journal: the mutations made after some snapshot,
+                          in the order they were applied.  The number is the
+                          journal's generation; a new one starts at every
+                          checkpoint and at every start of the server.
+    LOCK                  held (flock) by the running server, so that two
+                          servers never share one directory.
+
+A snapshot is written atomically: a temporary file in the same directory,
+flush, fsync, os.replace() over the old one, fsync of the directory.  After
+a crash there is either the old snapshot or the new one, never half of one.
+
+Journal records
+---------------
+
+    +------------+-----------+-------------+----+------------+-----+-------+
+    | length u32 | crc32 u32 | hdr crc u32 | op | key len u32| key | value |
+    +------------+-----------+-------------+----+------------+-----+-------+
+    \____________ header, 12 bytes _________/\_______ payload, `length` ____/
+
+All integers are little-endian.  `crc32` covers the payload; `hdr crc` covers
+the first 8 bytes, so that a damaged length is recognised as damage instead
+of being trusted to say where the next record starts.  op is PUT, DELETE or
+CLEAR; DELETE has an empty value, CLEAR an empty key and value.
+
+Recovery rules (load())
+-----------------------
+
+1. Load the snapshot, if there is one.  It is unpickled with an Unpickler
+   that refuses every global: a dict of str to bytes needs none, so a
+   tampered file cannot make us import or call anything.
+2. Replay every journal on top of it, in generation order.  Replaying a
+   journal that the snapshot already contains is harmless: every record
+   *sets* a state (key=value, key absent, everything absent), so applying
+   the same sequence twice gives the same dict as applying it once.  That
+   is what makes a crash in the middle of a checkpoint safe (see below).
+3. Each journal is checked on its own.  A record that is cut short, or whose
+   checksum fails, is the normal trace of a crash when nothing valid follows
+   it in that file: it is logged and the file is truncated there.  The rules:
+     - fewer than 12 bytes left, or only zero bytes left (a file system that
+       had extended the file but not yet written its blocks)  -> torn tail
+     - header checksum fails                                  -> corruption
+     - the record runs past the end of the file               -> torn tail
+     - payload checksum fails and the record ends the file    -> torn tail
+     - payload checksum fails and more bytes follow           -> corruption
+   Corruption refuses to start (JournalError names the file and the offset)
+   and leaves every file untouched.
+
+Checkpoints (Store.checkpoint() drives these steps)
+---------------------------------------------------
+
+    a. create journal N+1 and fsync the directory     (Journal.prepare_next)
+    b. under the store lock: send new records to
+       journal N+1 and copy the dict                  (Journal.switch)
+    c. write the copy as the new snapshot             (write_snapshot)
+    d. delete journals <= N                           (remove_journals)
+
+A crash after a: journal N+1 is empty; old snapshot + N + N+1 = everything.
+After b: the same, with records in N+1.  During c: the old snapshot is still
+in place (os.replace is atomic).  After c: the new snapshot already holds N,
+and replaying N again changes nothing (rule 2).  After d: the clean state.
+"""
+
+import fcntl
+import os
+import pickle
+import re
+import struct
+import threading
+import time
+import zlib
+
+SNAPSHOT_NAME = "store.pickle"
+PICKLE_PROTOCOL = 5
+_JOURNAL_NAME = re.compile(r"journal-(\d{8,})\.log\Z")
+
+PUT, DELETE, CLEAR = 1, 2, 3
+_HEADER = struct.Struct("<III")     # payload length, payload crc32, header crc32
+_LENGTH_CRC = struct.Struct("<II")  # the part of the header its crc covers
+_OP_KEY = struct.Struct("<BI")      # op, key length
+
+
+class DataError(Exception):
+    """A data file cannot be used.  str() names the file and the reason."""
+
+
+# ---------------------------------------------------------------- helpers --
+
+def snapshot_path(directory):
+    return os.path.join(directory, SNAPSHOT_NAME)
+
+
+def journal_path(directory, generation):
+    return os.path.join(directory, "journal-%08d.log" % generation)
+
+
+def journal_generations(directory):
+    """The generations of the journals in `directory`, oldest first."""
+    found = (_JOURNAL_NAME.match(name) for name in os.listdir(directory))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def fsync_directory(directory):
+    """Make renames, creations and deletions in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_directory(directory):
+    """Take the directory's LOCK file; return its fd (keep it open while serving).
+
+    The kernel drops the lock when the process dies, however it dies.
+    """
+    path = os.path.join(directory, "LOCK")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataError("%s: the data directory is in use by another server" % directory)
+    return fd
+
+
+def apply(data, op, key, value):
+    """Apply one mutation to a dict: the meaning of a journal record."""
+    if op == PUT:
+        data[key] = value
+    elif op == DELETE:
+        data.pop(key, None)
+    else:
+        data.clear()
+
+
+# --------------------------------------------------------------- snapshot --
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: every global (class, function) is refused.
+
+    Unpickling a global is how a pickle runs code (`os.system`, say); a dict
+    of str to bytes never needs one, so refusing them all costs nothing.
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError("refusing to load global %s.%s" % (module, name))
+
+
+def load_snapshot(path):
+    """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
+    with f:
+        try:
+            data = _NoGlobalsUnpickler(f).load()
+            trailing = f.read(1)
+        except Exception as e:      # any damage surfaces as some exception
+            raise DataError("%s: snapshot is corrupt: %s" % (path, e or type(e).__name__))
+    if trailing:
+        raise DataError("%s: snapshot is corrupt: unexpected data after the end" % path)
+    if type(data) is not dict or not all(
+            type(k) is str and type(v) is bytes for k, v in data.items()):
+        raise DataError("%s: snapshot is not a dict of str to bytes" % path)
+    return data
+
+
+def write_snapshot(directory, data):
+    """Atomically replace the snapshot with `data`.  Returns the file's size.
+
+    Guarantees: when it returns, the new snapshot is durable; if it raises
+    (disk full, I/O error), the previous snapshot is intact.  It does not
+    lock `data`: the caller passes a dict that nobody changes meanwhile.
+    """
+    path = snapshot_path(directory)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(fd, "wb", buffering=1 << 20) as f:
+            pickle.dump(data, f, protocol=PICKLE_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_directory(directory)
+    return size
+
+
+def remove_journals(directory, through):
+    """Delete the journals of generation <= `through` (a snapshot now holds them)."""
+    for generation in journal_generations(directory):
+        if generation <= through:
+            os.unlink(journal_path(directory, generation))
+    fsync_directory(directory)
+
+
+# ---------------------------------------------------------------- records --
+
+def encode_record(op, key, value):
+    """The bytes of one journal record, as a list of buffers for os.writev."""
+    key_bytes = key.encode("utf-8")
+    op_key = _OP_KEY.pack(op, len(key_bytes)) + key_bytes
+    length = len(op_key) + len(value)
+    length_crc = _LENGTH_CRC.pack(length, zlib.crc32(value, zlib.crc32(op_key)))
+    header = length_crc + struct.pack("<I", zlib.crc32(length_crc))
+    return [header, op_key, value] if value else [header + op_key]
+
+
+def scan_journal(buf, data, path):
+    """Apply every record of the journal bytes `buf` to `data`.
+
+    Returns (records applied, end offset of the last valid record).  If the
+    end offset is less than len(buf), what follows is a torn tail.  Raises
+    DataError for corruption (a bad record with more bytes after it).
+    This loop is the replay speed: keep it free of calls it does not need.
+    """
+    view = memoryview(buf)
+    size = len(buf)
+    crc32 = zlib.crc32
+    unpack_header = _HEADER.unpack_from
+    unpack_op_key = _OP_KEY.unpack_from
+    offset = count = 0
+    while offset < size:
+        if size - offset < _HEADER.size:
+            break                                         # torn: partial header
+        length, payload_crc, header_crc = unpack_header(buf, offset)
+        if crc32(view[offset:offset + 8]) != header_crc:
+            if not any(view[offset:]):
+                break                                     # torn: unwritten zeros
+            raise DataError("%s: corrupt record header at offset %d" % (path, offset))
+        start = offset + _HEADER.size
+        end = start + length
+        if end > size:
+            break                                         # torn: record cut short
+        if crc32(view[start:end]) != payload_crc:
+            if end == size:
+                break                                     # torn: last record damaged
+            raise DataError("%s: checksum mismatch in record at offset %d" % (path, offset))
+        op, key_length = unpack_op_key(buf, start)
+        key_start = start + _OP_KEY.size
+        value_start = key_start + key_length
+        if op not in (PUT, DELETE, CLEAR) or value_start > end:
+            raise DataError("%s: malformed record at offset %d" % (path, offset))
+        apply(data, op, buf[key_start:value_start].decode("utf-8"), buf[value_start:end])
+        count += 1
+        offset = end
+    return count, offset
+
+
+def read_journal(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError("%s: cannot read journal: %s" % (path, e.strerror))
+
+
+def truncate_journal(path, end):
+    """Cut a torn tail off a journal, durably."""
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise DataError("%s: cannot truncate torn tail: %s" % (path, e.strerror))
+
+
+def load(directory, log):
+    """Recover the dict from `directory`: the snapshot, then every journal.
+
+    Returns (data, next journal generation, replayed record count).  Raises
+    DataError, having modified nothing, if a file is unreadable or corrupt.
+    Torn tails are truncated only once every file has been read and found
+    sound: that is recovery, and it never happens on a refusal to start.
+    """
+    path = snapshot_path(directory)
+    started = time.monotonic()
+    data = load_snapshot(path)
+    log("Loaded %d keys from %s in %.2f s" % (len(data), path, time.monotonic() - started))
+    generations = journal_generations(directory)
+    replayed, torn = 0, []
+    started = time.monotonic()
+    for generation in generations:
+        journal = journal_path(directory, generation)
+        buf = read_journal(journal)
+        count, end = scan_journal(buf, data, journal)
+        replayed += count
+        if end < len(buf):
+            torn.append((journal, end, len(buf) - end))
+    for journal, end, size in torn:
+        log("Journal %s: incomplete record at offset %d (%d bytes, the trace of a crash); "
+            "truncating it" % (journal, end, size))
+        truncate_journal(journal, end)
+    if generations:
+        seconds = time.monotonic() - started
+        log("Replayed %d journal records from %d file(s) in %.2f s (%d records/s); %d keys"
+            % (replayed, len(generations), seconds, replayed / max(seconds, 1e-9), len(data)))
+    next_generation = generations[-1] + 1 if generations else 1
+    return data, next_generation, replayed
+
+
+# ---------------------------------------------------------------- journal --
+
+class Journal:
+    """The open journal: appends records, and makes them durable with group commit.
+
+    append() must be called with the store lock held: that is what makes the
+    order of records the order of changes to the dict.  It hands the record
+    to the OS with one write, so once it returns the record survives a killed
+    process.  commit(seq) is called *without* the store lock and returns when
+    the record is as durable as the fsync policy promises:
+
+      always    fsynced.  Group commit: while one thread runs fsync, the
+                writers arriving behind it wait; the next fsync covers all
+                of them at once.  Nobody holds the store lock meanwhile.
+      everysec  a background thread fsyncs once a second; commit() waits for
+                nothing (a power loss may lose the last second).
+      no        the OS writes when it likes (a power loss may lose more).
+
+    Sequence numbers count records from 1 across journal files, so that one
+    "synced up to" number serves through a switch to a new file.
+    """
+
+    POLICIES = ("always", "everysec", "no")
+
+    def __init__(self, directory, generation, policy):
+        assert policy in self.POLICIES
+        self.directory = directory
+        self.policy = policy
+        self.generation = generation
+        self._fd = self._create(generation)
+        self.size = 0                   # bytes in the current file
+        self._appended = 0              # seq of the last record written to the OS
+        self._synced = 0                # seq of the last record known to be fsynced
+        self._syncing = False           # an fsync is running (its caller is the leader)
+        self._retired = []              # fds of older files awaiting their last fsync
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = threading.Event()
+        if policy == "everysec":
+            threading.Thread(target=self._sync_every_second, name="journal-fsync",
+                             daemon=True).start()
+
+    def _create(self, generation):
+        """Create the file of a new generation and make its name durable."""
+        fd = os.open(journal_path(self.directory, generation),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fsync_directory(self.directory)
+        return fd
+
+    # -- writing (store lock held) --
+
+    def append(self, op, key, value):
+        """Write one record to the OS; return its sequence number.  Caller holds the store lock."""
+        buffers = encode_record(op, key, value)
+        total = sum(len(b) for b in buffers)
+        written = os.writev(self._fd, buffers)
+        if written != total:
+            self._finish_short_write(b"".join(buffers), written)
+        self.size += total
+        with self._cond:
+            self._appended += 1
+            return self._appended
+
+    def _finish_short_write(self, record, written):
+        # A regular file only writes short on an error (disk full) or a
+        # signal.  Finish the record, or cut it off again so that no torn
+        # record is left in the middle of the journal, then report.
+        try:
+            while written < len(record):
+                written += os.write(self._fd, record[written:])
+        except OSError:
+            os.ftruncate(self._fd, self.size)
+            raise
+
+    def prepare_next(self):
+        """Checkpoint step a: create the next journal file (outside the store lock)."""
+        return self.generation + 1, self._create(self.generation + 1)
+
+    def switch(self, prepared):
+        """Checkpoint step b: append to the prepared file from now on.  Caller holds the store lock.
+
+        Returns the generation of the file left behind.  Its fd stays open
+        until an fsync has covered it, so no committed record is left unsynced.
+        """
+        old = self.generation
+        self.generation, fd = prepared
+        with self._cond:
+            self._retired.append(self._fd)
+            self._fd = fd
+        self.size = 0
+        return old
+
+    # -- durability (store lock NOT held) --
+
+    def commit(self, seq):
+        """Return when record `seq` is as durable as the policy promises."""
+        if self.policy == "always":
+            self.sync(seq)
+
+    def sync(self, seq=None):
+        """Return when every record up to `seq` (default: all) is fsynced.  Group commit.
+
+        The first caller that finds no fsync running becomes the leader: it
+        takes the highest sequence number written so far, fsyncs outside the
+        condition's lock, publishes the result and wakes the waiters.  A
+        waiter whose record came too late for that fsync leads the next one.
+        """
+        with self._cond:
+            if seq is None:
+                seq = self._appended
+            while self._synced < seq:
+                if self._syncing:
+                    self._cond.wait()
+                    continue
+                self._syncing = True
+                target, fds, self._retired = self._appended, self._retired + [self._fd], []
+                self._cond.release()
+                try:
+                    for fd in fds:
+                        os.fsync(fd)
+                    for fd in fds[:-1]:
+                        os.close(fd)
+                except BaseException:
+                    self._cond.acquire()
+                    self._retired = fds[:-1] + self._retired
+                    self._syncing = False
+                    self._cond.notify_all()
+                    raise
+                self._cond.acquire()
+                self._syncing = False
+                self._synced = max(self._synced, target)
+                self._cond.notify_all()
+
+    def _sync_every_second(self):
+        while not self._closed.wait(1.0):
+            try:
+                self.sync()
+            except OSError:
+                pass        # the next commit or the shutdown save reports it
+
+    def close(self):
+        """Fsync everything and close the file.  No append may follow."""
+        self._closed.set()
+        self.sync()
+        os.close(self._fd)

@@ -1,0 +1,639 @@
+"""HTTP front end and process lifecycle of the key-value server.
+
+    python3 server.py [--port 8080] [--working-dir ./data] ...   (--help for all)
+
+The server is http.server.ThreadingHTTPServer: the main thread accepts
+connections and each connection gets a thread of its own that reads a
+request, calls the Store (store.py), writes one reply, and loops.  The store
+is a dict behind one lock; persistence.py puts it on disk.
+
+A PUT, from the socket to the disk
+----------------------------------
+    KVHandler.handle_one_request  reads the request line
+    KVHandler.parse_request       reads the headers, with http.server's limits
+    KVHandler.read_body           Content-Length or chunked, at most
+                                  --max-value-bytes, 413 before reading more
+    KVHandler.do_kv               validates the key, then Store.put:
+    Store._mutate                 under the lock, Journal.append (one writev
+                                  to the OS) and the dict; then, without the
+                                  lock, Journal.commit (fsync, group commit)
+    KVHandler.reply               status, headers and body in one sendall
+
+A SIGTERM, from the signal to exit 0
+------------------------------------
+    on_signal            starts a helper thread that calls server.shutdown()
+                         (shutdown() waits for serve_forever() to return, so
+                         the main thread, which runs serve_forever(), cannot
+                         call it itself).  A second signal changes nothing.
+    serve_forever()      returns in the main thread; no more accepts, and
+                         server_close() closes the listening socket.
+    KVServer.drain       closes idle keep-alive connections at once; lets
+                         requests in flight finish (Connection: close), up
+                         to --shutdown-timeout.
+    Store.seal           any later write gets 503; the dict is frozen.
+    Store.save_and_close the final snapshot, then the journals go; exit 0,
+                         or exit 1 if the save failed (the journal stays).
+"""
+
+import argparse
+import email.utils
+import http.server
+import os
+import re
+import resource
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+
+import persistence
+from store import Sealed, Store
+
+# ------------------------------------------------------------------ logging --
+
+_log_lock = threading.Lock()
+
+
+def log(message):
+    """One line to stdout, flushed at once (the harnesses read it live)."""
+    with _log_lock:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+
+
+def fail(message):
+    """One line to stderr: what failed and why, never a traceback."""
+    sys.stderr.write("error: %s\n" % message)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- HTTP layer --
+
+MAX_LINE = 65536         # request line and header lines, as in http.server
+MAX_HEADERS = 100        # as in http.client / http.server
+KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD"}
+
+
+class RequestError(Exception):
+    """A request we answer with an error status; `close` if the stream is unusable after it."""
+
+    def __init__(self, status, message, close=False):
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
+
+
+class ClientGone(Exception):
+    """The client closed the connection in the middle of a request."""
+
+
+def parse_key(raw):
+    """The key named by the path after /kv/ (percent-decoded), or RequestError."""
+    if "%" in raw:
+        try:
+            raw = urllib.parse.unquote_to_bytes(raw).decode("ascii")
+        except UnicodeDecodeError:
+            raise RequestError(400, "key contains invalid characters")
+    if not raw:
+        raise RequestError(400, "key cannot be empty")
+    if not KEY.fullmatch(raw):
+        raise RequestError(400, "key contains invalid characters")
+    return raw
+
+
+class _DateCache:
+    """The Date header, formatted once per second instead of once per reply."""
+
+    def __init__(self):
+        self._second = None
+        self._value = b""
+
+    def header(self):
+        now = int(time.time())
+        if now != self._second:
+            value = email.utils.formatdate(now, usegmt=True)
+            self._value, self._second = ("Date: %s\r\n" % value).encode("ascii"), now
+        return self._value
+
+
+_date = _DateCache()
+
+
+class KVHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: requests in, replies out, until either side closes.
+
+    Overridden hooks of BaseHTTPRequestHandler, and why:
+      handle_one_request  to answer every method on our paths (405 with
+                          Allow, where the base answers 501), and to tell the
+                          server when the connection is idle between requests
+                          so that shutdown can close it at once;
+      parse_request       a header parser of our own: the base one goes
+                          through email.parser and costs most of a request's
+                          time; ours keeps its limits and refusals;
+      send_error          text/plain bodies, as every reply of ours;
+      log_message         to stdout, and only with --access-log.
+    Replies are built by reply(): status line, headers and body in one
+    sendall, so that a reply is one TCP segment when it fits (with Nagle
+    off, two writes would be two segments; with Nagle on, the second one
+    would wait ~40 ms for the client's delayed ACK).
+    """
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = "kvstore"
+
+    # -- the request loop -----------------------------------------------------
+
+    def handle_one_request(self):
+        self.close_connection = True          # until a full request says otherwise
+        if not self.server.set_idle(self.request, True):
+            return                            # shutting down: take no new request
+        try:
+            line = self.rfile.readline(MAX_LINE + 1)
+        finally:
+            self.server.set_idle(self.request, False)
+        if not line:
+            return                            # the client closed (or drain woke us)
+        self.raw_requestline = line
+        self.command = None                   # nothing parsed yet, for reply()
+        self.request_version = "HTTP/1.1"
+        try:
+            if len(line) > MAX_LINE:
+                raise RequestError(414, "request line too long", close=True)
+            self.parse_request()
+            self.route()
+        except RequestError as e:
+            self.reply(e.status, (e.message + "\n").encode(), close=e.close,
+                       headers=getattr(e, "headers", ()))
+        except ClientGone:
+            self.close_connection = True
+
+    def parse_request(self):
+        """Parse the request line and headers into command, path, headers.
+
+        self.headers is a dict of lower-cased names; repeated headers are
+        joined with ", " (RFC 9110 5.3), which also lets read_body() notice
+        two different Content-Length values.  Raises RequestError.
+        """
+        words = self.raw_requestline.decode("latin-1").split()
+        if len(words) != 3:
+            raise RequestError(400, "bad request line", close=True)
+        self.command, self.path, self.request_version = words
+        version = VERSION.fullmatch(self.request_version)
+        if not version:
+            raise RequestError(400, "bad request line", close=True)
+        if version.group(1) != "1":
+            raise RequestError(505, "http version not supported", close=True)
+        headers = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise RequestError(431, "header line too long", close=True)
+            if line in (b"\r\n", b"\n"):
+                break
+            if not line:
+                raise ClientGone()
+            text = line.decode("latin-1").rstrip("\r\n")
+            name, colon, value = text.partition(":")
+            if not colon or not HEADER_NAME.fullmatch(name):
+                raise RequestError(400, "bad header line", close=True)
+            name = name.lower()
+            value = value.strip(" \t")
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        else:
+            raise RequestError(431, "too many headers", close=True)
+        self.headers = headers
+        tokens = headers.get("connection", "").lower()
+        if version.group(2) == "0":
+            self.close_connection = "keep-alive" not in tokens
+        else:
+            self.close_connection = "close" in tokens
+        return True
+
+    # -- bodies ---------------------------------------------------------------
+
+    def read_body(self):
+        """The request body (b"" if none).  Sets self.has_length.  Raises RequestError, ClientGone.
+
+        A body over --max-value-bytes is refused from its Content-Length,
+        before a byte of it is read; a request that is ambiguous about its
+        length is refused, because that ambiguity is how requests get
+        smuggled past a proxy.  Both close the connection: we cannot know
+        where the next request would start.
+        """
+        length = self.headers.get("content-length")
+        encoding = self.headers.get("transfer-encoding")
+        self.has_length = length is not None or encoding is not None
+        limit = self.server.max_value_bytes
+        if encoding is not None:
+            if length is not None:
+                raise RequestError(400, "ambiguous message length", close=True)
+            if encoding.lower() != "chunked":
+                raise RequestError(501, "transfer-encoding not supported", close=True)
+            self.send_continue()
+            return self.read_chunked(limit)
+        if length is None:
+            return b""
+        values = {v.strip() for v in length.split(",")}
+        if len(values) != 1:
+            raise RequestError(400, "ambiguous message length", close=True)
+        length = values.pop()
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(400, "bad content-length", close=True)
+        length = int(length)
+        if length > limit:
+            raise RequestError(413, "value too large", close=True)
+        if length == 0:
+            return b""
+        self.send_continue()
+        return self.read_exactly(length)
+
+    def read_exactly(self, n):
+        data = self.rfile.read(n)
+        if len(data) < n:
+            raise ClientGone()
+        return data
+
+    def read_chunked(self, limit):
+        """Decode a chunked body: hex size line, data, CRLF; ends with a 0 chunk and trailers."""
+        chunks, total = [], 0
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line:
+                raise ClientGone()
+            size = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not CHUNK_SIZE.fullmatch(size):
+                raise RequestError(400, "bad chunked body", close=True)
+            size = int(size, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise RequestError(413, "value too large", close=True)
+            chunks.append(self.read_exactly(size))
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise RequestError(400, "bad chunked body", close=True)
+        for _ in range(MAX_HEADERS + 1):          # trailer fields: read and ignore
+            line = self.rfile.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(chunks)
+            if not line:
+                raise ClientGone()
+            if len(line) > MAX_LINE:
+                break
+        raise RequestError(400, "bad chunked body", close=True)
+
+    def send_continue(self):
+        """Honour Expect: 100-continue: the client waits for this before sending the body."""
+        if (self.headers.get("expect", "").lower() == "100-continue"
+                and self.request_version != "HTTP/1.0"):
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- routing and the API --------------------------------------------------
+
+    def route(self):
+        path = self.path
+        if not path.startswith("/"):              # absolute form: http://host/path
+            scheme, _, rest = path.partition("://")
+            path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
+        path = path.partition("?")[0]
+        body = self.read_body()
+        if path.startswith("/kv/"):
+            self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
+            self.do_kv(parse_key(path[4:]), body)
+        elif path == "/clear":
+            self.check_method("/clear", ("DELETE",))
+            self.write(self.server.store.clear)
+        elif path == "/health":
+            self.check_method("/health", ("GET", "HEAD"))
+            self.reply(200, b"ok\n")
+        else:
+            raise RequestError(404, "not found")
+
+    def check_method(self, path, methods):
+        if self.command not in methods:
+            error = RequestError(405, "method not allowed")
+            error.headers = (("Allow", ALLOWED[path]),)
+            raise error
+
+    def do_kv(self, key, body):
+        store = self.server.store
+        if self.command in ("GET", "HEAD"):
+            value = store.get(key)
+            if value is None:
+                raise RequestError(404, "key not found")
+            self.reply(200, value)
+        elif self.command == "PUT":
+            if not self.has_length:
+                raise RequestError(411, "length required")
+            if not body:
+                raise RequestError(400, "value cannot be empty")
+            self.write(store.put, key, body)
+        else:
+            self.write(store.delete, key)
+
+    def write(self, mutation, *args):
+        """Run a store mutation and answer: 200 once it is durable, 503 once sealed."""
+        try:
+            mutation(*args)
+        except Sealed:
+            raise RequestError(503, "shutting down", close=True)
+        except OSError as e:
+            log("Journal write failed: %s" % e)
+            raise RequestError(500, "storage error")
+        self.reply(200)
+
+    # -- replies --------------------------------------------------------------
+
+    def reply(self, status, body=b"", close=False, headers=()):
+        """Send a whole reply in one write.  HEAD gets the headers of GET and no body."""
+        if close or self.server.draining:
+            self.close_connection = True
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, self.responses[status][0].encode()),
+                b"Content-Type: text/plain; charset=utf-8\r\n",
+                b"Content-Length: %d\r\n" % len(body), _date.header()]
+        if self.close_connection:
+            head.append(b"Connection: close\r\n")
+        elif self.request_version == "HTTP/1.0":
+            head.append(b"Connection: keep-alive\r\n")
+        for name, value in headers:
+            head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
+        head.append(b"\r\n")
+        if self.command != "HEAD":
+            head.append(body)
+        self.connection.sendall(b"".join(head))
+        if self.server.access_log:
+            self.log_request(status, len(body))
+
+    def send_error(self, code, message=None, explain=None):
+        """The base class's error path (not normally reached): text/plain, and close."""
+        self.reply(code, ("%s\n" % (message or self.responses[code][0])).encode(), close=True)
+
+    def log_message(self, format, *args):
+        # The request line names the key, never the value.
+        if self.server.access_log:
+            log("%s - %s" % (self.address_string(), format % args))
+
+
+# -------------------------------------------------------------------- server --
+
+class KVServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that knows its connections, so that it can drain them.
+
+    Every accepted socket is in self._connections until its handler thread
+    ends; those waiting for their next request are also in self._idle.
+    """
+
+    request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
+                                # of connects; the kernel caps it at somaxconn)
+    daemon_threads = True       # a stalled client must never keep the process alive
+
+    def __init__(self, address, store, max_value_bytes, access_log):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.store = store
+        self.max_value_bytes = max_value_bytes
+        self.access_log = access_log
+        self.draining = False
+        self._connections = set()
+        self._idle = set()
+        self._changed = threading.Condition(threading.Lock())
+        super().__init__(address, KVHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind() looks up our fully qualified host name,
+        # which can hang for seconds on a machine without DNS; nothing here
+        # uses it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        with self._changed:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        with self._changed:
+            self._connections.discard(request)
+            self._idle.discard(request)
+            self._changed.notify_all()
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            return                        # the client went away: nothing to report
+        log("Unexpected error serving %s: %r" % (client_address[0], error))
+
+    def set_idle(self, request, idle):
+        """Mark a connection as waiting for its next request (or not).
+
+        Returns False when the server is draining and the connection should
+        close instead of waiting.  The flag and `draining` are checked under
+        one lock, so a connection is either seen idle by drain() (and woken)
+        or sees `draining` itself: none can slip into a wait that lasts.
+        """
+        with self._changed:
+            if not idle:
+                self._idle.discard(request)
+            elif self.draining:
+                return False
+            else:
+                self._idle.add(request)
+        return True
+
+    def drain(self, timeout):
+        """Close idle connections now; wait up to `timeout` s for the others.
+
+        Guarantees: when it returns, no connection is between requests, and
+        each request that was in flight has finished, unless the deadline
+        passed first; returns how many connections were still open then.
+        It does not stop a handler that is still running: Store.seal() is
+        what keeps such a late request from changing the saved state.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            self.draining = True
+            for request in self._idle:
+                # shutdown(SHUT_RD) wakes a thread blocked in recv();
+                # close() would not.  Bytes already buffered are still read.
+                try:
+                    request.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+            while self._connections:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return len(self._connections)
+
+
+# --------------------------------------------------------------- lifecycle --
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:          # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+def port_number(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"
+non_negative_float.__name__ = "non-negative number"
+port_number.__name__ = "port (0-65535)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, exit 2: "bad usage" (argparse would add the usage text).
+        self.exit(2, "error: %s (see --help)\n" % message)
+
+
+def parse_args(argv, environ):
+    parser = ArgumentParser(
+        description="An HTTP key-value store that keeps every acknowledged write "
+                    "through clean shutdowns and crashes.",
+        epilog="Environment: HOST, PORT and DATA_DIR are used when the flag is not given. "
+               "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
+    parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
+                        help="address to bind (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
+                        help="TCP port; 0 picks a free one (env PORT, default 8080)")
+    parser.add_argument("--working-dir", default=environ.get("DATA_DIR", "./data"),
+                        metavar="DIR",
+                        help="data directory, created if missing "
+                             "(env DATA_DIR, default ./data)")
+    parser.add_argument("--shutdown-timeout", type=non_negative_float, default=15.0,
+                        metavar="SECONDS",
+                        help="how long shutdown waits for requests in flight (default 15)")
+    parser.add_argument("--max-value-bytes", type=positive_int, default=10 * 1024 * 1024,
+                        metavar="N", help="largest accepted value (default 10485760)")
+    parser.add_argument("--fsync", choices=persistence.Journal.POLICIES, default="always",
+                        help="journal fsync policy: always = before each reply, shared by "
+                             "concurrent writers; everysec = once a second; no = left to "
+                             "the OS (default always)")
+    parser.add_argument("--checkpoint-bytes", type=positive_int, default=64 * 1024 * 1024,
+                        metavar="N",
+                        help="write a snapshot and start a new journal when the journal "
+                             "grows past N bytes (default 67108864)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request (never a value); off by default")
+    return parser.parse_args(argv)
+
+
+def raise_open_file_limit():
+    """Each connection is a file descriptor; a burst of 10,000 needs more than the usual 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else max(soft, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+
+
+def open_store(args):
+    """Create the data directory, lock it, recover the data, open a new journal."""
+    directory = os.path.abspath(args.working_dir)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        lock = persistence.lock_directory(directory)
+        data, generation, replayed = persistence.load(directory, log)
+        # Creating the new journal also proves the directory is writable:
+        # better to fail now than at shutdown.
+        journal = persistence.Journal(directory, generation, args.fsync)
+    except OSError as e:
+        raise persistence.DataError("%s: data directory is not usable: %s"
+                                    % (e.filename or directory, e.strerror))
+    store = Store(data, journal, args.checkpoint_bytes, log)
+    if replayed:
+        store.request_checkpoint()      # fold the replayed journals into a snapshot
+    return store, lock
+
+
+def serve(args):
+    """Run until a signal; return the exit code."""
+    raise_open_file_limit()
+    stopping = threading.Event()
+    server = None
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            log("Received %s again; already shutting down" % signal.Signals(signum).name)
+            return
+        stopping.set()
+        log("Received %s, shutting down" % signal.Signals(signum).name)
+        if server is not None:
+            threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        store, _lock = open_store(args)
+    except persistence.DataError as e:
+        fail(str(e))
+        return 1
+    try:
+        server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log)
+    except OSError as e:
+        fail("cannot listen on %s:%s: %s" % (args.host, args.port, e.strerror or e))
+        return 1
+    except OverflowError as e:   # e.g. an out-of-range port from the environment
+        fail("cannot listen on %s:%s: %s" % (args.host, args.port, e))
+        return 1
+    host, port = server.server_address[:2]
+    log("Server listening on %s:%d" % (host, port))
+    if not stopping.is_set():
+        # A short poll interval: serve_forever() notices shutdown() within it.
+        server.serve_forever(poll_interval=0.05)
+    server.server_close()
+
+    still_open = server.drain(args.shutdown_timeout)
+    if still_open:
+        log("Shutdown timeout: %d connection(s) still in a request; their writes are refused"
+            % still_open)
+    store.seal()
+    path = persistence.snapshot_path(store.directory)
+    log("Flushing %d keys to %s" % (len(store), path))
+    started = time.monotonic()
+    try:
+        size = store.save_and_close()
+    except OSError as e:
+        fail("saving %s failed: %s; the journal still holds every write" % (path, e))
+        return 1
+    log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    code = serve(args)
+    sys.stdout.flush()
+    # Handler threads may still be blocked on stalled clients; the data is
+    # saved, and freeing a large dict object by object only delays the exit.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

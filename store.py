@@ -1,0 +1,144 @@
+"""The thread-safe dict, and the order in which its changes reach the disk.
+
+`Store` is a dict {str: bytes} behind one lock.  Every mutation, in one
+critical section, (1) appends a record to the journal, which hands it to the
+OS, and (2) applies it to the dict.  Because both happen under the same
+lock, the journal's order is exactly the order of changes to the dict, under
+any concurrency.  Then, *outside* the lock, (3) the writer waits until the
+record is durable (Journal.commit), so one slow fsync never blocks readers
+or other writers; concurrent writers share fsyncs (group commit).
+
+Guarantees
+----------
+- A mutation that returned normally is in the journal, as durable as the
+  fsync policy promises, and in the dict.
+- After seal(), every mutation raises Sealed, and the dict no longer changes:
+  a snapshot taken after seal() holds every mutation that ever returned.
+- Reads see a write as soon as it is applied, which may be before its fsync
+  has finished (as in Redis).  A reader can therefore see a value that a
+  power loss in the next millisecond would take back; a killed process
+  would not, since the record is already with the OS.
+
+Checkpoints
+-----------
+When the journal passes `checkpoint_bytes`, a background thread writes a new
+snapshot and drops the old journal, following the steps (and the crash
+analysis) in persistence.py.  The lock is held only to switch journal files
+and copy the dict, never while pickling or writing.
+"""
+
+import threading
+import time
+
+import persistence
+from persistence import CLEAR, DELETE, PUT
+
+
+class Sealed(Exception):
+    """The store is shutting down and accepts no more writes."""
+
+
+class Store:
+
+    def __init__(self, data, journal, checkpoint_bytes, log):
+        self._data = data
+        self._journal = journal
+        self._lock = threading.Lock()           # guards _data, _sealed, journal appends
+        self._sealed = False
+        self._checkpoint_bytes = checkpoint_bytes
+        self._checkpoint_lock = threading.Lock()  # one checkpoint at a time
+        self._checkpoint_wanted = threading.Event()
+        self._log = log
+        self.directory = journal.directory
+        threading.Thread(target=self._checkpoint_loop, name="checkpointer",
+                         daemon=True).start()
+
+    def __len__(self):
+        return len(self._data)
+
+    # -- reads --------------------------------------------------------------
+
+    def get(self, key):
+        """The value of `key`, or None."""
+        with self._lock:
+            return self._data.get(key)
+
+    # -- writes -------------------------------------------------------------
+
+    def put(self, key, value):
+        self._mutate(PUT, key, value)
+
+    def delete(self, key):
+        self._mutate(DELETE, key, b"")
+
+    def clear(self):
+        self._mutate(CLEAR, "", b"")
+
+    def _mutate(self, op, key, value):
+        """Journal, apply, then wait for durability.  Raises Sealed or OSError."""
+        with self._lock:
+            if self._sealed:
+                raise Sealed()
+            seq = self._journal.append(op, key, value)      # 1. to the OS first
+            persistence.apply(self._data, op, key, value)   # 2. then the dict, same order
+            journal_full = self._journal.size >= self._checkpoint_bytes
+        if journal_full:
+            self._checkpoint_wanted.set()
+        self._journal.commit(seq)                           # 3. fsync, lock released
+
+    # -- checkpoints and shutdown --------------------------------------------
+
+    def request_checkpoint(self):
+        """Ask the background thread for a checkpoint (e.g. after replaying journals)."""
+        self._checkpoint_wanted.set()
+
+    def checkpoint(self):
+        """Write a snapshot of the current state and drop the journals it holds.
+
+        Requests go on while it runs: the store lock is held only for step b.
+        Raises OSError if the snapshot cannot be written; the journals then
+        stay, so nothing is lost.
+        """
+        with self._checkpoint_lock:
+            if self._sealed:
+                return
+            prepared = self._journal.prepare_next()               # a.
+            with self._lock:
+                covered = self._journal.switch(prepared)          # b. new writes -> new file
+                snapshot = dict(self._data)                       #    copy holds all before
+            self._journal.sync()          # the old file's last records, then it is closed
+            started = time.monotonic()
+            size = persistence.write_snapshot(self.directory, snapshot)   # c.
+            persistence.remove_journals(self.directory, covered)          # d.
+            self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
+                      % (len(snapshot), size, time.monotonic() - started, covered))
+
+    def _checkpoint_loop(self):
+        while True:
+            self._checkpoint_wanted.wait()
+            self._checkpoint_wanted.clear()
+            if self._sealed:
+                return
+            try:
+                self.checkpoint()
+            except OSError as e:
+                self._log("Checkpoint failed, journal kept: %s" % e)
+
+    def seal(self):
+        """Refuse every write from now on; the dict is frozen."""
+        with self._lock:
+            self._sealed = True
+
+    def save_and_close(self):
+        """After seal(): write the final snapshot, then drop the journals.
+
+        Waits for a checkpoint in progress.  Returns the snapshot's size.
+        If writing fails (OSError), the previous snapshot and the journals
+        are left as they were, so the next start still recovers everything.
+        """
+        assert self._sealed
+        with self._checkpoint_lock:
+            size = persistence.write_snapshot(self.directory, self._data)
+            self._journal.close()
+            persistence.remove_journals(self.directory, self._journal.generation)
+        return size

@@ -1,0 +1,231 @@
+"""Shared helpers for the black-box tests.
+
+`ServerProcess` starts the real server (`server.py`) as a subprocess in its
+own process group, on a port the kernel picks (`--port 0`), with a data
+directory of the test's own.  It learns the port from the server's
+"Server listening on HOST:PORT" log line, keeps every line of output, and
+lets a test send HTTP requests, raw bytes, and signals.
+
+Every wait here polls with a deadline; nothing sleeps blindly.
+"""
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "server.py")
+
+# Generous: the suite must pass on a busy shared machine.  These bound how
+# long a broken server can hang a test, they are not speed goals.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 60.0
+
+LISTENING = re.compile(r"Server listening on (\S+):(\d+)")
+
+
+class ServerProcess:
+    """One run of the server.  Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, data_dir, *args, env=None, port=0, host="127.0.0.1"):
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.env = env
+        self.host = host
+        self.requested_port = port
+        self.port = None
+        self.proc = None
+        self._lines = []
+        self._changed = threading.Condition()
+        self._reader = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def command(self):
+        return [sys.executable, SERVER, "--host", self.host,
+                "--port", str(self.requested_port),
+                "--working-dir", self.data_dir] + self.args
+
+    def start(self, wait=True):
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.proc = subprocess.Popen(
+            self.command(), cwd=ROOT, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        if wait:
+            match = self.wait_for_line(LISTENING, START_TIMEOUT)
+            self.port = int(match.group(2))
+        return self
+
+    def _read_output(self):
+        for raw in self.proc.stdout:
+            with self._changed:
+                self._lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._lines.append(None)          # end of output
+            self._changed.notify_all()
+
+    def wait_for_line(self, pattern, timeout=START_TIMEOUT):
+        """Wait until a line of output matches `pattern`; return the match."""
+        if isinstance(pattern, str):
+            pattern = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            seen = 0
+            while True:
+                for line in self._lines[seen:]:
+                    if line is None:
+                        raise AssertionError("server exited (code %s) before printing %r; "
+                                             "output:\n%s" % (self.proc.poll(), pattern.pattern,
+                                                              self.output()))
+                    match = pattern.search(line)
+                    if match:
+                        return match
+                seen = len(self._lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("timed out waiting for %r; output:\n%s"
+                                         % (pattern.pattern, self.output()))
+                self._changed.wait(left)
+
+    def output(self):
+        return "\n".join(l for l in list(self._lines) if l is not None)
+
+    def signal(self, signum):
+        os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout=STOP_TIMEOUT):
+        """Wait for the process to exit and for its output to be read; return its exit code."""
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stop(self, signum=signal.SIGTERM, timeout=STOP_TIMEOUT):
+        """Signal the process group and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signum)
+        return self.wait(timeout)
+
+    def kill(self):
+        """SIGKILL the whole process group, as a crash would."""
+        return self.stop(signal.SIGKILL)
+
+    def __enter__(self):
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(STOP_TIMEOUT)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+
+    # -- talking HTTP --------------------------------------------------------
+
+    def connection(self, timeout=30):
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        """One request on a new connection: returns (status, headers, body)."""
+        conn = self.connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+    def put(self, key, value):
+        status, _, body = self.request("PUT", "/kv/" + key, value)
+        if status != 200:
+            raise AssertionError("PUT %s: %d %r" % (key, status, body))
+
+    def get(self, key):
+        """The value of `key`, or None if the server answers 404."""
+        status, _, body = self.request("GET", "/kv/" + key)
+        if status == 404:
+            return None
+        if status != 200:
+            raise AssertionError("GET %s: %d %r" % (key, status, body))
+        return body
+
+    def raw(self, data, timeout=10, shut_write=False):
+        """Send raw bytes on a new socket; return everything read until the server closes or goes quiet."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            if shut_write:
+                sock.shutdown(socket.SHUT_WR)
+            return read_until_quiet(sock, timeout)
+
+
+def read_until_quiet(sock, timeout=10, quiet=0.5):
+    """Read until the peer closes, or no byte arrives for `quiet` seconds after some did."""
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(quiet if chunks else max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            if chunks:
+                break
+            continue
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):
+    """Poll `predicate` until it returns a true value; return it, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + message)
+        time.sleep(interval)
+
+
+def free_port():
+    """A port that was free a moment ago (for tests that must name a port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerTestCase(unittest.TestCase):
+    """A test case with a fresh temporary data directory in self.data_dir."""
+
+    def setUp(self):
+        self.data_dir = tempfile.mkdtemp(prefix="kvtest-")
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
+        self._servers = []
+
+    def start_server(self, *args, **kwargs):
+        """Start a server on self.data_dir; it is killed at the end of the test if still running."""
+        server = ServerProcess(kwargs.pop("data_dir", self.data_dir), *args, **kwargs)
+        self.addCleanup(server.__exit__, None, None, None)
+        return server.start()
+
+    def restart(self, server, *args):
+        """Start a new server process on the same data directory (after the old one exited)."""
+        return self.start_server(*(args or server.args), data_dir=server.data_dir)
