@@ -35,10 +35,12 @@ A SIGTERM, from the signal to exit 0
                          or exit 1 if the save failed (the journal stays).
 """
 
+import _thread
 import argparse
 import email.utils
 import http.server
 import os
+import queue
 import re
 import resource
 import signal
@@ -156,11 +158,14 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             return                            # shutting down: take no new request
         try:
             line = self.rfile.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):        # RFC 9112 2.2: ignore a stray CRLF
+                line = self.rfile.readline(MAX_LINE + 1)
         finally:
             self.server.set_idle(self.request, False)
         if not line:
             return                            # the client closed (or drain woke us)
         self.raw_requestline = line
+        self.requestline = line.decode("latin-1").rstrip("\r\n")   # for the access log
         self.command = None                   # nothing parsed yet, for reply()
         self.request_version = "HTTP/1.1"
         try:
@@ -393,6 +398,8 @@ class KVServer(http.server.ThreadingHTTPServer):
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
     daemon_threads = True       # a stalled client must never keep the process alive
+    block_on_close = False      # else ThreadingMixIn lists every thread, and reaps
+                                # that list (O(threads)) at each new connection
 
     def __init__(self, address, store, max_value_bytes, access_log):
         if ":" in address[0]:
@@ -404,6 +411,8 @@ class KVServer(http.server.ThreadingHTTPServer):
         self._connections = set()
         self._idle = set()
         self._changed = threading.Condition(threading.Lock())
+        self._jobs = queue.SimpleQueue()        # accepted connections for the workers
+        self._free_workers = 0                  # workers waiting on _jobs, unreserved
         super().__init__(address, KVHandler)
 
     def server_bind(self):
@@ -413,10 +422,48 @@ class KVServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    # -- threads: one per connection, reused --------------------------------
+    #
+    # ThreadingMixIn starts a new thread for each connection, and
+    # Thread.start() waits until that thread has run.  Under a burst of
+    # thousands of connects, that wait (for the GIL, among thousands of
+    # threads) throttles the accept loop until the kernel's listen queue
+    # overflows and clients fall back to SYN retries, seconds late.  So a
+    # connection goes to a thread that has finished its previous one, and
+    # only when none is free is a thread started, without waiting for it.
+    # A thread still serves one connection at a time, for as long as it
+    # lasts; threads idle for WORKER_IDLE_SECONDS exit.
+
+    WORKER_IDLE_SECONDS = 10.0
+
     def process_request(self, request, client_address):
         with self._changed:
             self._connections.add(request)
-        super().process_request(request, client_address)
+            start_worker = self._free_workers == 0
+            if not start_worker:
+                self._free_workers -= 1         # reserve a waiting worker
+        self._jobs.put((request, client_address))
+        if start_worker:
+            _thread.start_new_thread(self._worker, ())
+
+    def _worker(self):
+        while True:
+            try:
+                request, client_address = self._jobs.get(timeout=self.WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                with self._changed:
+                    if self._free_workers > 0:  # not reserved: nobody counts on us
+                        self._free_workers -= 1
+                        return
+                continue                        # a job is on its way to us
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._changed:
+                self._free_workers += 1
 
     def shutdown_request(self, request):
         super().shutdown_request(request)

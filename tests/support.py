@@ -112,8 +112,9 @@ class ServerProcess:
         self._reader.join(timeout)
         return code
 
-    def stop(self, signum=signal.SIGTERM, timeout=STOP_TIMEOUT):
-        """Signal the process group and wait; return the exit code."""
+    def stop(self, signum=None, timeout=STOP_TIMEOUT):
+        """Signal the process group (default SIGTERM) and wait; return the exit code."""
+        signum = signal.SIGTERM if signum is None else signum
         if self.proc.poll() is None:
             self.signal(signum)
         return self.wait(timeout)
