@@ -324,23 +324,33 @@ def load(directory, log):
 # ---------------------------------------------------------------- journal --
 
 class Journal:
-    """The open journal: appends records, and makes them durable with group commit.
+    """The open journal: records queued in order, written and fsynced in groups.
 
     append() must be called with the store lock held: that is what makes the
-    order of records the order of changes to the dict.  It hands the record
-    to the OS with one write, so once it returns the record survives a killed
-    process.  commit(seq) is called *without* the store lock and returns when
-    the record is as durable as the fsync policy promises:
+    order of records the order of changes to the dict.  It only queues the
+    encoded record in memory, and makes no system call: a thread that made
+    one while holding the store lock would give up the GIL, and then need it
+    back, from among thousands of threads, before it could let go of the
+    lock; every other writer would queue behind that wait (a lock convoy).
 
-      always    fsynced.  Group commit: while one thread runs fsync, the
-                writers arriving behind it wait; the next fsync covers all
-                of them at once.  Nobody holds the store lock meanwhile.
-      everysec  a background thread fsyncs once a second; commit() waits for
-                nothing (a power loss may lose the last second).
-      no        the OS writes when it likes (a power loss may lose more).
+    commit(seq) is called *without* the store lock.  It returns once record
+    `seq` has been handed to the OS (so it survives a killed process) and,
+    with the policy "always", fsynced (so it survives a power loss):
+
+      always    one writev of every queued record, then one fsync.  This is
+                group commit: while a leader writes and fsyncs, the writers
+                arriving behind it wait; the next leader covers all of them.
+      everysec  one writev, no fsync; a background thread fsyncs once a
+                second (a power loss may lose the last second).
+      no        one writev; the OS writes to disk when it likes.
+
+    If a write or fsync fails, the journal refuses every later record (the
+    failed ones may already be in the dict, but were never acknowledged):
+    after an fsync error, Linux may have dropped the dirty pages, so nothing
+    written since the last good fsync can be trusted to be on disk.
 
     Sequence numbers count records from 1 across journal files, so that one
-    "synced up to" number serves through a switch to a new file.
+    "written up to" number serves through a switch to a new file.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -350,12 +360,15 @@ class Journal:
         self.directory = directory
         self.policy = policy
         self.generation = generation
+        self.size = 0                   # bytes appended to the current file
+        self.failed = None              # the OSError that broke the journal, if any
         self._fd = self._create(generation)
-        self.size = 0                   # bytes in the current file
-        self._appended = 0              # seq of the last record written to the OS
-        self._synced = 0                # seq of the last record known to be fsynced
-        self._syncing = False           # an fsync is running (its caller is the leader)
-        self._retired = []              # fds of older files awaiting their last fsync
+        self._queue = []                # buffers of records not yet written
+        self._retired = []              # (fd, queue) of older files, for the next leader
+        self._appended = 0              # seq of the last record queued
+        self._written = 0               # seq of the last record handed to the OS
+        self._synced = 0                # seq of the last record fsynced
+        self._leading = False           # a leader is writing right now
         self._cond = threading.Condition(threading.Lock())
         self._closed = threading.Event()
         if policy == "everysec":
@@ -369,99 +382,117 @@ class Journal:
         fsync_directory(self.directory)
         return fd
 
-    # -- writing (store lock held) --
+    # -- store lock held ------------------------------------------------------
 
     def append(self, op, key, value):
-        """Write one record to the OS; return its sequence number.  Caller holds the store lock."""
+        """Queue one record; return its sequence number.  Caller holds the store lock."""
+        if self.failed:
+            raise OSError("journal unusable since an earlier error: %s" % self.failed)
         buffers = encode_record(op, key, value)
-        total = sum(len(b) for b in buffers)
-        written = os.writev(self._fd, buffers)
-        if written != total:
-            self._finish_short_write(b"".join(buffers), written)
-        self.size += total
         with self._cond:
+            self._queue.extend(buffers)
+            self.size += sum(map(len, buffers))
             self._appended += 1
             return self._appended
 
-    def _finish_short_write(self, record, written):
-        # A regular file only writes short on an error (disk full) or a
-        # signal.  Finish the record, or cut it off again so that no torn
-        # record is left in the middle of the journal, then report.
-        try:
-            while written < len(record):
-                written += os.write(self._fd, record[written:])
-        except OSError:
-            os.ftruncate(self._fd, self.size)
-            raise
-
-    def prepare_next(self):
-        """Checkpoint step a: create the next journal file (outside the store lock)."""
-        return self.generation + 1, self._create(self.generation + 1)
-
     def switch(self, prepared):
-        """Checkpoint step b: append to the prepared file from now on.  Caller holds the store lock.
+        """Checkpoint step b: new records go to the prepared file.  Caller holds the store lock.
 
-        Returns the generation of the file left behind.  Its fd stays open
-        until an fsync has covered it, so no committed record is left unsynced.
+        Returns the generation of the file left behind.  Its queued records
+        and its last fsync are left to the next leader: none is lost, and no
+        writer waits for the switch.
         """
         old = self.generation
-        self.generation, fd = prepared
         with self._cond:
-            self._retired.append(self._fd)
-            self._fd = fd
-        self.size = 0
+            self._retired.append((self._fd, self._queue))
+            self.generation, self._fd = prepared
+            self._queue = []
+            self.size = 0
         return old
 
-    # -- durability (store lock NOT held) --
+    # -- store lock NOT held --------------------------------------------------
 
-    def commit(self, seq):
-        """Return when record `seq` is as durable as the policy promises."""
-        if self.policy == "always":
-            self.sync(seq)
+    def prepare_next(self):
+        """Checkpoint step a: create the next journal file."""
+        return self.generation + 1, self._create(self.generation + 1)
 
-    def sync(self, seq=None):
-        """Return when every record up to `seq` (default: all) is fsynced.  Group commit.
+    def commit(self, seq, fsync=None):
+        """Return when record `seq` is written (and, with "always", fsynced).  Raises OSError.
 
-        The first caller that finds no fsync running becomes the leader: it
-        takes the highest sequence number written so far, fsyncs outside the
-        condition's lock, publishes the result and wakes the waiters.  A
-        waiter whose record came too late for that fsync leads the next one.
+        The first caller that finds no leader becomes one: it takes every
+        queued record, writes (and fsyncs) them without the condition's lock,
+        publishes how far it got and wakes the others.  A waiter whose record
+        came after the leader took the queue leads the next round.
         """
+        if fsync is None:
+            fsync = self.policy == "always"
         with self._cond:
-            if seq is None:
-                seq = self._appended
-            while self._synced < seq:
-                if self._syncing:
+            while self._written < seq or (fsync and self._synced < seq):
+                if self.failed:
+                    raise OSError("journal write failed: %s" % self.failed)
+                if self._leading:
                     self._cond.wait()
-                    continue
-                self._syncing = True
-                target, fds, self._retired = self._appended, self._retired + [self._fd], []
-                self._cond.release()
-                try:
-                    for fd in fds:
-                        os.fsync(fd)
-                    for fd in fds[:-1]:
-                        os.close(fd)
-                except BaseException:
-                    self._cond.acquire()
-                    self._retired = fds[:-1] + self._retired
-                    self._syncing = False
-                    self._cond.notify_all()
-                    raise
-                self._cond.acquire()
-                self._syncing = False
+                else:
+                    self._lead(fsync)
+
+    def _lead(self, fsync):
+        # Entered and left with self._cond held; does its I/O without it.
+        self._leading = True
+        target = self._appended
+        files = self._retired + [(self._fd, self._queue)]
+        self._retired, self._queue = [], []
+        self._cond.release()
+        try:
+            for fd, buffers in files:
+                _write_all(fd, buffers)
+            for fd, _ in files if fsync else files[:-1]:
+                os.fsync(fd)            # a retired file always gets its last fsync
+            for fd, _ in files[:-1]:
+                os.close(fd)
+        except OSError as e:
+            error = e
+        else:
+            error = None
+        self._cond.acquire()
+        self._leading = False
+        if error:
+            self.failed = error
+        else:
+            self._written = max(self._written, target)
+            if fsync:
                 self._synced = max(self._synced, target)
-                self._cond.notify_all()
+        self._cond.notify_all()
+
+    def sync(self):
+        """Write and fsync every record appended so far, whatever the policy."""
+        with self._cond:
+            seq = self._appended
+        self.commit(seq, fsync=True)
 
     def _sync_every_second(self):
         while not self._closed.wait(1.0):
             try:
                 self.sync()
             except OSError:
-                pass        # the next commit or the shutdown save reports it
+                pass        # recorded in self.failed; the next commit reports it
 
     def close(self):
-        """Fsync everything and close the file.  No append may follow."""
+        """Write and fsync everything, then close the file.  No append may follow."""
         self._closed.set()
         self.sync()
         os.close(self._fd)
+
+
+def _write_all(fd, buffers):
+    """Write `buffers` to `fd`: one writev when the OS takes it all (the usual case).
+
+    If a write fails, the journal stops taking records, so a half-written
+    record stays the last thing in its file: a torn tail, recovered as such.
+    """
+    for i in range(0, len(buffers), 1024):          # IOV_MAX is 1024 on Linux
+        batch = buffers[i:i + 1024]
+        written = os.writev(fd, batch)
+        if written < sum(map(len, batch)):          # short: disk full or a signal
+            data = memoryview(b"".join(batch))[written:]
+            while data:
+                data = data[os.write(fd, data):]

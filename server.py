@@ -397,9 +397,7 @@ class KVServer(http.server.ThreadingHTTPServer):
 
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
-    daemon_threads = True       # a stalled client must never keep the process alive
-    block_on_close = False      # else ThreadingMixIn lists every thread, and reaps
-                                # that list (O(threads)) at each new connection
+    block_on_close = False      # server_close() must not wait for handler threads
 
     def __init__(self, address, store, max_value_bytes, access_log):
         if ":" in address[0]:
@@ -411,8 +409,10 @@ class KVServer(http.server.ThreadingHTTPServer):
         self._connections = set()
         self._idle = set()
         self._changed = threading.Condition(threading.Lock())
-        self._jobs = queue.SimpleQueue()        # accepted connections for the workers
-        self._free_workers = 0                  # workers waiting on _jobs, unreserved
+        self._jobs = queue.SimpleQueue()        # accepted connections, in order
+        self._queued = 0                        # connections in _jobs
+        self._free_workers = 0                  # threads waiting on _jobs
+        self._last_start = 0.0                  # when the last thread was started
         super().__init__(address, KVHandler)
 
     def server_bind(self):
@@ -422,48 +422,81 @@ class KVServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    # -- threads: one per connection, reused --------------------------------
+    # -- threads: one per connection, reused, started at a bounded pace ----
     #
-    # ThreadingMixIn starts a new thread for each connection, and
-    # Thread.start() waits until that thread has run.  Under a burst of
-    # thousands of connects, that wait (for the GIL, among thousands of
-    # threads) throttles the accept loop until the kernel's listen queue
-    # overflows and clients fall back to SYN retries, seconds late.  So a
-    # connection goes to a thread that has finished its previous one, and
-    # only when none is free is a thread started, without waiting for it.
-    # A thread still serves one connection at a time, for as long as it
-    # lasts; threads idle for WORKER_IDLE_SECONDS exit.
+    # ThreadingMixIn starts a thread for every connection at once.  Under a
+    # burst of 10,000 connects that means thousands of threads waiting for
+    # the GIL; each waiter wakes every 5 ms to ask for it, and the kernel time
+    # of those wake-ups (measured: 15 s of CPU for one burst) starves the
+    # accept loop until the listen queue overflows and clients fall back to
+    # SYN retries, seconds late.  So accepted connections wait in a FIFO
+    # queue; a thread that has finished with its connection takes the next
+    # one; and when none is free, a new thread is started, at most one per
+    # SPAWN_INTERVAL.  A burst is then served in order by ~200 threads, and
+    # an idle keep-alive client still gets a thread of its own, after a wait
+    # of at most a few milliseconds per connection queued ahead of it.
 
-    WORKER_IDLE_SECONDS = 10.0
+    SPAWN_INTERVAL = 0.002          # seconds between two thread starts
+    WORKER_IDLE_SECONDS = 10.0      # an idle thread exits after this long
 
     def process_request(self, request, client_address):
         with self._changed:
             self._connections.add(request)
-            start_worker = self._free_workers == 0
-            if not start_worker:
-                self._free_workers -= 1         # reserve a waiting worker
+            self._queued += 1
         self._jobs.put((request, client_address))
-        if start_worker:
-            _thread.start_new_thread(self._worker, ())
+        self._start_worker_if_needed()
+
+    def service_actions(self):
+        # Called by serve_forever() after each accept and every poll_interval.
+        self._accept_queued()
+        self._start_worker_if_needed()
+
+    def _start_worker_if_needed(self):
+        with self._changed:
+            if self._queued <= self._free_workers:
+                return
+            now = time.monotonic()
+            if now - self._last_start < self.SPAWN_INTERVAL:
+                return
+            self._last_start = now
+        # _thread, not threading: Thread.start() waits until the new thread
+        # has run, which under load means until it gets the GIL.
+        _thread.start_new_thread(self._worker, ())
 
     def _worker(self):
         while True:
+            with self._changed:
+                self._free_workers += 1
             try:
                 request, client_address = self._jobs.get(timeout=self.WORKER_IDLE_SECONDS)
             except queue.Empty:
                 with self._changed:
-                    if self._free_workers > 0:  # not reserved: nobody counts on us
-                        self._free_workers -= 1
-                        return
-                continue                        # a job is on its way to us
+                    self._free_workers -= 1
+                return
+            with self._changed:
+                self._free_workers -= 1
+                self._queued -= 1
             try:
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
-            with self._changed:
-                self._free_workers += 1
+
+    def server_activate(self):
+        super().server_activate()
+        # Non-blocking, so that _accept_queued() can accept until the
+        # kernel's queue is empty.  (Accepted sockets are blocking again.)
+        self.socket.setblocking(False)
+
+    def _accept_queued(self):
+        """Accept every connection already waiting, not just one per select()."""
+        for _ in range(self.request_queue_size):
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:         # BlockingIOError: queue empty; EMFILE: later
+                return
+            self.process_request(request, client_address)
 
     def shutdown_request(self, request):
         super().shutdown_request(request)
@@ -514,12 +547,15 @@ class KVServer(http.server.ThreadingHTTPServer):
                     request.shutdown(socket.SHUT_RD)
                 except OSError:
                     pass
-            while self._connections:
+        while True:
+            # Connections accepted but still queued need a thread too, and
+            # serve_forever() no longer starts any.
+            self._start_worker_if_needed()
+            with self._changed:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(left)
-            return len(self._connections)
+                if not self._connections or left <= 0:
+                    return len(self._connections)
+                self._changed.wait(min(left, 0.05))
 
 
 # --------------------------------------------------------------- lifecycle --
