@@ -65,17 +65,21 @@ class Store:
 
     # -- writes -------------------------------------------------------------
 
-    def put(self, key, value):
-        self._mutate(PUT, key, value)
+    def put(self, key, value, while_waiting=None):
+        self._mutate(PUT, key, value, while_waiting)
 
-    def delete(self, key):
-        self._mutate(DELETE, key, b"")
+    def delete(self, key, while_waiting=None):
+        self._mutate(DELETE, key, b"", while_waiting)
 
-    def clear(self):
-        self._mutate(CLEAR, "", b"")
+    def clear(self, while_waiting=None):
+        self._mutate(CLEAR, "", b"", while_waiting)
 
-    def _mutate(self, op, key, value):
-        """Journal, apply, then wait for durability.  Raises Sealed or OSError."""
+    def _mutate(self, op, key, value, while_waiting):
+        """Journal, apply, then wait for durability.  Raises Sealed or OSError.
+
+        `while_waiting`, if given, is called before the wait for the disk:
+        the server uses it to let another request run meanwhile.
+        """
         with self._lock:
             if self._sealed:
                 raise Sealed()
@@ -84,6 +88,8 @@ class Store:
             journal_full = self._journal.size >= self._checkpoint_bytes
         if journal_full:
             self._checkpoint_wanted.set()
+        if while_waiting:
+            while_waiting()
         self._journal.commit(seq)                           # 3. fsync, lock released
 
     # -- checkpoints and shutdown --------------------------------------------
