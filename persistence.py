@@ -476,6 +476,13 @@ class Journal:
             except OSError:
                 pass        # recorded in self.failed; the next commit reports it
 
+    def discard(self):
+        """Close and delete the file of a journal that never received a record."""
+        assert self._appended == 0
+        self._closed.set()
+        os.close(self._fd)
+        os.unlink(journal_path(self.directory, self.generation))
+
     def close(self):
         """Write and fsync everything, then close the file.  No append may follow."""
         self._closed.set()

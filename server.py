@@ -765,11 +765,10 @@ def serve(args):
         return 1
     try:
         server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log)
-    except OSError as e:
-        fail("cannot listen on %s:%s: %s" % (args.host, args.port, e.strerror or e))
-        return 1
-    except OverflowError as e:   # e.g. an out-of-range port from the environment
-        fail("cannot listen on %s:%s: %s" % (args.host, args.port, e))
+    except (OSError, OverflowError) as e:
+        store.abandon()
+        fail("cannot listen on %s:%s: %s" % (args.host, args.port,
+                                              getattr(e, "strerror", None) or e))
         return 1
     host, port = server.server_address[:2]
     log("Server listening on %s:%d" % (host, port))

@@ -130,6 +130,11 @@ class Store:
             except OSError as e:
                 self._log("Checkpoint failed, journal kept: %s" % e)
 
+    def abandon(self):
+        """Give up before serving (the port was taken): leave the files as they were."""
+        self.seal()
+        self._journal.discard()
+
     def seal(self):
         """Refuse every write from now on; the dict is frozen."""
         with self._lock:
