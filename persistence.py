@@ -53,8 +53,9 @@ Recovery rules (load())
        had extended the file but not yet written its blocks)  -> torn tail
      - header checksum fails                                  -> corruption
      - the record runs past the end of the file               -> torn tail
-     - payload checksum fails and the record ends the file    -> torn tail
-     - payload checksum fails and more bytes follow           -> corruption
+     - payload checksum fails, and the record ends the file
+       or only zero bytes follow it                           -> torn tail
+     - payload checksum fails and other bytes follow          -> corruption
    Corruption refuses to start (JournalError names the file and the offset)
    and leaves every file untouched.
 
@@ -255,7 +256,7 @@ def scan_journal(buf, data, path):
         if end > size:
             break                                         # torn: record cut short
         if crc32(view[start:end]) != payload_crc:
-            if end == size:
+            if not any(view[end:]):
                 break                                     # torn: last record damaged
             raise DataError("%s: checksum mismatch in record at offset %d" % (path, offset))
         op, key_length = unpack_op_key(buf, start)

@@ -21,10 +21,12 @@ A PUT, from the socket to the disk
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
-    on_signal            starts a helper thread that calls server.shutdown()
-                         (shutdown() waits for serve_forever() to return, so
-                         the main thread, which runs serve_forever(), cannot
-                         call it itself).  A second signal changes nothing.
+    on_signal            records the signal and sets an event; nothing more
+                         (it interrupts the main thread, which may hold a lock).
+    stopper              a thread waiting for that event: logs, then calls
+                         server.shutdown(), which waits for serve_forever()
+                         to return, so the main thread cannot call it itself.
+                         A second signal changes nothing.
     serve_forever()      returns in the main thread; no more accepts, and
                          server_close() closes the listening socket.
     KVServer.drain       closes idle keep-alive connections at once; lets
@@ -743,17 +745,16 @@ def open_store(args):
 def serve(args):
     """Run until a signal; return the exit code."""
     raise_open_file_limit()
-    stopping = threading.Event()
-    server = None
+    # The signal handler only records the signal: it runs in the main
+    # thread between two bytecodes, maybe while that thread holds a lock
+    # (the log's, say), so it must take none.  The stopper thread does the
+    # rest.
+    signals = []
+    stop_requested = threading.Event()
 
     def on_signal(signum, frame):
-        if stopping.is_set():
-            log("Received %s again; already shutting down" % signal.Signals(signum).name)
-            return
-        stopping.set()
-        log("Received %s, shutting down" % signal.Signals(signum).name)
-        if server is not None:
-            threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+        signals.append(signum)
+        stop_requested.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -770,9 +771,18 @@ def serve(args):
         fail("cannot listen on %s:%s: %s" % (args.host, args.port,
                                               getattr(e, "strerror", None) or e))
         return 1
+
+    def stopper():
+        # shutdown() waits until serve_forever() has returned, so it must
+        # run on a thread other than the main one, which runs serve_forever().
+        stop_requested.wait()
+        log("Received %s, shutting down" % signal.Signals(signals[0]).name)
+        server.shutdown()
+
+    threading.Thread(target=stopper, name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
     log("Server listening on %s:%d" % (host, port))
-    if not stopping.is_set():
+    if not stop_requested.is_set():
         # A short poll interval: serve_forever() notices shutdown() within it.
         server.serve_forever(poll_interval=0.05)
     server.server_close()

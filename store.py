@@ -14,10 +14,10 @@ Guarantees
   fsync policy promises, and in the dict.
 - After seal(), every mutation raises Sealed, and the dict no longer changes:
   a snapshot taken after seal() holds every mutation that ever returned.
-- Reads see a write as soon as it is applied, which may be before its fsync
-  has finished (as in Redis).  A reader can therefore see a value that a
-  power loss in the next millisecond would take back; a killed process
-  would not, since the record is already with the OS.
+- Reads see a write as soon as it is applied, which may be before its
+  record has reached the OS or the disk (as in Redis).  A reader can
+  therefore see a value that a crash in the next millisecond takes back;
+  but that write was never acknowledged, and a write that was is kept.
 
 Checkpoints
 -----------

@@ -18,7 +18,10 @@ def main(argv):
         loader.testNamePatterns = ["*%s*" % a for a in argv]
     suite = loader.discover(os.path.join(ROOT, "tests"), top_level_dir=ROOT)
     result = unittest.TextTestRunner(verbosity=2, buffer=False).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    # A failing subtest is listed once per subtest: count each test once.
+    failed = len({getattr(test, "test_case", test).id()
+                  for test, _ in result.failures + result.errors}
+                 | {test.id() for test in result.unexpectedSuccesses})
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped), flush=True)

@@ -1,0 +1,277 @@
+"""Helpers shared by test_lifecycle.py, test_persistence.py and test_crash.py.
+
+(Kept out of support.py, which belongs to the HTTP tests.)  Everything here
+waits with a deadline; nothing sleeps blindly.
+
+- `run_cli()`      run server.py to completion (bad usage, refusals to start),
+                   stdout and stderr kept apart.
+- `BareServer`     a ServerProcess with exactly the given argv, environment
+                   and cwd (for env fallbacks, `--port=N`, run.sh).
+- `get_many()`     GET many keys over a few keep-alive connections.
+- raw-socket helpers for requests held half-way: `start_put()` sends the
+                   headers of a PUT with `Expect: 100-continue` and returns
+                   once the server has answered 100, i.e. once the server is
+                   certainly inside that request, reading its body.
+"""
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from tests import support
+
+ENV_VARS = ("HOST", "PORT", "DATA_DIR")
+JOURNAL_NAME = re.compile(r"journal-(\d+)\.log\Z")
+TRACEBACK = "Traceback"
+
+
+def clean_env(extra=None):
+    """os.environ without HOST/PORT/DATA_DIR (so the caller's shell cannot leak in), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env.update(extra or {})
+    return env
+
+
+class Completed:
+    """The outcome of run_cli(): code, stdout, stderr (text), seconds."""
+
+    def __init__(self, code, stdout, stderr, seconds):
+        self.code, self.stdout, self.stderr, self.seconds = code, stdout, stderr, seconds
+
+    def lines(self, stream):
+        return [l for l in getattr(self, stream).splitlines() if l.strip()]
+
+    def __repr__(self):
+        return "exit %s after %.2f s\n--- stdout:\n%s--- stderr:\n%s" % (
+            self.code, self.seconds, self.stdout, self.stderr)
+
+
+def run_cli(args, env=None, cwd=None, timeout=20.0):
+    """Run `python3 server.py ARGS` until it exits (at most `timeout` s, then SIGKILL and fail)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, support.SERVER] + list(args),
+                            cwd=cwd or support.ROOT, env=clean_env(env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError("server.py %s did not exit within %.0f s; output:\n%s%s"
+                             % (" ".join(args), timeout, out.decode("utf-8", "replace"),
+                                err.decode("utf-8", "replace")))
+    return Completed(proc.returncode, out.decode("utf-8", "replace"),
+                     err.decode("utf-8", "replace"), time.monotonic() - started)
+
+
+class BareServer(support.ServerProcess):
+    """The server started with exactly `args` (no --host/--port/--working-dir added).
+
+    `executable` replaces `python3 server.py` (e.g. run.sh); `cwd` is the
+    process's working directory; the environment is clean_env(env).
+    """
+
+    def __init__(self, *args, env=None, cwd=None, executable=None):
+        super().__init__(None, *args, env=env)
+        self.cwd = cwd or support.ROOT
+        self.executable = executable
+        self.listening = None
+
+    def command(self):
+        if self.executable:
+            return [self.executable] + self.args
+        return [sys.executable, support.SERVER] + self.args
+
+    def start(self, wait=True):
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.cwd, env=clean_env(self.env),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        if wait:
+            self.listening = self.wait_for_line(support.LISTENING, support.START_TIMEOUT)
+            self.port = int(self.listening.group(2))
+        return self
+
+
+def stop_within(server, signum=signal.SIGTERM, timeout=20.0):
+    """Signal the server's process group; return (exit code, seconds to exit).
+
+    Fails (with the server's output) instead of raising TimeoutExpired if it
+    does not exit within `timeout`.
+    """
+    started = time.monotonic()
+    if server.proc.poll() is None:
+        server.signal(signum)
+    try:
+        code = server.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        tail = "\n".join(server.output().splitlines()[-40:])
+        raise AssertionError("server did not exit within %.0f s of %s; last lines of output:\n%s"
+                             % (timeout, signal.Signals(signum).name, tail)) from None
+    elapsed = time.monotonic() - started
+    server._reader.join(10)
+    return code, elapsed
+
+
+def get_many(server, keys, connections=4, timeout=30):
+    """{key: value or None (404)} for every key, over a few keep-alive connections."""
+    keys = list(keys)
+    result, errors = {}, []
+
+    def work(part):
+        conn = server.connection(timeout)
+        try:
+            for key in part:
+                conn.request("GET", "/kv/" + key)
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status == 404:
+                    result[key] = None
+                elif resp.status == 200:
+                    result[key] = body
+                else:
+                    errors.append("GET %s: %d %r" % (key, resp.status, body))
+                    return
+        except (OSError, http.client.HTTPException) as e:
+            errors.append("GET: %r" % e)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=work, args=(keys[i::connections],))
+               for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * 4)
+    if errors:
+        raise AssertionError("; ".join(errors[:5]))
+    return result
+
+
+def assert_state(testcase, server, expected, msg=""):
+    """Every key of `expected` has its value (None = absent), compared in one assertion."""
+    actual = get_many(server, expected)
+    wrong = {k: (actual.get(k), v) for k, v in expected.items() if actual.get(k) != v}
+    if wrong:
+        sample = dict(list(wrong.items())[:5])
+        testcase.fail("%s%d of %d keys wrong, e.g. {key: (actual, expected)} %r"
+                      % (msg + ": " if msg else "", len(wrong), len(expected), sample))
+
+
+# -- raw sockets ---------------------------------------------------------------
+
+def recv_until(sock, marker, timeout=10.0):
+    """Read until `marker` is in the bytes read; return them.  Fails on EOF or timeout."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("timed out waiting for %r; got %r" % (marker, buf))
+        sock.settimeout(left)
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError("connection closed while waiting for %r; got %r" % (marker, buf))
+        buf += data
+    return buf
+
+
+def read_response(sock, timeout=10.0):
+    """Read one response (framed by Content-Length): (status, {lower-case name: value}, body)."""
+    buf = recv_until(sock, b"\r\n\r\n", timeout)
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    deadline = time.monotonic() + timeout
+    while len(body) < length:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(65536)
+        if not data:
+            break
+        body += data
+    return status, headers, body
+
+
+def wait_closed(sock, timeout=10.0):
+    """True once the peer closes the connection (EOF or reset), False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        sock.settimeout(left)
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+
+def idle_connection(server):
+    """A connection that has had one complete request (GET /health) and is now idle."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+    status, headers, body = read_response(sock)
+    if status != 200 or headers.get("connection", "").lower() == "close":
+        raise AssertionError("GET /health on a keep-alive connection: %d %r" % (status, headers))
+    return sock
+
+
+def start_put(server, key, total_length, first_part):
+    """Send PUT headers (Content-Length, Expect: 100-continue) and `first_part` of the body.
+
+    Returns the socket once the server has sent `100 Continue`: from then on
+    the server is inside this request, waiting for the rest of the body.
+    """
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(("PUT /kv/%s HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n"
+                  "Expect: 100-continue\r\n\r\n" % (key, total_length)).encode())
+    interim = recv_until(sock, b"\r\n\r\n")
+    if not interim.startswith(b"HTTP/1.1 100"):
+        raise AssertionError("expected 100 Continue, got %r" % interim)
+    if first_part:
+        sock.sendall(first_part)
+    return sock
+
+
+# -- files ---------------------------------------------------------------------
+
+def journals(directory):
+    """Paths of the journal files in `directory`, oldest generation first."""
+    found = []
+    for name in os.listdir(directory):
+        m = JOURNAL_NAME.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return [path for _, path in sorted(found)]
+
+
+def file_state(path):
+    """(bytes, mtime_ns) of a file: equal before and after means untouched."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, os.stat(path).st_mtime_ns
+
+
+def record_offsets(buf):
+    """Start offsets of the journal records in `buf` (12-byte header, length u32 first)."""
+    offsets, offset = [], 0
+    while offset + 12 <= len(buf):
+        offsets.append(offset)
+        offset += 12 + int.from_bytes(buf[offset:offset + 4], "little")
+    return offsets

@@ -1,0 +1,572 @@
+"""The snapshot and the journal: refusals to start (black-box) and persistence.py (unit).
+
+Black-box: a snapshot that cannot be trusted (damaged, the wrong type, or a
+pickle that would run code) makes the server refuse to start with exit 1 and
+one line naming the file, and the file is left exactly as it was.
+
+Unit: the journal's record format and its recovery rules (torn tail versus
+corruption), load(), group commit, a crash between any two steps of a
+checkpoint, and a failed save.  These drive persistence.py and store.py
+directly, because a crash at a chosen instant cannot be arranged from outside.
+"""
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+from tests import support
+from tests.durability_support import TRACEBACK, file_state, run_cli
+
+if support.ROOT not in sys.path:
+    sys.path.insert(0, support.ROOT)
+import persistence                                   # noqa: E402
+import store as store_module                         # noqa: E402
+from persistence import CLEAR, DELETE, PUT           # noqa: E402
+
+NO_CHECKPOINT = 1 << 40      # a checkpoint threshold never reached in these tests
+
+
+def record(op, key, value=b""):
+    return b"".join(persistence.encode_record(op, key, value))
+
+
+def ignore(message):
+    pass
+
+
+class TempDirTestCase(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="kvtest-persist-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.log_lines = []
+
+    def log(self, message):
+        self.log_lines.append(message)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def write(self, name, data):
+        with open(self.path(name), "wb") as f:
+            f.write(data)
+        return self.path(name)
+
+
+# ------------------------------------------------------ snapshot, black-box --
+
+class Evil:
+    """Unpickling this runs a shell command: what a tampered snapshot would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class BadSnapshotTest(TempDirTestCase):
+
+    def assert_refuses_to_start(self, content):
+        snapshot = self.write(persistence.SNAPSHOT_NAME, content)
+        past = time.time() - 3600                     # so that any rewrite shows in mtime
+        os.utime(snapshot, (past, past))
+        before = file_state(snapshot)
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.dir])
+        self.assertEqual(result.code, 1, result)
+        self.assertNotIn(TRACEBACK, result.stdout + result.stderr)
+        lines = result.lines("stderr")
+        self.assertEqual(len(lines), 1, result)
+        self.assertIn(os.path.realpath(snapshot), lines[0])
+        self.assertEqual(file_state(snapshot), before, "the snapshot was modified")
+        return result
+
+    def test_corrupt_snapshots_are_refused_and_left_alone(self):
+        good = pickle.dumps({"a": b"1" * 100, "b": b"2" * 100}, protocol=5)
+        cases = {
+            "random bytes": random.Random(7).randbytes(1000),
+            "empty file": b"",
+            "truncated pickle": good[:len(good) // 2],
+            "truncated by one byte": good[:-1],
+            "trailing garbage": good + b"garbage",
+            "a list": pickle.dumps([b"a", b"b"], protocol=5),
+            "int values": pickle.dumps({"a": 1}, protocol=5),
+            "bytes keys": pickle.dumps({b"a": b"1"}, protocol=5),
+            "str values": pickle.dumps({"a": "1"}, protocol=5),
+        }
+        for name, content in cases.items():
+            with self.subTest(name):
+                self.assert_refuses_to_start(content)
+
+    def test_malicious_pickle_is_refused_without_running_code(self):
+        marker = self.path("pwned")
+        payload = pickle.dumps({"k": Evil("touch " + marker)}, protocol=5)
+        self.assert_refuses_to_start(payload)
+        self.assertFalse(os.path.exists(marker), "loading the snapshot ran its code")
+
+    def test_the_malicious_payload_does_run_code_when_unpickled_naively(self):
+        # The test above can fail: an ordinary pickle.loads runs the payload.
+        marker = self.path("naive")
+        pickle.loads(pickle.dumps({"k": Evil("touch " + marker)}, protocol=5))
+        self.assertTrue(os.path.exists(marker))
+
+    def test_load_snapshot_raises_data_error_for_a_malicious_pickle(self):
+        marker = self.path("pwned")
+        snapshot = self.write("store.pickle", pickle.dumps(Evil("touch " + marker), protocol=5))
+        with self.assertRaises(persistence.DataError) as caught:
+            persistence.load_snapshot(snapshot)
+        self.assertIn(snapshot, str(caught.exception))
+        self.assertFalse(os.path.exists(marker))
+
+    def test_a_good_snapshot_loads(self):
+        data = {"a": b"1", "bin": bytes(range(256))}
+        persistence.write_snapshot(self.dir, data)
+        self.assertEqual(persistence.load_snapshot(self.path("store.pickle")), data)
+        self.assertEqual(persistence.load_snapshot(self.path("absent.pickle")), {})
+
+
+# ------------------------------------------------------- journal records, unit --
+
+class RecordTest(TempDirTestCase):
+
+    OPS = [(PUT, "a", b"1"), (PUT, "bin", bytes(range(256)) * 2), (PUT, "b", b"2"),
+           (DELETE, "a", b""), (CLEAR, "", b""), (PUT, "c", b"\x00\r\n3"),
+           (PUT, "c", b"overwritten"), (DELETE, "never-there", b"")]
+
+    def expected_after(self, ops):
+        data = {}
+        for op, key, value in ops:
+            persistence.apply(data, op, key, value)
+        return data
+
+    def test_round_trip(self):
+        buf = b"".join(record(*op) for op in self.OPS)
+        for prefix in range(len(self.OPS) + 1):
+            with self.subTest(records=prefix):
+                part = b"".join(record(*op) for op in self.OPS[:prefix])
+                data = {"old": b"x"}
+                count, end = persistence.scan_journal(part, data, "j")
+                self.assertEqual((count, end), (prefix, len(part)))
+                self.assertEqual(data, self.expected_after([(PUT, "old", b"x")] + self.OPS[:prefix]))
+        self.assertEqual(persistence.scan_journal(buf, {}, "j")[0], len(self.OPS))
+
+    def test_empty_journal(self):
+        data = {"k": b"v"}
+        self.assertEqual(persistence.scan_journal(b"", data, "j"), (0, 0))
+        self.assertEqual(data, {"k": b"v"})
+
+    def test_a_large_value(self):
+        value = random.Random(1).randbytes(3 << 20)
+        data = {}
+        buf = record(PUT, "big", value)
+        self.assertEqual(persistence.scan_journal(buf, data, "j"), (1, len(buf)))
+        self.assertEqual(data["big"], value)
+
+    def test_torn_tail_of_every_length(self):
+        ops = [(PUT, "a", b"1"), (DELETE, "x", b""), (PUT, "last", b"L" * 40)]
+        records = [record(*op) for op in ops]
+        start = len(records[0]) + len(records[1])
+        buf = b"".join(records)
+        for cut in range(start + 1, len(buf)):
+            with self.subTest(cut=cut):
+                data = {}
+                count, end = persistence.scan_journal(buf[:cut], data, "j")
+                self.assertEqual((count, end), (2, start))
+                self.assertEqual(data, {"a": b"1"})
+        # a torn CLEAR or DELETE (no value) too
+        for op in [(CLEAR, "", b""), (DELETE, "a", b"")]:
+            tail = record(*op)
+            for cut in range(1, len(tail)):
+                data = {}
+                self.assertEqual(persistence.scan_journal(buf + tail[:cut], data, "j"),
+                                 (3, len(buf)))
+                self.assertEqual(data, {"a": b"1", "last": b"L" * 40})
+
+    def test_damaged_payload_of_the_last_record_is_a_torn_tail(self):
+        buf = record(PUT, "a", b"1") + record(PUT, "b", b"2" * 30)
+        start = len(record(PUT, "a", b"1"))
+        for position in range(start + 12, len(buf)):       # payload bytes of the last one
+            with self.subTest(position=position):
+                damaged = bytearray(buf)
+                damaged[position] ^= 0x55
+                data = {}
+                self.assertEqual(persistence.scan_journal(bytes(damaged), data, "j"), (1, start))
+                self.assertEqual(data, {"a": b"1"})
+
+    def test_zero_filled_tail_is_torn(self):
+        buf = record(PUT, "a", b"1") + record(PUT, "b", b"2")
+        for zeros in (1, 11, 12, 13, 100, 4096):
+            with self.subTest(zeros=zeros):
+                data = {}
+                self.assertEqual(persistence.scan_journal(buf + bytes(zeros), data, "j"),
+                                 (2, len(buf)))
+                self.assertEqual(data, {"a": b"1", "b": b"2"})
+        self.assertEqual(persistence.scan_journal(bytes(64), {}, "j"), (0, 0))
+
+    def test_partial_last_record_then_zeros_is_torn(self):
+        # A power loss on a file system that had extended the file but not
+        # written all its blocks: part of the last record, then zeros.
+        good = record(PUT, "a", b"1")
+        last = record(PUT, "b", b"B" * 100)
+        for kept in (20, 40, len(last) - 1):
+            with self.subTest(kept=kept):
+                buf = good + last[:kept] + bytes(4096 - len(good) - kept)
+                data = {}
+                self.assertEqual(persistence.scan_journal(buf, data, "j"), (1, len(good)))
+                self.assertEqual(data, {"a": b"1"})
+
+    def test_flipped_byte_in_a_middle_record_is_corruption_naming_the_offset(self):
+        first, middle, last = (record(PUT, "a", b"1"), record(PUT, "middle", b"M" * 20),
+                               record(DELETE, "a"))
+        buf = first + middle + last
+        offset = len(first)
+        for position in range(offset, offset + len(middle)):
+            for flip in (0x01, 0x80, 0xFF):
+                with self.subTest(position=position, flip=flip):
+                    damaged = bytearray(buf)
+                    damaged[position] ^= flip
+                    with self.assertRaises(persistence.DataError) as caught:
+                        persistence.scan_journal(bytes(damaged), {}, "/some/journal.log")
+                    message = str(caught.exception)
+                    self.assertIn("/some/journal.log", message)
+                    self.assertIn("offset %d" % offset, message)
+
+    def test_flipped_byte_in_the_first_record_is_corruption(self):
+        buf = record(PUT, "a", b"1") + record(PUT, "b", b"2")
+        for position in range(len(record(PUT, "a", b"1"))):
+            damaged = bytearray(buf)
+            damaged[position] ^= 0xFF
+            with self.assertRaises(persistence.DataError) as caught:
+                persistence.scan_journal(bytes(damaged), {}, "j")
+            self.assertIn("offset 0", str(caught.exception))
+
+
+# ---------------------------------------------------------------- load(), unit --
+
+class LoadTest(TempDirTestCase):
+
+    def journal_file(self, generation, content):
+        path = persistence.journal_path(self.dir, generation)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_load_truncates_a_torn_tail_and_logs_it(self):
+        persistence.write_snapshot(self.dir, {"snap": b"s", "a": b"old"})
+        good = record(PUT, "a", b"new") + record(DELETE, "snap")
+        torn = record(PUT, "torn", b"t" * 50)[:30]
+        path = self.journal_file(3, good + torn)
+        data, generation, replayed = persistence.load(self.dir, self.log)
+        self.assertEqual(data, {"a": b"new"})
+        self.assertEqual((generation, replayed), (4, 2))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), good)
+        mentions = [l for l in self.log_lines if path in l and str(len(good)) in l]
+        self.assertEqual(len(mentions), 1, self.log_lines)
+        # and a second load finds nothing more to do
+        self.log_lines.clear()
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"new"})
+        self.assertFalse([l for l in self.log_lines if path in l], self.log_lines)
+
+    def test_journals_replay_in_generation_order_over_the_snapshot(self):
+        persistence.write_snapshot(self.dir, {"k": b"snap", "other": b"o"})
+        self.journal_file(9, record(PUT, "k", b"nine"))
+        self.journal_file(10, record(PUT, "k", b"ten") + record(CLEAR, ""))
+        self.journal_file(11, record(PUT, "k", b"eleven"))
+        self.write("store.pickle.tmp", b"half a snapshot being written")
+        data, generation, replayed = persistence.load(self.dir, self.log)
+        self.assertEqual(data, {"k": b"eleven"})
+        self.assertEqual((generation, replayed), (12, 4))
+
+    def test_empty_directory(self):
+        self.assertEqual(persistence.load(self.dir, self.log), ({}, 1, 0))
+
+    def test_corruption_in_a_later_journal_modifies_nothing(self):
+        persistence.write_snapshot(self.dir, {"snap": b"s"})
+        earlier = self.journal_file(1, record(PUT, "a", b"1") + record(PUT, "b", b"2")[:9])
+        middle = bytearray(record(PUT, "m", b"M" * 10))
+        middle[15] ^= 0xFF
+        later = self.journal_file(2, record(PUT, "c", b"3") + bytes(middle) + record(DELETE, "c"))
+        before = {name: file_state(self.path(name)) for name in os.listdir(self.dir)}
+        with self.assertRaises(persistence.DataError) as caught:
+            persistence.load(self.dir, self.log)
+        self.assertIn(later, str(caught.exception))
+        self.assertIn("offset %d" % len(record(PUT, "c", b"3")), str(caught.exception))
+        after = {name: file_state(self.path(name)) for name in os.listdir(self.dir)}
+        self.assertEqual(after, before, "a refused load modified files")
+        self.assertIn(os.path.basename(earlier), after)
+
+
+# ------------------------------------------------------- group commit, unit --
+
+class FsyncCounter:
+    """Replaces os.fsync: counts calls, and is slow (a disk), so that writers pile up."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.started = 0
+        self.finished = []          # start numbers of the fsyncs that have finished
+        self.real = os.fsync
+
+    def __call__(self, fd):
+        with self.lock:
+            self.started += 1
+            number = self.started
+        time.sleep(self.delay)
+        self.real(fd)
+        with self.lock:
+            self.finished.append(number)
+
+
+class GroupCommitTest(TempDirTestCase):
+
+    def run_writers(self, policy, threads, writes_each, delay=0.02):
+        journal = persistence.Journal(self.dir, 1, policy)
+        store_lock = threading.Lock()
+        counter = FsyncCounter(delay)
+        problems = []
+        barrier = threading.Barrier(threads)
+
+        def writer(t):
+            barrier.wait()
+            for n in range(writes_each):
+                before = counter.started               # fsyncs begun before this record
+                with store_lock:                       # as Store._mutate does
+                    seq = journal.append(PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n))
+                journal.commit(seq)
+                if policy == "always" and not any(s > before for s in counter.finished):
+                    problems.append("commit(%d) returned before an fsync that covers it" % seq)
+
+        with mock.patch("os.fsync", counter):
+            workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(60)
+            self.assertFalse(any(w.is_alive() for w in workers), "a commit never returned")
+        self.assertEqual(problems, [])
+        with open(persistence.journal_path(self.dir, 1), "rb") as f:
+            data = {}
+            count, _ = persistence.scan_journal(f.read(), data, "j")
+        self.assertEqual(count, threads * writes_each)
+        self.assertEqual(data, {"t%d-%d" % (t, n): b"v%d-%d" % (t, n)
+                                for t in range(threads) for n in range(writes_each)})
+        journal.close()
+        return counter.started
+
+    def test_sequential_commits_each_fsync(self):
+        self.assertEqual(self.run_writers("always", 1, 10, delay=0), 10)
+
+    def test_concurrent_commits_share_fsyncs(self):
+        writes = 8 * 5
+        fsyncs = self.run_writers("always", 8, 5)
+        self.assertGreaterEqual(fsyncs, 1)
+        self.assertLess(fsyncs, writes // 2, "%d fsyncs for %d concurrent writes" % (fsyncs, writes))
+
+    def test_policy_no_writes_without_fsync(self):
+        self.assertEqual(self.run_writers("no", 4, 5, delay=0), 0)
+
+
+# ---------------------------------------------- checkpoint crashes, unit --
+
+class Crash(Exception):
+    """Stands for the process dying at this instant (no cleanup runs after it)."""
+
+
+class CheckpointCrashTest(TempDirTestCase):
+    """Crash between any two steps a-d of a checkpoint (persistence.py); nothing is lost.
+
+    A "run" is what server.py does: load(), a new Journal, a Store.  A crash
+    drops the objects without closing anything (every acknowledged record is
+    already with the OS), then load() must return every acknowledged write.
+    """
+
+    def open_run(self):
+        data, generation, _ = persistence.load(self.dir, self.log)
+        journal = persistence.Journal(self.dir, generation, "always")
+        return data, store_module.Store(data, journal, NO_CHECKPOINT, self.log)
+
+    def put(self, store, key, value):
+        store.put(key, value)                  # returned: acknowledged
+        self.model[key] = value
+
+    def delete(self, store, key):
+        store.delete(key)
+        self.model.pop(key, None)
+
+    def writes(self, store, tag, n=5):
+        for i in range(n):
+            self.put(store, "%s-%d" % (tag, i), b"%s value %d" % (tag.encode(), i))
+        self.put(store, "shared", tag.encode())
+        self.delete(store, "%s-0" % tag)
+
+    def setUp(self):
+        super().setUp()
+        self.model = {}
+        # An earlier run that crashed: a journal and no snapshot; then one that
+        # checkpointed cleanly, and wrote more.
+        _, first = self.open_run()
+        self.writes(first, "run1")
+        _, second = self.open_run()
+        self.writes(second, "run2")
+        second.checkpoint()
+        self.writes(second, "run2b")
+        store = self.open_run()[1]
+        store.clear()
+        self.model.clear()
+        self.writes(store, "before")
+        self.store = store
+
+    def crash_at(self, step):
+        """Run store.checkpoint() and crash it at `step` (see the table below)."""
+        store = self.store
+        journal = store._journal
+        real_prepare, real_switch = journal.prepare_next, journal.switch
+        real_write, real_remove = persistence.write_snapshot, persistence.remove_journals
+
+        def prepare_next():
+            if step == "before a":
+                raise Crash()
+            return real_prepare()
+
+        def switch(prepared):
+            if step == "after a":
+                raise Crash()
+            return real_switch(prepared)
+
+        def write_snapshot(directory, data):
+            if step == "after b":
+                self.writes(store, "after-b")          # to the new journal
+                raise Crash()
+            if step == "during c":
+                self.writes(store, "during-c")
+                with open(persistence.snapshot_path(directory) + ".tmp", "wb") as f:
+                    f.write(pickle.dumps(data, protocol=5)[:20])
+                raise Crash()
+            return real_write(directory, data)
+
+        def remove_journals(directory, through):
+            if step == "after c":
+                self.writes(store, "after-c")
+                raise Crash()
+            real_remove(directory, through)
+            if step == "after d":
+                self.writes(store, "after-d")
+                raise Crash()
+
+        with mock.patch.object(journal, "prepare_next", prepare_next), \
+                mock.patch.object(journal, "switch", switch), \
+                mock.patch.object(persistence, "write_snapshot", write_snapshot), \
+                mock.patch.object(persistence, "remove_journals", remove_journals):
+            with self.assertRaises(Crash):
+                store.checkpoint()
+
+    def check_recovery(self):
+        data, _, _ = persistence.load(self.dir, self.log)
+        self.assertEqual(data, self.model)
+        # and recovery is repeatable: the next run's load() gives the same
+        self.assertEqual(persistence.load(self.dir, self.log)[0], self.model)
+
+    def test_crash_before_a(self):
+        self.crash_at("before a")
+        self.check_recovery()
+
+    def test_crash_after_a(self):
+        self.crash_at("after a")
+        self.check_recovery()
+
+    def test_crash_after_b_with_writes_to_the_new_journal(self):
+        self.crash_at("after b")
+        self.check_recovery()
+
+    def test_crash_during_c(self):
+        self.crash_at("during c")
+        self.check_recovery()
+
+    def test_crash_after_c(self):
+        self.crash_at("after c")
+        self.check_recovery()
+
+    def test_crash_after_d(self):
+        self.crash_at("after d")
+        self.check_recovery()
+
+    def test_crash_after_a_completed_checkpoint(self):
+        self.store.checkpoint()
+        self.writes(self.store, "after")
+        self.check_recovery()
+        self.assertEqual(len(persistence.journal_generations(self.dir)), 1)
+
+
+# ------------------------------------------------------ failed saves, unit --
+
+class FailedSaveTest(TempDirTestCase):
+
+    def setUp(self):
+        super().setUp()
+        persistence.write_snapshot(self.dir, {"old": b"snapshot"})
+        self.snapshot = persistence.snapshot_path(self.dir)
+        self.previous = file_state(self.snapshot)
+        data, generation, _ = persistence.load(self.dir, self.log)
+        self.journal = persistence.Journal(self.dir, generation, "always")
+        self.store = store_module.Store(data, self.journal, NO_CHECKPOINT, self.log)
+        self.store.put("new", b"1")
+        self.store.put("old", b"overwritten")
+        self.store.delete("new")
+        self.store.put("newer", b"2")
+        self.expected = {"old": b"overwritten", "newer": b"2"}
+
+    def assert_nothing_lost(self):
+        self.assertEqual(file_state(self.snapshot), self.previous)
+        self.assertTrue(persistence.journal_generations(self.dir), "journals were removed")
+        self.assertFalse(os.path.exists(self.snapshot + ".tmp"))
+        self.assertEqual(persistence.load(self.dir, self.log)[0], self.expected)
+
+    def test_save_and_close_when_the_snapshot_cannot_be_written(self):
+        self.store.seal()
+        with mock.patch.object(persistence, "write_snapshot",
+                               side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(OSError):
+                self.store.save_and_close()
+        self.assert_nothing_lost()
+
+    def test_write_snapshot_failing_in_fsync(self):
+        real = os.fsync
+
+        def failing_fsync(fd):
+            if os.path.realpath("/proc/self/fd/%d" % fd).endswith(".tmp"):
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        self.store.seal()
+        with mock.patch("os.fsync", failing_fsync):
+            with self.assertRaises(OSError):
+                self.store.save_and_close()
+        self.assert_nothing_lost()
+
+    def test_write_snapshot_failing_in_replace(self):
+        self.store.seal()
+        with mock.patch("os.replace", side_effect=OSError(5, "Input/output error")):
+            with self.assertRaises(OSError):
+                self.store.save_and_close()
+        self.assert_nothing_lost()
+
+    def test_failed_checkpoint_loses_nothing_and_writes_go_on(self):
+        with mock.patch.object(persistence, "write_snapshot",
+                               side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(OSError):
+                self.store.checkpoint()
+        self.store.put("after-failure", b"3")
+        self.expected["after-failure"] = b"3"
+        self.assert_nothing_lost()
+
+
+if __name__ == "__main__":
+    unittest.main()
