@@ -742,13 +742,13 @@ def open_store(args):
     return store, lock
 
 
-def serve(args):
-    """Run until a signal; return the exit code."""
-    raise_open_file_limit()
-    # The signal handler only records the signal: it runs in the main
-    # thread between two bytecodes, maybe while that thread holds a lock
-    # (the log's, say), so it must take none.  The stopper thread does the
-    # rest.
+def install_signal_handlers():
+    """SIGTERM and SIGINT set the returned event (and append to the returned list).
+
+    The handler only records the signal: Python runs it in the main thread
+    between two bytecodes, maybe while that thread holds a lock (the log's,
+    say), so it must take none.  The stopper thread (serve()) does the rest.
+    """
     signals = []
     stop_requested = threading.Event()
 
@@ -758,12 +758,11 @@ def serve(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop_requested, signals
 
-    try:
-        store, _lock = open_store(args)
-    except persistence.DataError as e:
-        fail(str(e))
-        return 1
+
+def serve(args, store, stop_requested, signals):
+    """Serve until a signal, then drain, seal and save.  Returns the exit code."""
     try:
         server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log)
     except (OSError, OverflowError) as e:
@@ -806,10 +805,18 @@ def serve(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
-    code = serve(args)
+    raise_open_file_limit()
+    stop_requested, signals = install_signal_handlers()   # before the (long) load
+    try:
+        store, directory_lock = open_store(args)
+    except persistence.DataError as e:
+        fail(str(e))
+        os._exit(1)
+    code = serve(args, store, stop_requested, signals)
     sys.stdout.flush()
-    # Handler threads may still be blocked on stalled clients; the data is
-    # saved, and freeing a large dict object by object only delays the exit.
+    # Exit at once, while `store` is still referenced: the data is saved,
+    # and freeing a dict of a million keys object by object takes longer
+    # than saving it did.  Handler threads stalled on slow clients end too.
     os._exit(code)
 
 
