@@ -21,9 +21,10 @@ A PUT, from the socket to the disk
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
-    on_signal            records the signal and sets an event; nothing more
-                         (it interrupts the main thread, which may hold a lock).
-    stopper              a thread waiting for that event: logs, then calls
+    signal.set_wakeup_fd the signal's number goes down a pipe; the Python
+                         handler does nothing (it would interrupt the main
+                         thread, which may hold a lock).
+    stopper              a thread reading that pipe: logs, then calls
                          server.shutdown(), which waits for serve_forever()
                          to return, so the main thread cannot call it itself.
                          A second signal changes nothing.
@@ -743,25 +744,24 @@ def open_store(args):
 
 
 def install_signal_handlers():
-    """SIGTERM and SIGINT set the returned event (and append to the returned list).
+    """Route SIGTERM and SIGINT to a pipe; return its read end.
 
-    The handler only records the signal: Python runs it in the main thread
-    between two bytecodes, maybe while that thread holds a lock (the log's,
-    say), so it must take none.  The stopper thread (serve()) does the rest.
+    Python's own C-level handler writes each signal's number to the fd given
+    to signal.set_wakeup_fd(); the stopper thread (serve()) reads it.  The
+    Python-level handler does nothing at all: it runs in the main thread
+    between two bytecodes, perhaps while that thread holds a lock (in
+    log(), or in Event.set()), and a handler that took the same lock would
+    wait for itself forever.
     """
-    signals = []
-    stop_requested = threading.Event()
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop_requested, signals
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)       # required by set_wakeup_fd()
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: None)
+    return read_end
 
 
-def serve(args, store, stop_requested, signals):
+def serve(args, store, signal_pipe):
     """Serve until a signal, then drain, seal and save.  Returns the exit code."""
     try:
         server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log)
@@ -774,16 +774,16 @@ def serve(args, store, stop_requested, signals):
     def stopper():
         # shutdown() waits until serve_forever() has returned, so it must
         # run on a thread other than the main one, which runs serve_forever().
-        stop_requested.wait()
-        log("Received %s, shutting down" % signal.Signals(signals[0]).name)
+        # (Called before serve_forever() starts, it makes it return at once.)
+        signum = os.read(signal_pipe, 1)[0]
+        log("Received %s, shutting down" % signal.Signals(signum).name)
         server.shutdown()
 
     threading.Thread(target=stopper, name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
     log("Server listening on %s:%d" % (host, port))
-    if not stop_requested.is_set():
-        # A short poll interval: serve_forever() notices shutdown() within it.
-        server.serve_forever(poll_interval=0.05)
+    # A short poll interval: serve_forever() notices shutdown() within it.
+    server.serve_forever(poll_interval=0.05)
     server.server_close()
 
     still_open = server.drain(args.shutdown_timeout)
@@ -806,13 +806,13 @@ def serve(args, store, stop_requested, signals):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     raise_open_file_limit()
-    stop_requested, signals = install_signal_handlers()   # before the (long) load
+    signal_pipe = install_signal_handlers()     # before the load, which may be long
     try:
         store, directory_lock = open_store(args)
     except persistence.DataError as e:
         fail(str(e))
         os._exit(1)
-    code = serve(args, store, stop_requested, signals)
+    code = serve(args, store, signal_pipe)
     sys.stdout.flush()
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer
