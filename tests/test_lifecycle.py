@@ -48,6 +48,18 @@ class LifecycleTestCase(support.ServerTestCase):
         self.addCleanup(server.__exit__, None, None, None)
         return server.start()
 
+    def sigterm_with_put_in_flight(self, server, key, value, sent):
+        """Start a PUT of `value` with only `sent` bytes of its body, SIGTERM,
+        and return the PUT's socket once the drain has begun (an idle probe
+        connection was closed by the server)."""
+        probe = idle_connection(server)
+        put = start_put(server, key, len(value), value[:sent])
+        self.addCleanup(probe.close)
+        self.addCleanup(put.close)
+        server.signal(signal.SIGTERM)
+        self.assertTrue(wait_closed(probe, 20), "drain did not close the idle connection")
+        return put
+
     def sub_dir(self, *names):
         return os.path.join(self.data_dir, *names)
 
@@ -278,12 +290,7 @@ class ShutdownTest(LifecycleTestCase):
     def test_request_in_flight_completes_and_is_saved(self):
         server = self.start_server("--shutdown-timeout", "30")
         value = b"0123456789" * 100
-        probe = idle_connection(server)
-        put = start_put(server, "in-flight", len(value), value[:500])
-        self.addCleanup(probe.close)
-        self.addCleanup(put.close)
-        server.signal(signal.SIGTERM)
-        self.assertTrue(wait_closed(probe, 20), "drain did not close the idle connection")
+        put = self.sigterm_with_put_in_flight(server, "in-flight", value, 500)
         put.sendall(value[500:])                     # the server is draining now
         status, headers, body = read_response(put)
         self.assertEqual(status, 200, body)
@@ -371,12 +378,7 @@ class ShutdownTest(LifecycleTestCase):
         server = self.start_server("--shutdown-timeout", "30")
         server.put("k", b"v")
         value = b"y" * 64
-        probe = idle_connection(server)
-        put = start_put(server, "in-flight", len(value), value[:10])
-        self.addCleanup(probe.close)
-        self.addCleanup(put.close)
-        server.signal(signal.SIGTERM)
-        self.assertTrue(wait_closed(probe, 20), "drain did not close the idle connection")
+        put = self.sigterm_with_put_in_flight(server, "in-flight", value, 10)
         server.signal(signal.SIGINT)                 # both land while draining
         server.signal(signal.SIGTERM)
         put.sendall(value[10:])
