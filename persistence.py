@@ -370,6 +370,7 @@ class Journal:
         self._written = 0               # seq of the last record handed to the OS
         self._synced = 0                # seq of the last record fsynced
         self._leading = False           # a leader is writing right now
+        self.fsyncs = 0                 # fsync rounds done (each may cover many records)
         self._cond = threading.Condition(threading.Lock())
         self._closed = threading.Event()
         if policy == "everysec":
@@ -462,6 +463,7 @@ class Journal:
             self._written = max(self._written, target)
             if fsync:
                 self._synced = max(self._synced, target)
+                self.fsyncs += 1
         self._cond.notify_all()
 
     def sync(self):
@@ -476,6 +478,11 @@ class Journal:
                 self.sync()
             except OSError:
                 pass        # recorded in self.failed; the next commit reports it
+
+    @property
+    def records(self):
+        """Records appended since this Journal object was opened."""
+        return self._appended
 
     def discard(self):
         """Close and delete the file of a journal that never received a record."""

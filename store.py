@@ -152,4 +152,6 @@ class Store:
             size = persistence.write_snapshot(self.directory, self._data)
             self._journal.close()
             persistence.remove_journals(self.directory, self._journal.generation)
+        self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
+                  % (self._journal.records, self._journal.fsyncs, self._journal.policy))
         return size

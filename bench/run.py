@@ -1,0 +1,299 @@
+"""`python3 -m bench.run` (what `make bench` runs): measure each server, print a table, keep the JSON.
+
+Each server in SERVERS is started as a subprocess on port 0 (its port read
+from its "Server listening on HOST:PORT" line), put through every function in
+MEASUREMENTS in order, then stopped with SIGTERM.  A measurement takes
+(server, opts) and returns rows: dicts with a "test" name, a short "summary"
+for the table, and any raw numbers for the JSON.  To add a server, add a
+(name, argv) pair ("{workdir}" in argv becomes a fresh temporary directory);
+to add a measurement, add a function.
+
+The results go to stdout as a Markdown table (one row per test, one column per
+server) and, raw, to bench/out/bench-<time>.json (git-ignored).
+"""
+import argparse
+import collections
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from bench.load import DEFAULT_PROCESSES, burst, preload, run_load
+from bench.persist import PERSISTENCE_MEASUREMENTS
+from bench.wire import raise_fd_limit
+from bench.wrk import run_wrk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "bench", "out")
+HOST = "127.0.0.1"
+PY = sys.executable
+NOISY = 0.25        # cores used by other processes during a load test that make it "noisy"
+
+
+def our_server(fsync):
+    return ("server:" + fsync,
+            [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}",
+             "--fsync", fsync])
+
+
+SERVERS = [
+    ("naive", [PY, "-m", "bench.naive_server", "--host", HOST, "--port", "0"]),
+    ("asyncio", [PY, "-m", "bench.asyncio_server", "--host", HOST, "--port", "0"]),
+    our_server("always"),       # the default; the other policies: bench.persist
+]
+
+
+# -- one server process ----------------------------------------------------------
+
+class Server:
+    """A server subprocess in its own session; stdout kept (last lines), stderr discarded."""
+
+    def __init__(self, name, argv):
+        self.name, self.argv = name, argv
+        self.proc = self.port = self.workdir = None
+        self.lines = collections.deque(maxlen=200)
+        self.listening = threading.Event()
+
+    def start(self, timeout=60.0):
+        self.workdir = tempfile.mkdtemp(prefix="bench-")
+        argv = [a.replace("{workdir}", self.workdir) for a in self.argv]
+        # stderr to /dev/null: the naive server logs every request there.
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.listening.wait(timeout) or self.port is None:
+            self.stop(5.0)
+            raise RuntimeError("%s did not print 'Server listening on' within %.0f s:\n%s"
+                               % (self.name, timeout, "\n".join(self.lines)))
+        return self
+
+    def _read(self):
+        # Keep draining stdout to the end: a server blocked on a full pipe would stall the bench.
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.lines.append(line)
+            if "Server listening on " in line and self.port is None:
+                self.port = int(line.rsplit(":", 1)[1])
+                self.listening.set()
+        self.listening.set()        # exited: start() stops waiting
+
+    def cpu_seconds(self):
+        """User + system CPU time the server process has used so far."""
+        with open("/proc/%d/stat" % self.proc.pid) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()   # after "(comm)", which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return None
+
+    def _signal(self, signum):
+        try:
+            os.killpg(self.proc.pid, signum)     # the whole group, as the test harnesses do
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout=60.0):
+        """SIGTERM, wait up to `timeout`, then SIGKILL; return (exit code, seconds taken)."""
+        start = time.monotonic()
+        try:
+            if self.proc.poll() is None:
+                self._signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._signal(signal.SIGKILL)
+                    self.proc.wait(10)
+        finally:
+            self.proc.stdout.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.proc.returncode, time.monotonic() - start
+
+
+# -- measurements -------------------------------------------------------------------
+
+def fmt_ms(ms):
+    return "-" if ms is None else "%.1f" % ms if ms >= 10 else "%.2f" % ms
+
+
+def machine_cpu_seconds():
+    """CPU time used by everything on the machine so far (all cores, /proc/stat)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # minus idle, iowait
+
+
+def children_cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)     # wrk, once it has exited
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_summary(r):
+    notes = ", %d err" % r["errors"] if r["errors"] else ""
+    if r.get("stalled"):
+        notes += ", %d stalled" % r["stalled"]
+    if r["others_cpu"] > NOISY:
+        notes += ", noisy"
+    return "%s/s, p50 %s, p99 %s ms%s" % (format(round(r["rps"]), ","), fmt_ms(r["p50_ms"]),
+                                         fmt_ms(r["p99_ms"]), notes)
+
+
+def measure_preload(server, opts):
+    r = preload(HOST, server.port, opts.keys, opts.value_size)
+    summary = "%s keys in %.1f s" % (format(r["ok"], ","), r["seconds"])
+    if r["ok"] != opts.keys:
+        summary += " (%d failed!)" % (opts.keys - r["ok"])
+    return [dict(r, test="preload %d x %d B" % (opts.keys, opts.value_size), summary=summary)]
+
+
+def _load_rows(server, opts, runner, label):
+    rows = []
+    for method in ("GET", "PUT"):
+        for connections in opts.connections:
+            before = server.cpu_seconds(), children_cpu_seconds(), machine_cpu_seconds()
+            start = time.monotonic()
+            r = runner(HOST, server.port, connections, opts.duration, method, opts.keys, opts.value_size)
+            wall = time.monotonic() - start
+            r["server_cpu"] = (server.cpu_seconds() - before[0]) / wall
+            if "client_cpu" not in r:
+                r["client_cpu"] = (children_cpu_seconds() - before[1]) / wall
+            # The machine is shared (2 cores): CPU that neither side used means the numbers are suspect.
+            r["others_cpu"] = max(0.0, (machine_cpu_seconds() - before[2]) / wall
+                                  - r["server_cpu"] - r["client_cpu"])
+            rows.append(dict(r, test="%s%s c=%d" % (label, method, connections),
+                             summary=load_summary(r)))
+    return rows
+
+
+def measure_load(server, opts):
+    def runner(*args):
+        return run_load(*args, processes=opts.processes)
+    return _load_rows(server, opts, runner, "")
+
+
+def measure_wrk(server, opts):
+    if not opts.wrk or not shutil.which("wrk"):
+        return []
+    return _load_rows(server, opts, run_wrk, "wrk ")
+
+
+def measure_burst(server, opts):
+    if opts.burst <= 0:
+        return []
+    r = burst(HOST, server.port, opts.burst, opts.burst_timeout)
+    summary = "%s/%s ok, slowest %.1f s" % (format(r["ok"], ","), format(opts.burst, ","), r["slowest_s"])
+    if r["failures"]:
+        summary += " (%s)" % ", ".join("%d %s" % (v, k) for k, v in sorted(r["failures"].items()))
+    return [dict(r, test="burst %d PUT" % opts.burst, summary=summary)]
+
+
+MEASUREMENTS = [measure_preload, measure_load, measure_wrk, measure_burst]
+
+
+# -- running it all ---------------------------------------------------------------
+
+def bench_server(name, argv, opts):
+    try:
+        server = Server(name, argv).start()
+    except (OSError, RuntimeError) as exc:     # one broken server must not cost the others' rows
+        print("  could not start: %s" % exc, flush=True)
+        return [{"test": "start", "summary": "failed to start", "error": str(exc)}]
+    rows = []
+    try:
+        for measure in MEASUREMENTS:
+            for row in measure(server, opts):
+                print("  %-22s %s" % (row["test"], row["summary"]), flush=True)
+                rows.append(row)
+    finally:
+        code, seconds = server.stop()
+    rows.append({"test": "SIGTERM exit", "summary": "exit %s in %.1f s" % (code, seconds),
+                 "exit_code": code, "seconds": seconds})
+    return rows
+
+
+def markdown(results):
+    """One row per test (in first-seen order), one column per server."""
+    names = list(results)
+    tests = list(dict.fromkeys(row["test"] for rows in results.values() for row in rows))
+    cells = {(name, row["test"]): row["summary"] for name, rows in results.items() for row in rows}
+    lines = ["| test | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for test in tests:
+        lines.append("| %s | %s |" % (test, " | ".join(cells.get((n, test), "") for n in names)))
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python3 -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per load test")
+    parser.add_argument("--connections", default="1,16,64,256",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--keys", type=int, default=100000)
+    parser.add_argument("--value-size", type=int, default=100)
+    parser.add_argument("--burst", type=int, default=10000, help="burst size; 0 skips it")
+    parser.add_argument("--burst-timeout", type=float, default=15.0)
+    parser.add_argument("--processes", type=int, default=DEFAULT_PROCESSES,
+                        help="load generator processes")
+    parser.add_argument("--wrk", action="store_true", help="also measure with wrk, if installed")
+    parser.add_argument("--servers", help="comma-separated names (default: all): "
+                        + ", ".join(name for name, _ in SERVERS))
+    parser.add_argument("--million", type=int, default=1000000,
+                        help="keys for the persistence figures; 0 skips them")
+    parser.add_argument("--replay", type=int, default=200000,
+                        help="journal records for the replay rate")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python3 -m bench.run"] + argv)
+    opts = parse_args(argv)
+    chosen = opts.servers.split(",") if opts.servers else [name for name, _ in SERVERS]
+    unknown = set(chosen) - {name for name, _ in SERVERS}
+    if unknown:
+        sys.exit("unknown server(s): %s" % ", ".join(sorted(unknown)))
+    raise_fd_limit()            # inherited by the servers: the burst needs thousands of fds
+    # SIGTERM as an exception, so that `finally` stops the server (it runs in its own session).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    results = {}
+    for name, server_argv in SERVERS:
+        if name in chosen:
+            print("## %s" % name, flush=True)
+            results[name] = bench_server(name, server_argv, opts)
+    persistence = []
+    if opts.million > 0:
+        print("## persistence (our server)", flush=True)
+        for measure in PERSISTENCE_MEASUREMENTS:
+            for row in measure(opts):
+                print("  %-32s %s" % (row["test"], row["summary"]), flush=True)
+                persistence.append(row)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
+               "platform": platform.platform(), "loadavg": os.getloadavg(),
+               "date": time.strftime("%Y-%m-%d"), "wrk": bool(shutil.which("wrk"))}
+    header = ("%s, %d cores, Python %s; `%s`; load %g s per cell, %d keys of %d B "
+              "preloaded" % (machine["date"], machine["cpus"], machine["python"], command,
+                             opts.duration, opts.keys, opts.value_size))
+    table = header + "\n\n" + markdown(results)
+    if persistence:
+        table += "\n\n" + markdown({"our server": persistence})
+    print("\n" + table, flush=True)
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, time.strftime("bench-%Y%m%d-%H%M%S.json"))
+    with open(path, "w") as out:
+        json.dump({"machine": machine, "options": vars(opts), "results": results,
+                   "persistence": persistence, "table": table}, out, indent=1)
+    print("\nraw results: %s" % os.path.relpath(path), flush=True)
+
+
+if __name__ == "__main__":
+    main()
