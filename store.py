@@ -1,12 +1,14 @@
 """The thread-safe dict, and the order in which its changes reach the disk.
 
 `Store` is a dict {str: bytes} behind one lock.  Every mutation, in one
-critical section, (1) appends a record to the journal, which hands it to the
-OS, and (2) applies it to the dict.  Because both happen under the same
-lock, the journal's order is exactly the order of changes to the dict, under
-any concurrency.  Then, *outside* the lock, (3) the writer waits until the
-record is durable (Journal.commit), so one slow fsync never blocks readers
-or other writers; concurrent writers share fsyncs (group commit).
+critical section, (1) appends a record to the journal's queue and (2)
+applies it to the dict.  Because both happen under the same lock, the
+journal's order is exactly the order of changes to the dict, under any
+concurrency.  Then, *outside* the lock, (3) the writer waits until the
+record is written to the OS and, as the policy says, fsynced
+(Journal.commit): no system call is made under the lock, so one slow fsync
+never blocks readers or other writers, and concurrent writers share their
+writes and fsyncs (group commit).
 
 Guarantees
 ----------
@@ -83,14 +85,14 @@ class Store:
         with self._lock:
             if self._sealed:
                 raise Sealed()
-            seq = self._journal.append(op, key, value)      # 1. to the OS first
-            persistence.apply(self._data, op, key, value)   # 2. then the dict, same order
+            seq = self._journal.append(op, key, value)      # 1. the record, queued
+            persistence.apply(self._data, op, key, value)   # 2. the dict: same order
             journal_full = self._journal.size >= self._checkpoint_bytes
         if journal_full:
             self._checkpoint_wanted.set()
         if while_waiting:
             while_waiting()
-        self._journal.commit(seq)                           # 3. fsync, lock released
+        self._journal.commit(seq)       # 3. without the lock: written (and fsynced)
 
     # -- checkpoints and shutdown --------------------------------------------
 

@@ -244,7 +244,8 @@ def parse_args(argv):
     parser.add_argument("--burst-timeout", type=float, default=15.0)
     parser.add_argument("--processes", type=int, default=DEFAULT_PROCESSES,
                         help="load generator processes")
-    parser.add_argument("--wrk", action="store_true", help="also measure with wrk, if installed")
+    parser.add_argument("--no-wrk", dest="wrk", action="store_false",
+                        help="skip the wrk cross-check (it runs only if wrk is installed)")
     parser.add_argument("--servers", help="comma-separated names (default: all): "
                         + ", ".join(name for name, _ in SERVERS))
     parser.add_argument("--million", type=int, default=1000000,

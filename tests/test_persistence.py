@@ -303,6 +303,69 @@ class LoadTest(TempDirTestCase):
         self.assertIn(os.path.basename(earlier), after)
 
 
+# ----------------------------------------------- journal order, unit --
+
+class RecordingDict(dict):
+    """A dict that logs every change made to it, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.changes = []
+
+    def __setitem__(self, key, value):
+        self.changes.append(("put", key, value))
+        super().__setitem__(key, value)
+
+    def pop(self, key, *default):
+        self.changes.append(("delete", key))
+        return super().pop(key, *default)
+
+    def clear(self):
+        self.changes.append(("clear",))
+        super().clear()
+
+
+class JournalOrderTest(TempDirTestCase):
+    """The journal's order is the dict's order: one lock covers both."""
+
+    def test_the_journal_replays_the_changes_in_the_order_they_were_applied(self):
+        # Threads overwrite a few shared keys, delete and clear, as fast as
+        # they can; a tiny switch interval makes the GIL change hands between
+        # almost any two bytecodes.  If appending and applying were not one
+        # critical section, two writers could journal in one order and
+        # apply in the other.
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        self.addCleanup(sys.setswitchinterval, old_interval)
+        live = RecordingDict()
+        journal = persistence.Journal(self.dir, 1, "no")
+        store = store_module.Store(live, journal, 1 << 40, self.log)
+
+        def writer(t):
+            for n in range(300):
+                key = "k%d" % (n % 4)
+                if n % 50 == 49:
+                    store.clear()
+                elif n % 7 == 0:
+                    store.delete(key)
+                else:
+                    store.put(key, b"%d-%d" % (t, n))
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        journal.sync()
+        replayed = RecordingDict()
+        with open(persistence.journal_path(self.dir, 1), "rb") as f:
+            count, _ = persistence.scan_journal(f.read(), replayed, "journal")
+        self.assertEqual(count, 8 * 300)
+        self.assertEqual(len(live.changes), 8 * 300)
+        self.assertEqual(replayed.changes, live.changes)
+        self.assertEqual(replayed, live)
+
+
 # ------------------------------------------------------- group commit, unit --
 
 class FsyncCounter:

@@ -1,0 +1,85 @@
+"""The README tells the truth: every flag of --help is documented, every curl example works.
+
+The curl examples are read from README.md, in order, and sent to a running
+server: interpreted with http.client (so the test needs nothing but Python),
+and also run with the real curl when it is installed.
+"""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from tests import support
+
+README = os.path.join(support.ROOT, "README.md")
+
+
+def readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def curl_examples(text):
+    """Every line of the README that is a curl command, in order."""
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
+
+
+def as_request(command):
+    """(method, path, body) of a curl command line; only the flags the README uses."""
+    words = shlex.split(command)[1:]
+    method, body, url = None, None, None
+    while words:
+        word = words.pop(0)
+        if word == "-X":
+            method = words.pop(0)
+        elif word in ("--data-binary", "-d"):
+            body = words.pop(0).encode()
+        elif word == "-I":
+            method = "HEAD"
+        elif word in ("-s", "-i"):
+            pass
+        elif word.startswith("-"):
+            raise AssertionError("README curl flag not understood by this test: %s" % word)
+        else:
+            url = word
+    path = "/" + url.split("/", 1)[1]
+    return method or ("PUT" if body is not None else "GET"), path, body
+
+
+class ReadmeTest(support.ServerTestCase):
+
+    def test_every_flag_of_help_is_in_the_readme(self):
+        out = subprocess.run([sys.executable, support.SERVER, "--help"], capture_output=True,
+                             text=True, check=True).stdout
+        flags = set(re.findall(r"--[a-z][a-z-]+", out)) - {"--help"}
+        self.assertGreaterEqual(len(flags), 8, out)
+        text = readme()
+        for flag in sorted(flags):
+            with self.subTest(flag=flag):
+                self.assertIn("`%s`" % flag, text)
+
+    def test_every_curl_example_works(self):
+        examples = curl_examples(readme())
+        self.assertGreaterEqual(len(examples), 6)
+        server = self.start_server()
+        for command in examples:
+            with self.subTest(command=command):
+                method, path, body = as_request(command)
+                self.assertTrue(path.startswith(("/kv/", "/clear", "/health")), command)
+                status, _, _ = server.request(method, path, body)
+                self.assertEqual(status, 200, command)
+
+    def test_curl_examples_with_the_real_curl(self):
+        if not shutil.which("curl"):
+            self.skipTest("curl is not installed")
+        server = self.start_server()
+        for command in curl_examples(readme()):
+            with self.subTest(command=command):
+                words = shlex.split(command.replace("localhost:8080",
+                                                    "127.0.0.1:%d" % server.port))
+                run = subprocess.run(words + ["-s", "-o", os.devnull, "-w", "%{http_code}",
+                                              "--max-time", "30"],
+                                     capture_output=True, text=True)
+                self.assertEqual((run.returncode, run.stdout), (0, "200"), command)
