@@ -672,7 +672,17 @@ def port_number(text):
     return value
 
 
+def cpu_choice(text):
+    if text in ("auto", "all"):
+        return text
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 positive_int.__name__ = "positive integer"
+cpu_choice.__name__ = "CPU (auto, all or a number)"
 non_negative_float.__name__ = "non-negative number"
 port_number.__name__ = "port (0-65535)"
 
@@ -710,6 +720,10 @@ def parse_args(argv, environ):
                         metavar="N",
                         help="write a snapshot and start a new journal when the journal "
                              "grows past N bytes (default 67108864)")
+    parser.add_argument("--cpu", type=cpu_choice, default="auto",
+                        help="run every thread on one CPU: auto = the last CPU this "
+                             "process may use, N = CPU N, all = let them move "
+                             "(default auto; see README, Performance)")
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
     return parser.parse_args(argv)
@@ -724,6 +738,26 @@ def raise_open_file_limit():
                                                         else max(soft, 1 << 20), hard))
         except (ValueError, OSError):
             pass
+
+
+def pin_to_one_cpu(choice):
+    """Keep every thread of the process on one CPU; return it (None: not pinned).
+
+    Only one thread runs Python at a time (the GIL), so a second CPU buys
+    the server little; but a thread woken on another CPU than the one that
+    woke it costs an inter-processor interrupt, each time the GIL or a lock
+    changes hands: several times per request.  Measured on a 2-CPU VM: GET
+    throughput x2.5, burst time /1.8 when pinned.  Must run before other
+    threads start: they inherit the main thread's CPU set.
+    """
+    if choice == "all" or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = allowed[-1] if choice == "auto" else choice
+    if choice == "auto" and len(allowed) < 2:
+        return None
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def open_store(args):
@@ -808,6 +842,13 @@ def serve(args, store, signal_pipe):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     raise_open_file_limit()
+    try:
+        cpu = pin_to_one_cpu(args.cpu)           # before any thread starts
+    except OSError as e:
+        fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
+        os._exit(1)
+    if cpu is not None:
+        log("Running on CPU %d (--cpu all lets threads use every CPU)" % cpu)
     signal_pipe = install_signal_handlers()     # before the load, which may be long
     try:
         store, directory_lock = open_store(args)

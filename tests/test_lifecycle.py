@@ -230,6 +230,35 @@ class CommandLineTest(LifecycleTestCase):
 
 # ------------------------------------------------------------------ stopping --
 
+def thread_cpus(pid):
+    """The CPU set of every thread of process `pid`: {tid: frozenset of CPUs}."""
+    tasks = os.listdir("/proc/%d/task" % pid)
+    return {int(tid): frozenset(os.sched_getaffinity(int(tid))) for tid in tasks}
+
+
+@unittest.skipUnless(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1,
+                     "needs Linux and two CPUs")
+class CpuTest(LifecycleTestCase):
+
+    def test_every_thread_runs_on_the_chosen_cpu(self):
+        cpu = max(os.sched_getaffinity(0))
+        for flag in ("auto", str(cpu)):
+            with self.subTest(cpu=flag):
+                server = self.start_server("--cpu", flag)
+                server.put("k", b"v")               # handler threads exist now
+                cpus = thread_cpus(server.proc.pid)
+                self.assertGreater(len(cpus), 2)
+                self.assertEqual(set(cpus.values()), {frozenset({cpu})})
+                self.assertIn("Running on CPU %d" % cpu, server.output())
+                self.assertEqual(server.stop(), 0)
+
+    def test_all_lets_threads_use_every_cpu(self):
+        server = self.start_server("--cpu", "all")
+        server.put("k", b"v")
+        self.assertEqual(set(thread_cpus(server.proc.pid).values()),
+                         {frozenset(os.sched_getaffinity(0))})
+
+
 class ShutdownTest(LifecycleTestCase):
 
     def test_sigterm_and_sigint_save_everything(self):
