@@ -1,4 +1,4 @@
-"""Bytes on disk: the snapshot, the write-ahead journal, and recovery.
+r"""Bytes on disk: the snapshot, the write-ahead journal, and recovery.
 
 This module knows the file formats and nothing about HTTP or locks over the
 dict.  The store (store.py) decides *when* to write; this module decides
