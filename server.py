@@ -156,8 +156,9 @@ class Admission:
     GIL, and the rest are served first come, first served.
 
     A thread gives its slot up whenever it would block: while it waits for
-    more of a request from a slow client, and while it waits for its fsync.
-    Idle connections hold no slot.
+    more of a request from a slow client, while it waits for its fsync, and
+    before it sends its reply (a client may not read it).  Idle connections
+    hold no slot.
     """
 
     def __init__(self, slots):
@@ -394,7 +395,12 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """Honour Expect: 100-continue: the client waits for this before sending the body."""
         if (self.headers.get("expect", "").lower() == "100-continue"
                 and self.request_version != "HTTP/1.0"):
-            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            admission = self.server.admission    # the send may block, as in reply()
+            admission.leave()
+            try:
+                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            finally:
+                admission.enter()
 
     # -- routing and the API --------------------------------------------------
 
@@ -466,6 +472,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         head.append(b"\r\n")
         if self.command != "HEAD":
             head.append(body)
+        # The reply is built: the send may block on a client that does not
+        # read, and must not hold up anybody else meanwhile.
+        self.server.admission.leave()
         self.connection.sendall(b"".join(head))
         if self.server.access_log:
             self.log_request(status, len(body))

@@ -594,6 +594,24 @@ class ConnectionTests(ProtocolTestCase):
         idle.send(request("GET", "/health"))
         self.assertEqual(idle.response().body, b"ok\n")
 
+    def test_clients_that_never_read_a_large_reply_do_not_block_others(self):
+        # The server's send of an 8 MB value blocks while the client does not
+        # read: more such clients than the server runs requests at once must
+        # still leave everyone else served.
+        self.server.put(self.key(), b"v" * (8 << 20))
+        readers = []
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((self.server.host, self.server.port))
+            self.addCleanup(sock.close)
+            sock.sendall(request("GET", "/kv/" + self.key()))
+            readers.append(sock)
+        for _ in range(3):
+            status, _, body = self.server.request("GET", "/health", timeout=10)
+            self.assertEqual((status, body), (200, b"ok\n"))
+        self.server.put(self.key("-after"), b"still writable")
+
 
 if __name__ == "__main__":
     unittest.main()
