@@ -56,7 +56,7 @@ Recovery rules (load())
      - payload checksum fails, and the record ends the file
        or only zero bytes follow it                           -> torn tail
      - payload checksum fails and other bytes follow          -> corruption
-   Corruption refuses to start (JournalError names the file and the offset)
+   Corruption refuses to start (DataError names the file and the offset)
    and leaves every file untouched.
 
 Checkpoints (Store.checkpoint() drives these steps)
@@ -492,9 +492,16 @@ class Journal:
         os.unlink(journal_path(self.directory, self.generation))
 
     def close(self):
-        """Write and fsync everything, then close the file.  No append may follow."""
+        """Write and fsync everything, then close the file.  No append may follow.
+
+        A journal that has failed only closes its files: nothing it holds
+        can be trusted, and the caller has just saved a snapshot of it all.
+        """
         self._closed.set()
-        self.sync()
+        if not self.failed:
+            self.sync()
+        for fd, _ in self._retired:
+            os.close(fd)
         os.close(self._fd)
 
 

@@ -592,6 +592,21 @@ class FailedSaveTest(TempDirTestCase):
         self.assertFalse(os.path.exists(self.snapshot + ".tmp"))
         self.assertEqual(persistence.load(self.dir, self.log)[0], self.expected)
 
+    def test_final_save_succeeds_after_the_journal_failed(self):
+        # A failed journal refuses writes from then on; the final snapshot,
+        # which holds everything, must still be saved and the exit be clean.
+        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
+            with self.assertRaises(OSError):
+                self.store.put("unacknowledged", b"x")
+        with self.assertRaises(OSError):
+            self.store.put("refused", b"y")
+        self.store.seal()
+        self.store.save_and_close()
+        self.assertEqual(persistence.journal_generations(self.dir), [])
+        saved = persistence.load(self.dir, self.log)[0]
+        self.assertEqual({k: saved[k] for k in self.expected}, self.expected)
+        self.assertNotIn("refused", saved)
+
     def test_save_and_close_when_the_snapshot_cannot_be_written(self):
         self.store.seal()
         with mock.patch.object(persistence, "write_snapshot",
