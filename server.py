@@ -157,8 +157,8 @@ class Admission:
 
     A thread gives its slot up whenever it would block: while it waits for
     more of a request from a slow client, while it waits for its fsync, and
-    before it sends its reply (a client may not read it).  Idle connections
-    hold no slot.
+    while it waits for a client to read its reply (send_all).  Idle
+    connections hold no slot.
     """
 
     def __init__(self, slots):
@@ -395,12 +395,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """Honour Expect: 100-continue: the client waits for this before sending the body."""
         if (self.headers.get("expect", "").lower() == "100-continue"
                 and self.request_version != "HTTP/1.0"):
-            admission = self.server.admission    # the send may block, as in reply()
-            admission.leave()
-            try:
-                self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-            finally:
-                admission.enter()
+            if self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n"):
+                self.server.admission.enter()     # to read the body in turn
 
     # -- routing and the API --------------------------------------------------
 
@@ -472,12 +468,27 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         head.append(b"\r\n")
         if self.command != "HEAD":
             head.append(body)
-        # The reply is built: the send may block on a client that does not
-        # read, and must not hold up anybody else meanwhile.
-        self.server.admission.leave()
-        self.connection.sendall(b"".join(head))
+        self.send_all(b"".join(head))
         if self.server.access_log:
             self.log_request(status, len(body))
+
+    def send_all(self, data):
+        """Send `data`; a client that does not read it holds up nobody else.
+
+        The usual send goes at once, still holding the admission slot (so
+        the slot changes hands in order, which keeps the tail short).  If
+        the socket would block, the slot is given up before waiting, as a
+        read does in _AdmittedReader.  Returns True if it was given up.
+        """
+        try:
+            sent = self.connection.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return False
+        self.server.admission.leave()
+        self.connection.sendall(memoryview(data)[sent:])
+        return True
 
     def send_error(self, code, message=None, explain=None):
         """The base class's error path (not normally reached): text/plain, and close."""
