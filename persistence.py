@@ -325,7 +325,7 @@ def load(directory, log):
 # ---------------------------------------------------------------- journal --
 
 class Journal:
-    """The open journal: records queued in order, written and fsynced in groups.
+    """The open journal: records queued in order, then written and fsynced in groups.
 
     append() must be called with the store lock held: that is what makes the
     order of records the order of changes to the dict.  It only queues the
@@ -334,24 +334,28 @@ class Journal:
     back, from among thousands of threads, before it could let go of the
     lock; every other writer would queue behind that wait (a lock convoy).
 
-    commit(seq) is called *without* the store lock.  It returns once record
-    `seq` has been handed to the OS (so it survives a killed process) and,
-    with the policy "always", fsynced (so it survives a power loss):
+    One thread of the journal's own, the writer, does all the I/O.  Each
+    round it takes every record queued so far, writes them with one writev
+    and, as the policy says, fsyncs:
 
-      always    one writev of every queued record, then one fsync.  This is
-                group commit: while a leader writes and fsyncs, the writers
-                arriving behind it wait; the next leader covers all of them.
-      everysec  one writev, no fsync; a background thread fsyncs once a
-                second (a power loss may lose the last second).
-      no        one writev; the OS writes to disk when it likes.
+      always    an fsync every round.  This is group commit: the records
+                that arrive while one round's fsync runs share the next one.
+      everysec  an fsync at most once a second (a power loss may lose the
+                last second); writes still go to the OS every round.
+      no        no fsync; the OS writes to disk when it likes.
+
+    Then it runs the callbacks of that round: when_durable(callback) asks
+    for callback(None) once every record appended so far is written (so it
+    survives a killed process) and fsynced as above (so it survives a power
+    loss), or callback(error) if the journal failed.  The server sends its
+    200 from there, so the thread of a writing client is free for its next
+    request instead of sleeping through the fsync; commit() is the same wait
+    for callers that block.
 
     If a write or fsync fails, the journal refuses every later record (the
     failed ones may already be in the dict, but were never acknowledged):
     after an fsync error, Linux may have dropped the dirty pages, so nothing
     written since the last good fsync can be trusted to be on disk.
-
-    Sequence numbers count records from 1 across journal files, so that one
-    "written up to" number serves through a switch to a new file.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -362,20 +366,19 @@ class Journal:
         self.policy = policy
         self.generation = generation
         self.size = 0                   # bytes appended to the current file
+        self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal, if any
+        self.fsyncs = 0                 # fsync rounds done (each may cover many records)
         self._fd = self._create(generation)
         self._queue = []                # buffers of records not yet written
-        self._retired = []              # (fd, queue) of older files, for the next leader
-        self._appended = 0              # seq of the last record queued
-        self._written = 0               # seq of the last record handed to the OS
-        self._synced = 0                # seq of the last record fsynced
-        self._leading = False           # a leader is writing right now
-        self.fsyncs = 0                 # fsync rounds done (each may cover many records)
-        self._cond = threading.Condition(threading.Lock())
-        self._closed = threading.Event()
-        if policy == "everysec":
-            threading.Thread(target=self._sync_every_second, name="journal-fsync",
-                             daemon=True).start()
+        self._retired = []              # (fd, queue) of older files, for the next round
+        self._callbacks = []            # when_durable() callbacks for the next round
+        self._sync_wanted = False       # the next round fsyncs, whatever the policy
+        self._closing = False
+        self._work = threading.Condition(threading.Lock())   # guards all of the above
+        self._writer = threading.Thread(target=self._write_rounds, name="journal-writer",
+                                        daemon=True)
+        self._writer.start()
 
     def _create(self, generation):
         """Create the file of a new generation and make its name durable."""
@@ -387,25 +390,24 @@ class Journal:
     # -- store lock held ------------------------------------------------------
 
     def append(self, op, key, value):
-        """Queue one record; return its sequence number.  Caller holds the store lock."""
+        """Queue one record.  Caller holds the store lock."""
         if self.failed:
             raise OSError("journal unusable since an earlier error: %s" % self.failed)
         buffers = encode_record(op, key, value)
-        with self._cond:
+        with self._work:
             self._queue.extend(buffers)
             self.size += sum(map(len, buffers))
-            self._appended += 1
-            return self._appended
+            self.records += 1
 
     def switch(self, prepared):
         """Checkpoint step b: new records go to the prepared file.  Caller holds the store lock.
 
         Returns the generation of the file left behind.  Its queued records
-        and its last fsync are left to the next leader: none is lost, and no
+        and its last fsync are left to the next round: none is lost, and no
         writer waits for the switch.
         """
         old = self.generation
-        with self._cond:
+        with self._work:
             self._retired.append((self._fd, self._queue))
             self.generation, self._fd = prepared
             self._queue = []
@@ -418,32 +420,71 @@ class Journal:
         """Checkpoint step a: create the next journal file."""
         return self.generation + 1, self._create(self.generation + 1)
 
-    def commit(self, seq, fsync=None):
-        """Return when record `seq` is written (and, with "always", fsynced).  Raises OSError.
+    def when_durable(self, callback):
+        """Call callback(None), from the writer thread, once every record appended so far is durable.
 
-        The first caller that finds no leader becomes one: it takes every
-        queued record, writes (and fsyncs) them without the condition's lock,
-        publishes how far it got and wakes the others.  A waiter whose record
-        came after the leader took the queue leads the next round.
+        Durable means written, and fsynced as the policy says; if the
+        journal fails first, the callback gets the OSError instead.  Either
+        way it is called exactly once, and it must not block: the replies of
+        every other writer in its round wait behind it.
         """
-        if fsync is None:
-            fsync = self.policy == "always"
-        with self._cond:
-            while self._written < seq or (fsync and self._synced < seq):
-                if self.failed:
-                    raise OSError("journal write failed: %s" % self.failed)
-                if self._leading:
-                    self._cond.wait()
-                else:
-                    self._lead(fsync)
+        with self._work:
+            self._callbacks.append(callback)
+            self._work.notify()
 
-    def _lead(self, fsync):
-        # Entered and left with self._cond held; does its I/O without it.
-        self._leading = True
-        target = self._appended
-        files = self._retired + [(self._fd, self._queue)]
-        self._retired, self._queue = [], []
-        self._cond.release()
+    def commit(self):
+        """Return once every record appended so far is durable.  Raises OSError."""
+        done = threading.Lock()
+        done.acquire()
+        outcome = []
+
+        def wake(error):
+            outcome.append(error)
+            done.release()
+        self.when_durable(wake)
+        done.acquire()
+        if outcome[0] is not None:
+            raise OSError("journal write failed: %s" % outcome[0])
+
+    def sync(self):
+        """Write and fsync every record appended so far, whatever the policy."""
+        with self._work:
+            self._sync_wanted = True
+        self.commit()
+
+    # -- the writer thread ----------------------------------------------------
+
+    def _write_rounds(self):
+        fsync_due = None        # "everysec": when the oldest unsynced write must be fsynced
+        while True:
+            with self._work:
+                while not (self._callbacks or self._sync_wanted or self._closing):
+                    if fsync_due is not None and time.monotonic() >= fsync_due:
+                        break
+                    self._work.wait(None if fsync_due is None else fsync_due - time.monotonic())
+                if self._closing and not (self._callbacks or self._sync_wanted):
+                    return
+                files = []
+                if not self.failed:     # else close() closes the files
+                    files = self._retired + [(self._fd, self._queue)]
+                    self._retired, self._queue = [], []
+                fsync = (self.policy == "always" or self._sync_wanted
+                         or fsync_due is not None and time.monotonic() >= fsync_due)
+                self._sync_wanted = False
+                callbacks, self._callbacks = self._callbacks, []
+            if files:
+                self.failed = self._write(files, fsync)
+                if fsync and not self.failed:
+                    self.fsyncs += 1
+                    fsync_due = None
+                elif self.policy == "everysec" and fsync_due is None:
+                    fsync_due = time.monotonic() + 1.0
+            for callback in callbacks:
+                callback(self.failed)
+
+    @staticmethod
+    def _write(files, fsync):
+        """One round's I/O: every file's records, the fsyncs; returns the OSError, if any."""
         try:
             for fd, buffers in files:
                 _write_all(fd, buffers)
@@ -452,57 +493,36 @@ class Journal:
             for fd, _ in files[:-1]:
                 os.close(fd)
         except OSError as e:
-            error = e
-        else:
-            error = None
-        self._cond.acquire()
-        self._leading = False
-        if error:
-            self.failed = error
-        else:
-            self._written = max(self._written, target)
-            if fsync:
-                self._synced = max(self._synced, target)
-                self.fsyncs += 1
-        self._cond.notify_all()
-
-    def sync(self):
-        """Write and fsync every record appended so far, whatever the policy."""
-        with self._cond:
-            seq = self._appended
-        self.commit(seq, fsync=True)
-
-    def _sync_every_second(self):
-        while not self._closed.wait(1.0):
-            try:
-                self.sync()
-            except OSError:
-                pass        # recorded in self.failed; the next commit reports it
-
-    @property
-    def records(self):
-        """Records appended since this Journal object was opened."""
-        return self._appended
+            return e
+        return None
 
     def discard(self):
         """Close and delete the file of a journal that never received a record."""
-        assert self._appended == 0
-        self._closed.set()
+        assert self.records == 0
+        self._stop()
         os.close(self._fd)
         os.unlink(journal_path(self.directory, self.generation))
 
     def close(self):
-        """Write and fsync everything, then close the file.  No append may follow.
+        """Write and fsync everything, run every callback, close the files.  No append may follow.
 
-        A journal that has failed only closes its files: nothing it holds
-        can be trusted, and the caller has just saved a snapshot of it all.
+        Does not raise: if the journal fails (or had failed), the callbacks
+        are told so, and the caller has a snapshot of it all to save.
         """
-        self._closed.set()
-        if not self.failed:
+        try:
             self.sync()
+        except OSError:
+            pass
+        self._stop()
         for fd, _ in self._retired:
             os.close(fd)
         os.close(self._fd)
+
+    def _stop(self):
+        with self._work:
+            self._closing = True
+            self._work.notify()
+        self._writer.join()
 
 
 def _write_all(fd, buffers):

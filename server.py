@@ -21,9 +21,12 @@ A PUT, from the socket to the disk
     KVHandler.do_kv               validates the key, then Store.put:
     Store._mutate                 under the lock, Journal.append (queues the
                                   record) and the dict, in the same order;
-                                  then, without the lock or a slot,
-                                  Journal.commit (writev, fsync: group commit)
-    KVHandler.reply               status, headers and body in one sendall
+                                  then Journal.when_durable(send_when_durable)
+                                  and the thread goes back to the connection
+    Journal._write_rounds         the journal's writer thread: one writev of
+                                  every record queued, one fsync (group
+                                  commit), then each waiting write's callback:
+    send_when_durable             the 200 (status, headers, body in one send)
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
@@ -125,6 +128,33 @@ def parse_key(raw):
     return raw
 
 
+def send_unblocked(sock, data, done):
+    """Send `data` on `sock`, then call done(); never block the caller on a slow client.
+
+    The usual small reply fits in the socket's buffer and goes at once.  The
+    rest of one that does not is sent by a thread of its own.
+    """
+    try:
+        sent = sock.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    except OSError:                             # the client is gone
+        sent = len(data)
+    if sent == len(data):
+        done()
+    else:
+        _thread.start_new_thread(_send_rest, (sock, memoryview(data)[sent:], done))
+
+
+def _send_rest(sock, rest, done):
+    try:
+        sock.sendall(rest)
+    except OSError:
+        pass
+    finally:
+        done()
+
+
 class _DateCache:
     """The Date header, formatted once per second instead of once per reply."""
 
@@ -156,9 +186,10 @@ class Admission:
     GIL, and the rest are served first come, first served.
 
     A thread gives its slot up whenever it would block: while it waits for
-    more of a request from a slow client, while it waits for its fsync, and
-    while it waits for a client to read its reply (send_all).  Idle
-    connections hold no slot.
+    more of a request from a slow client, and while it waits for a client
+    to read its reply (send_all).  Idle connections hold no slot, and
+    neither does a write waiting for its fsync: the journal's writer thread
+    sends its reply (KVHandler.write).
     """
 
     def __init__(self, slots):
@@ -220,6 +251,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     """One connection: requests in, replies out, until either side closes.
 
     Overridden hooks of BaseHTTPRequestHandler, and why:
+      setup, finish       a reader that leaves its Admission slot while it
+                          waits, and, before the socket closes, a wait for
+                          the reply the journal's writer may still owe;
       handle_one_request  to answer every method on our paths (405 with
                           Allow, where the base answers 501), and to tell the
                           server when the connection is idle between requests
@@ -229,8 +263,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                           time; ours keeps its limits and refusals;
       send_error          text/plain bodies, as every reply of ours;
       log_message         to stdout, and only with --access-log.
-    Replies are built by reply(): status line, headers and body in one
-    sendall, so that a reply is one TCP segment when it fits (with Nagle
+    Replies are built by format_reply(): status line, headers and body in
+    one write, so that a reply is one TCP segment when it fits (with Nagle
     off, two writes would be two segments; with Nagle on, the second one
     would wait ~40 ms for the client's delayed ACK).
     """
@@ -245,6 +279,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.rfile = io.BufferedReader(_AdmittedReader(self.connection, self.server.admission),
                                        READ_BUFFER)
+        self.reply_owed = threading.Lock()  # held while the journal owes this connection a reply
+
+    def finish(self):
+        self.await_owed_reply()
+        super().finish()
 
     def handle_one_request(self):
         self.close_connection = True          # until a full request says otherwise
@@ -262,6 +301,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.requestline = line.decode("latin-1").rstrip("\r\n")   # for the access log
         self.command = None                   # nothing parsed yet, for reply()
         self.request_version = "HTTP/1.1"
+        self.await_owed_reply()               # replies go out in request order
         admission = self.server.admission
         admission.enter()
         try:
@@ -440,20 +480,47 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             self.write(store.delete, key)
 
     def write(self, mutation, *args):
-        """Run a store mutation and answer: 200 once it is durable, 503 once sealed."""
+        """Run a store mutation; the journal's writer sends the 200 once it is durable.
+
+        This thread does not wait for the disk: it goes back to the
+        connection, and the next request it reads (if the client pipelines)
+        waits in await_owed_reply() until this reply is out.  Sealed gets a
+        503 and a journal that has failed a 500, both from here at once.
+        """
+        ok = self.format_reply(200)
+        failed = self.format_reply(500, b"storage error\n")
+        requestline = self.requestline
+
+        def send_when_durable(error):          # runs in the journal's writer thread
+            if error:
+                log("Journal write failed: %s" % error)
+            send_unblocked(self.connection, failed if error else ok, self.reply_owed.release)
+            self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
+
+        self.reply_owed.acquire()
+        queued = False
         try:
-            mutation(*args, while_waiting=self.server.admission.leave)
+            mutation(*args, on_durable=send_when_durable)
+            queued = True
         except Sealed:
             raise RequestError(503, "shutting down", close=True)
         except OSError as e:
             log("Journal write failed: %s" % e)
             raise RequestError(500, "storage error")
-        self.reply(200)
+        finally:
+            if not queued:
+                self.reply_owed.release()
+
+    def await_owed_reply(self):
+        """Return once the journal has sent this connection's last reply."""
+        if self.reply_owed.locked():
+            with self.reply_owed:
+                pass
 
     # -- replies --------------------------------------------------------------
 
-    def reply(self, status, body=b"", close=False, headers=()):
-        """Send a whole reply in one write.  HEAD gets the headers of GET and no body."""
+    def format_reply(self, status, body=b"", close=False, headers=()):
+        """A whole reply as bytes.  HEAD gets the headers of GET and no body."""
         if close or self.server.draining:
             self.close_connection = True
         head = [b"HTTP/1.1 %d %s\r\n" % (status, self.responses[status][0].encode()),
@@ -468,7 +535,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         head.append(b"\r\n")
         if self.command != "HEAD":
             head.append(body)
-        self.send_all(b"".join(head))
+        return b"".join(head)
+
+    def reply(self, status, body=b"", close=False, headers=()):
+        """Send a whole reply in one write."""
+        self.send_all(self.format_reply(status, body, close, headers))
         if self.server.access_log:
             self.log_request(status, len(body))
 

@@ -4,16 +4,18 @@
 critical section, (1) appends a record to the journal's queue and (2)
 applies it to the dict.  Because both happen under the same lock, the
 journal's order is exactly the order of changes to the dict, under any
-concurrency.  Then, *outside* the lock, (3) the writer waits until the
-record is written to the OS and, as the policy says, fsynced
-(Journal.commit): no system call is made under the lock, so one slow fsync
-never blocks readers or other writers, and concurrent writers share their
-writes and fsyncs (group commit).
+concurrency.  Then, *outside* the lock, (3) the record is made durable:
+the journal's writer thread writes it to the OS and, as the policy says,
+fsyncs it, together with every other record queued by then (group
+commit).  No system call is made under the lock, so one slow fsync never
+blocks readers or other writers.  The caller either waits for (3)
+(Journal.commit) or, as the server does, passes `on_durable` and is called
+back from the writer thread (Journal.when_durable).
 
 Guarantees
 ----------
-- A mutation that returned normally is in the journal, as durable as the
-  fsync policy promises, and in the dict.
+- A mutation that returned normally (or whose on_durable got None) is in
+  the journal, as durable as the fsync policy promises, and in the dict.
 - After seal(), every mutation raises Sealed, and the dict no longer changes:
   a snapshot taken after seal() holds every mutation that ever returned.
 - Reads see a write as soon as it is applied, which may be before its
@@ -67,32 +69,35 @@ class Store:
 
     # -- writes -------------------------------------------------------------
 
-    def put(self, key, value, while_waiting=None):
-        self._mutate(PUT, key, value, while_waiting)
+    def put(self, key, value, on_durable=None):
+        self._mutate(PUT, key, value, on_durable)
 
-    def delete(self, key, while_waiting=None):
-        self._mutate(DELETE, key, b"", while_waiting)
+    def delete(self, key, on_durable=None):
+        self._mutate(DELETE, key, b"", on_durable)
 
-    def clear(self, while_waiting=None):
-        self._mutate(CLEAR, "", b"", while_waiting)
+    def clear(self, on_durable=None):
+        self._mutate(CLEAR, "", b"", on_durable)
 
-    def _mutate(self, op, key, value, while_waiting):
-        """Journal, apply, then wait for durability.  Raises Sealed or OSError.
+    def _mutate(self, op, key, value, on_durable):
+        """Journal and apply a change.  Raises Sealed, or OSError if the journal has failed.
 
-        `while_waiting`, if given, is called before the wait for the disk:
-        the server uses it to let another request run meanwhile.
+        Without `on_durable`, returns once the change is durable (raises
+        OSError if it cannot be made so).  With it, returns at once, and the
+        journal's writer thread calls on_durable(None) once the change is
+        durable, or on_durable(error).
         """
         with self._lock:
             if self._sealed:
                 raise Sealed()
-            seq = self._journal.append(op, key, value)      # 1. the record, queued
+            self._journal.append(op, key, value)            # 1. the record, queued
             persistence.apply(self._data, op, key, value)   # 2. the dict: same order
             journal_full = self._journal.size >= self._checkpoint_bytes
         if journal_full:
             self._checkpoint_wanted.set()
-        if while_waiting:
-            while_waiting()
-        self._journal.commit(seq)       # 3. without the lock: written (and fsynced)
+        if on_durable:                  # 3. without the lock: written (and fsynced)
+            self._journal.when_durable(on_durable)
+        else:
+            self._journal.commit()
 
     # -- checkpoints and shutdown --------------------------------------------
 
@@ -151,8 +156,10 @@ class Store:
         """
         assert self._sealed
         with self._checkpoint_lock:
-            size = persistence.write_snapshot(self.directory, self._data)
-            self._journal.close()
+            try:
+                size = persistence.write_snapshot(self.directory, self._data)
+            finally:
+                self._journal.close()       # what is queued reaches the disk regardless
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))

@@ -10,10 +10,17 @@ still hold the sentinel key written when the class started.
 """
 import re
 import socket
+import sys
+import threading
 import time
 import unittest
 
+from tests import support
 from tests.test_http_api import CONTENT_TYPE, SharedServerTestCase
+
+if support.ROOT not in sys.path:
+    sys.path.insert(0, support.ROOT)
+import server                                        # noqa: E402
 
 TIMEOUT = 10          # seconds to wait for any response; a bound, not a goal
 MAX_LINE = 65536
@@ -562,6 +569,21 @@ class ConnectionTests(ProtocolTestCase):
                 self.assertEqual(response.get("Content-Length"), "3")
         self.assertTrue(conn.is_closed(), "connection left open after the last response")
 
+    def test_many_pipelined_writes_then_a_read(self):
+        # Each PUT's 200 is sent by the journal's writer thread, a GET's
+        # value by the connection's own thread: the replies must still come
+        # in request order, and the GET must see the last PUT.
+        count = 300
+        requests = [request("PUT", "/kv/" + self.key(), [("Content-Length", "4")], b"%04d" % i)
+                    for i in range(count)]
+        conn = self.connect()
+        conn.send(b"".join(requests) + request("GET", "/kv/" + self.key()))
+        for i in range(count):
+            response = conn.response("PUT")
+            self.assertEqual((response.status, response.body), (200, b""), "PUT %d" % i)
+        response = conn.response("GET")
+        self.assertEqual((response.status, response.body), (200, b"%04d" % (count - 1)))
+
     def test_head_sends_no_body_on_the_wire(self):
         self.server.put(self.key(), b"a value of 21 bytes!!")
         conn = self.connect()
@@ -611,6 +633,44 @@ class ConnectionTests(ProtocolTestCase):
             status, _, body = self.server.request("GET", "/health", timeout=10)
             self.assertEqual((status, body), (200, b"ok\n"))
         self.server.put(self.key("-after"), b"still writable")
+
+
+class SendUnblockedTest(unittest.TestCase):
+    """server.send_unblocked, which the journal's writer thread sends replies with (unit)."""
+
+    def pair(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        b.settimeout(TIMEOUT)
+        return a, b
+
+    def test_a_reply_that_fits_is_sent_before_it_returns(self):
+        a, b = self.pair()
+        done = threading.Event()
+        server.send_unblocked(a, b"a reply", done.set)
+        self.assertTrue(done.is_set())
+        self.assertEqual(b.recv(100), b"a reply")
+
+    def test_a_full_socket_does_not_block_the_sender_and_the_reply_still_arrives(self):
+        a, b = self.pair()
+        filler = 0
+        try:
+            while True:                     # fill the socket: the client reads nothing
+                filler += a.send(b"f" * 65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        done = threading.Event()
+        reply = bytes(range(256)) * 1024
+        server.send_unblocked(a, reply, done.set)      # returns although nothing fits
+        self.assertFalse(done.is_set(), "done() before the client read anything")
+        received = bytearray()
+        while len(received) < filler + len(reply):
+            chunk = b.recv(1 << 20)
+            self.assertTrue(chunk, "the connection closed early")
+            received += chunk
+        self.assertEqual(bytes(received[filler:]), reply)
+        self.assertTrue(done.wait(TIMEOUT), "done() never called")
 
 
 if __name__ == "__main__":

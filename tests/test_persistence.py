@@ -402,10 +402,11 @@ class GroupCommitTest(TempDirTestCase):
             for n in range(writes_each):
                 before = counter.started               # fsyncs begun before this record
                 with store_lock:                       # as Store._mutate does
-                    seq = journal.append(PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n))
-                journal.commit(seq)
+                    journal.append(PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n))
+                journal.commit()
                 if policy == "always" and not any(s > before for s in counter.finished):
-                    problems.append("commit(%d) returned before an fsync that covers it" % seq)
+                    problems.append("commit() of t%d-%d returned before an fsync covered it"
+                                    % (t, n))
 
         with mock.patch("os.fsync", counter):
             workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
@@ -435,6 +436,32 @@ class GroupCommitTest(TempDirTestCase):
 
     def test_policy_no_writes_without_fsync(self):
         self.assertEqual(self.run_writers("no", 4, 5, delay=0), 0)
+
+    def test_everysec_fsyncs_within_a_second_of_a_write(self):
+        journal = persistence.Journal(self.dir, 1, "everysec")
+        self.addCleanup(journal.close)
+        journal.append(PUT, "k", b"v")
+        journal.commit()                    # written, not yet fsynced
+        written = time.monotonic()
+        self.assertEqual(journal.fsyncs, 0)
+        support.wait_until(lambda: journal.fsyncs == 1, timeout=10,
+                           message="the fsync that everysec owes")
+        self.assertLess(time.monotonic() - written, 3)
+
+    def test_a_failed_fsync_fails_every_waiting_write_and_refuses_later_ones(self):
+        journal = persistence.Journal(self.dir, 1, "always")
+        outcomes = []
+        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
+            journal.append(PUT, "a", b"1")
+            journal.append(PUT, "b", b"2")
+            with self.assertRaises(OSError):
+                journal.commit()
+            journal.when_durable(outcomes.append)
+            with self.assertRaises(OSError):
+                journal.append(PUT, "c", b"3")
+        support.wait_until(lambda: outcomes, timeout=10, message="the callback")
+        self.assertIsInstance(outcomes[0], OSError)
+        journal.close()
 
 
 # ---------------------------------------------- checkpoint crashes, unit --
