@@ -79,6 +79,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -375,7 +376,9 @@ class Journal:
         self._callbacks = []            # when_durable() callbacks for the next round
         self._sync_wanted = False       # the next round fsyncs, whatever the policy
         self._closing = False
-        self._work = threading.Condition(threading.Lock())   # guards all of the above
+        self._writer_idle = False       # the writer waits for work: wake it
+        self._lock = threading.Lock()   # guards all of the above
+        self._work = threading.Condition(self._lock)
         self._writer = threading.Thread(target=self._write_rounds, name="journal-writer",
                                         daemon=True)
         self._writer.start()
@@ -394,7 +397,7 @@ class Journal:
         if self.failed:
             raise OSError("journal unusable since an earlier error: %s" % self.failed)
         buffers = encode_record(op, key, value)
-        with self._work:
+        with self._lock:
             self._queue.extend(buffers)
             self.size += sum(map(len, buffers))
             self.records += 1
@@ -407,7 +410,7 @@ class Journal:
         writer waits for the switch.
         """
         old = self.generation
-        with self._work:
+        with self._lock:
             self._retired.append((self._fd, self._queue))
             self.generation, self._fd = prepared
             self._queue = []
@@ -425,12 +428,14 @@ class Journal:
 
         Durable means written, and fsynced as the policy says; if the
         journal fails first, the callback gets the OSError instead.  Either
-        way it is called exactly once, and it must not block: the replies of
-        every other writer in its round wait behind it.
+        way it is called exactly once.  It must not block, nor raise: the
+        replies of every other writer in its round wait behind it.
         """
-        with self._work:
+        with self._lock:
             self._callbacks.append(callback)
-            self._work.notify()
+            if self._writer_idle:       # else it finds the callback when its round ends
+                self._writer_idle = False
+                self._work.notify()
 
     def commit(self):
         """Return once every record appended so far is durable.  Raises OSError."""
@@ -448,7 +453,7 @@ class Journal:
 
     def sync(self):
         """Write and fsync every record appended so far, whatever the policy."""
-        with self._work:
+        with self._lock:
             self._sync_wanted = True
         self.commit()
 
@@ -461,7 +466,9 @@ class Journal:
                 while not (self._callbacks or self._sync_wanted or self._closing):
                     if fsync_due is not None and time.monotonic() >= fsync_due:
                         break
+                    self._writer_idle = True
                     self._work.wait(None if fsync_due is None else fsync_due - time.monotonic())
+                self._writer_idle = False
                 if self._closing and not (self._callbacks or self._sync_wanted):
                     return
                 files = []
@@ -476,11 +483,17 @@ class Journal:
                 self.failed = self._write(files, fsync)
                 if fsync and not self.failed:
                     self.fsyncs += 1
-                    fsync_due = None
+                if fsync or self.failed:
+                    fsync_due = None            # nothing owed, or nothing more to do
                 elif self.policy == "everysec" and fsync_due is None:
                     fsync_due = time.monotonic() + 1.0
             for callback in callbacks:
-                callback(self.failed)
+                try:
+                    callback(self.failed)
+                except Exception:
+                    # A caller's bug: report it, but do not let it cost the
+                    # other callers their replies, or stop the journal.
+                    sys.excepthook(*sys.exc_info())
 
     @staticmethod
     def _write(files, fsync):
@@ -519,7 +532,7 @@ class Journal:
         os.close(self._fd)
 
     def _stop(self):
-        with self._work:
+        with self._lock:
             self._closing = True
             self._work.notify()
         self._writer.join()

@@ -448,6 +448,37 @@ class GroupCommitTest(TempDirTestCase):
                            message="the fsync that everysec owes")
         self.assertLess(time.monotonic() - written, 3)
 
+    def test_everysec_after_a_failed_fsync_refuses_writes_and_does_not_spin(self):
+        journal = persistence.Journal(self.dir, 1, "everysec")
+        self.addCleanup(journal.close)
+        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
+            journal.append(PUT, "k", b"v")
+            journal.commit()                # written; its fsync is due in a second
+            support.wait_until(lambda: journal.failed, timeout=10,
+                               message="the failed fsync")
+            cpu = time.process_time()
+            time.sleep(1)                   # a writer thread that spins burns this second
+            self.assertLess(time.process_time() - cpu, 0.5, "the writer thread spins")
+        with self.assertRaises(OSError):
+            journal.append(PUT, "k2", b"v")
+
+    def test_a_callback_that_raises_stops_neither_the_others_nor_the_journal(self):
+        journal = persistence.Journal(self.dir, 1, "no")
+        self.addCleanup(journal.close)
+        called = []
+
+        def broken(error):
+            raise RuntimeError("a bug in a caller")
+        with mock.patch("sys.excepthook") as excepthook:
+            journal.append(PUT, "a", b"1")
+            journal.when_durable(broken)
+            journal.when_durable(called.append)
+            support.wait_until(lambda: called, timeout=10, message="the second callback")
+            journal.append(PUT, "b", b"2")
+            journal.commit()                # the writer thread still runs rounds
+        self.assertEqual(called, [None])
+        self.assertEqual(excepthook.call_count, 1)
+
     def test_a_failed_fsync_fails_every_waiting_write_and_refuses_later_ones(self):
         journal = persistence.Journal(self.dir, 1, "always")
         outcomes = []
