@@ -595,9 +595,9 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.admission = Admission(ADMISSION_SLOTS)
         self._connections = set()
         self._idle = set()
-        lock = threading.Lock()                 # guards the sets and counters below
-        self._changed = threading.Condition(lock)      # a connection ended
-        self._need_worker = threading.Condition(lock)  # a connection waits for a thread
+        self._lock = threading.Lock()           # guards the sets and counters below
+        self._changed = threading.Condition(self._lock)      # a connection ended
+        self._need_worker = threading.Condition(self._lock)  # a connection waits for a thread
         self._jobs = queue.SimpleQueue()        # accepted connections, in order
         self._queued = 0                        # connections in _jobs
         self._free_workers = 0                  # threads waiting on _jobs
@@ -630,7 +630,7 @@ class KVServer(http.server.ThreadingHTTPServer):
     WORKER_IDLE_SECONDS = 10.0      # an idle thread exits after this long
 
     def process_request(self, request, client_address):
-        with self._changed:
+        with self._lock:
             self._connections.add(request)
             self._queued += 1
             if self._queued > self._free_workers:
@@ -644,7 +644,7 @@ class KVServer(http.server.ThreadingHTTPServer):
     def _start_workers(self):
         """The thread starter: a worker whenever a connection waits and none is free."""
         while True:
-            with self._changed:
+            with self._lock:
                 while self._queued <= self._free_workers:
                     self._need_worker.wait()
                 self._free_workers += 1         # counts as free from its start
@@ -658,14 +658,14 @@ class KVServer(http.server.ThreadingHTTPServer):
             try:
                 request, client_address = self._jobs.get(timeout=self.WORKER_IDLE_SECONDS)
             except queue.Empty:
-                with self._changed:
+                with self._lock:
                     self._free_workers -= 1
                     if self._queued > self._free_workers:
                         # A connection came in as we timed out, counting on
                         # us: let the starter replace us.
                         self._need_worker.notify()
                 return
-            with self._changed:
+            with self._lock:
                 self._free_workers -= 1
                 self._queued -= 1
             try:
@@ -674,7 +674,7 @@ class KVServer(http.server.ThreadingHTTPServer):
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
-            with self._changed:
+            with self._lock:
                 self._free_workers += 1
 
     def server_activate(self):
@@ -694,7 +694,7 @@ class KVServer(http.server.ThreadingHTTPServer):
 
     def shutdown_request(self, request):
         super().shutdown_request(request)
-        with self._changed:
+        with self._lock:
             self._connections.discard(request)
             self._idle.discard(request)
             self._changed.notify_all()
@@ -713,7 +713,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         one lock, so a connection is either seen idle by drain() (and woken)
         or sees `draining` itself: none can slip into a wait that lasts.
         """
-        with self._changed:
+        with self._lock:
             if not idle:
                 self._idle.discard(request)
             elif self.draining:
@@ -732,7 +732,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         what keeps such a late request from changing the saved state.
         """
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self._lock:
             self.draining = True
             for request in self._idle:
                 # shutdown(SHUT_RD) wakes a thread blocked in recv();
