@@ -830,9 +830,9 @@ def parse_args(argv, environ):
                         help="write a snapshot and start a new journal when the journal "
                              "grows past N bytes (default 67108864)")
     parser.add_argument("--cpu", type=cpu_choice, default="auto",
-                        help="run every thread on one CPU: auto = the last CPU this "
-                             "process may use, N = CPU N, all = let them move "
-                             "(default auto; see README, Performance)")
+                        help="run every thread on one CPU, with SCHED_BATCH: auto = "
+                             "the last CPU this process may use, N = CPU N, all = "
+                             "let them move (default auto; see README, Performance)")
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
     return parser.parse_args(argv)
@@ -867,6 +867,23 @@ def pin_to_one_cpu(choice):
         return None
     os.sched_setaffinity(0, {cpu})
     return cpu
+
+
+def no_wakeup_preemption():
+    """Ask Linux not to let a woken thread preempt the running one (SCHED_BATCH).
+
+    On one CPU, a thread woken because its request arrived would preempt
+    the thread that holds the GIL, find the GIL taken, and sleep again: two
+    context switches for nothing.  Under SCHED_BATCH it waits until the
+    running thread blocks, which is when that thread lets the GIL go.  It
+    needs no privilege, and threads started later inherit it.  Measured on
+    the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
+    of 4 interleaved runs each), and a quarter fewer context switches.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass                    # not Linux, or not allowed: only slower
 
 
 def open_store(args):
@@ -956,6 +973,8 @@ def main(argv=None):
     except OSError as e:
         fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
         os._exit(1)
+    if args.cpu != "all":
+        no_wakeup_preemption()                  # every thread shares one CPU
     if cpu is not None:
         log("Running on CPU %d (--cpu all lets threads use every CPU)" % cpu)
     signal_pipe = install_signal_handlers()     # before the load, which may be long

@@ -236,6 +236,11 @@ def thread_cpus(pid):
     return {int(tid): frozenset(os.sched_getaffinity(int(tid))) for tid in tasks}
 
 
+def thread_policies(pid):
+    """The scheduling policy of every thread of process `pid`, as a set."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/%d/task" % pid)}
+
+
 @unittest.skipUnless(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1,
                      "needs Linux and two CPUs")
 class CpuTest(LifecycleTestCase):
@@ -250,6 +255,8 @@ class CpuTest(LifecycleTestCase):
                 self.assertGreater(len(cpus), 2)
                 self.assertEqual(set(cpus.values()), {frozenset({cpu})})
                 self.assertIn("Running on CPU %d" % cpu, server.output())
+                # ... and no woken thread preempts the one holding the GIL.
+                self.assertEqual(thread_policies(server.proc.pid), {os.SCHED_BATCH})
                 self.assertEqual(server.stop(), 0)
 
     def test_all_lets_threads_use_every_cpu(self):
@@ -257,6 +264,7 @@ class CpuTest(LifecycleTestCase):
         server.put("k", b"v")
         self.assertEqual(set(thread_cpus(server.proc.pid).values()),
                          {frozenset(os.sched_getaffinity(0))})
+        self.assertEqual(thread_policies(server.proc.pid), {os.sched_getscheduler(0)})
 
 
 class ShutdownTest(LifecycleTestCase):
