@@ -13,10 +13,12 @@
 Loopback only; every loop here is bounded in time.
 """
 import argparse
+import contextlib
 import errno
 import itertools
 import json
 import multiprocessing
+import os
 import queue
 import random
 import selectors
@@ -29,6 +31,27 @@ from bench.burst import burst                     # noqa: F401  (re-exported: th
 from bench.wire import (READ, SCAN_EVERY, WRITE, clock, errname, parse_response, percentile,
                         recv_some, request, send_some)
 from bench.wrk import run_wrk
+
+@contextlib.contextmanager
+def on_client_cpu():
+    """Run the load generator (this thread, and what it starts) on the first CPU only.
+
+    Our server runs on the last CPU (--cpu auto).  A client free to use
+    every CPU (wrk's second thread, say) would take turns on the server's
+    CPU, while the other servers, free to move, would get away from it.
+    The servers themselves are started outside this block and keep every
+    CPU.  Does nothing on a single CPU or without sched_setaffinity.
+    """
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        yield
+        return
+    every = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(every)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, every)
+
 
 # One process.  Measured on the 2-core machine against the asyncio server: one
 # generator process (~0.8 core, half of it kernel time in loopback TCP; wrk

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from bench.load import preload, run_load
+from bench.load import on_client_cpu, preload, run_load
 
 HOST = "127.0.0.1"
 PY = sys.executable
@@ -81,7 +81,9 @@ def fsync_policy_rows(opts):
         workdir = tempfile.mkdtemp(prefix="bench-fsync-")
         try:
             server = _our_server(workdir, "--fsync", policy).start()
-            r = run_load(HOST, server.port, 64, opts.duration, "PUT", opts.keys, opts.value_size)
+            with on_client_cpu():
+                r = run_load(HOST, server.port, 64, opts.duration, "PUT", opts.keys,
+                             opts.value_size)
             code, _ = server.stop()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -132,7 +134,8 @@ def replay_rows(opts):
     workdir = tempfile.mkdtemp(prefix="bench-replay-")
     try:
         server = _our_server(workdir, "--fsync", "no").start()
-        loaded = preload(HOST, server.port, opts.replay, opts.value_size)
+        with on_client_cpu():
+            loaded = preload(HOST, server.port, opts.replay, opts.value_size)
         server._signal(signal.SIGKILL)
         server.proc.wait(30)
         again = _our_server(workdir).start(timeout=300)

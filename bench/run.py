@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 
-from bench.load import DEFAULT_PROCESSES, burst, preload, run_load
+from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
 from bench.persist import PERSISTENCE_MEASUREMENTS
 from bench.wire import raise_fd_limit
 from bench.wrk import run_wrk
@@ -150,7 +150,8 @@ def load_summary(r):
 
 
 def measure_preload(server, opts):
-    r = preload(HOST, server.port, opts.keys, opts.value_size)
+    with on_client_cpu():
+        r = preload(HOST, server.port, opts.keys, opts.value_size)
     summary = "%s keys in %.1f s" % (format(r["ok"], ","), r["seconds"])
     if r["ok"] != opts.keys:
         summary += " (%d failed!)" % (opts.keys - r["ok"])
@@ -161,7 +162,9 @@ def _load_cell(server, opts, runner, method, connections):
     """One closed-loop run, with the CPU that the server, the client and the rest used."""
     before = server.cpu_seconds(), children_cpu_seconds(), machine_cpu_seconds()
     start = time.monotonic()
-    r = runner(HOST, server.port, connections, opts.duration, method, opts.keys, opts.value_size)
+    with on_client_cpu():
+        r = runner(HOST, server.port, connections, opts.duration, method, opts.keys,
+                   opts.value_size)
     wall = time.monotonic() - start
     r["server_cpu"] = (server.cpu_seconds() - before[0]) / wall
     if "client_cpu" not in r:
@@ -202,7 +205,8 @@ def measure_wrk(server, opts):
 def measure_burst(server, opts):
     if opts.burst <= 0:
         return []
-    r = burst(HOST, server.port, opts.burst, opts.burst_timeout)
+    with on_client_cpu():
+        r = burst(HOST, server.port, opts.burst, opts.burst_timeout)
     summary = "%s/%s ok, slowest %.1f s" % (format(r["ok"], ","), format(opts.burst, ","), r["slowest_s"])
     if r["failures"]:
         summary += " (%s)" % ", ".join("%d %s" % (v, k) for k, v in sorted(r["failures"].items()))
