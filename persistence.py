@@ -461,11 +461,14 @@ class Journal:
 
     def _write_rounds(self):
         fsync_due = None        # "everysec": when the oldest unsynced write must be fsynced
+
+        def fsync_owed():
+            return fsync_due is not None and time.monotonic() >= fsync_due
+
         while True:
             with self._work:
-                while not (self._callbacks or self._sync_wanted or self._closing):
-                    if fsync_due is not None and time.monotonic() >= fsync_due:
-                        break
+                while not (self._callbacks or self._sync_wanted or self._closing
+                           or fsync_owed()):
                     self._writer_idle = True
                     self._work.wait(None if fsync_due is None else fsync_due - time.monotonic())
                 self._writer_idle = False
@@ -475,8 +478,7 @@ class Journal:
                 if not self.failed:     # else close() closes the files
                     files = self._retired + [(self._fd, self._queue)]
                     self._retired, self._queue = [], []
-                fsync = (self.policy == "always" or self._sync_wanted
-                         or fsync_due is not None and time.monotonic() >= fsync_due)
+                fsync = self.policy == "always" or self._sync_wanted or fsync_owed()
                 self._sync_wanted = False
                 callbacks, self._callbacks = self._callbacks, []
             if files:
