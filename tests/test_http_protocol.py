@@ -9,18 +9,23 @@ After every error the server must still answer new connections and must
 still hold the sentinel key written when the class started.
 """
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 from tests import support
 from tests.test_http_api import CONTENT_TYPE, SharedServerTestCase
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
+import persistence                                   # noqa: E402
 import server                                        # noqa: E402
+from store import Store                              # noqa: E402
 
 TIMEOUT = 10          # seconds to wait for any response; a bound, not a goal
 MAX_LINE = 65536
@@ -671,6 +676,40 @@ class SendUnblockedTest(unittest.TestCase):
             received += chunk
         self.assertEqual(bytes(received[filler:]), reply)
         self.assertTrue(done.wait(TIMEOUT), "done() never called")
+
+
+class StorageErrorTest(unittest.TestCase):
+    """A write the disk refuses: a 500 from the journal's writer thread (in-process server)."""
+
+    def setUp(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        data, generation, _ = persistence.load(directory, lambda message: None)
+        store = Store(data, persistence.Journal(directory, generation, "always"),
+                      1 << 30, lambda message: None)
+        self.addCleanup(lambda: (store.seal(), store.save_and_close()))
+        self.server = server.KVServer(("127.0.0.1", 0), store, 1 << 20, False)
+        self.addCleanup(self.server.server_close)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.addCleanup(self.server.shutdown)
+        self.host, self.port = self.server.server_address[:2]
+
+    def test_a_failed_fsync_answers_500_and_refuses_later_writes(self):
+        connection = RawConnection(self)
+        self.addCleanup(connection.close)
+        put = request("PUT", "/kv/k", [("Content-Length", "1")], b"v")
+        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")), \
+                mock.patch("server.log"):
+            connection.send(put)
+            failed = connection.response("PUT")
+            connection.send(put)                # the journal refuses it at once
+            refused = connection.response("PUT")
+        for response in (failed, refused):
+            self.assertEqual((response.status, response.body), (500, b"storage error\n"))
+            self.assertEqual(response.get("Content-Type"), CONTENT_TYPE)
+            self.assertIsNone(response.get("Connection"))
+        connection.send(request("GET", "/health"))      # and the connection still serves
+        self.assertEqual(connection.response().status, 200)
 
 
 if __name__ == "__main__":
