@@ -207,7 +207,8 @@ def measure_burst(server, opts):
         return []
     with on_client_cpu():
         r = burst(HOST, server.port, opts.burst, opts.burst_timeout)
-    summary = "%s/%s ok, slowest %.1f s" % (format(r["ok"], ","), format(opts.burst, ","), r["slowest_s"])
+    summary = "%s/%s ok in %.1f s, slowest reply %.1f s" % (
+        format(r["ok"], ","), format(opts.burst, ","), r["seconds"], r["slowest_s"])
     if r["failures"]:
         summary += " (%s)" % ", ".join("%d %s" % (v, k) for k, v in sorted(r["failures"].items()))
     return [dict(r, test="burst %d PUT" % opts.burst, summary=summary)]
