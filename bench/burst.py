@@ -6,6 +6,7 @@ connection is started by a non-blocking connect in one tight loop, then one
 has its own timeout and no retry, and its outcome is recorded exactly once.
 Used by the benchmark and by the test suite (`from bench.load import burst`).
 """
+import collections
 import errno
 import selectors
 import socket
@@ -30,17 +31,17 @@ class Burst:
         self.addr, self.n, self.timeout, self.value = addr, n, timeout, value
         self.sel = selectors.DefaultSelector()
         self.pending = {}            # _Shot -> True, until its outcome is recorded
-        self.statuses, self.failures = {}, {}
+        self.statuses, self.failures = collections.Counter(), collections.Counter()
         self.slowest = 0.0
 
     def finish(self, shot, status=None, failure=None):
         if self.pending.pop(shot, None) is None:
             return                   # already recorded
         if status is not None:
-            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.statuses[status] += 1
             self.slowest = max(self.slowest, clock() - shot.started)
         else:
-            self.failures[failure] = self.failures.get(failure, 0) + 1
+            self.failures[failure] += 1
         try:
             self.sel.unregister(shot.sock)
         except (KeyError, ValueError):
@@ -56,7 +57,7 @@ class Burst:
             try:
                 shot.sock = socket.socket()
             except OSError as exc:            # EMFILE: too few file descriptors
-                self.failures[errname(exc.errno)] = self.failures.get(errname(exc.errno), 0) + 1
+                self.failures[errname(exc.errno)] += 1
                 continue
             self.pending[shot] = True
             shot.sock.setblocking(False)

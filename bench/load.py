@@ -13,6 +13,7 @@
 Loopback only; every loop here is bounded in time.
 """
 import argparse
+import collections
 import contextlib
 import errno
 import itertools
@@ -87,8 +88,8 @@ class ClosedLoop:
         self.down = list(self.conns)          # connections to (re)open at the next scan
         self.running = self.exhausted = False
         self.latencies = array("q")           # microseconds, one per response
-        self.statuses = {}
-        self.failures = {}
+        self.statuses = collections.Counter()
+        self.failures = collections.Counter()
 
     def open(self, c):
         c.buf, c.out, c.connecting = b"", b"", True
@@ -104,7 +105,7 @@ class ClosedLoop:
     def fail(self, c, reason):
         """Drop the connection; count the request it carried, if any."""
         if c.started is not None:
-            self.failures[reason] = self.failures.get(reason, 0) + 1
+            self.failures[reason] += 1
             c.started = None
         self.close(c)
         self.down.append(c)
@@ -166,7 +167,7 @@ class ClosedLoop:
             return
         status, end, close = parsed
         self.latencies.append(int((clock() - c.started) * 1e6))
-        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.statuses[status] += 1
         c.buf, c.started = c.buf[end:], None
         if close:
             self.close(c)
@@ -322,11 +323,10 @@ def _ms(us):
 def summarize(raw):
     """Merge the raw results of one or more loops into the public result dict."""
     latencies = sorted(itertools.chain.from_iterable(r["latencies"] for r in raw))
-    statuses, failures = {}, {}
+    statuses, failures = collections.Counter(), collections.Counter()
     for r in raw:
-        for table, part in ((statuses, r["statuses"]), (failures, r["failures"])):
-            for k, v in part.items():
-                table[k] = table.get(k, 0) + v
+        statuses.update(r["statuses"])
+        failures.update(r["failures"])
     ok = sum(v for k, v in statuses.items() if 200 <= k < 300)
     seconds = max(r["seconds"] for r in raw)
     return {"requests": ok, "errors": sum(failures.values()) + sum(statuses.values()) - ok,
@@ -383,7 +383,7 @@ def _keeps_alive(addr, value, timeout):
 
 def _pipelined_puts(addr, n_keys, value, connections, depth, deadline):
     """PUT key-1 .. key-(n-1) in batches of `depth` per connection, round robin; count statuses."""
-    statuses = {}
+    statuses = collections.Counter()
     keys = iter(range(1, n_keys))
     socks = [socket.create_connection(addr, timeout=30) for _ in range(connections)]
     try:
@@ -417,7 +417,7 @@ def _read_responses(sock, count, statuses):
             pos = 0
             continue
         status, pos, _ = parsed
-        statuses[status] = statuses.get(status, 0) + 1
+        statuses[status] += 1
         count -= 1
 
 
@@ -429,16 +429,16 @@ def preload(host, port, n_keys=100000, value_size=100, connections=4, depth=100,
     Returns dict(keys, ok, seconds, statuses, failures).
     """
     addr, value, start = (host, port), b"x" * value_size, clock()
-    statuses, failures = {}, {}
+    statuses, failures = collections.Counter(), collections.Counter()
     if n_keys > 0 and _keeps_alive(addr, value, 30):
         statuses = _pipelined_puts(addr, n_keys, value, connections, depth, start + timeout)
-        statuses[200] = statuses.get(200, 0) + 1       # the probe's key-0
+        statuses[200] += 1                     # the probe's key-0
     elif n_keys > 0:
         source = (request("PUT", b"key-%d" % k, value) for k in range(1, n_keys))
         loop = ClosedLoop(addr, 16, source, 30)
         result = loop.run(timeout)
         statuses, failures = result["statuses"], result["failures"]
-        statuses[200] = statuses.get(200, 0) + 1
+        statuses[200] += 1
     return {"keys": n_keys, "ok": statuses.get(200, 0), "seconds": clock() - start,
             "statuses": statuses, "failures": failures}
 
