@@ -1,12 +1,12 @@
 """`python3 -m bench.run` (what `make bench` runs): measure each server, print a table, keep the JSON.
 
-Each server in SERVERS is started as a subprocess on port 0 (its port read
-from its "Server listening on HOST:PORT" line), put through every function in
-MEASUREMENTS in order, then stopped with SIGTERM.  A measurement takes
-(server, opts) and returns rows: dicts with a "test" name, a short "summary"
-for the table, and any raw numbers for the JSON.  To add a server, add a
-(name, argv) pair ("{workdir}" in argv becomes a fresh temporary directory);
-to add a measurement, add a function.
+Every server in SERVERS is started as a subprocess on port 0 (its port read
+from its "Server listening on HOST:PORT" line), all of them at once, so that
+each load test can run on one server after the other, seconds apart
+(measure_load); then each takes the burst and is stopped with SIGTERM.  A
+measurement returns rows: dicts with a "test" name, a short "summary" for
+the table, and any raw numbers for the JSON.  To add a server, add a (name,
+argv) pair ("{workdir}" in argv becomes a fresh temporary directory).
 
 The results go to stdout as a Markdown table (one row per test, one column per
 server) and, raw, to bench/out/bench-<time>.json (git-ignored).
@@ -149,15 +149,6 @@ def load_summary(r):
                                          fmt_ms(r["p99_ms"]), notes)
 
 
-def measure_preload(server, opts):
-    with on_client_cpu():
-        r = preload(HOST, server.port, opts.keys, opts.value_size)
-    summary = "%s keys in %.1f s" % (format(r["ok"], ","), r["seconds"])
-    if r["ok"] != opts.keys:
-        summary += " (%d failed!)" % (opts.keys - r["ok"])
-    return [dict(r, test="preload %d x %d B" % (opts.keys, opts.value_size), summary=summary)]
-
-
 def _load_cell(server, opts, runner, method, connections):
     """One closed-loop run, with the CPU that the server, the client and the rest used."""
     before = server.cpu_seconds(), children_cpu_seconds(), machine_cpu_seconds()
@@ -175,67 +166,86 @@ def _load_cell(server, opts, runner, method, connections):
     return r
 
 
-def _load_rows(server, opts, runner, label):
-    # Each cell runs opts.repeat times and keeps its best run, for every
-    # server alike: on a shared VM, a neighbour's burst can halve one run.
-    rows = []
+def _add(results, server, row):
+    print("  %-22s %-14s %s" % (row["test"], server.name, row["summary"]), flush=True)
+    results[server.name].append(row)
+
+
+def measure_load(results, servers, opts, runner, label):
+    """Each load cell on every server in turn, opts.repeat times; each keeps its best run.
+
+    Interleaved so that a comparison is of runs seconds apart: the VM's
+    neighbours change its speed from one minute to the next (our server's
+    PUT at 64 connections: 18.4k and 28.2k/s in two runs within a minute),
+    and measuring one server's cells after the other's would put that drift
+    into the ratios.
+    The best run, for every server alike, drops the runs a neighbour's
+    burst cut short.
+    """
     for method in ("GET", "PUT"):
         for connections in opts.connections:
-            runs = [_load_cell(server, opts, runner, method, connections)
-                    for _ in range(opts.repeat)]
-            r = max(runs, key=lambda run: run["rps"])
-            r["runs_rps"] = [round(run["rps"]) for run in runs]
-            rows.append(dict(r, test="%s%s c=%d" % (label, method, connections),
-                             summary=load_summary(r)))
-    return rows
+            test = "%s%s c=%d" % (label, method, connections)
+            runs = {server.name: [] for server in servers}
+            for _ in range(opts.repeat):
+                for server in servers:
+                    runs[server.name].append(_load_cell(server, opts, runner, method,
+                                                        connections))
+            for server in servers:
+                r = max(runs[server.name], key=lambda run: run["rps"])
+                r["runs_rps"] = [round(run["rps"]) for run in runs[server.name]]
+                _add(results, server, dict(r, test=test, summary=load_summary(r)))
 
 
-def measure_load(server, opts):
-    def runner(*args):
-        return run_load(*args, processes=opts.processes)
-    return _load_rows(server, opts, runner, "")
-
-
-def measure_wrk(server, opts):
-    if not opts.wrk or not shutil.which("wrk"):
-        return []
-    return _load_rows(server, opts, run_wrk, "wrk ")
+def measure_preload(server, opts):
+    with on_client_cpu():
+        r = preload(HOST, server.port, opts.keys, opts.value_size)
+    summary = "%s keys in %.1f s" % (format(r["ok"], ","), r["seconds"])
+    if r["ok"] != opts.keys:
+        summary += " (%d failed!)" % (opts.keys - r["ok"])
+    return dict(r, test="preload %d x %d B" % (opts.keys, opts.value_size), summary=summary)
 
 
 def measure_burst(server, opts):
-    if opts.burst <= 0:
-        return []
     with on_client_cpu():
         r = burst(HOST, server.port, opts.burst, opts.burst_timeout)
     summary = "%s/%s ok in %.1f s, slowest reply %.1f s" % (
         format(r["ok"], ","), format(opts.burst, ","), r["seconds"], r["slowest_s"])
     if r["failures"]:
         summary += " (%s)" % ", ".join("%d %s" % (v, k) for k, v in sorted(r["failures"].items()))
-    return [dict(r, test="burst %d PUT" % opts.burst, summary=summary)]
-
-
-MEASUREMENTS = [measure_preload, measure_load, measure_wrk, measure_burst]
+    return dict(r, test="burst %d PUT" % opts.burst, summary=summary)
 
 
 # -- running it all ---------------------------------------------------------------
 
-def bench_server(name, argv, opts):
+def bench_servers(chosen, opts):
+    """Start the chosen servers, measure them side by side, stop them; {name: rows}."""
+    results, servers = {}, []
+    for name, argv in SERVERS:
+        if name not in chosen:
+            continue
+        try:
+            servers.append(Server(name, argv).start())
+            results[name] = []
+        except (OSError, RuntimeError) as exc:  # one broken server must not cost the others' rows
+            print("  %s could not start: %s" % (name, exc), flush=True)
+            results[name] = [{"test": "start", "summary": "failed to start", "error": str(exc)}]
     try:
-        server = Server(name, argv).start()
-    except (OSError, RuntimeError) as exc:     # one broken server must not cost the others' rows
-        print("  could not start: %s" % exc, flush=True)
-        return [{"test": "start", "summary": "failed to start", "error": str(exc)}]
-    rows = []
-    try:
-        for measure in MEASUREMENTS:
-            for row in measure(server, opts):
-                print("  %-22s %s" % (row["test"], row["summary"]), flush=True)
-                rows.append(row)
+        for server in servers:
+            _add(results, server, measure_preload(server, opts))
+        runners = [(lambda *args: run_load(*args, processes=opts.processes), "")]
+        if opts.wrk and shutil.which("wrk"):
+            runners.append((run_wrk, "wrk "))
+        for runner, label in runners:
+            measure_load(results, servers, opts, runner, label)
+        if opts.burst > 0:
+            for server in servers:      # one at a time: a burst takes the whole machine
+                _add(results, server, measure_burst(server, opts))
     finally:
-        code, seconds = server.stop()
-    rows.append({"test": "SIGTERM exit", "summary": "exit %s in %.1f s" % (code, seconds),
-                 "exit_code": code, "seconds": seconds})
-    return rows
+        for server in servers:
+            code, seconds = server.stop()
+            _add(results, server, {"test": "SIGTERM exit", "exit_code": code, "seconds": seconds,
+                                   "summary": "exit %s in %.1f s" % (code, seconds)})
+    return results
 
 
 def markdown(results):
@@ -284,11 +294,8 @@ def main(argv=None):
     raise_fd_limit()            # inherited by the servers: the burst needs thousands of fds
     # SIGTERM as an exception, so that `finally` stops the server (it runs in its own session).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    results = {}
-    for name, server_argv in SERVERS:
-        if name in chosen:
-            print("## %s" % name, flush=True)
-            results[name] = bench_server(name, server_argv, opts)
+    print("## servers: %s" % ", ".join(chosen), flush=True)
+    results = bench_servers(chosen, opts)
     persistence = []
     if opts.million > 0:
         print("## persistence (our server)", flush=True)
