@@ -99,6 +99,7 @@ KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+KNOWN_VERSIONS = {"HTTP/1.1": "1", "HTTP/1.0": "0"}     # -> minor; these need no regex
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
 ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD"}
@@ -215,10 +216,6 @@ class Admission:
         self._lock = threading.Lock()
         self._free = slots
         self._waiting = collections.deque()    # one locked Lock per waiting thread
-        self._local = threading.local()
-
-    def holding(self):
-        return getattr(self._local, "holding", False)
 
     def enter(self):
         with self._lock:
@@ -231,13 +228,9 @@ class Admission:
                 self._waiting.append(turn)
         if turn is not None:
             turn.acquire()          # until leave() hands this slot over
-        self._local.holding = True
 
     def leave(self):
-        """Give the slot to the longest waiter.  Does nothing if not holding one."""
-        if not self.holding():
-            return
-        self._local.holding = False
+        """Give the slot to the longest waiter (or back to the pool)."""
         with self._lock:
             if self._waiting:
                 self._waiting.popleft().release()
@@ -246,24 +239,41 @@ class Admission:
 
 
 class _AdmittedReader(socket.SocketIO):
-    """The handler's socket reader: it leaves its Admission slot while recv() would block."""
+    """A connection's socket reader, and its place in Admission.
+
+    `holding` says whether the connection holds a slot; while it does,
+    a recv() that would block gives the slot up until data comes.
+    """
 
     def __init__(self, sock, admission):
         super().__init__(sock, "rb")
         self._admission = admission
+        self.holding = False
+
+    def enter(self):
+        self._admission.enter()
+        self.holding = True
+
+    def leave(self):
+        """Give the slot up, if held."""
+        if self.holding:
+            self.holding = False
+            self._admission.leave()
 
     def readinto(self, buffer):
-        if self._admission.holding():
-            try:
-                return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            self._admission.leave()
-            try:
-                return super().readinto(buffer)
-            finally:
-                self._admission.enter()
-        return super().readinto(buffer)
+        # recv_into directly, not SocketIO.readinto: its checks cost a
+        # Python call per read, and our sockets have no timeout to handle.
+        if not self.holding:
+            return self._sock.recv_into(buffer)
+        try:
+            return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        self.leave()
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self.enter()
 
 
 class KVHandler(http.server.BaseHTTPRequestHandler):
@@ -297,8 +307,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.rfile = io.BufferedReader(_AdmittedReader(self.connection, self.server.admission),
-                                       READ_BUFFER)
+        self.reader = _AdmittedReader(self.connection, self.server.admission)
+        self.rfile = io.BufferedReader(self.reader, READ_BUFFER)
         self.reply_owed = threading.Lock()  # held while the journal owes this connection a reply
 
     def finish(self):
@@ -322,8 +332,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.command = None                   # nothing parsed yet, for reply()
         self.request_version = "HTTP/1.1"
         self.await_owed_reply()               # replies go out in request order
-        admission = self.server.admission
-        admission.enter()
+        self.reader.enter()
         try:
             if len(line) > MAX_LINE:
                 raise RequestError(414, "request line too long", close=True)
@@ -334,7 +343,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         except ClientGone:
             self.close_connection = True
         finally:
-            admission.leave()
+            self.reader.leave()
 
     def parse_request(self):
         """Parse the request line and headers into command, path, headers.
@@ -347,11 +356,14 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if len(words) != 3:
             raise RequestError(400, "bad request line", close=True)
         self.command, self.path, self.request_version = words
-        version = VERSION.fullmatch(self.request_version)
-        if not version:
-            raise RequestError(400, "bad request line", close=True)
-        if version.group(1) != "1":
-            raise RequestError(505, "http version not supported", close=True)
+        minor = KNOWN_VERSIONS.get(self.request_version)
+        if minor is None:
+            version = VERSION.fullmatch(self.request_version)
+            if not version:
+                raise RequestError(400, "bad request line", close=True)
+            if version.group(1) != "1":
+                raise RequestError(505, "http version not supported", close=True)
+            minor = version.group(2)
         headers = {}
         for _ in range(MAX_HEADERS + 1):
             line = self.rfile.readline(MAX_LINE + 1)
@@ -372,7 +384,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(431, "too many headers", close=True)
         self.headers = headers
         tokens = headers.get("connection", "").lower()
-        if version.group(2) == "0":
+        if minor == "0":
             self.close_connection = "keep-alive" not in tokens
         else:
             self.close_connection = "close" in tokens
@@ -402,10 +414,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             return self.read_chunked(limit)
         if length is None:
             return b""
-        values = {v.strip() for v in length.split(",")}
-        if len(values) != 1:
-            raise RequestError(400, "ambiguous message length", close=True)
-        length = values.pop()
+        if "," in length:                       # the header was repeated
+            values = {v.strip() for v in length.split(",")}
+            if len(values) != 1:
+                raise RequestError(400, "ambiguous message length", close=True)
+            length = values.pop()
         if not (length.isascii() and length.isdigit()):
             raise RequestError(400, "bad content-length", close=True)
         length = int(length)
@@ -456,7 +469,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if (self.headers.get("expect", "").lower() == "100-continue"
                 and self.request_version != "HTTP/1.0"):
             if self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n"):
-                self.server.admission.enter()     # to read the body in turn
+                self.reader.enter()     # to read the body in turn
 
     # -- routing and the API --------------------------------------------------
 
@@ -582,7 +595,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             sent = 0
         if sent == len(data):
             return False
-        self.server.admission.leave()
+        self.reader.leave()
         self.connection.sendall(memoryview(data)[sent:])
         return True
 
