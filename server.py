@@ -7,9 +7,9 @@ connections; each connection is served by a thread of its own that reads a
 request, calls the Store (store.py), writes one reply, and loops.  Three
 changes to the stdlib's way make it hold up under load, each explained where
 it is made: threads are reused and started at a bounded pace (KVServer);
-at most two of them run request code at a time, in arrival order
-(Admission); every thread runs on one CPU (pin_to_one_cpu).  The store is a
-dict behind one lock; persistence.py puts it on disk.
+at most two of them (one when crowded) run request code at a time, in
+arrival order (Admission); every thread runs on one CPU (pin_to_one_cpu).
+The store is a dict behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
 ----------------------------------
@@ -91,10 +91,10 @@ def fail(message):
 MAX_LINE = 65536         # request line and header lines, as in http.server
 MAX_HEADERS = 100        # as in http.client / http.server
 READ_BUFFER = 65536      # per connection; pipelined requests arrive together
-ADMISSION_SLOTS = 2      # see Admission; 1, 2 and 4 tried: 2 keeps the tail
-                         # short for the least throughput lost.  Without it
-                         # (wrk, GET, 256 connections): p99 1.35 s, not 0.28 s;
-                         # 10,000-connection burst 3.8 s, not 2.4 s
+ADMISSION_SLOTS = 2      # see Admission, and admission_slots() for when it
+CROWDED = 128            # is one.  Without admission (wrk, GET, 256
+                         # connections): p99 1.35 s, not 0.28 s; 10,000-
+                         # connection burst 3.8 s, not 2.4 s
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -210,17 +210,21 @@ class Admission:
     to read its reply (send_all).  Idle connections hold no slot, and
     neither does a write waiting for its fsync: the journal's writer thread
     sends its reply (KVHandler.write).
+
+    `slots` may change at any time (see admission_slots); a lower number
+    takes effect as the threads above it leave.
     """
 
     def __init__(self, slots):
         self._lock = threading.Lock()
-        self._free = slots
+        self.slots = slots
+        self._active = 0                        # threads holding a slot
         self._waiting = collections.deque()    # one locked Lock per waiting thread
 
     def enter(self):
         with self._lock:
-            if self._free:
-                self._free -= 1
+            if self._active < self.slots:
+                self._active += 1
                 turn = None
             else:
                 turn = threading.Lock()
@@ -230,12 +234,25 @@ class Admission:
             turn.acquire()          # until leave() hands this slot over
 
     def leave(self):
-        """Give the slot to the longest waiter (or back to the pool)."""
+        """Give the slot to the longest waiter, if the number of slots allows."""
         with self._lock:
-            if self._waiting:
+            self._active -= 1
+            while self._waiting and self._active < self.slots:
+                self._active += 1
                 self._waiting.popleft().release()
-            else:
-                self._free += 1
+
+
+def admission_slots(open_connections):
+    """Two slots, or one once more than CROWDED connections are open.
+
+    Two let one thread run Python while the other is in a system call (GET
+    at 64 connections: 34.3k against 29.6k/s with one, means of 8
+    interleaved runs).  But with hundreds of threads, and SCHED_BATCH (see
+    no_wakeup_preemption), two slots let the tail spike: wrk, GET at 256
+    connections, p99 over 100 ms (up to 430 ms) in 7 runs of 22; with one
+    slot past 128 connections, 15-24 ms in all 10 runs, and no slower.
+    """
+    return 1 if open_connections > CROWDED else ADMISSION_SLOTS
 
 
 class _AdmittedReader(socket.SocketIO):
@@ -675,6 +692,7 @@ class KVServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._lock:
             self._connections.add(request)
+            self.admission.slots = admission_slots(len(self._connections))
             self._queued += 1
             if self._queued > self._free_workers:
                 self._need_worker.notify()
@@ -743,6 +761,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         super().shutdown_request(request)
         with self._lock:
             self._connections.discard(request)
+            self.admission.slots = admission_slots(len(self._connections))
             self._idle.discard(request)
             self._changed.notify_all()
 
@@ -918,7 +937,8 @@ def no_wakeup_preemption():
     the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
     of 4 interleaved runs each), and a quarter fewer context switches.  The
     price is a longer tail with many more threads than CPUs: wrk, GET at 256
-    connections, p99 38 ms against 26 ms (medians of 6 runs each).
+    connections, p99 38 ms against 26 ms (medians of 6 runs each), and
+    spikes with two admission slots (see admission_slots).
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

@@ -640,6 +640,51 @@ class ConnectionTests(ProtocolTestCase):
         self.server.put(self.key("-after"), b"still writable")
 
 
+class AdmissionTest(unittest.TestCase):
+    """server.Admission: how many threads run request code, and in what order (unit)."""
+
+    def waiter(self, admission):
+        """A thread that enters `admission`; returns the Event it sets once admitted."""
+        admitted = threading.Event()
+        queued_before = len(admission._waiting)
+
+        def enter():
+            admission.enter()
+            admitted.set()
+        threading.Thread(target=enter, daemon=True).start()
+        support.wait_until(lambda: len(admission._waiting) > queued_before, TIMEOUT,
+                           message="the thread to queue for a slot")
+        return admitted
+
+    def test_waiters_are_admitted_in_arrival_order_as_slots_free(self):
+        admission = server.Admission(2)
+        admission.enter()
+        admission.enter()
+        first, second = self.waiter(admission), self.waiter(admission)
+        admission.leave()
+        self.assertTrue(first.wait(TIMEOUT))
+        self.assertFalse(second.is_set())
+        self.assertEqual(len(admission._waiting), 1)
+        admission.leave()
+        self.assertTrue(second.wait(TIMEOUT))
+
+    def test_fewer_slots_take_effect_as_holders_leave(self):
+        admission = server.Admission(2)
+        admission.enter()
+        admission.enter()
+        waiting = self.waiter(admission)
+        admission.slots = 1                 # crowded: one slot from now on
+        admission.leave()                   # one holder is still in: no room
+        self.assertFalse(waiting.is_set())
+        self.assertEqual(len(admission._waiting), 1)
+        admission.leave()
+        self.assertTrue(waiting.wait(TIMEOUT))
+
+    def test_one_slot_once_crowded(self):
+        self.assertEqual(server.admission_slots(server.CROWDED), server.ADMISSION_SLOTS)
+        self.assertEqual(server.admission_slots(server.CROWDED + 1), 1)
+
+
 class SendUnblockedTest(unittest.TestCase):
     """server.send_unblocked, which the journal's writer thread sends replies with (unit)."""
 
