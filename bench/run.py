@@ -178,9 +178,8 @@ def measure_load(results, servers, opts, runner, label):
     neighbours change its speed from one minute to the next (our server's
     PUT at 64 connections: 18.4k and 28.2k/s in two runs within a minute),
     and measuring one server's cells after the other's would put that drift
-    into the ratios.
-    The best run, for every server alike, drops the runs a neighbour's
-    burst cut short.
+    into the ratios.  The best run, for every server alike, drops the runs
+    a neighbour's burst cut short.
     """
     for method in ("GET", "PUT"):
         for connections in opts.connections:
@@ -220,16 +219,17 @@ def measure_burst(server, opts):
 def bench_servers(chosen, opts):
     """Start the chosen servers, measure them side by side, stop them; {name: rows}."""
     results, servers = {}, []
-    for name, argv in SERVERS:
-        if name not in chosen:
-            continue
-        try:
-            servers.append(Server(name, argv).start())
-            results[name] = []
-        except (OSError, RuntimeError) as exc:  # one broken server must not cost the others' rows
-            print("  %s could not start: %s" % (name, exc), flush=True)
-            results[name] = [{"test": "start", "summary": "failed to start", "error": str(exc)}]
     try:
+        for name, argv in SERVERS:
+            if name not in chosen:
+                continue
+            try:
+                servers.append(Server(name, argv).start())
+                results[name] = []
+            except (OSError, RuntimeError) as exc:  # one broken server must not cost the others
+                print("  %s could not start: %s" % (name, exc), flush=True)
+                results[name] = [{"test": "start", "summary": "failed to start",
+                                  "error": str(exc)}]
         for server in servers:
             _add(results, server, measure_preload(server, opts))
         runners = [(lambda *args: run_load(*args, processes=opts.processes), "")]
