@@ -211,8 +211,9 @@ class Admission:
     neither does a write waiting for its fsync: the journal's writer thread
     sends its reply (KVHandler.write).
 
-    `slots` may change at any time (see admission_slots); a lower number
-    takes effect as the threads above it leave.
+    `slots` may change at any time (see admission_slots); a change takes
+    effect as threads leave: a lower number once the threads above it have
+    left, a higher one at the next leave().
     """
 
     def __init__(self, slots):
