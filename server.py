@@ -250,7 +250,7 @@ def admission_slots(open_connections):
     at 64 connections: 34.3k against 29.6k/s with one, means of 8
     interleaved runs).  But with hundreds of threads, and SCHED_BATCH (see
     no_wakeup_preemption), two slots let the tail spike: wrk, GET at 256
-    connections, p99 over 100 ms (up to 430 ms) in 7 runs of 22; with one
+    connections, p99 over 100 ms (up to 349 ms) in 7 runs of 22; with one
     slot past 128 connections, 15-24 ms in all 10 runs, and no slower.
     """
     return 1 if open_connections > CROWDED else ADMISSION_SLOTS
