@@ -7,8 +7,8 @@ connections; each connection is served by a thread of its own that reads a
 request, calls the Store (store.py), writes one reply, and loops.  Three
 changes to the stdlib's way make it hold up under load, each explained where
 it is made: threads are reused and started at a bounded pace (KVServer);
-at most two of them (one when crowded) run request code at a time, in
-arrival order (Admission); every thread runs on one CPU (pin_to_one_cpu).
+one of them at a time runs request code, in arrival order (Admission);
+every thread runs on one CPU (pin_to_one_cpu).
 The store is a dict behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
@@ -91,8 +91,8 @@ def fail(message):
 MAX_LINE = 65536         # request line and header lines, as in http.server
 MAX_HEADERS = 100        # as in http.client / http.server
 READ_BUFFER = 65536      # per connection; pipelined requests arrive together
-ADMISSION_SLOTS = 2      # threads running request code at once (Admission),
-CROWDED = 128            # or one past this many open connections (admission_slots)
+ADMISSION_SLOTS = 1      # threads running request code at once (Admission)
+FEW_CONNECTIONS = 64     # up to this many open, replies are sent without a slot (send_all)
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -211,20 +211,21 @@ class Admission:
     neither does a write waiting for its fsync: the journal's writer thread
     sends its reply (KVHandler.write).
 
-    `slots` may change at any time (see admission_slots); a change takes
-    effect as threads leave: a lower number once the threads above it have
-    left, a higher one at the next leave().
+    The server uses one slot (ADMISSION_SLOTS).  Two, with SCHED_BATCH (see
+    no_wakeup_preemption), let the tail spike: wrk, GET at 256 connections,
+    p99 over 100 ms (up to 349 ms) in 7 runs of 22; one gave 15-24 ms in 10
+    of 10, and no lower throughput there.
     """
 
     def __init__(self, slots):
         self._lock = threading.Lock()
-        self.slots = slots
+        self._slots = slots
         self._active = 0                        # threads holding a slot
         self._waiting = collections.deque()    # one locked Lock per waiting thread
 
     def enter(self):
         with self._lock:
-            if self._active < self.slots:
+            if self._active < self._slots:
                 self._active += 1
                 turn = None
             else:
@@ -235,25 +236,12 @@ class Admission:
             turn.acquire()          # until leave() hands this slot over
 
     def leave(self):
-        """Give the slot to the longest waiter, if the number of slots allows."""
+        """Give the slot to the longest waiter, or back to the pool if none waits."""
         with self._lock:
-            self._active -= 1
-            while self._waiting and self._active < self.slots:
-                self._active += 1
-                self._waiting.popleft().release()
-
-
-def admission_slots(open_connections):
-    """Two slots, or one once more than CROWDED connections are open.
-
-    Two let one thread run Python while the other is in a system call (GET
-    at 64 connections: 34.3k against 29.6k/s with one, means of 8
-    interleaved runs).  But with hundreds of threads, and SCHED_BATCH (see
-    no_wakeup_preemption), two slots let the tail spike: wrk, GET at 256
-    connections, p99 over 100 ms (up to 349 ms) in 7 runs of 22; with one
-    slot past 128 connections, 15-24 ms in all 10 runs, and no slower.
-    """
-    return 1 if open_connections > CROWDED else ADMISSION_SLOTS
+            if self._waiting:
+                self._waiting.popleft().release()   # the slot changes hands
+            else:
+                self._active -= 1
 
 
 class _AdmittedReader(socket.SocketIO):
@@ -602,11 +590,23 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def send_all(self, data):
         """Send `data`; a client that does not read it holds up nobody else.
 
-        The usual send goes at once, still holding the admission slot (so
-        the slot changes hands in order, which keeps the tail short).  If
-        the socket would block, the slot is given up before waiting, as a
-        read does in _AdmittedReader.  Returns True if it was given up.
+        While at most FEW_CONNECTIONS are open, the admission slot is given
+        up before the send: the next thread runs Python while the kernel
+        delivers this reply (GET at 64 connections: 34.7k against 31.1k/s
+        holding it, means of 8 interleaved runs; wrk 34.9k against 31.4k).
+        With more, the threads that have given up their slot and want the
+        GIL back after their send are many, and the GIL does not serve them
+        in order: wrk's GET p99 at 128 connections passed 100 ms in 3 runs
+        of 9 (up to 212 ms).  So then the usual send goes at once, still
+        holding the slot, which changes hands in order (p99 9-19 ms in 6
+        runs).  Either way, if the socket would block, the slot is given up
+        before waiting, as a read does in _AdmittedReader.  Returns True if
+        the slot was given up.
         """
+        if self.server.open_connections() <= FEW_CONNECTIONS:
+            self.reader.leave()
+            self.connection.sendall(data)
+            return True
         try:
             sent = self.connection.send(data, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -693,7 +693,6 @@ class KVServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         with self._lock:
             self._connections.add(request)
-            self.admission.slots = admission_slots(len(self._connections))
             self._queued += 1
             if self._queued > self._free_workers:
                 self._need_worker.notify()
@@ -762,7 +761,6 @@ class KVServer(http.server.ThreadingHTTPServer):
         super().shutdown_request(request)
         with self._lock:
             self._connections.discard(request)
-            self.admission.slots = admission_slots(len(self._connections))
             self._idle.discard(request)
             self._changed.notify_all()
 
@@ -771,6 +769,10 @@ class KVServer(http.server.ThreadingHTTPServer):
         if isinstance(error, ConnectionError):
             return                        # the client went away: nothing to report
         log("Unexpected error serving %s: %r" % (client_address[0], error))
+
+    def open_connections(self):
+        """How many connections are open (a set's length: no lock needed to read it)."""
+        return len(self._connections)
 
     def set_idle(self, request, idle):
         """Mark a connection as waiting for its next request (or not).
@@ -939,7 +941,7 @@ def no_wakeup_preemption():
     of 4 interleaved runs each), and a quarter fewer context switches.  The
     price is a longer tail with many more threads than CPUs: wrk, GET at 256
     connections, p99 38 ms against 26 ms (medians of 6 runs each), and
-    spikes with two admission slots (see admission_slots).
+    spikes with two admission slots (see Admission).
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

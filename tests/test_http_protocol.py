@@ -668,21 +668,50 @@ class AdmissionTest(unittest.TestCase):
         admission.leave()
         self.assertTrue(second.wait(TIMEOUT))
 
-    def test_fewer_slots_take_effect_as_holders_leave(self):
-        admission = server.Admission(2)
+    def test_a_slot_left_with_nobody_waiting_is_free_for_the_next_thread(self):
+        admission = server.Admission(1)
         admission.enter()
-        admission.enter()
-        waiting = self.waiter(admission)
-        admission.slots = 1                 # crowded: one slot from now on
-        admission.leave()                   # one holder is still in: no room
-        self.assertFalse(waiting.is_set())
-        self.assertEqual(len(admission._waiting), 1)
         admission.leave()
-        self.assertTrue(waiting.wait(TIMEOUT))
+        admitted = threading.Event()
 
-    def test_one_slot_once_crowded(self):
-        self.assertEqual(server.admission_slots(server.CROWDED), server.ADMISSION_SLOTS)
-        self.assertEqual(server.admission_slots(server.CROWDED + 1), 1)
+        def enter():
+            admission.enter()
+            admitted.set()
+        threading.Thread(target=enter, daemon=True).start()
+        self.assertTrue(admitted.wait(TIMEOUT), "the free slot was not taken")
+        self.assertEqual(len(admission._waiting), 0)
+
+
+class SendAllTest(unittest.TestCase):
+    """KVHandler.send_all: whether a reply is sent with the admission slot held (unit)."""
+
+    def handler(self, open_connections):
+        """A handler holding its slot, on one end of a socket pair; returns it and the other end."""
+        ours, client = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(client.close)
+        client.settimeout(TIMEOUT)
+        handler = server.KVHandler.__new__(server.KVHandler)
+        handler.server = mock.Mock(open_connections=lambda: open_connections)
+        handler.connection = ours
+        self.admission = server.Admission(1)
+        handler.reader = server._AdmittedReader(ours, self.admission)
+        handler.reader.enter()
+        return handler, client
+
+    def test_with_few_connections_the_slot_is_given_up_before_the_send(self):
+        handler, client = self.handler(server.FEW_CONNECTIONS)
+        self.assertTrue(handler.send_all(b"a reply"))
+        self.assertFalse(handler.reader.holding)
+        self.assertEqual(self.admission._active, 0)
+        self.assertEqual(client.recv(100), b"a reply")
+
+    def test_with_many_connections_a_send_that_fits_keeps_the_slot(self):
+        handler, client = self.handler(server.FEW_CONNECTIONS + 1)
+        self.assertFalse(handler.send_all(b"a reply"))
+        self.assertTrue(handler.reader.holding)
+        self.assertEqual(self.admission._active, 1)
+        self.assertEqual(client.recv(100), b"a reply")
 
 
 class SendUnblockedTest(unittest.TestCase):
