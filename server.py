@@ -603,18 +603,16 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         before waiting, as a read does in _AdmittedReader.  Returns True if
         the slot was given up.
         """
-        if self.server.open_connections() <= FEW_CONNECTIONS:
-            self.reader.leave()
-            self.connection.sendall(data)
-            return True
-        try:
-            sent = self.connection.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return False
+        sent = 0
+        if self.server.open_connections() > FEW_CONNECTIONS:
+            try:
+                sent = self.connection.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            if sent == len(data):
+                return False
         self.reader.leave()
-        self.connection.sendall(memoryview(data)[sent:])
+        self.connection.sendall(memoryview(data)[sent:] if sent else data)  # a view only if needed
         return True
 
     def send_error(self, code, message=None, explain=None):
