@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 
+from bench.goals import goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
 from bench.persist import PERSISTENCE_MEASUREMENTS
 from bench.wire import raise_fd_limit
@@ -192,6 +193,7 @@ def measure_load(results, servers, opts, runner, label):
             for server in servers:
                 r = max(runs[server.name], key=lambda run: run["rps"])
                 r["runs_rps"] = [round(run["rps"]) for run in runs[server.name]]
+                r["runs_p99_ms"] = [run["p99_ms"] for run in runs[server.name]]
                 _add(results, server, dict(r, test=test, summary=load_summary(r)))
 
 
@@ -313,12 +315,16 @@ def main(argv=None):
     table = header + "\n\n" + markdown(results)
     if persistence:
         table += "\n\n" + markdown({"our server": persistence})
+    goals = goal_rows(results, persistence)
+    if goals:
+        table += ("\n\nThe goals of issue 4 (load goals on the means of the %d runs per cell):\n\n"
+                  % opts.repeat + goals_markdown(goals))
     print("\n" + table, flush=True)
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, time.strftime("bench-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as out:
         json.dump({"machine": machine, "options": vars(opts), "results": results,
-                   "persistence": persistence, "table": table}, out, indent=1)
+                   "persistence": persistence, "goals": goals, "table": table}, out, indent=1)
     print("\nraw results: %s" % os.path.relpath(path), flush=True)
 
 
