@@ -47,8 +47,9 @@ Recovery rules (load())
    the same sequence twice gives the same dict as applying it once.  That
    is what makes a crash in the middle of a checkpoint safe (see below).
 3. Each journal is checked on its own.  A record that is cut short, or whose
-   checksum fails, is the normal trace of a crash when nothing valid follows
-   it in that file: it is logged and the file is truncated there.  The rules:
+   payload checksum fails, is the normal trace of a crash when nothing but
+   zero bytes follows it in that file: it is logged and the file is
+   truncated there.  The rules:
      - fewer than 12 bytes left, or only zero bytes left (a file system that
        had extended the file but not yet written its blocks)  -> torn tail
      - header checksum fails                                  -> corruption

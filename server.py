@@ -4,11 +4,13 @@
 
 The server is an http.server.ThreadingHTTPServer: the main thread accepts
 connections; each connection is served by a thread of its own that reads a
-request, calls the Store (store.py), writes one reply, and loops.  Three
-changes to the stdlib's way make it hold up under load, each explained where
-it is made: threads are reused and started at a bounded pace (KVServer);
-one of them at a time runs request code, in arrival order (Admission);
-every thread runs on one CPU (pin_to_one_cpu).
+request, calls the Store (store.py), replies, and loops; the reply to a
+write is sent by the journal's writer thread once the write is durable
+(KVHandler.write).  Four changes to the stdlib's way make it hold up under
+load, each explained where it is made: threads are reused and started at a
+bounded pace (KVServer); one of them at a time runs request code, in
+arrival order (Admission); every thread runs on one CPU (pin_to_one_cpu),
+and a woken thread does not preempt the running one (no_wakeup_preemption).
 The store is a dict behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk

@@ -3,7 +3,8 @@
 Every server in SERVERS is started as a subprocess on port 0 (its port read
 from its "Server listening on HOST:PORT" line), all of them at once, so that
 each load test can run on one server after the other, seconds apart
-(measure_load); then each takes the burst and is stopped with SIGTERM.  A
+(measure_load); then each takes the burst, one at a time, and all are
+stopped with SIGTERM.  A
 measurement returns rows: dicts with a "test" name, a short "summary" for
 the table, and any raw numbers for the JSON.  To add a server, add a (name,
 argv) pair ("{workdir}" in argv becomes a fresh temporary directory).
