@@ -16,11 +16,13 @@ widely and a reader should see how widely.
 OURS = "server:always"
 
 
+def _find(rows, match):
+    """The first row whose test name satisfies `match`, or None."""
+    return next((row for row in rows if match(row["test"])), None)
+
+
 def _cell(results, server, test):
-    for row in results.get(server, ()):
-        if row["test"] == test:
-            return row
-    return None
+    return _find(results.get(server, ()), lambda name: name == test)
 
 
 def _runs(row, key):
@@ -35,6 +37,10 @@ def _mean(values):
 def _ratio_row(goal, ours, other, key, bound, at_least):
     """A goal on the ratio of our mean to another server's, with the single pairs' range."""
     mine, theirs = _runs(ours, key), _runs(other, key)
+    if None in mine or None in theirs or not all(theirs):
+        # A run without a single reply has no p99, and nothing to divide by.
+        return {"goal": goal, "measured": "no figure: a run had no replies", "ratio": None,
+                "pairs": [], "met": False}
     ratio = _mean(mine) / _mean(theirs)
     measured = "%.2fx" % ratio
     pairs = [m / t for m, t in zip(mine, theirs)]
@@ -66,8 +72,8 @@ def _load_goals(results):
 
 
 def _burst_goal(results):
-    ours = next((r for r in results.get(OURS, ()) if r["test"].startswith("burst ")), None)
-    other = next((r for r in results.get("asyncio", ()) if r["test"].startswith("burst ")), None)
+    ours, other = (_find(results.get(name, ()), lambda test: test.startswith("burst "))
+                   for name in (OURS, "asyncio"))
     if ours is None or other is None:
         return []
     size = ours["answered"] + ours["errors"]
@@ -87,7 +93,7 @@ def _million_goals(persistence):
              "seconds", "bare_s", 2),
             ("server RSS", "RSS at most 1.3x a bare process holding the dict",
              "rss_kib", "bare_rss_kib", 1.3)):
-        row = next((r for r in persistence if r["test"].endswith(suffix)), None)
+        row = _find(persistence, lambda test: test.endswith(suffix))
         if row is None:
             continue
         ratio = row[mine] / row[bare]

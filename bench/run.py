@@ -4,13 +4,14 @@ Every server in SERVERS is started as a subprocess on port 0 (its port read
 from its "Server listening on HOST:PORT" line), all of them at once, so that
 each load test can run on one server after the other, seconds apart
 (measure_load); then each takes the burst, one at a time, and all are
-stopped with SIGTERM.  A
-measurement returns rows: dicts with a "test" name, a short "summary" for
-the table, and any raw numbers for the JSON.  To add a server, add a (name,
-argv) pair ("{workdir}" in argv becomes a fresh temporary directory).
+stopped with SIGTERM.  A measurement returns rows: dicts with a "test"
+name, a short "summary" for the table, and any raw numbers for the JSON.
+To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
+fresh temporary directory).
 
 The results go to stdout as a Markdown table (one row per test, one column per
-server) and, raw, to bench/out/bench-<time>.json (git-ignored).
+server), followed by issue 4's goals and their verdicts (bench/goals.py), and,
+raw, to bench/out/bench-<time>.json (git-ignored).
 """
 import argparse
 import collections

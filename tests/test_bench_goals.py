@@ -71,6 +71,14 @@ class GoalRowsTest(unittest.TestCase):
             "1000000 keys: SIGTERM to exit at most 2x a bare pickle and fsync": True,
             "1000000 keys: RSS at most 1.3x a bare process holding the dict": True})
 
+    def test_a_run_without_replies_fails_its_goal(self):
+        res = results(ours_put=(30000, 30000), naive_put=(2000, 0))
+        res[OURS][2]["runs_p99_ms"] = [None, 130.0]        # GET c=256: one run had no replies
+        rows = {row["goal"]: row for row in goal_rows(res, [])}
+        for goal in ("PUT c=64 req/s: at least 10x naive's", "GET c=256: p99 at most 10x asyncio's"):
+            self.assertFalse(rows[goal]["met"])
+            self.assertEqual(rows[goal]["measured"], "no figure: a run had no replies")
+
     def test_unmeasured_goals_are_left_out(self):
         only_ours = {OURS: results(ours_put=(30000, 30000))[OURS]}
         self.assertEqual(goal_rows(only_ours, []), [])
