@@ -643,15 +643,20 @@ class ConnectionTests(ProtocolTestCase):
 class AdmissionTest(unittest.TestCase):
     """server.Admission: how many threads run request code, and in what order (unit)."""
 
-    def waiter(self, admission):
+    def entering(self, admission):
         """A thread that enters `admission`; returns the Event it sets once admitted."""
         admitted = threading.Event()
-        queued_before = len(admission._waiting)
 
         def enter():
             admission.enter()
             admitted.set()
         threading.Thread(target=enter, daemon=True).start()
+        return admitted
+
+    def waiter(self, admission):
+        """As entering(), once the thread is seen queued for a slot."""
+        queued_before = len(admission._waiting)
+        admitted = self.entering(admission)
         support.wait_until(lambda: len(admission._waiting) > queued_before, TIMEOUT,
                            message="the thread to queue for a slot")
         return admitted
@@ -672,12 +677,7 @@ class AdmissionTest(unittest.TestCase):
         admission = server.Admission(1)
         admission.enter()
         admission.leave()
-        admitted = threading.Event()
-
-        def enter():
-            admission.enter()
-            admitted.set()
-        threading.Thread(target=enter, daemon=True).start()
+        admitted = self.entering(admission)
         self.assertTrue(admitted.wait(TIMEOUT), "the free slot was not taken")
         self.assertEqual(len(admission._waiting), 0)
 
