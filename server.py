@@ -2,20 +2,27 @@
 
     python3 server.py [--port 8080] [--working-dir ./data] ...   (--help for all)
 
-The server is an http.server.ThreadingHTTPServer: the main thread accepts
-connections; each connection is served by a thread of its own that reads a
-request, calls the Store (store.py), replies, and loops; the reply to a
+The server is an http.server.ThreadingHTTPServer whose threads serve
+requests, not connections: the main thread accepts connections and parks
+them (the kernel watches their sockets); when a connection's request
+arrives, a worker thread takes a turn on it: reads the request, calls the
+Store (store.py), replies, and parks the connection again.  The reply to a
 write is sent by the journal's writer thread once the write is durable
 (KVHandler.write).  Four changes to the stdlib's way make it hold up under
-load, each explained where it is made: threads are reused and started at a
-bounded pace (KVServer); one of them at a time runs request code, in
-arrival order (Admission); every thread runs on one CPU (pin_to_one_cpu),
-and a woken thread does not preempt the running one (no_wakeup_preemption).
-The store is a dict behind one lock; persistence.py puts it on disk.
+load, each explained where it is made: connections wait for their next
+request without a thread, and one worker serves the turns in arrival
+order (KVServer); threads that had to wait for a slow client run request
+code one at a time, in arrival order (Admission); every thread runs on one
+CPU (pin_to_one_cpu), and a woken thread does not preempt the running one
+(no_wakeup_preemption).  The store is a dict behind one lock;
+persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
 ----------------------------------
-    KVServer._accept_queued       accepts; a worker thread takes the socket
+    KVServer._accept_queued       accepts; process_request parks the socket
+    KVServer._unpark_readable     the unparker thread: the request is there,
+                                  so the connection's turn is queued
+    KVServer._worker              a worker takes it: KVHandler.serve_turn
     KVHandler.handle_one_request  reads the request line, enters Admission
     KVHandler.parse_request       reads the headers, with http.server's limits
     KVHandler.read_body           Content-Length or chunked, at most
@@ -23,8 +30,9 @@ A PUT, from the socket to the disk
     KVHandler.do_kv               validates the key, then Store.put:
     Store._mutate                 under the lock, Journal.append (queues the
                                   record) and the dict, in the same order;
-                                  then Journal.when_durable(send_when_durable)
-                                  and the thread goes back to the connection
+                                  then Journal.when_durable(send_when_durable);
+                                  the worker parks the connection, and takes
+                                  the next turn
     Journal._write_rounds         the journal's writer thread: one writev of
                                   every record queued, one fsync (group
                                   commit), then each waiting write's callback:
@@ -59,6 +67,8 @@ import os
 import queue
 import re
 import resource
+import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -94,7 +104,6 @@ MAX_LINE = 65536         # request line and header lines, as in http.server
 MAX_HEADERS = 100        # as in http.client / http.server
 READ_BUFFER = 65536      # per connection; pipelined requests arrive together
 ADMISSION_SLOTS = 1      # threads running request code at once (Admission)
-FEW_CONNECTIONS = 64     # up to this many open, replies are sent without a slot (send_all)
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -212,25 +221,26 @@ def build_reply(status, body, connection, headers=(), with_body=True):
 class Admission:
     """At most `slots` threads run request code at once; the others wait in line.
 
-    With one thread per connection, 256 busy connections are 256 threads
-    wanting the GIL.  The GIL is not fair: a thread can wait for it through
-    many turns of the others, and the slowest requests (p99) took 1.35 s
-    where an asyncio server takes 8 ms (wrk, GET at 256 connections; 0.28 s
-    once admission came, and a 10,000-connection burst 2.4 s, not 3.8 s).
-    So a thread takes a slot once its request has arrived and gives it back
-    when the reply is on its way.  Waiting for a slot is waiting on a lock
-    of one's own, not on the GIL, and slots are handed over in arrival
-    order: few threads compete for the GIL, and the rest are served first
-    come, first served.
+    Most turns run on one worker, one after the other (KVServer), and never
+    wait here.  But a turn that had to wait for its client keeps its thread
+    (KVHandler.worker_waits), and when the client's bytes come, that thread
+    wants the GIL back, as may hundreds of others like it.  The GIL is not
+    fair: a thread can wait for it through many turns of the others.  (With
+    a thread per connection, as this server had at first, the slowest GETs
+    at 256 connections (wrk's p99) took 1.35 s where an asyncio server takes
+    8 ms; 0.28 s once admission came.)  So a thread takes a slot once its
+    request has arrived and gives it back when the reply is on its way.
+    Waiting for a slot is waiting on a lock of one's own, not on the GIL,
+    and slots are handed over in arrival order.
 
     A thread gives its slot up whenever it would block: while it waits for
     more of a request from a slow client, and while it waits for a client
-    to read its reply (send_all).  Idle connections hold no slot, and
+    to read its reply (send_all).  Parked connections hold no slot, and
     neither does a write waiting for its fsync: the journal's writer thread
     sends its reply (KVHandler.write).
 
-    The server uses one slot (ADMISSION_SLOTS).  Two, with SCHED_BATCH (see
-    no_wakeup_preemption), let the tail spike: wrk, GET at 256 connections,
+    The server uses one slot (ADMISSION_SLOTS).  With a thread per
+    connection, two slots let the tail spike: wrk, GET at 256 connections,
     p99 over 100 ms (up to 349 ms) in 7 runs of 22; one gave 15-24 ms in 10
     of 10, and no lower throughput there.
     """
@@ -269,10 +279,12 @@ class _AdmittedReader(socket.SocketIO):
     a recv() that would block gives the slot up until data comes.
     """
 
-    def __init__(self, sock, admission):
+    def __init__(self, sock, admission, before_wait):
         super().__init__(sock, "rb")
         self._admission = admission
+        self._before_wait = before_wait     # called before a recv that would block
         self.holding = False
+        self.peeking = False                # never wait: return None instead
 
     def enter(self):
         self._admission.enter()
@@ -287,23 +299,85 @@ class _AdmittedReader(socket.SocketIO):
     def readinto(self, buffer):
         # recv_into directly, not SocketIO.readinto: its checks cost a
         # Python call per read, and our sockets have no timeout to handle.
-        if not self.holding:
-            return self._sock.recv_into(buffer)
+        if self.peeking:
+            return None             # "nothing yet", to BufferedReader.peek()
         try:
             return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
+        self._before_wait()
+        held = self.holding
         self.leave()
         try:
             return self._sock.recv_into(buffer)
         finally:
-            self.enter()
+            if held:
+                self.enter()
+
+
+class Parking:
+    """Connections between two requests, waiting without a thread of their own.
+
+    park() hands a connection's socket to the kernel to watch; wait()
+    blocks until some have something to read and returns their handlers.
+    Each parked handler is handed out once, to whoever pops it from
+    self._parked first: wait(), or take_all() at shutdown.  On Linux the
+    watching is an epoll set, each socket armed for one event at a time
+    (EPOLLONESHOT), so that a parked connection costs one system call, its
+    re-arming; elsewhere a selectors.DefaultSelector, registered and
+    unregistered each time.
+    """
+
+    ONE_READ = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLONESHOT", 0)
+
+    def __init__(self, use_epoll=hasattr(select, "epoll")):
+        self._parked = {}               # fd -> handler
+        self._epoll = select.epoll() if use_epoll else None
+        self._selector = None if use_epoll else selectors.DefaultSelector()
+
+    def park(self, handler):
+        """Watch the handler's socket; raises OSError if the kernel will not."""
+        fd = handler.request.fileno()
+        self._parked[fd] = handler      # before the kernel can report it
+        try:
+            if self._selector:
+                self._selector.register(fd, selectors.EVENT_READ)
+            elif handler.parked_before:
+                self._epoll.modify(fd, self.ONE_READ)
+            else:
+                self._epoll.register(fd, self.ONE_READ)
+                handler.parked_before = True
+        except OSError:
+            self._parked.pop(fd, None)
+            raise
+
+    def _take(self, fd):
+        handler = self._parked.pop(fd, None)    # atomic: one taker only
+        if handler is not None and self._selector:
+            self._selector.unregister(fd)
+        return handler
+
+    def wait(self):
+        """Block until parked connections can be read; return their handlers."""
+        if self._selector:
+            fds = [key.fd for key, _ in self._selector.select()]
+        else:
+            fds = [fd for fd, _ in self._epoll.poll()]
+        return [handler for handler in map(self._take, fds) if handler is not None]
+
+    def take_all(self):
+        """Every parked handler, taken out."""
+        return [handler for handler in map(self._take, list(self._parked))
+                if handler is not None]
 
 
 class KVHandler(http.server.BaseHTTPRequestHandler):
     """One connection: requests in, replies out, until either side closes.
 
     Overridden hooks of BaseHTTPRequestHandler, and why:
+      __init__            only sets the connection up: it is served in
+                          turns (serve_turn), each on whichever worker
+                          thread takes it, not by one call to handle();
       setup, finish       a reader that leaves its Admission slot while it
                           waits, and, before the socket closes, a wait for
                           the reply the journal's writer may still owe;
@@ -329,11 +403,46 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     # -- the request loop -----------------------------------------------------
 
+    def __init__(self, request, client_address, server):
+        # Not the base class's __init__, which serves the connection to its
+        # end: here a connection is served in turns (KVServer), so this only
+        # sets it up.
+        self.request, self.client_address, self.server = request, client_address, server
+        self.replaced = False       # this turn's worker has been replaced (worker_waits)
+        self.parked_before = False  # its socket is in the server's epoll set
+        self.setup()
+
     def setup(self):
         super().setup()
-        self.reader = _AdmittedReader(self.connection, self.server.admission)
+        self.reader = _AdmittedReader(self.connection, self.server.admission, self.worker_waits)
         self.rfile = io.BufferedReader(self.reader, READ_BUFFER)
         self.reply_owed = threading.Lock()  # held while the journal owes this connection a reply
+
+    def serve_turn(self):
+        """Answer the requests that have arrived.
+
+        Returns True if the connection should wait, parked, for more;
+        False once it is done (then finish() and close it).
+        """
+        while True:
+            self.handle_one_request()
+            if self.close_connection:
+                return False
+            self.reader.peeking = True      # a pipelined request already read?
+            try:
+                if not self.rfile.peek(1):
+                    return True
+            finally:
+                self.reader.peeking = False
+
+    def worker_waits(self):
+        """This turn is about to wait for its client (or the disk): let another worker go on."""
+        if not self.replaced:
+            try:
+                self.server.start_worker()
+            except RuntimeError:        # no thread to be had: the queue waits for this turn
+                return
+            self.replaced = True
 
     def finish(self):
         self.await_owed_reply()
@@ -579,6 +688,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def await_owed_reply(self):
         """Return once the journal has sent this connection's last reply."""
         if self.reply_owed.locked():
+            self.worker_waits()
             with self.reply_owed:
                 pass
 
@@ -608,29 +718,20 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def send_all(self, data):
         """Send `data`; a client that does not read it holds up nobody else.
 
-        While at most FEW_CONNECTIONS are open, the admission slot is given
-        up before the send: the next thread runs Python while the kernel
-        delivers this reply (GET at 64 connections: 34.7k against 31.1k/s
-        holding it, means of 8 interleaved runs; wrk 34.9k against 31.4k).
-        With more, the threads that have given up their slot and want the
-        GIL back after their send are many, and the GIL does not serve them
-        in order: wrk's GET p99 at 128 connections passed 100 ms in 3 runs
-        of 9 (up to 212 ms).  So then the usual send goes at once, still
-        holding the slot, which changes hands in order (p99 9-19 ms in 6
-        runs).  Either way, if the socket would block, the slot is given up
-        before waiting, as a read does in _AdmittedReader.  Returns True if
-        the slot was given up.
+        The usual reply fits in the socket's buffer and goes at once.  If
+        not, the worker lets another take its place, and the admission slot
+        is given up, before it waits (as a read does in _AdmittedReader).
+        Returns True if the slot was given up.
         """
-        sent = 0
-        if self.server.open_connections() > FEW_CONNECTIONS:
-            try:
-                sent = self.connection.send(data, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            if sent == len(data):
-                return False
+        try:
+            sent = self.connection.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return False
+        self.worker_waits()
         self.reader.leave()
-        self.connection.sendall(memoryview(data)[sent:] if sent else data)  # a view only if needed
+        self.connection.sendall(memoryview(data)[sent:])
         return True
 
     def send_error(self, code, message=None, explain=None):
@@ -646,11 +747,12 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 # -------------------------------------------------------------------- server --
 
 class KVServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that reuses its threads and knows its connections.
+    """ThreadingHTTPServer that serves turns, not connections, and knows its connections.
 
     Every accepted socket is in self._connections until its handler is
-    done with it; those waiting for their next request are also in
-    self._idle, so that drain() can close them at once.
+    done with it.  Between two requests a connection is parked; a turn
+    that waits for the rest of a request line is in self._idle: drain()
+    closes both at once.
     """
 
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
@@ -667,16 +769,14 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.admission = Admission(ADMISSION_SLOTS)
         self._connections = set()
         self._idle = set()
-        self._lock = threading.Lock()           # guards the sets and counters below
+        self._lock = threading.Lock()           # guards the sets above
         self._changed = threading.Condition(self._lock)      # a connection ended
-        self._need_worker = threading.Condition(self._lock)  # a connection waits for a thread
-        self._jobs = queue.SimpleQueue()        # accepted connections, in order
-        self._queued = 0                        # connections in _jobs
-        self._free_workers = 0                  # threads waiting on _jobs
-        self._workers = 0                       # threads alive
+        self._turns = queue.SimpleQueue()       # handlers whose requests have arrived
+        self._parking = Parking()
         super().__init__(address, KVHandler)
-        threading.Thread(target=self._start_workers, name="thread-starter",
-                         daemon=True).start()
+        threading.Thread(target=self._unpark_readable, name="unparker", daemon=True).start()
+        for _ in range(self.WORKERS):
+            self.start_worker()
 
     def server_bind(self):
         # HTTPServer.server_bind() looks up our fully qualified host name,
@@ -685,78 +785,89 @@ class KVServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    # -- threads: one per connection, reused, started at a bounded pace ----
+    # -- threads: a turn per request, not a thread per connection ----------
     #
-    # ThreadingMixIn starts a thread for every connection at once.  Under a
-    # burst of 10,000 connects that means thousands of threads waiting for
-    # the GIL; each waiter wakes every 5 ms to ask for it, and the kernel time
-    # of those wake-ups (measured: 15 s of CPU for one burst) starves the
-    # accept loop until the listen queue overflows and clients fall back to
-    # SYN retries, seconds late.  So accepted connections wait in a FIFO
-    # queue; a thread that has finished with its connection takes the next
-    # one; and when none is free, a new thread is started: the first
-    # UNPACED_WORKERS at once, the others at most one per SPAWN_INTERVAL.  A
-    # burst is then served in order by a few hundred threads, and an idle
-    # keep-alive client still gets a thread of its own, after a wait of at
-    # most a few milliseconds per connection queued ahead of it.  (Pacing
-    # every start made 256 new keep-alive clients wait for the 256th
-    # thread: wrk's p99 was 0.38 s for its first seconds, 0.03 s without.)
+    # ThreadingMixIn gives each connection a thread of its own, which sleeps
+    # in recv() until the next request: every request then costs a thread
+    # switch, and a burst of 10,000 connects means 10,000 threads.  Here a
+    # connection between two requests has no thread: it is parked (Parking),
+    # its socket watched by the kernel.  The unparker thread waits for
+    # parked sockets to become readable and queues their turns, in arrival
+    # order; a worker takes a turn, serves the requests that have arrived
+    # (KVHandler.serve_turn), parks the connection again and takes the next
+    # turn.  Under load the queue is seldom empty, so the worker goes from
+    # one request to the next without sleeping.
+    #
+    # One worker, because one runs Python at a time anyway: with two, GET
+    # at 256 connections fell from 34.9k to 26.4k/s and its p99 rose from
+    # 10 to 16 ms (3 interleaved pairs).  A turn that must wait (for the
+    # rest of a slow client's request, for a client to read a large reply,
+    # for the fsync a pipelined write needs first) starts a new worker
+    # before it waits (KVHandler.worker_waits), so the queue never waits
+    # behind it, and its own thread ends with the turn.
+    #
+    # Measured against a thread per connection (interleaved pairs of 3 s
+    # runs on the 2-CPU VM): PUT at 64 connections 27.5k against 25.4k/s
+    # (6 pairs) with 0.3 context switches per PUT instead of 1.0; GET at 64
+    # connections 54.9k against 49.5k/s (4 pairs); GET at 256 connections
+    # 48.1k against 26.7k/s, p99 7-10 ms against 15-18 ms (3 pairs).
 
-    SPAWN_INTERVAL = 0.002          # seconds between two thread starts
-    UNPACED_WORKERS = 256           # as many threads start without waiting
-    WORKER_IDLE_SECONDS = 10.0      # an idle thread exits after this long
+    WORKERS = 1
+
+    def start_worker(self):
+        _thread.start_new_thread(self._worker, ())
+
+    def _worker(self):
+        while not self._take_turn(self._turns.get()):
+            pass                        # until another worker takes this one's place
+
+    def _take_turn(self, handler):
+        """Serve a turn, then park the connection or close it.  True if this worker was replaced."""
+        try:
+            more = handler.serve_turn()
+        except Exception:
+            self.handle_error(handler.request, handler.client_address)
+            more = False
+        replaced, handler.replaced = handler.replaced, False
+        if more:
+            try:
+                self.park(handler)      # from here, another turn may own it
+                return replaced
+            except OSError as e:        # the kernel will not watch it: close it
+                log("Cannot park a connection: %s" % e)
+        try:
+            handler.finish()            # may wait for an owed reply, and be replaced
+        except Exception:
+            pass
+        self.shutdown_request(handler.request)
+        return replaced or handler.replaced
+
+    def park(self, handler):
+        """Let the connection wait for its next request without a thread."""
+        self._parking.park(handler)
+        if self.draining:               # drain() may have taken the others already
+            self._take_turns(self._parking.take_all())
+
+    def _take_turns(self, handlers):
+        for handler in handlers:
+            self._turns.put(handler)
+
+    def _unpark_readable(self):
+        while True:
+            self._take_turns(self._parking.wait())
 
     def process_request(self, request, client_address):
         with self._lock:
             self._connections.add(request)
-            self._queued += 1
-            if self._queued > self._free_workers:
-                self._need_worker.notify()
-        self._jobs.put((request, client_address))
+        try:
+            self.park(KVHandler(request, client_address, self))
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
 
     def service_actions(self):
         # Called by serve_forever() after each accept and every poll_interval.
         self._accept_queued()
-
-    def _start_workers(self):
-        """The thread starter: a worker whenever a connection waits and none is free."""
-        while True:
-            with self._lock:
-                while self._queued <= self._free_workers:
-                    self._need_worker.wait()
-                self._free_workers += 1         # counts as free from its start
-                self._workers += 1
-                paced = self._workers > self.UNPACED_WORKERS
-            # _thread, not threading: Thread.start() waits until the new
-            # thread has run, which under load means until it gets the GIL.
-            _thread.start_new_thread(self._worker, ())
-            if paced:
-                time.sleep(self.SPAWN_INTERVAL)
-
-    def _worker(self):
-        while True:
-            try:
-                request, client_address = self._jobs.get(timeout=self.WORKER_IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    self._free_workers -= 1
-                    self._workers -= 1
-                    if self._queued > self._free_workers:
-                        # A connection came in as we timed out, counting on
-                        # us: let the starter replace us.
-                        self._need_worker.notify()
-                return
-            with self._lock:
-                self._free_workers -= 1
-                self._queued -= 1
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-            with self._lock:
-                self._free_workers += 1
 
     def server_activate(self):
         super().server_activate()
@@ -785,10 +896,6 @@ class KVServer(http.server.ThreadingHTTPServer):
         if isinstance(error, ConnectionError):
             return                        # the client went away: nothing to report
         log("Unexpected error serving %s: %r" % (client_address[0], error))
-
-    def open_connections(self):
-        """How many connections are open (a set's length: no lock needed to read it)."""
-        return len(self._connections)
 
     def set_idle(self, request, idle):
         """Mark a connection as waiting for its next request (or not).
@@ -829,6 +936,8 @@ class KVServer(http.server.ThreadingHTTPServer):
                     request.shutdown(socket.SHUT_RD)
                 except OSError:
                     pass
+            # A turn for each parked connection: it sees `draining`, and closes.
+            self._take_turns(self._parking.take_all())
             while self._connections:
                 left = deadline - time.monotonic()
                 if left <= 0:

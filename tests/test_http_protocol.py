@@ -8,8 +8,10 @@ for `Content-Type: text/plain; charset=utf-8` and a matching `Content-Length`.
 After every error the server must still answer new connections and must
 still hold the sentinel key written when the class started.
 """
+import os
 import re
 import shutil
+import select
 import socket
 import sys
 import tempfile
@@ -621,6 +623,18 @@ class ConnectionTests(ProtocolTestCase):
         idle.send(request("GET", "/health"))
         self.assertEqual(idle.response().body, b"ok\n")
 
+    @unittest.skipUnless(os.path.isdir("/proc/self/task"), "needs /proc")
+    def test_idle_keep_alive_connections_hold_no_thread(self):
+        connections = [self.connect() for _ in range(200)]
+        for connection in connections:
+            connection.send(request("GET", "/health"))
+            self.assertEqual(connection.response().body, b"ok\n")
+        threads = len(os.listdir("/proc/%d/task" % self.server.proc.pid))
+        self.assertLess(threads, 20, "200 idle connections kept %d threads" % threads)
+        for connection in connections:      # and each is served again
+            connection.send(request("GET", "/health"))
+            self.assertEqual(connection.response().body, b"ok\n")
+
     def test_clients_that_never_read_a_large_reply_do_not_block_others(self):
         # The server's send of an 8 MB value blocks while the client does not
         # read: more such clients than the server runs requests at once must
@@ -682,36 +696,89 @@ class AdmissionTest(unittest.TestCase):
         self.assertEqual(len(admission._waiting), 0)
 
 
-class SendAllTest(unittest.TestCase):
-    """KVHandler.send_all: whether a reply is sent with the admission slot held (unit)."""
+class ParkingTest(unittest.TestCase):
+    """server.Parking: a parked connection is handed out once it can be read, and once only (unit)."""
 
-    def handler(self, open_connections):
+    def check(self, use_epoll):
+        parking = server.Parking(use_epoll)
+        handlers, clients = [], []
+        for _ in range(3):
+            ours, client = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(client.close)
+            handlers.append(mock.Mock(request=ours, parked_before=False))
+            clients.append(client)
+            parking.park(handlers[-1])
+        clients[1].send(b"GET")
+        self.assertEqual(parking.wait(), [handlers[1]])
+        parking.park(handlers[1])           # its bytes are still unread: readable again
+        self.assertEqual(parking.wait(), [handlers[1]])
+        taken = parking.take_all()
+        self.assertCountEqual(taken, [handlers[0], handlers[2]])
+        self.assertEqual(parking.take_all(), [])
+
+    def test_epoll(self):
+        if not hasattr(select, "epoll"):
+            self.skipTest("no epoll here")
+        self.check(use_epoll=True)
+
+    def test_selector(self):
+        self.check(use_epoll=False)
+
+
+class SendAllTest(unittest.TestCase):
+    """KVHandler.send_all: the slot is kept unless the send must wait (unit)."""
+
+    def handler(self):
         """A handler holding its slot, on one end of a socket pair; returns it and the other end."""
         ours, client = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(client.close)
         client.settimeout(TIMEOUT)
         handler = server.KVHandler.__new__(server.KVHandler)
-        handler.server = mock.Mock(open_connections=lambda: open_connections)
+        handler.server = mock.Mock()
         handler.connection = ours
+        handler.replaced = False
         self.admission = server.Admission(1)
-        handler.reader = server._AdmittedReader(ours, self.admission)
+        handler.reader = server._AdmittedReader(ours, self.admission, handler.worker_waits)
         handler.reader.enter()
         return handler, client
 
-    def test_with_few_connections_the_slot_is_given_up_before_the_send(self):
-        handler, client = self.handler(server.FEW_CONNECTIONS)
-        self.assertTrue(handler.send_all(b"a reply"))
-        self.assertFalse(handler.reader.holding)
-        self.assertEqual(self.admission._active, 0)
-        self.assertEqual(client.recv(100), b"a reply")
-
-    def test_with_many_connections_a_send_that_fits_keeps_the_slot(self):
-        handler, client = self.handler(server.FEW_CONNECTIONS + 1)
+    def test_a_send_that_fits_keeps_the_slot(self):
+        handler, client = self.handler()
         self.assertFalse(handler.send_all(b"a reply"))
         self.assertTrue(handler.reader.holding)
         self.assertEqual(self.admission._active, 1)
         self.assertEqual(client.recv(100), b"a reply")
+        handler.server.start_worker.assert_not_called()
+
+    def test_a_send_that_must_wait_gives_up_the_slot_and_its_worker(self):
+        handler, client = self.handler()
+        reply = b"v" * (8 << 20)                    # more than the socket buffers hold
+        received = []
+        reader = threading.Thread(target=lambda: received.append(recv_exactly(client, len(reply))))
+        handler.server.start_worker.side_effect = reader.start  # the client reads only then
+        watchdog = threading.Timer(TIMEOUT, client.close)      # fail, not hang, if it never does
+        watchdog.start()
+        self.addCleanup(watchdog.cancel)
+        self.assertTrue(handler.send_all(reply))
+        reader.join(TIMEOUT)
+        self.assertEqual(received, [reply])
+        self.assertFalse(handler.reader.holding)
+        self.assertEqual(self.admission._active, 0)
+        self.assertTrue(handler.replaced)
+        handler.server.start_worker.assert_called_once_with()
+
+
+def recv_exactly(sock, n):
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
 
 
 class SendUnblockedTest(unittest.TestCase):
