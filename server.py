@@ -747,7 +747,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 # -------------------------------------------------------------------- server --
 
 class KVServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that serves turns, not connections, and knows its connections.
+    """ThreadingHTTPServer whose threads serve turns, not connections; it knows its connections.
 
     Every accepted socket is in self._connections until its handler is
     done with it.  Between two requests a connection is parked; a turn
@@ -808,9 +808,10 @@ class KVServer(http.server.ThreadingHTTPServer):
     #
     # Measured against a thread per connection (interleaved pairs of 3 s
     # runs on the 2-CPU VM): PUT at 64 connections 27.5k against 25.4k/s
-    # (6 pairs) with 0.3 context switches per PUT instead of 1.0; GET at 64
-    # connections 54.9k against 49.5k/s (4 pairs); GET at 256 connections
-    # 48.1k against 26.7k/s, p99 7-10 ms against 15-18 ms (3 pairs).
+    # (6 pairs); GET at 64 connections 54.9k against 49.5k/s (4 pairs); GET
+    # at 256 connections 48.1k against 26.7k/s, p99 7-10 ms against 15-18
+    # ms (3 pairs).  Context switches per PUT (perf stat, 3 runs each):
+    # 0.26-0.30 against 1.01-1.05.
 
     WORKERS = 1
 
