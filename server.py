@@ -342,11 +342,11 @@ class Parking:
         try:
             if self._selector:
                 self._selector.register(fd, selectors.EVENT_READ)
-            elif handler.parked_before:
-                self._epoll.modify(fd, self.ONE_READ)
             else:
-                self._epoll.register(fd, self.ONE_READ)
-                handler.parked_before = True
+                try:
+                    self._epoll.modify(fd, self.ONE_READ)       # re-arm
+                except FileNotFoundError:                       # a new socket
+                    self._epoll.register(fd, self.ONE_READ)
         except OSError:
             self._parked.pop(fd, None)
             raise
@@ -409,7 +409,6 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         # sets it up.
         self.request, self.client_address, self.server = request, client_address, server
         self.replaced = False       # this turn's worker has been replaced (worker_waits)
-        self.parked_before = False  # its socket is in the server's epoll set
         self.setup()
 
     def setup(self):

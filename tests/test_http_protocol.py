@@ -8,6 +8,7 @@ for `Content-Type: text/plain; charset=utf-8` and a matching `Content-Length`.
 After every error the server must still answer new connections and must
 still hold the sentinel key written when the class started.
 """
+import http.client
 import os
 import re
 import shutil
@@ -623,6 +624,30 @@ class ConnectionTests(ProtocolTestCase):
         idle.send(request("GET", "/health"))
         self.assertEqual(idle.response().body, b"ok\n")
 
+    def test_new_connections_are_served_past_their_first_request(self):
+        # Connections parked by the accepting thread and re-parked by the
+        # worker, at the same time, each served turn after turn.
+        errors = []
+
+        def client():
+            connection = self.server.connection(10)
+            try:
+                for _ in range(3):
+                    connection.request("GET", "/health")
+                    response = connection.getresponse()
+                    if response.read() != b"ok\n":
+                        errors.append(response.status)
+            except (OSError, http.client.HTTPException) as e:
+                errors.append(repr(e))
+            finally:
+                connection.close()
+        clients = [threading.Thread(target=client) for _ in range(100)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(30)
+        self.assertEqual(errors, [])
+
     @unittest.skipUnless(os.path.isdir("/proc/self/task"), "needs /proc")
     def test_idle_keep_alive_connections_hold_no_thread(self):
         connections = [self.connect() for _ in range(200)]
@@ -706,7 +731,7 @@ class ParkingTest(unittest.TestCase):
             ours, client = socket.socketpair()
             self.addCleanup(ours.close)
             self.addCleanup(client.close)
-            handlers.append(mock.Mock(request=ours, parked_before=False))
+            handlers.append(mock.Mock(request=ours))
             clients.append(client)
             parking.park(handlers[-1])
         clients[1].send(b"GET")
