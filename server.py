@@ -756,7 +756,7 @@ class KVServer(http.server.ThreadingHTTPServer):
 
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
-    block_on_close = False      # server_close() must not wait for handler threads
+    block_on_close = False      # server_close() must not wait for worker threads
 
     def __init__(self, address, store, max_value_bytes, access_log):
         if ":" in address[0]:
@@ -846,15 +846,15 @@ class KVServer(http.server.ThreadingHTTPServer):
         """Let the connection wait for its next request without a thread."""
         self._parking.park(handler)
         if self.draining:               # drain() may have taken the others already
-            self._take_turns(self._parking.take_all())
+            self._queue_turns(self._parking.take_all())
 
-    def _take_turns(self, handlers):
+    def _queue_turns(self, handlers):
         for handler in handlers:
             self._turns.put(handler)
 
     def _unpark_readable(self):
         while True:
-            self._take_turns(self._parking.wait())
+            self._queue_turns(self._parking.wait())
 
     def process_request(self, request, client_address):
         with self._lock:
@@ -937,7 +937,7 @@ class KVServer(http.server.ThreadingHTTPServer):
                 except OSError:
                     pass
             # A turn for each parked connection: it sees `draining`, and closes.
-            self._take_turns(self._parking.take_all())
+            self._queue_turns(self._parking.take_all())
             while self._connections:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1178,7 +1178,7 @@ def main(argv=None):
     sys.stdout.flush()
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer
-    # than saving it did.  Handler threads stalled on slow clients end too.
+    # than saving it did.  Worker threads stalled on slow clients end too.
     os._exit(code)
 
 
