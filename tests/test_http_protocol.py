@@ -721,6 +721,15 @@ class AdmissionTest(unittest.TestCase):
         self.assertEqual(len(admission._waiting), 0)
 
 
+def socket_pair(testcase):
+    """Two connected sockets, closed after the test; the second times out after TIMEOUT."""
+    ours, theirs = socket.socketpair()
+    testcase.addCleanup(ours.close)
+    testcase.addCleanup(theirs.close)
+    theirs.settimeout(TIMEOUT)
+    return ours, theirs
+
+
 class ParkingTest(unittest.TestCase):
     """server.Parking: a parked connection is handed out once it can be read, and once only (unit)."""
 
@@ -728,9 +737,7 @@ class ParkingTest(unittest.TestCase):
         parking = server.Parking(use_epoll)
         handlers, clients = [], []
         for _ in range(3):
-            ours, client = socket.socketpair()
-            self.addCleanup(ours.close)
-            self.addCleanup(client.close)
+            ours, client = socket_pair(self)
             handlers.append(mock.Mock(request=ours))
             clients.append(client)
             parking.park(handlers[-1])
@@ -756,10 +763,7 @@ class SendAllTest(unittest.TestCase):
 
     def handler(self):
         """A handler holding its slot, on one end of a socket pair; returns it and the other end."""
-        ours, client = socket.socketpair()
-        self.addCleanup(ours.close)
-        self.addCleanup(client.close)
-        client.settimeout(TIMEOUT)
+        ours, client = socket_pair(self)
         handler = server.KVHandler.__new__(server.KVHandler)
         handler.server = mock.Mock()
         handler.connection = ours
@@ -809,22 +813,15 @@ def recv_exactly(sock, n):
 class SendUnblockedTest(unittest.TestCase):
     """server.send_unblocked, which the journal's writer thread sends replies with (unit)."""
 
-    def pair(self):
-        a, b = socket.socketpair()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        b.settimeout(TIMEOUT)
-        return a, b
-
     def test_a_reply_that_fits_is_sent_before_it_returns(self):
-        a, b = self.pair()
+        a, b = socket_pair(self)
         done = threading.Event()
         server.send_unblocked(a, b"a reply", done.set)
         self.assertTrue(done.is_set())
         self.assertEqual(b.recv(100), b"a reply")
 
     def test_a_full_socket_does_not_block_the_sender_and_the_reply_still_arrives(self):
-        a, b = self.pair()
+        a, b = socket_pair(self)
         filler = 0
         try:
             while True:                     # fill the socket: the client reads nothing
