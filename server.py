@@ -275,8 +275,10 @@ class Admission:
 class _AdmittedReader(socket.SocketIO):
     """A connection's socket reader, and its place in Admission.
 
-    `holding` says whether the connection holds a slot; while it does,
-    a recv() that would block gives the slot up until data comes.
+    `holding` says whether the connection holds a slot.  A recv() that
+    would block first calls `before_wait` (the worker lets another take its
+    place) and gives the slot up until data comes.  While `peeking`, it
+    never waits: it reports "nothing yet" instead.
     """
 
     def __init__(self, sock, admission, before_wait):
@@ -768,7 +770,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.admission = Admission(ADMISSION_SLOTS)
         self._connections = set()
         self._idle = set()
-        self._lock = threading.Lock()           # guards the sets above
+        self._lock = threading.Lock()           # guards _connections (_idle: see set_idle)
         self._changed = threading.Condition(self._lock)      # a connection ended
         self._turns = queue.SimpleQueue()       # handlers whose requests have arrived
         self._parking = Parking()
