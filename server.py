@@ -758,7 +758,6 @@ class KVServer(http.server.ThreadingHTTPServer):
 
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
-    block_on_close = False      # server_close() must not wait for worker threads
 
     def __init__(self, address, store, max_value_bytes, access_log):
         if ":" in address[0]:
