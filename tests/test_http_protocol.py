@@ -800,6 +800,7 @@ class SendAllTest(unittest.TestCase):
 
 
 def recv_exactly(sock, n):
+    """n bytes from sock, or fewer if it closes first."""
     chunks = []
     while n:
         chunk = sock.recv(min(n, 1 << 16))
@@ -832,12 +833,9 @@ class SendUnblockedTest(unittest.TestCase):
         reply = bytes(range(256)) * 1024
         server.send_unblocked(a, reply, done.set)      # returns although nothing fits
         self.assertFalse(done.is_set(), "done() before the client read anything")
-        received = bytearray()
-        while len(received) < filler + len(reply):
-            chunk = b.recv(1 << 20)
-            self.assertTrue(chunk, "the connection closed early")
-            received += chunk
-        self.assertEqual(bytes(received[filler:]), reply)
+        received = recv_exactly(b, filler + len(reply))
+        self.assertEqual(len(received), filler + len(reply), "the connection closed early")
+        self.assertEqual(received[filler:], reply)
         self.assertTrue(done.wait(TIMEOUT), "done() never called")
 
 
