@@ -2,7 +2,8 @@
 
 The curl examples are read from README.md, in order, and sent to a running
 server: interpreted with http.client (so the test needs nothing but Python),
-and also run with the real curl when it is installed.
+and also run with the real curl when it is installed.  Each must get 200,
+or the status its trailing comment starts with (`curl ...   # 412: why`).
 """
 import os
 import re
@@ -26,14 +27,23 @@ def curl_examples(text):
     return [line.strip() for line in text.splitlines() if line.strip().startswith("curl ")]
 
 
+def expected_status(command):
+    """The status a README curl example must get: its comment's leading number, else 200."""
+    comment = re.search(r"\s#\s*(\d{3})\b", command)
+    return int(comment.group(1)) if comment else 200
+
+
 def as_request(command):
-    """(method, path, body) of a curl command line; only the flags the README uses."""
-    words = shlex.split(command)[1:]
-    method, body, url = None, None, None
+    """(method, path, body, headers) of a curl command line; only the flags the README uses."""
+    words = shlex.split(command, comments=True)[1:]
+    method, body, url, headers = None, None, None, {}
     while words:
         word = words.pop(0)
         if word == "-X":
             method = words.pop(0)
+        elif word == "-H":
+            name, _, value = words.pop(0).partition(":")
+            headers[name.strip()] = value.strip()
         elif word in ("--data-binary", "-d"):
             body = words.pop(0).encode()
         elif word == "-I":
@@ -45,7 +55,7 @@ def as_request(command):
         else:
             url = word
     path = "/" + url.split("/", 1)[1]
-    return method or ("PUT" if body is not None else "GET"), path, body
+    return method or ("PUT" if body is not None else "GET"), path, body, headers
 
 
 class ReadmeTest(support.ServerTestCase):
@@ -66,10 +76,10 @@ class ReadmeTest(support.ServerTestCase):
         server = self.start_server()
         for command in examples:
             with self.subTest(command=command):
-                method, path, body = as_request(command)
-                self.assertTrue(path.startswith(("/kv/", "/clear", "/health")), command)
-                status, _, _ = server.request(method, path, body)
-                self.assertEqual(status, 200, command)
+                method, path, body, headers = as_request(command)
+                self.assertTrue(path.startswith(("/kv", "/clear", "/health")), command)
+                status, _, _ = server.request(method, path, body, headers)
+                self.assertEqual(status, expected_status(command), command)
 
     def test_curl_examples_with_the_real_curl(self):
         if not shutil.which("curl"):
@@ -78,8 +88,9 @@ class ReadmeTest(support.ServerTestCase):
         for command in curl_examples(readme()):
             with self.subTest(command=command):
                 words = shlex.split(command.replace("localhost:8080",
-                                                    "127.0.0.1:%d" % server.port))
+                                                    "127.0.0.1:%d" % server.port), comments=True)
                 run = subprocess.run(words + ["-s", "-o", os.devnull, "-w", "%{http_code}",
                                               "--max-time", "30"],
                                      capture_output=True, text=True)
-                self.assertEqual((run.returncode, run.stdout), (0, "200"), command)
+                self.assertEqual((run.returncode, run.stdout),
+                                 (0, str(expected_status(command))), command)
