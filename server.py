@@ -73,8 +73,10 @@ import _thread      # noqa: E402  (the imports wait for the version check)
 import argparse
 import collections
 import email.utils
+import hmac
 import http.server
 import io
+import ipaddress
 import os
 import queue
 import re
@@ -639,6 +641,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             scheme, _, rest = path.partition("://")
             path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
         path = path.partition("?")[0]
+        check_auth(self, path)
         body = self.read_body()
         if path.startswith("/kv/"):
             self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
@@ -785,10 +788,11 @@ class KVServer(http.server.ThreadingHTTPServer):
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
 
-    def __init__(self, address, store, max_value_bytes, access_log):
+    def __init__(self, address, store, max_value_bytes, access_log, auth_token=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
+        self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
         self.max_value_bytes = max_value_bytes
         self.access_log = access_log
         self.draining = False
@@ -973,6 +977,71 @@ class KVServer(http.server.ThreadingHTTPServer):
             return len(self._connections)
 
 
+# --------------------------------------------------------------------- auth --
+#
+# With --auth-token-file, every request but GET and HEAD of /health must
+# carry "Authorization: Bearer <token>"; the others get 401 and a
+# WWW-Authenticate header (RFC 6750).  route() calls check_auth() as soon as
+# the headers are parsed, before the body is read: a client without the
+# token cannot make the server read a 10 MiB upload.  Nothing logs request
+# headers, so the token never reaches a log.
+
+AUTH_TOKEN_ENV = "KV_AUTH_TOKEN_FILE"
+MAX_TOKEN_BYTES = 4096          # a longer file is a mistake (or /dev/zero)
+OPEN_TO_ALL = {"/health": ("GET", "HEAD")}      # probes need no token
+UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="kvstore"'),)
+
+
+def read_auth_token(path):
+    """The token in the file at `path`: its content without surrounding whitespace, as bytes.
+
+    An argparse type, so a file that cannot be used is bad usage (exit 2),
+    reported in one line that names the file and never shows the token.
+    """
+    try:
+        with open(path, "rb") as f:
+            token = f.read(MAX_TOKEN_BYTES + 1).strip()
+    except OSError as e:
+        raise argparse.ArgumentTypeError("cannot read %s: %s" % (path, e.strerror or e))
+    if not token:
+        raise argparse.ArgumentTypeError("%s holds no token (it is empty)" % path)
+    if len(token) > MAX_TOKEN_BYTES:
+        raise argparse.ArgumentTypeError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
+    if not all(0x21 <= byte <= 0x7e for byte in token):
+        raise argparse.ArgumentTypeError("%s: the token must be one word of printable ASCII"
+                                         % path)
+    return token
+
+
+def check_auth(handler, path):
+    """Raise a 401 unless the request may go on: no token is set, the path is open, or it has the token."""
+    token = handler.server.auth_token
+    if token is None or handler.command in OPEN_TO_ALL.get(path, ()):
+        return
+    scheme, _, credentials = handler.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long whatever the bytes: no timing tells how
+    # much of a guess was right.
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip(" ").encode("latin-1"), token):
+        return
+    headers = handler.headers
+    unread_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+    # A body we will not read leaves the stream unusable: close it.
+    raise RequestError(401, "unauthorized", close=unread_body, headers=UNAUTHORIZED_HEADERS)
+
+
+def warn_if_exposed(server):
+    """One warning line when anyone beyond this machine can reach a server without a token."""
+    host = server.server_address[0]
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if server.auth_token is None and not loopback:
+        log("Warning: listening on %s without --auth-token-file: anyone who can reach "
+            "this port can read, change and delete every key" % host)
+
+
 # --------------------------------------------------------------- lifecycle --
 
 def positive_int(text):
@@ -1019,9 +1088,9 @@ def parse_args(argv, environ):
     parser = ArgumentParser(
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
-        epilog="Environment: HOST, PORT and DATA_DIR are used when the flag is not given. "
-               "SIGTERM, SIGINT and SIGHUP (unless ignored at start, as under nohup) "
-               "shut the server down cleanly. "
+        epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
+               "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
+               "under nohup) shut the server down cleanly. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
                         help="address to bind (env HOST, default 0.0.0.0)")
@@ -1053,6 +1122,12 @@ def parse_args(argv, environ):
                         help="for a host dedicated to this server: run every thread on "
                              "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
                              "normal scheduling; see README, Performance)")
+    parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
+                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
+                        help="require 'Authorization: Bearer <token>' on every request "
+                             "but GET /health; the token is the file's content without "
+                             "surrounding whitespace (env %s, default: no auth)"
+                             % AUTH_TOKEN_ENV)
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
     return parser.parse_args(argv)
@@ -1246,7 +1321,8 @@ def drain(server, timeout):
 def serve(args, store, signal_pipe):
     """Serve until a signal, then drain, seal and save.  Returns the exit code."""
     try:
-        server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log)
+        server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log,
+                          args.auth_token)
     except (OSError, OverflowError) as e:
         store.abandon()
         fail("cannot listen on %s:%s: %s" % (args.host, args.port,
@@ -1256,6 +1332,7 @@ def serve(args, store, signal_pipe):
     threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
                      name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
+    warn_if_exposed(server)
     log("Server listening on %s:%d" % (host, port))
     # A short poll interval: serve_forever() notices shutdown() within it.
     server.serve_forever(poll_interval=0.05)
