@@ -133,6 +133,10 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+class DirectoryInUse(DataError):
+    """Another process holds the data directory's lock (it may be exiting)."""
+
+
 def lock_directory(directory):
     """Take the directory's LOCK file; return its fd (keep it open while serving).
 
@@ -144,7 +148,7 @@ def lock_directory(directory):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataError("%s: the data directory is in use by another server" % directory)
+        raise DirectoryInUse("%s: the data directory is in use by another server" % directory)
     return fd
 
 

@@ -8,14 +8,14 @@ them (the kernel watches their sockets); when a connection's request
 arrives, a worker thread takes a turn on it: reads the request, calls the
 Store (store.py), replies, and parks the connection again.  The reply to a
 write is sent by the journal's writer thread once the write is durable
-(KVHandler.write).  Four changes to the stdlib's way make it hold up under
+(KVHandler.write).  Two changes to the stdlib's way make it hold up under
 load, each explained where it is made: connections wait for their next
 request without a thread, and one worker serves the turns in arrival
 order (KVServer); threads that had to wait for a slow client run request
-code one at a time, in arrival order (Admission); every thread runs on one
-CPU (pin_to_one_cpu), and a woken thread does not preempt the running one
-(no_wakeup_preemption).  The store is a dict behind one lock;
-persistence.py puts it on disk.
+code one at a time, in arrival order (Admission).  On a host of its own,
+--cpu N adds two more: every thread runs on one CPU (pin_to_one_cpu), and
+a woken thread does not preempt the running one (no_wakeup_preemption).
+The store is a dict behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
 ----------------------------------
@@ -46,18 +46,30 @@ A SIGTERM, from the signal to exit 0
     stopper              a thread reading that pipe: logs, then calls
                          server.shutdown(), which waits for serve_forever()
                          to return, so the main thread cannot call it itself.
-                         A second signal changes nothing.
+                         A second signal is logged and changes nothing.
     serve_forever()      returns in the main thread; no more accepts, and
                          server_close() closes the listening socket.
     KVServer.drain       closes idle keep-alive connections at once; lets
                          requests in flight finish (Connection: close), up
-                         to --shutdown-timeout.
+                         to --shutdown-timeout, and drain() logs what it
+                         waits for.
     Store.seal           any later write gets 503; the dict is frozen.
     Store.save_and_close the final snapshot, then the journals go; exit 0,
                          or exit 1 if the save failed (the journal stays).
 """
 
-import _thread
+import sys
+
+# Before anything an older Python cannot import or run.  Python compiles
+# the whole file before this line runs, so all of it must parse under 3.6
+# (no walrus, no positional-only parameters, no f"{x=}", no match):
+# tests/test_lifecycle.py checks that.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: kvstore needs Python 3.10 or newer; %s is Python %s\n"
+                     % (sys.executable or "this interpreter", sys.version.split()[0]))
+    sys.exit(2)
+
+import _thread      # noqa: E402  (the imports wait for the version check)
 import argparse
 import bisect
 import collections
@@ -75,7 +87,6 @@ import selectors
 import signal
 import socket
 import socketserver
-import sys
 import threading
 import time
 import urllib.parse
@@ -84,21 +95,36 @@ import persistence
 from store import ConditionFailed, Sealed, Store, value_tag
 
 # ------------------------------------------------------------------ logging --
+#
+# Logging never raises: a log pipe that dies (`./run.sh | head -2`), a
+# closed stdout or a full disk under a redirect must not stop a request, the
+# thread that handles signals, or the final save.  Lines go straight to the
+# file descriptor with os.write: no buffer to hold lines that cannot be
+# written, and nothing left to flush at exit.
 
 _log_lock = threading.Lock()
 
 
+def _write_line(fd, line):
+    """Write one line to `fd`; a failure drops the line, it never raises."""
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except (OSError, ValueError):
+        pass                    # EPIPE, EBADF, ENOSPC...: nobody to tell
+
+
 def log(message):
-    """One line to stdout, flushed at once (the harnesses read it live)."""
+    """One line to stdout, at once (the harnesses read it live)."""
     with _log_lock:
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
+        _write_line(1, message)
 
 
 def fail(message):
     """One line to stderr: what failed and why, never a traceback."""
-    sys.stderr.write("error: %s\n" % message)
-    sys.stderr.flush()
+    with _log_lock:
+        _write_line(2, "error: " + message)
 
 
 # ---------------------------------------------------------------- HTTP layer --
@@ -1248,9 +1274,7 @@ def port_number(text):
     return value
 
 
-def cpu_choice(text):
-    if text in ("auto", "all"):
-        return text
+def cpu_number(text):
     value = int(text)
     if value < 0:
         raise ValueError(text)
@@ -1258,7 +1282,7 @@ def cpu_choice(text):
 
 
 positive_int.__name__ = "positive integer"
-cpu_choice.__name__ = "CPU (auto, all or a number)"
+cpu_number.__name__ = "CPU number"
 non_negative_float.__name__ = "non-negative number"
 port_number.__name__ = "port (0-65535)"
 
@@ -1274,7 +1298,9 @@ def parse_args(argv, environ):
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
         epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
-               "flag is not given. Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
+               "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
+               "under nohup) shut the server down cleanly. "
+               "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
                         help="address to bind (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
@@ -1296,10 +1322,15 @@ def parse_args(argv, environ):
                         metavar="N",
                         help="write a snapshot and start a new journal when the journal "
                              "grows past N bytes (default 67108864)")
-    parser.add_argument("--cpu", type=cpu_choice, default="auto",
-                        help="run every thread on one CPU, with SCHED_BATCH: auto = "
-                             "the last CPU this process may use, N = CPU N, all = "
-                             "let them move (default auto; see README, Performance)")
+    parser.add_argument("--lock-wait", type=non_negative_float, default=5.0,
+                        metavar="SECONDS",
+                        help="if another process holds the data directory's lock, wait "
+                             "this long for it to exit (a server still dying) before "
+                             "refusing to start (default 5)")
+    parser.add_argument("--cpu", type=cpu_number, default=None, metavar="N",
+                        help="for a host dedicated to this server: run every thread on "
+                             "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
+                             "normal scheduling; see README, Performance)")
     parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
                         default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
@@ -1322,28 +1353,25 @@ def raise_open_file_limit():
             pass
 
 
-def pin_to_one_cpu(choice):
-    """Keep every thread of the process on one CPU; return it (None: not pinned).
+def pin_to_one_cpu(cpu):
+    """Keep every thread of the process on CPU `cpu` (--cpu; off by default).
 
     Only one thread runs Python at a time (the GIL), so a second CPU buys
     the server little; but a thread woken on another CPU than the one that
     woke it costs an inter-processor interrupt, each time the GIL or a lock
     changes hands: several times per request.  Measured on a 2-CPU VM: GET
-    throughput x2.5, burst time /1.8 when pinned.  Must run before other
-    threads start: they inherit the main thread's CPU set.
+    throughput x2.5, burst time /1.8 when pinned.  Not the default: on a
+    shared host every instance would crowd onto the CPU it was given, and
+    the scheduler could no longer move it away from a busy one.  Must run
+    before other threads start: they inherit the main thread's CPU set.
     """
-    if choice == "all" or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    cpu = allowed[-1] if choice == "auto" else choice
-    if choice == "auto" and len(allowed) < 2:
-        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise OSError(0, "CPU affinity is not supported on this system")
     os.sched_setaffinity(0, {cpu})
-    return cpu
 
 
 def no_wakeup_preemption():
-    """Ask Linux not to let a woken thread preempt the running one (SCHED_BATCH).
+    """Ask Linux not to let a woken thread preempt the running one (SCHED_BATCH); True if done.
 
     On one CPU, a thread woken because its request arrived would preempt
     the thread that holds the GIL, find the GIL taken, and sleep again: two
@@ -1358,8 +1386,51 @@ def no_wakeup_preemption():
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        return True
     except (AttributeError, OSError):
-        pass                    # not Linux, or not allowed: only slower
+        return False            # not Linux, or not allowed: only slower
+
+
+def open_standard_fds():
+    """Point stdin, stdout or stderr at /dev/null if the process started with it closed.
+
+    Otherwise the first file opened (the lock, a journal) would get fd 1,
+    and log lines would be written into it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free fd: this one
+
+
+def lock_directory(directory, wait):
+    """Take the data directory's lock; wait up to `wait` s for a holder to exit.
+
+    A harness may restart the server as soon as it has sent SIGKILL to the
+    previous one, which holds the lock until it is gone, maybe a moment
+    later (lsfr restarts after 1 s).
+    """
+    deadline = time.monotonic() + wait
+    waited = False
+    while True:
+        try:
+            return persistence.lock_directory(directory)
+        except persistence.DirectoryInUse as e:
+            left = deadline - time.monotonic()
+            if left <= 0 and waited:
+                raise persistence.DirectoryInUse("%s (waited %g s for it to exit)"
+                                                 % (e, wait)) from None
+            if left <= 0:
+                raise
+            if not waited:
+                log("%s is in use by another process; waiting up to %g s for it to exit"
+                    % (directory, wait))
+                waited = True
+            time.sleep(min(LOCK_POLL, left))
+
+
+LOCK_POLL = 0.05        # seconds between two tries of a taken lock (--lock-wait)
 
 
 def open_store(args):
@@ -1367,7 +1438,7 @@ def open_store(args):
     directory = os.path.abspath(args.working_dir)
     try:
         os.makedirs(directory, exist_ok=True)
-        lock = persistence.lock_directory(directory)
+        lock = lock_directory(directory, args.lock_wait)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
@@ -1382,7 +1453,7 @@ def open_store(args):
 
 
 def install_signal_handlers():
-    """Route SIGTERM and SIGINT to a pipe; return its read end.
+    """Route SIGTERM, SIGINT and SIGHUP to a pipe; return its read end.
 
     Python's own C-level handler writes each signal's number to the fd given
     to signal.set_wakeup_fd(); the stopper thread (serve()) reads it.  The
@@ -1390,13 +1461,70 @@ def install_signal_handlers():
     between two bytecodes, perhaps while that thread holds a lock (in
     log(), or in Event.set()), and a handler that took the same lock would
     wait for itself forever.
+
+    SIGHUP (the terminal closed) stops the server as SIGTERM does, unless
+    it was ignored when the process started: whoever ran us under `nohup`
+    asked for the server to outlive its terminal.
     """
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)       # required by set_wakeup_fd()
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        stopping.append(signal.SIGHUP)
+    for signum in stopping:
         signal.signal(signum, lambda signum, frame: None)
     return read_end
+
+
+def read_signal(signal_pipe):
+    """Block until a signal arrives (install_signal_handlers); return its name."""
+    signum = os.read(signal_pipe, 1)[0]
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
+
+
+def stop_on_signal(server, signal_pipe):
+    """The stopper thread: the first signal shuts the server down; later ones change nothing.
+
+    server.shutdown() waits until serve_forever() has returned, so it must
+    run on a thread other than the main one, which runs serve_forever().
+    (Called before serve_forever() starts, it makes it return at once.)
+    Later signals are logged, at most once a second: a storm of them must
+    not flood the log.
+    """
+    log("Received %s, shutting down" % read_signal(signal_pipe))
+    server.shutdown()
+    last_logged = 0.0
+    while True:
+        name = read_signal(signal_pipe)
+        if time.monotonic() - last_logged >= 1.0:
+            last_logged = time.monotonic()
+            log("Received %s: already shutting down; it changes nothing" % name)
+
+
+DRAIN_SETTLE = 0.2          # seconds for idle connections to close before counting
+DRAIN_REPORT_EVERY = 5.0    # seconds between two "Waiting up to" lines
+
+
+def drain(server, timeout):
+    """KVServer.drain, saying what the shutdown waits for and for how long.
+
+    Idle connections close at once; those still open after DRAIN_SETTLE
+    are in a request.  Returns how many were still open at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    still_open = server.drain(min(timeout, DRAIN_SETTLE))
+    while still_open:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        log("Waiting up to %.1f s (--shutdown-timeout) for %d connection(s) in a request"
+            % (left, still_open))
+        still_open = server.drain(min(left, DRAIN_REPORT_EVERY))
+    return still_open
 
 
 def serve(args, store, signal_pipe):
@@ -1410,15 +1538,8 @@ def serve(args, store, signal_pipe):
                                               getattr(e, "strerror", None) or e))
         return 1
 
-    def stopper():
-        # shutdown() waits until serve_forever() has returned, so it must
-        # run on a thread other than the main one, which runs serve_forever().
-        # (Called before serve_forever() starts, it makes it return at once.)
-        signum = os.read(signal_pipe, 1)[0]
-        log("Received %s, shutting down" % signal.Signals(signum).name)
-        server.shutdown()
-
-    threading.Thread(target=stopper, name="stopper", daemon=True).start()
+    threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
+                     name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
     warn_if_exposed(server)
     log("Server listening on %s:%d" % (host, port))
@@ -1426,7 +1547,7 @@ def serve(args, store, signal_pipe):
     server.serve_forever(poll_interval=0.05)
     server.server_close()
 
-    still_open = server.drain(args.shutdown_timeout)
+    still_open = drain(server, args.shutdown_timeout)
     if still_open:
         log("Shutdown timeout: %d connection(s) still in a request; their writes are refused"
             % still_open)
@@ -1444,17 +1565,17 @@ def serve(args, store, signal_pipe):
 
 
 def main(argv=None):
+    open_standard_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     raise_open_file_limit()
-    try:
-        cpu = pin_to_one_cpu(args.cpu)           # before any thread starts
-    except OSError as e:
-        fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
-        os._exit(1)
-    if args.cpu != "all":
-        no_wakeup_preemption()                  # every thread shares one CPU
-    if cpu is not None:
-        log("Running on CPU %d (--cpu all lets threads use every CPU)" % cpu)
+    if args.cpu is not None:
+        try:
+            pin_to_one_cpu(args.cpu)            # before any thread starts
+        except OSError as e:
+            fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
+            os._exit(1)
+        batch = no_wakeup_preemption()          # every thread shares that CPU
+        log("Running on CPU %d%s (--cpu)" % (args.cpu, ", SCHED_BATCH" if batch else ""))
     signal_pipe = install_signal_handlers()     # before the load, which may be long
     try:
         store, directory_lock = open_store(args)
@@ -1462,7 +1583,6 @@ def main(argv=None):
         fail(str(e))
         os._exit(1)
     code = serve(args, store, signal_pipe)
-    sys.stdout.flush()
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer
     # than saving it did.  Worker threads stalled on slow clients end too.
