@@ -428,6 +428,7 @@ class Journal:
         self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal, if any
         self.fsyncs = 0                 # fsync rounds done (each may cover many records)
+        self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self._fd = self._create(generation)
         self._queue = []                # buffers of records not yet written
         self._retired = []              # (fd, queue) of older files, for the next round
@@ -540,9 +541,11 @@ class Journal:
                 self._sync_wanted = False
                 callbacks, self._callbacks = self._callbacks, []
             if files:
+                started = time.monotonic()
                 self.failed = self._write(files, fsync)
                 if fsync and not self.failed:
                     self.fsyncs += 1
+                    self.fsync_seconds += time.monotonic() - started
                 if fsync or self.failed:
                     fsync_due = None            # nothing owed, or nothing more to do
                 elif self.policy == "everysec" and fsync_due is None:

@@ -71,6 +71,7 @@ if sys.version_info < (3, 10):
 
 import _thread      # noqa: E402  (the imports wait for the version check)
 import argparse
+import bisect
 import collections
 import email.utils
 import hmac
@@ -139,7 +140,8 @@ VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 KNOWN_VERSIONS = {"HTTP/1.1": "1", "HTTP/1.0": "0"}     # -> minor; these need no regex
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
-ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD"}
+ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD",
+           "/metrics": "GET, HEAD"}
 
 
 class RequestError(Exception):
@@ -231,14 +233,17 @@ class _ThisSecond:
 _this_second = _ThisSecond()
 
 
-def build_reply(status, body, connection, headers=(), with_body=True):
+TEXT_PLAIN = b"text/plain; charset=utf-8"
+
+
+def build_reply(status, body, connection, headers=(), with_body=True, content_type=TEXT_PLAIN):
     """A whole reply as bytes: status line, headers, blank line, body.
 
     Pure, so the journal's writer thread may build one too: it must not
     touch the state of a handler that is already on its next request.
     """
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Type: %s\r\n" % content_type,
             b"Content-Length: %d\r\n" % len(body), _this_second.date_header(), connection]
     for name, value in headers:
         head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
@@ -492,6 +497,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if not line:
             return                            # the client closed (or drain woke us)
         self.raw_requestline = line
+        self.started = time.monotonic()       # for the latency metric
         self.requestline = line.decode("latin-1").rstrip("\r\n")   # for the access log
         self.command = None                   # nothing parsed yet, for reply()
         self.request_version = "HTTP/1.1"
@@ -654,6 +660,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/health":
             self.check_method("/health", ("GET", "HEAD"))
             self.reply(200, b"ok\n")
+        elif path == "/metrics":
+            self.check_method("/metrics", ("GET", "HEAD"))
+            self.reply(200, self.server.metrics.render(self.server), content_type=METRICS_TYPE)
         else:
             raise RequestError(404, "not found")
 
@@ -696,7 +705,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """
         connection = self.connection_header()
         ok = _this_second.write_ok(connection, etag)
-        requestline = self.requestline
+        requestline, command, started = self.requestline, self.command, self.started
+        metrics = self.server.metrics
 
         def send_when_durable(error):          # runs in the journal's writer thread
             reply = ok
@@ -704,6 +714,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                 log("Journal write failed: %s" % error)
                 reply = build_reply(500, b"storage error\n", connection)
             send_unblocked(self.connection, reply, self.reply_owed.release)
+            metrics.request_done(command, 500 if error else 200, started)
             self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
 
         self.reply_owed.acquire()
@@ -731,10 +742,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     # -- replies --------------------------------------------------------------
 
-    def format_reply(self, status, body=b"", close=False, headers=()):
+    def format_reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
         """A whole reply as bytes.  HEAD, and a 304, get the headers of GET and no body."""
         return build_reply(status, body, self.connection_header(close), headers,
-                           with_body=self.command != "HEAD" and status != 304)
+                           with_body=self.command != "HEAD" and status != 304,
+                           content_type=content_type)
 
     def connection_header(self, close=False):
         """The Connection header of this request's reply; decides whether the connection closes."""
@@ -746,9 +758,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             return b"Connection: keep-alive\r\n"
         return b""
 
-    def reply(self, status, body=b"", close=False, headers=()):
+    def reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
         """Send a whole reply in one write."""
-        self.send_all(self.format_reply(status, body, close, headers))
+        self.send_all(self.format_reply(status, body, close, headers, content_type))
+        self.server.metrics.request_done(self.command, status, self.started)
         if self.server.access_log:
             self.log_request(status, len(body))
 
@@ -872,6 +885,7 @@ class KVServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.store = store
         self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
+        self.metrics = Metrics()
         self.max_value_bytes = max_value_bytes
         self.access_log = access_log
         self.draining = False
@@ -1119,6 +1133,122 @@ def warn_if_exposed(server):
     if server.auth_token is None and not loopback:
         log("Warning: listening on %s without --auth-token-file: anyone who can reach "
             "this port can read, change and delete every key" % host)
+
+
+# ------------------------------------------------------------------ metrics --
+#
+# GET /metrics: the Prometheus text format, version 0.0.4.  Requests are
+# counted as their reply goes out (Metrics.request_done, one lock and a few
+# increments); everything else is read at scrape time from where it already
+# lives: the Store, its Journal, the KVServer.
+
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 10.0)       # seconds; a reply waits for its fsync, a few ms on SSD
+
+
+class Metrics:
+    """The counters of requests served, and the rendering of /metrics.
+
+    Latency is from the request line's arrival to the reply's hand-over to
+    the kernel (for a write: after its fsync).  A transport that counts its
+    own refusals gives the KVServer an integer attribute named in
+    TRANSPORT_COUNTERS; /metrics shows each that exists.
+    """
+
+    TRANSPORT_COUNTERS = (
+        ("connections_refused", "Connections refused because the server was at its cap."),
+        ("requests_timed_out", "Requests cut off because the client was too slow."),
+    )
+
+    def __init__(self):
+        # A lock, although the GIL makes each bytecode atomic: `n += 1` is a
+        # read and a write, and a thread switch between them loses an
+        # increment, which can make a counter go backwards from one scrape
+        # to the next; Prometheus reads that as a restart.  It is held for
+        # two increments.
+        self._lock = threading.Lock()
+        # (method label, status) -> [seconds in all, then a count per
+        # latency bucket, the last one +Inf]: the request counters and the
+        # histogram in one row, so that a request costs one lookup.
+        self._rows = {}
+
+    def request_done(self, method, status, started):
+        """Count a request whose reply went out; `started` is its time.monotonic() on arrival."""
+        seconds = time.monotonic() - started
+        row = self._rows.get((method, status))
+        if row is None:
+            row = self._new_row(method, status)
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1    # le is inclusive
+        with self._lock:
+            row[0] += seconds
+            row[bucket] += 1
+
+    def _new_row(self, method, status):
+        if method not in METHOD_LABELS:
+            method = "other"            # rare, and bounded: each costs the lock once more
+        with self._lock:
+            return self._rows.setdefault((method, status),
+                                         [0.0] + [0] * (len(LATENCY_BUCKETS) + 1))
+
+    def render(self, server):
+        """The text of /metrics, as bytes."""
+        store = server.store
+        journal = store.journal
+        rows = {m: [0.0] + [0] * (len(LATENCY_BUCKETS) + 1) for m in METHOD_LABELS}
+        requests = {}
+        with self._lock:
+            for (method, status), row in self._rows.items():
+                requests[method, status] = sum(row[1:])
+                rows[method] = [a + b for a, b in zip(rows[method], row)]
+        out = []
+
+        def metric(name, kind, text, samples):
+            out.append("# HELP kvstore_%s %s\n# TYPE kvstore_%s %s\n" % (name, text, name, kind))
+            for suffix, labels, value in samples:
+                label_text = ",".join('%s="%s"' % pair for pair in labels)
+                out.append("kvstore_%s%s%s %s\n" % (name, suffix,
+                                                    "{%s}" % label_text if labels else "",
+                                                    value))
+
+        def one(name, kind, text, value):
+            metric(name, kind, text, [("", (), value)])
+
+        metric("requests_total", "counter", "Requests answered, by method and status code.",
+               [("", (("method", m), ("code", c)), n) for (m, c), n in sorted(requests.items())])
+        latency = []
+        for method, (seconds, *counts) in rows.items():
+            total = 0
+            for le, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
+                total += count
+                latency.append(("_bucket", (("method", method), ("le", le)), total))
+            latency.append(("_sum", (("method", method),), repr(seconds)))
+            latency.append(("_count", (("method", method),), total))
+        metric("request_duration_seconds", "histogram",
+               "Time from a request's arrival to its reply (a write's, after its fsync).",
+               latency)
+        one("connections", "gauge", "Client connections open now.", len(server._connections))
+        for name, text in self.TRANSPORT_COUNTERS:
+            if hasattr(server, name):
+                one(name + "_total", "counter", text, getattr(server, name))
+        one("keys", "gauge", "Keys in the store.", len(store))
+        one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
+        one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
+            "them (see /health).", 0 if store.write_problem() else 1)
+        one("journal_bytes", "gauge", "Bytes in the current journal file (a checkpoint "
+            "starts a new one).", journal.size)
+        one("journal_records_total", "counter", "Records appended to the journal.",
+            journal.records)
+        one("journal_fsyncs_total", "counter", "Journal fsyncs (each may cover many writes).",
+            journal.fsyncs)
+        one("journal_fsync_seconds_total", "counter", "Seconds spent in journal rounds that "
+            "fsynced (their write and their fsync).", repr(journal.fsync_seconds))
+        one("checkpoints_total", "counter", "Checkpoints written (snapshot, new journal).",
+            store.checkpoints)
+        one("checkpoint_failures_total", "counter", "Checkpoints that failed (the journal "
+            "was kept).", store.checkpoint_failures)
+        return "".join(out).encode("utf-8")
 
 
 # --------------------------------------------------------------- lifecycle --
