@@ -46,19 +46,27 @@ Recovery rules (load())
    *sets* a state (key=value, key absent, everything absent), so applying
    the same sequence twice gives the same dict as applying it once.  That
    is what makes a crash in the middle of a checkpoint safe (see below).
-3. Each journal is checked on its own.  A record that is cut short, or whose
-   payload checksum fails, is the normal trace of a crash when nothing but
-   zero bytes follows it in that file: it is logged and the file is
-   truncated there.  The rules:
-     - fewer than 12 bytes left, or only zero bytes left (a file system that
-       had extended the file but not yet written its blocks)  -> torn tail
-     - header checksum fails                                  -> corruption
-     - the record runs past the end of the file               -> torn tail
-     - payload checksum fails, and the record ends the file
-       or only zero bytes follow it                           -> torn tail
-     - payload checksum fails and other bytes follow          -> corruption
-   Corruption refuses to start (DataError names the file and the offset)
-   and leaves every file untouched.
+3. Each journal is checked on its own.  A power cut may tear the last
+   write out of page order: any of its pages may be missing (zeros, or the
+   blocks' old bytes) while later ones made it.  The rule, as in RocksDB,
+   LevelDB, SQLite and PostgreSQL: a damaged record after which no valid
+   record follows is a torn tail, the normal trace of a crash: it is logged
+   and the file is truncated there.  Damage followed by a valid record is
+   corruption.  Damaged means:
+     - fewer than 12 bytes left                      (a torn header)
+     - the header checksum fails                     (its length is not
+                                                      trusted: the search
+                                                      for a valid record
+                                                      starts at the next byte)
+     - the record runs past the end of the file      (cut short)
+     - the payload checksum fails                    (the search starts where
+                                                      the sound header says
+                                                      the record ends)
+   The search (find_valid_record) looks at every byte offset for a header
+   and a payload whose checksums both match.  A record whose checksums
+   match but whose op or key length is impossible was written wrong, not
+   torn: corruption too.  Corruption refuses to start (DataError names the
+   file and the offset) and leaves every file untouched.
 
 Checkpoints (Store.checkpoint() drives these steps)
 ---------------------------------------------------
@@ -88,6 +96,7 @@ import zlib
 SNAPSHOT_NAME = "store.pickle"
 PICKLE_PROTOCOL = 5
 _JOURNAL_NAME = re.compile(r"journal-(\d{8,})\.log\Z")
+_NONZERO = re.compile(rb"[^\0]")
 
 PUT, DELETE, CLEAR = 1, 2, 3
 _HEADER = struct.Struct("<III")     # payload length, payload crc32, header crc32
@@ -236,7 +245,8 @@ def scan_journal(buf, data, path):
 
     Returns (records applied, end offset of the last valid record).  If the
     end offset is less than len(buf), what follows is a torn tail.  Raises
-    DataError for corruption (a bad record with more bytes after it).
+    DataError for corruption: a damaged record that a valid one follows
+    (see the recovery rules above).
     This loop is the replay speed: keep it free of calls it does not need.
     """
     view = memoryview(buf)
@@ -250,17 +260,16 @@ def scan_journal(buf, data, path):
             break                                         # torn: partial header
         length, payload_crc, header_crc = unpack_header(buf, offset)
         if crc32(view[offset:offset + 8]) != header_crc:
-            if not any(view[offset:]):
-                break                                     # torn: unwritten zeros
-            raise DataError("%s: corrupt record header at offset %d" % (path, offset))
+            _check_torn(buf, offset, offset + 1, path, "corrupt record header")
+            break
         start = offset + _HEADER.size
         end = start + length
         if end > size:
             break                                         # torn: record cut short
         if crc32(view[start:end]) != payload_crc:
-            if not any(view[end:]):
-                break                                     # torn: last record damaged
-            raise DataError("%s: checksum mismatch in record at offset %d" % (path, offset))
+            # The header is sound, so its length says where the next record starts.
+            _check_torn(buf, offset, end, path, "checksum mismatch in record")
+            break
         op, key_length = unpack_op_key(buf, start)
         key_start = start + _OP_KEY.size
         value_start = key_start + key_length
@@ -270,6 +279,50 @@ def scan_journal(buf, data, path):
         count += 1
         offset = end
     return count, offset
+
+
+def _check_torn(buf, damaged, search_from, path, what):
+    """Damage at `damaged`: return if no valid record follows (a torn tail), else raise DataError."""
+    found = find_valid_record(buf, search_from)
+    if found is not None:
+        raise DataError("%s: %s at offset %d, and a valid record follows at offset %d: "
+                        "the journal is corrupt, not torn" % (path, what, damaged, found))
+
+
+def find_valid_record(buf, start):
+    """The offset of the first valid record at or after `start`, at any byte; None if none.
+
+    Valid: the header's checksum and the payload's both match (a chance of
+    one in 2**64 for random bytes).  Only offsets whose length field could
+    describe a record that fits in `buf` get checksummed: the regular
+    expressions find them (the length's high byte is small; runs of zeros,
+    the blocks a power cut left unwritten, have length 0), which keeps a
+    scan of a large damaged tail to well under a second per 10 MB.
+    """
+    view = memoryview(buf)
+    size = len(buf)
+    crc32 = zlib.crc32
+    unpack_header = _HEADER.unpack_from
+    last = size - _HEADER.size - _OP_KEY.size      # the last offset a record fits at
+    high = re.compile(b"[\\x00-" + re.escape(bytes([min(size >> 24, 255)])) + b"]")
+    offset = start
+    while offset <= last:
+        found = high.search(buf, offset + 3, last + 4)     # the length's high byte
+        if not found:
+            return None
+        offset = found.start() - 3
+        if not any(view[offset:offset + 4]):
+            nonzero = _NONZERO.search(buf, offset, last + 1)
+            offset = max(offset + 1, (nonzero.start() if nonzero else last + 1) - 3)
+            continue
+        length, payload_crc, header_crc = unpack_header(buf, offset)
+        end = offset + _HEADER.size + length
+        if (_OP_KEY.size <= length and end <= size
+                and crc32(view[offset:offset + 8]) == header_crc
+                and crc32(view[offset + _HEADER.size:end]) == payload_crc):
+            return offset
+        offset += 1
+    return None
 
 
 def read_journal(path):

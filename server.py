@@ -66,7 +66,9 @@ import argparse
 import collections
 import email.utils
 import errno
+import hmac
 import http.server
+import ipaddress
 import os
 import re
 import resource
@@ -81,7 +83,7 @@ import time
 import urllib.parse
 
 import persistence
-from store import Sealed, Store
+from store import ConditionFailed, Sealed, Store, value_tag
 
 # ------------------------------------------------------------------ logging --
 
@@ -201,14 +203,16 @@ class _ThisSecond:
             self._value, self._second = ("Date: %s\r\n" % value).encode("ascii"), now
         return self._value
 
-    def write_ok(self, connection):
-        """The 200 of a write (no body), with this Connection header."""
+    def write_ok(self, connection, etag=None):
+        """The 200 of a write (no body), with this Connection header and ETag (bytes) if any."""
         self.date_header()              # a new second empties the cache
         cache = self._write_ok
         reply = cache.get(connection)
         if reply is None:
             reply = cache[connection] = build_reply(200, b"", connection)
-        return reply
+        if etag is None:
+            return reply
+        return b"%sETag: %s\r\n\r\n" % (reply[:-2], etag)     # before the blank line
 
 
 _this_second = _ThisSecond()
@@ -439,6 +443,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(431, "header block too large", close=True)
         self.parse_request(buf[:end.start()])
         self.inbuf = buf[end.end():]
+        self.head_received()
         self.frame_body()
         return True
 
@@ -614,12 +619,18 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     # -- routing and the API --------------------------------------------------
 
-    def route(self):
+    def head_received(self):
+        """The head is parsed, the body not yet received: checks that need no body go here."""
         path = self.path
         if not path.startswith("/"):              # absolute form: http://host/path
             scheme, _, rest = path.partition("://")
             path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
-        path = path.partition("?")[0]
+        self.route_path = path.partition("?")[0]
+        check_auth(self, self.route_path)
+
+    def route(self):
+        """Serve a request that has arrived whole (self.body), from the worker thread."""
+        path = self.route_path
         if path.startswith("/kv/"):
             self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
             self.do_kv(parse_key(path[4:]), self.body)
@@ -639,33 +650,37 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def do_kv(self, key, body):
         store = self.server.store
         if self.command in ("GET", "HEAD"):
-            value = store.get(key)
+            value, tag = store.get_tagged(key)
             if value is None:
                 raise RequestError(404, "key not found")
-            self.reply(200, value)
+            self.reply(read_status(self.headers, tag), value, headers=(("ETag", '"%s"' % tag),))
         elif self.command == "PUT":
             if not self.has_length:
                 raise RequestError(411, "length required")
             if not body:
                 raise RequestError(400, "value cannot be empty")
-            self.write(store.put, key, body)
+            tag = value_tag(body)
+            self.write(store.put, key, body, tag=tag, condition=write_condition(self.headers),
+                       etag=b'"%s"' % tag.encode())
         else:
-            self.write(store.delete, key)
+            self.write(store.delete, key, condition=write_condition(self.headers))
 
-    def write(self, mutation, *args, **kwargs):
+    def write(self, mutation, *args, etag=None, **options):
         """Run a store mutation; the journal's writer sends the 200 once it is durable.
 
         The worker does not wait for the disk: the connection is OWED to the
         journal's writer thread, which sends the reply (or the 500 of a
         write it could not make durable) and resumes the connection
         (KVServer.resume); until then no later request of it is read, so
-        replies go out in request order.  Sealed gets a 503 and a journal
-        that had already failed a 500, both from here at once.
+        replies go out in request order.  Sealed gets a 503, a failed
+        condition (`options`: see Store.put) a 412, and a journal that had
+        already failed a 500, all from here at once.  `etag` (bytes): the
+        200's ETag header.
         Why: a thread that slept through the fsync had to be woken, and to
         win the GIL, once more per write.
         """
         connection = self.connection_header()
-        ok = _this_second.write_ok(connection)
+        ok = _this_second.write_ok(connection, etag)
         requestline = self.requestline
 
         def send_when_durable(error):          # runs in the journal's writer thread
@@ -680,11 +695,13 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.account()
         self.state, self.handed_off = OWED, True
         try:
-            mutation(*args, on_durable=send_when_durable, **kwargs)
+            mutation(*args, on_durable=send_when_durable, **options)
         except BaseException as e:
             self.state, self.handed_off = HEAD, False
             if isinstance(e, Sealed):
                 raise RequestError(503, "shutting down", close=True)
+            if isinstance(e, ConditionFailed):
+                raise RequestError(412, "precondition failed")
             if isinstance(e, OSError):
                 log("Journal write failed: %s" % e)
                 raise RequestError(500, "storage error")
@@ -722,10 +739,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, body=b"", close=False, headers=()):
         """Send a whole reply; what the socket does not take now goes out in later turns.
 
-        HEAD gets the headers of GET and no body.  A large body that would
+        HEAD, and a 304, get the headers of GET and no body.  A large body that would
         take the requests in flight past --max-inflight-bytes gets a 503.
         """
-        if self.command == "HEAD":
+        if self.command == "HEAD" or status == 304:
             send = b""
         else:
             send = body
@@ -856,6 +873,78 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 _CHUNK_SIZE, _CHUNK_END, _TRAILER = -1, -2, -3     # KVHandler.chunk_left: what comes next
 
 
+# ----------------------------------------------------- conditional requests --
+#
+# RFC 9110, section 13.  A value's ETag is its tag (store.value_tag) in
+# quotes: a strong validator, since the tag changes whenever a byte does.
+# If-Match compares strongly (a weak W/ tag never matches), If-None-Match
+# weakly; "*" matches any value.  A header that is not a list of quoted tags
+# or "*" is a 400: better told than a condition silently misread.
+
+ENTITY_TAG = re.compile(r'[ \t]*(?:(W/)?"([\x21\x23-\x7e\x80-\xff]*)"|(\*))[ \t]*(?:,|\Z)')
+ANY = "*"
+
+
+def entity_tags(headers, name, weak_ok):
+    """The tags an If-Match / If-None-Match header lists: None (no header), ANY, or a set.
+
+    Weak tags are dropped unless `weak_ok`: they never match strongly.
+    """
+    value = headers.get(name.lower())
+    if value is None:
+        return None
+    tags, pos = set(), 0
+    while pos < len(value):
+        element = ENTITY_TAG.match(value, pos)
+        if element is None:
+            raise RequestError(400, "bad %s header" % name)
+        weak, opaque, star = element.groups()
+        if star:
+            if value.strip(" \t") != "*":
+                raise RequestError(400, "bad %s header" % name)
+            return ANY
+        if weak_ok or not weak:
+            tags.add(opaque)
+        pos = element.end()
+    return tags
+
+
+def _matches(tag, tags):
+    return tags is ANY or tag in tags
+
+
+def read_status(headers, tag):
+    """The status of a GET or HEAD of a present value with this tag: 200, 304 or 412."""
+    if "if-none-match" not in headers and "if-match" not in headers:
+        return 200
+    if_match = entity_tags(headers, "If-Match", weak_ok=False)
+    if if_match is not None and not _matches(tag, if_match):
+        raise RequestError(412, "precondition failed")
+    if_none_match = entity_tags(headers, "If-None-Match", weak_ok=True)
+    if if_none_match is not None and _matches(tag, if_none_match):
+        return 304
+    return 200
+
+
+def write_condition(headers):
+    """The condition (see Store.put) of a PUT or DELETE with these headers, or None.
+
+    It gets the tag of the key's latest value, None when the key is absent:
+    If-Match holds if that tag is listed ("*": if there is a value),
+    If-None-Match if it is not ("*": if there is none).
+    """
+    if "if-match" not in headers and "if-none-match" not in headers:
+        return None
+    if_match = entity_tags(headers, "If-Match", weak_ok=False)
+    if_none_match = entity_tags(headers, "If-None-Match", weak_ok=True)
+
+    def holds(tag):
+        if if_match is not None and (tag is None or not _matches(tag, if_match)):
+            return False
+        return if_none_match is None or tag is None or not _matches(tag, if_none_match)
+    return holds
+
+
 # -------------------------------------------------------------------- server --
 
 IN = getattr(select, "EPOLLIN", 1)
@@ -943,10 +1032,12 @@ class KVServer(http.server.ThreadingHTTPServer):
                                 # of connects; the kernel caps it at somaxconn)
     SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
 
-    def __init__(self, address, store, max_value_bytes, access_log, limits=None):
+    def __init__(self, address, store, max_value_bytes, access_log, auth_token=None,
+                 limits=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
+        self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
         self.limits = limits or Limits()
         self.limits.max_value_bytes = self.max_value_bytes = max_value_bytes
         self.access_log = access_log
@@ -1153,6 +1244,71 @@ class KVServer(http.server.ThreadingHTTPServer):
             return len(self._connections)
 
 
+# --------------------------------------------------------------------- auth --
+#
+# With --auth-token-file, every request but GET and HEAD of /health must
+# carry "Authorization: Bearer <token>"; the others get 401 and a
+# WWW-Authenticate header (RFC 6750).  head_received() calls check_auth() as
+# soon as the headers are parsed, before the body is read: a client without the
+# token cannot make the server read a 10 MiB upload.  Nothing logs request
+# headers, so the token never reaches a log.
+
+AUTH_TOKEN_ENV = "KV_AUTH_TOKEN_FILE"
+MAX_TOKEN_BYTES = 4096          # a longer file is a mistake (or /dev/zero)
+OPEN_TO_ALL = {"/health": ("GET", "HEAD")}      # probes need no token
+UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="kvstore"'),)
+
+
+def read_auth_token(path):
+    """The token in the file at `path`: its content without surrounding whitespace, as bytes.
+
+    An argparse type, so a file that cannot be used is bad usage (exit 2),
+    reported in one line that names the file and never shows the token.
+    """
+    try:
+        with open(path, "rb") as f:
+            token = f.read(MAX_TOKEN_BYTES + 1).strip()
+    except OSError as e:
+        raise argparse.ArgumentTypeError("cannot read %s: %s" % (path, e.strerror or e))
+    if not token:
+        raise argparse.ArgumentTypeError("%s holds no token (it is empty)" % path)
+    if len(token) > MAX_TOKEN_BYTES:
+        raise argparse.ArgumentTypeError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
+    if not all(0x21 <= byte <= 0x7e for byte in token):
+        raise argparse.ArgumentTypeError("%s: the token must be one word of printable ASCII"
+                                         % path)
+    return token
+
+
+def check_auth(handler, path):
+    """Raise a 401 unless the request may go on: no token is set, the path is open, or it has the token."""
+    token = handler.server.auth_token
+    if token is None or handler.command in OPEN_TO_ALL.get(path, ()):
+        return
+    scheme, _, credentials = handler.headers.get("authorization", "").partition(" ")
+    # compare_digest takes as long whatever the bytes: no timing tells how
+    # much of a guess was right.
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip(" ").encode("latin-1"), token):
+        return
+    headers = handler.headers
+    unread_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+    # A body we will not read leaves the stream unusable: close it.
+    raise RequestError(401, "unauthorized", close=unread_body, headers=UNAUTHORIZED_HEADERS)
+
+
+def warn_if_exposed(server):
+    """One warning line when anyone beyond this machine can reach a server without a token."""
+    host = server.server_address[0]
+    try:
+        loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if server.auth_token is None and not loopback:
+        log("Warning: listening on %s without --auth-token-file: anyone who can reach "
+            "this port can read, change and delete every key" % host)
+
+
 # --------------------------------------------------------------- lifecycle --
 
 def positive_int(text):
@@ -1209,8 +1365,8 @@ def parse_args(argv, environ):
     parser = ArgumentParser(
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
-        epilog="Environment: HOST, PORT and DATA_DIR are used when the flag is not given. "
-               "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
+        epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
+               "flag is not given. Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
                         help="address to bind (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
@@ -1236,6 +1392,12 @@ def parse_args(argv, environ):
                         help="run every thread on one CPU, with SCHED_BATCH: auto = "
                              "the last CPU this process may use, N = CPU N, all = "
                              "let them move (default auto; see README, Performance)")
+    parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
+                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
+                        help="require 'Authorization: Bearer <token>' on every request "
+                             "but GET /health; the token is the file's content without "
+                             "surrounding whitespace (env %s, default: no auth)"
+                             % AUTH_TOKEN_ENV)
     limits = parser.add_argument_group(
         "limits and timeouts", "what one client can make the server spend; each bound keeps "
         "the server available to the others (see README, Limits and timeouts)")
@@ -1309,8 +1471,8 @@ def no_wakeup_preemption():
     the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
     of 4 interleaved runs each), and a quarter fewer context switches.  The
     price is a longer tail with many more threads than CPUs: wrk, GET at 256
-    connections, p99 38 ms against 26 ms (medians of 6 runs each), and
-    spikes with two admission slots (see Admission).
+    connections, p99 38 ms against 26 ms (medians of 6 runs each), when
+    each connection had a thread.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -1362,7 +1524,7 @@ def serve(args, store, signal_pipe):
                         args.idle_timeout, args.max_connections, args.max_inflight_bytes,
                         args.max_header_bytes)
         server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log,
-                          limits)
+                          args.auth_token, limits)
     except (OSError, OverflowError) as e:
         store.abandon()
         fail("cannot listen on %s:%s: %s" % (args.host, args.port,
@@ -1383,6 +1545,7 @@ def serve(args, store, signal_pipe):
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
         log("Open file limit %d is below --max-connections %d: past it, connections wait "
             "in the kernel's queue" % (files, args.max_connections))
+    warn_if_exposed(server)
     log("Server listening on %s:%d" % (host, port))
     # A short poll interval: serve_forever() notices shutdown() within it.
     server.serve_forever(poll_interval=0.05)

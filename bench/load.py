@@ -37,11 +37,12 @@ from bench.wrk import run_wrk
 def on_client_cpu():
     """Run the load generator (this thread, and what it starts) on the first CPU only.
 
-    Our server runs on the last CPU (--cpu auto).  A client free to use
-    every CPU (wrk's second thread, say) would take turns on the server's
-    CPU, while the other servers, free to move, would get away from it.
-    The servers themselves are started outside this block and keep every
-    CPU.  Does nothing on a single CPU or without sched_setaffinity.
+    So that the client never takes more than one CPU from the server, and
+    takes the same one whichever server it loads: on a 2-CPU machine, a
+    client free to use both (wrk's second thread, say) would compete with
+    the server for the CPU the server most needs.  The servers themselves
+    are started outside this block and keep every CPU.  Does nothing on a
+    single CPU or without sched_setaffinity.
     """
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         yield

@@ -1,35 +1,45 @@
-"""The persistence half of `make bench`: fsync policies, a million keys, journal replay.
+"""The persistence half of `make bench`: fsync policies, checkpoints under load, scaling.
 
-Each function returns rows like bench.run's measurements ({"test", "summary",
-raw numbers}), printed as a second table:
+Each function takes bench.run's options and returns rows like bench.run's
+measurements ({"test", "summary", raw numbers}); our server runs with
+--server-flags (none by default: its defaults) plus the measurement's own:
 
   fsync_policy_rows   PUT throughput with 64 connections under --fsync always,
                       everysec and no, each on a fresh server; the fsync count
                       comes from the server's "Journal: N records, M fsyncs"
                       line at shutdown, so writes per fsync shows group commit.
-  million_key_rows    1,000,000 keys of 100-byte values: the server's
+  checkpoint_rows     PUT at 64 connections on --checkpoint-keys keys, while
+                      checkpoints keep running (a small --checkpoint-bytes)
+                      and without any (a limit no run reaches); runs
+                      alternate between the two servers.
+  scale_rows          for each size of --sizes (100,000, 1,000,000 and
+                      5,000,000 keys of 100 bytes by default): the server's
                       start-to-serving time, RSS, SIGTERM-to-exit time and
                       snapshot size, next to a bare script that unpickles,
-                      holds, and pickles-and-fsyncs the same dict.  The
-                      snapshot is written by that script (the same format as
-                      the server's), which saves a minute of PUTs.
-  replay_rows         PUT N keys (--fsync no), SIGKILL, restart: the replay
-                      rate the server logs.
+                      holds, and pickles-and-fsyncs the same dict; and the
+                      replay rate of a journal of that many PUTs.  Rows
+                      carry "figure" and "keys", for the scaling table and
+                      the goals.
+
+The snapshots and journals are written directly, by scripts of their own,
+in the server's formats (a snapshot is a pickled dict; a journal's records
+come from persistence.encode_record): that saves minutes of PUTs at 5,000,000
+keys, and keeps the bench process's own memory small.
 """
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.load import on_client_cpu, preload, run_load
+from bench.load import on_client_cpu, run_load
 
 HOST = "127.0.0.1"
 PY = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The bare baselines, run in a subprocess of their own so that their memory
 # and timings are not mixed with the bench's.
@@ -53,6 +63,17 @@ seconds = time.perf_counter() - start
 rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 print(json.dumps({"load_s": seconds, "rss_kib": rss, "keys": len(data)}))
 """
+# A journal of N PUTs (the same keys and values as BARE_SAVE), in the
+# server's own record format: persistence.py's encoder, run from the repo.
+BARE_JOURNAL = """
+import sys
+import persistence
+directory, n = sys.argv[1], int(sys.argv[2])
+with open(persistence.journal_path(directory, 1), "wb", buffering=1 << 20) as f:
+    for i in range(n):
+        f.writelines(persistence.encode_record(persistence.PUT, "key-%d" % i,
+                                               (b"%09d" % i) * 11 + b"v"))
+"""
 
 
 def _bare(script, *args):
@@ -61,10 +82,11 @@ def _bare(script, *args):
     return json.loads(out)
 
 
-def _our_server(workdir, *flags):
+def _our_server(opts, workdir, *flags):
+    """Our server on `workdir`, with --server-flags, then the measurement's own `flags`."""
     from bench.run import Server          # here: bench.run imports this module
     return Server("server", [PY, "server.py", "--host", HOST, "--port", "0",
-                             "--working-dir", workdir] + list(flags))
+                             "--working-dir", workdir] + opts.server_flags + list(flags))
 
 
 def _find(lines, pattern):
@@ -80,7 +102,7 @@ def fsync_policy_rows(opts):
     for policy in ("always", "everysec", "no"):
         workdir = tempfile.mkdtemp(prefix="bench-fsync-")
         try:
-            server = _our_server(workdir, "--fsync", policy).start()
+            server = _our_server(opts, workdir, "--fsync", policy).start()
             with on_client_cpu():
                 r = run_load(HOST, server.port, 64, opts.duration, "PUT", opts.keys,
                              opts.value_size)
@@ -98,59 +120,144 @@ def fsync_policy_rows(opts):
     return rows
 
 
-def million_key_rows(opts):
-    n = opts.million
-    workdir = tempfile.mkdtemp(prefix="bench-1m-")
+def _write_snapshot(workdir, keys):
+    """The bare save: a snapshot of `keys` keys written into `workdir` by a script of its own."""
+    return _bare(BARE_SAVE, os.path.join(workdir, "store.pickle"), keys)
+
+
+def _size_rows(opts, keys):
+    """The figures for one size: start, RSS, SIGTERM, snapshot size, each beside a bare script's."""
+    workdir = tempfile.mkdtemp(prefix="bench-scale-")
     path = os.path.join(workdir, "store.pickle")
     try:
-        bare_save = _bare(BARE_SAVE, path, n)
+        bare_save = _write_snapshot(workdir, keys)
         bare_load = _bare(BARE_LOAD, path)
         start = time.monotonic()
-        server = _our_server(workdir).start(timeout=300)
+        server = _our_server(opts, workdir).start(timeout=600)
         start_s = time.monotonic() - start
         rss = server.rss_kib()
-        code, stop_s = server.stop(timeout=300)
+        code, stop_s = server.stop(timeout=600)
         size = os.path.getsize(path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     mib = 1024 * 1024
-    return [
-        {"test": "%d keys: start to serving" % n, "seconds": start_s, "bare_s": bare_load["load_s"],
-         "summary": "%.2f s (bare unpickle %.2f s: %.1fx)"
+    figures = [
+        {"figure": "start to serving", "seconds": start_s, "bare_s": bare_load["load_s"],
+         "summary": "%.2f s (bare unpickle %.2f s: %.2fx)"
                     % (start_s, bare_load["load_s"], start_s / bare_load["load_s"])},
-        {"test": "%d keys: SIGTERM to exit" % n, "seconds": stop_s, "exit_code": code,
+        {"figure": "SIGTERM to exit", "seconds": stop_s, "exit_code": code,
          "bare_s": bare_save["save_s"],
-         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.1fx)"
+         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.2fx)"
                     % (stop_s, code, bare_save["save_s"], stop_s / bare_save["save_s"])},
-        {"test": "%d keys: snapshot size" % n, "bytes": size,
+        {"figure": "snapshot size", "bytes": size, "bare_bytes": bare_save["size"],
          "summary": "%.1f MiB (bare %.1f MiB)" % (size / mib, bare_save["size"] / mib)},
-        {"test": "%d keys: server RSS" % n, "rss_kib": rss, "bare_rss_kib": bare_load["rss_kib"],
+        {"figure": "server RSS", "rss_kib": rss, "bare_rss_kib": bare_load["rss_kib"],
          "summary": "%d MiB (bare process holding the dict %d MiB: %.2fx)"
                     % (rss / 1024, bare_load["rss_kib"] / 1024, rss / bare_load["rss_kib"])},
     ]
+    return [dict(row, keys=keys, test="%d keys: %s" % (keys, row["figure"])) for row in figures]
 
 
-def replay_rows(opts):
+def _replay_row(opts, keys):
+    """Start on a journal of `keys` PUTs and no snapshot: the replay rate the server logs."""
     workdir = tempfile.mkdtemp(prefix="bench-replay-")
     try:
-        server = _our_server(workdir, "--fsync", "no").start()
-        with on_client_cpu():
-            loaded = preload(HOST, server.port, opts.replay, opts.value_size)
-        server._signal(signal.SIGKILL)
-        server.proc.wait(30)
-        again = _our_server(workdir).start(timeout=300)
-        again.stop()
+        subprocess.run([PY, "-c", BARE_JOURNAL, workdir, str(keys)], cwd=ROOT, check=True)
+        server = _our_server(opts, workdir).start(timeout=600)
+        server.stop(timeout=600)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    match = _find(again.lines, r"Replayed (\d+) journal records .* in ([\d.]+) s \((\d+) records/s\)")
+    row = {"figure": "journal replay", "keys": keys,
+           "test": "%d keys: journal replay" % keys}
+    match = _find(server.lines, r"Replayed (\d+) journal records .* in ([\d.]+) s \((\d+) records/s\)")
     if not match:
-        return [{"test": "journal replay", "summary": "no replay line in the log!"}]
+        return dict(row, summary="no replay line in the log!")
     records, seconds, rate = int(match.group(1)), float(match.group(2)), int(match.group(3))
-    return [{"test": "journal replay after SIGKILL", "records": records, "seconds": seconds,
-             "rate": rate, "acknowledged": loaded["ok"],
-             "summary": "%s records in %.2f s: %s records/s (%s PUTs acknowledged)"
-                        % (format(records, ","), seconds, format(rate, ","),
-                           format(loaded["ok"], ","))}]
+    return dict(row, records=records, seconds=seconds, rate=rate,
+                summary="%s records/s (%s records in %.2f s)"
+                        % (format(rate, ","), format(records, ","), seconds))
 
 
-PERSISTENCE_MEASUREMENTS = [fsync_policy_rows, million_key_rows, replay_rows]
+def scale_rows(opts):
+    """Every figure at every size of --sizes, smallest first; row "keys" says the size."""
+    rows = []
+    for keys in sorted(opts.sizes):
+        rows += _size_rows(opts, keys) + [_replay_row(opts, keys)]
+    return rows
+
+
+# -- checkpoints under load -------------------------------------------------------
+
+CHECKPOINT_DONE = re.compile(r"checkpoint\b.*\b\d+ keys", re.I)     # not "Checkpoint failed"
+NO_CHECKPOINT_BYTES = 1 << 40       # --checkpoint-bytes that a run never reaches
+
+
+def checkpoints_done(server):
+    """Checkpoints the server has logged as done so far, and their durations where it says."""
+    lines = [line for line in server.lines
+             if CHECKPOINT_DONE.search(line) and "fail" not in line.lower()]
+    seconds = [float(m.group(1)) for m in (re.search(r"\bin ([\d.]+) ?s\b", line)
+                                           for line in lines) if m]
+    return len(lines), seconds
+
+
+def checkpoint_rows(opts):
+    """PUT at 64 connections while checkpoints of --checkpoint-keys keys run, and without.
+
+    Two servers start on the same snapshot, written directly as in
+    _size_rows: one with a small --checkpoint-bytes, so that checkpoints
+    follow each other through the load, one with a limit no run reaches.
+    The PUTs overwrite existing keys (the dict keeps its size).  Their runs
+    alternate, opts.repeat each; every run's checkpoint count comes from
+    the server's log ("Checkpoint: N keys ...").
+    """
+    keys, connections = opts.checkpoint_keys, 64
+    cases = (("running", "checkpoints of %d keys running (--checkpoint-bytes %d)"
+              % (keys, opts.checkpoint_bytes), opts.checkpoint_bytes),
+             ("none", "no checkpoint (--checkpoint-bytes %d)" % NO_CHECKPOINT_BYTES,
+              NO_CHECKPOINT_BYTES))
+    workdirs, servers = [], []
+    try:
+        for _ in cases:
+            workdirs.append(tempfile.mkdtemp(prefix="bench-checkpoint-"))
+        _write_snapshot(workdirs[0], keys)
+        shutil.copyfile(os.path.join(workdirs[0], "store.pickle"),
+                        os.path.join(workdirs[1], "store.pickle"))
+        for (_, _, limit), workdir in zip(cases, workdirs):
+            servers.append(_our_server(opts, workdir, "--checkpoint-bytes", str(limit))
+                           .start(timeout=600))
+        runs = [[] for _ in cases]
+        for _ in range(opts.repeat):
+            for server, case_runs in zip(servers, runs):
+                before = checkpoints_done(server)[0]
+                with on_client_cpu():
+                    r = run_load(HOST, server.port, connections, opts.checkpoint_duration,
+                                 "PUT", keys, opts.value_size)
+                r["checkpoints"] = checkpoints_done(server)[0] - before
+                case_runs.append(r)
+    finally:
+        for server in servers:
+            server.stop(timeout=600)
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    rows = []
+    for (state, label, limit), server, case_runs in zip(cases, servers, runs):
+        best = max(case_runs, key=lambda run: run["rps"])
+        count, seconds = checkpoints_done(server)
+        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms; %d checkpoint(s) in the runs" % (
+            format(round(best["rps"]), ","), best["p50_ms"] or 0, best["p99_ms"] or 0,
+            best["max_ms"] or 0, sum(run["checkpoints"] for run in case_runs))
+        if seconds:
+            summary += ", %.1f-%.1f s each" % (min(seconds), max(seconds))
+        rows.append(dict(best, test="PUT c=%d, %s" % (connections, label), summary=summary,
+                         checkpoints=state, keys=keys, checkpoint_bytes=limit,
+                         checkpoints_logged=count, checkpoint_seconds=seconds,
+                         runs_rps=[round(run["rps"]) for run in case_runs],
+                         runs_p99_ms=[run["p99_ms"] for run in case_runs],
+                         runs_checkpoints=[run["checkpoints"] for run in case_runs]))
+    return rows
+
+
+# (name for --skip, function): run in this order by bench.run.
+PERSISTENCE_MEASUREMENTS = [("fsync", fsync_policy_rows), ("checkpoint", checkpoint_rows),
+                            ("scale", scale_rows)]

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import time
 from bench.goals import OURS, goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
 from bench.persist import PERSISTENCE_MEASUREMENTS
+from bench.stalled import stalled_rows
 from bench.wire import raise_fd_limit
 from bench.wrk import run_wrk
 
@@ -43,11 +45,12 @@ NOISY = 0.25        # cores used by other processes during a load test that make
 SERVERS = [
     ("naive", [PY, "-m", "bench.naive_server", "--host", HOST, "--port", "0"]),
     ("asyncio", [PY, "-m", "bench.asyncio_server", "--host", HOST, "--port", "0"]),
-    # The default --fsync always; the other policies: bench.persist.  Named
-    # by bench.goals, which finds our rows under that name.
-    (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}",
-            "--fsync", "always"]),
+    # On its defaults (--fsync always; no --cpu), plus --server-flags.  The
+    # other fsync policies: bench.persist.  Named by bench.goals, which finds
+    # our rows under that name.
+    (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
+PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale")   # for --skip
 
 
 # -- one server process ----------------------------------------------------------
@@ -217,6 +220,20 @@ def measure_burst(server, opts):
 
 # -- running it all ---------------------------------------------------------------
 
+def measure_stalled(server, opts):
+    """bench.stalled's two rows, with the summaries of the load cells."""
+    rows = stalled_rows(server.port, lambda: _load_cell(server, opts, run_load, "GET",
+                                                       opts.stalled_load),
+                        opts.stalled, opts.stalled_load, opts.repeat)
+    for row in rows:
+        row["test"] = "stalled: " + row["test"]
+        row["summary"] = load_summary(row)
+        if row["stalled_wanted"]:
+            row["summary"] += "; %d/%d stalled connections open, %d closed by the server" % (
+                row["stalled_open"], row["stalled_wanted"], row["stalled_closed"])
+    return rows
+
+
 def bench_servers(chosen, opts):
     """Start the chosen servers, measure them side by side, stop them; {name: rows}."""
     results, servers = {}, []
@@ -224,6 +241,8 @@ def bench_servers(chosen, opts):
         for name, argv in SERVERS:
             if name not in chosen:
                 continue
+            if name == OURS:
+                argv = argv + opts.server_flags
             try:
                 servers.append(Server(name, argv).start())
                 results[name] = []
@@ -236,11 +255,15 @@ def bench_servers(chosen, opts):
         runners = [(lambda *args: run_load(*args, processes=opts.processes), "")]
         if opts.wrk and shutil.which("wrk"):
             runners.append((run_wrk, "wrk "))
-        for runner, label in runners:
+        for runner, label in runners if "load" not in opts.skip else ():
             measure_load(results, servers, opts, runner, label)
-        if opts.burst > 0:
+        if opts.burst > 0 and "burst" not in opts.skip:
             for server in servers:      # one at a time: a burst takes the whole machine
                 _add(results, server, measure_burst(server, opts))
+        if opts.stalled > 0 and "stalled" not in opts.skip:
+            for server in servers:
+                for row in measure_stalled(server, opts):
+                    _add(results, server, row)
     finally:
         for server in servers:
             code, seconds = server.stop()
@@ -249,15 +272,58 @@ def bench_servers(chosen, opts):
     return results
 
 
-def markdown(results):
+def markdown(results, first_column="test"):
     """One row per test (in first-seen order), one column per server."""
     names = list(results)
     tests = list(dict.fromkeys(row["test"] for rows in results.values() for row in rows))
     cells = {(name, row["test"]): row["summary"] for name, rows in results.items() for row in rows}
-    lines = ["| test | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = ["| %s | " % first_column + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
     for test in tests:
         lines.append("| %s | %s |" % (test, " | ".join(cells.get((n, test), "") for n in names)))
     return "\n".join(lines)
+
+
+def scale_markdown(rows):
+    """The rows that carry a "figure": one row per figure, one column per size."""
+    scaled = {}
+    for row in rows:
+        if "figure" in row:
+            scaled.setdefault("%s keys" % format(row["keys"], ","), []).append(
+                dict(row, test=row["figure"]))
+    return markdown(scaled, "figure") if scaled else ""
+
+
+def measure_persistence(opts):
+    """bench.persist's measurements not skipped; one that fails is a row saying so."""
+    rows = []
+    for part, measure in PERSISTENCE_MEASUREMENTS:
+        if part in opts.skip:
+            continue
+        try:
+            new = measure(opts)
+        except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+            new = [{"test": part, "summary": "failed: %s" % exc, "error": str(exc)}]
+        for row in new:
+            print("  %-32s %s" % (row["test"], row["summary"]), flush=True)
+        rows += new
+    return rows
+
+
+def _our_flags(opts):
+    return "its defaults" if not opts.server_flags else " ".join(opts.server_flags)
+
+
+def _sizes(text):
+    return [int(x) for x in text.split(",") if int(x) > 0]
+
+
+def _parts(text):
+    parts = [x for x in text.split(",") if x]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(", ".join(sorted(unknown)))
+    return parts
 
 
 def parse_args(argv):
@@ -277,11 +343,31 @@ def parse_args(argv):
                         help="skip the wrk cross-check (it runs only if wrk is installed)")
     parser.add_argument("--servers", help="comma-separated names (default: all): "
                         + ", ".join(name for name, _ in SERVERS))
-    parser.add_argument("--million", type=int, default=1000000,
-                        help="keys for the persistence figures; 0 skips them")
-    parser.add_argument("--replay", type=int, default=200000,
-                        help="journal records for the replay rate")
-    return parser.parse_args(argv)
+    parser.add_argument("--server-flags", type=shlex.split, default=[],
+                        help="extra flags for our server, e.g. '--cpu 1' (default: none, "
+                             "its defaults)")
+    parser.add_argument("--stalled", type=int, default=1000,
+                        help="stalled connections in the stalled-client case; 0 skips it "
+                             "(default 1000)")
+    parser.add_argument("--stalled-load", type=int, default=1,
+                        help="connections of the well-behaved client beside them (default 1)")
+    parser.add_argument("--checkpoint-keys", type=int, default=1000000,
+                        help="keys in the checkpoint case; 0 skips it (default 1000000)")
+    parser.add_argument("--checkpoint-bytes", type=int, default=8000000,
+                        help="our server's --checkpoint-bytes in that case (default 8000000)")
+    parser.add_argument("--checkpoint-duration", type=float, default=10.0,
+                        help="seconds per run in that case (default 10)")
+    parser.add_argument("--sizes", type=_sizes, default=[100000, 1000000, 5000000],
+                        help="key counts for the scaling figures (start, save, RSS, replay); "
+                             "0 skips them (default 100000,1000000,5000000)")
+    parser.add_argument("--skip", type=_parts, default=[],
+                        help="comma-separated parts to leave out: " + ", ".join(PARTS))
+    opts = parser.parse_args(argv)
+    if not opts.sizes:
+        opts.skip.append("scale")
+    if opts.checkpoint_keys <= 0:
+        opts.skip.append("checkpoint")
+    return opts
 
 
 def main(argv=None):
@@ -295,29 +381,33 @@ def main(argv=None):
     raise_fd_limit()            # inherited by the servers: the burst needs thousands of fds
     # SIGTERM as an exception, so that `finally` stops the server (it runs in its own session).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    print("## servers: %s" % ", ".join(chosen), flush=True)
-    results = bench_servers(chosen, opts)
-    persistence = []
-    if opts.million > 0:
-        print("## persistence (our server)", flush=True)
-        for measure in PERSISTENCE_MEASUREMENTS:
-            for row in measure(opts):
-                print("  %-32s %s" % (row["test"], row["summary"]), flush=True)
-                persistence.append(row)
+    results = {}
+    if not {"load", "burst", "stalled"} <= set(opts.skip):
+        print("## servers: %s" % ", ".join(chosen), flush=True)
+        results = bench_servers(chosen, opts)
+    print("## persistence (our server)", flush=True)
+    persistence = measure_persistence(opts)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(), "loadavg": os.getloadavg(),
                "date": time.strftime("%Y-%m-%d"), "wrk": bool(shutil.which("wrk"))}
     header = ("%s, %d cores, Python %s; `%s`; load: best of %d runs of %g s per cell, "
-              "%d keys of %d B preloaded" % (machine["date"], machine["cpus"], machine["python"],
-                                              command, opts.repeat, opts.duration, opts.keys,
-                                              opts.value_size))
-    table = header + "\n\n" + markdown(results)
-    if persistence:
-        table += "\n\n" + markdown({"our server": persistence})
+              "%d keys of %d B preloaded; our server (`%s`): server.py with %s"
+              % (machine["date"], machine["cpus"], machine["python"], command, opts.repeat,
+                 opts.duration, opts.keys, opts.value_size, OURS, _our_flags(opts)))
+    table = header
+    if results:
+        table += "\n\n" + markdown(results)
+    flat = [row for row in persistence if "figure" not in row]
+    if flat:
+        table += "\n\n" + markdown({"our server": flat})
+    if scale_markdown(persistence):
+        table += "\n\nHow the figures grow with the number of keys (100 B values):\n\n"
+        table += scale_markdown(persistence)
     goals = goal_rows(results, persistence)
     if goals:
-        table += ("\n\nThe goals of issue 4 (load goals on the means of the %d runs per cell):\n\n"
-                  % opts.repeat + goals_markdown(goals))
+        table += ("\n\nThe goals of issue 19 (our server on %s; load goals on the means of "
+                  "the %d runs per cell):\n\n" % (_our_flags(opts), opts.repeat)
+                  + goals_markdown(goals))
     print("\n" + table, flush=True)
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, time.strftime("bench-%Y%m%d-%H%M%S.json"))

@@ -264,6 +264,9 @@ class JournalDamageTest(support.ServerTestCase):
             "a short piece of garbage": random.Random(3).randbytes(7),
             "zeros": bytes(100),
             "a whole record with a bad last byte": whole[:-1] + bytes([whole[-1] ^ 1]),
+            # a write torn out of page order by a power cut: its start lost, its end there
+            "a record whose first bytes were lost": bytes(20) + whole[20:],
+            "a damaged header, then stale bytes": bytes([whole[0] ^ 4]) + whole[1:] + b"\xee" * 64,
         }
         for n, (name, tail) in enumerate(tails.items()):
             with self.subTest(tail=name):

@@ -247,6 +247,124 @@ class RecordTest(TempDirTestCase):
             self.assertIn("offset 0", str(caught.exception))
 
 
+class TornWriteTest(TempDirTestCase):
+    """A power cut tears the last write out of page order (LazyFS "torn-op").
+
+    The rule: damage that no valid record follows is a torn tail (truncate,
+    serve); damage that a valid record follows is corruption (refuse).  The
+    journals here are built byte by byte.
+    """
+
+    PAGE = 4096
+
+    def setUp(self):
+        super().setUp()
+        self.before = record(PUT, "a", b"1") + record(DELETE, "x") + record(PUT, "b", b"2" * 50)
+        self.expected = {"a": b"1", "b": b"2" * 50}
+
+    def assert_torn_at(self, buf, offset):
+        data = {}
+        self.assertEqual(persistence.scan_journal(bytes(buf), data, "j"), (3, offset))
+        self.assertEqual(data, self.expected)
+
+    def assert_corrupt_at(self, buf, offset):
+        with self.assertRaises(persistence.DataError) as caught:
+            persistence.scan_journal(bytes(buf), {}, "/the/journal.log")
+        self.assertIn("/the/journal.log", str(caught.exception))
+        self.assertIn("offset %d" % offset, str(caught.exception))
+
+    def test_a_large_last_write_with_any_of_its_pages_lost_is_a_torn_tail(self):
+        # The last write's bytes, cut at the file's page boundaries: the
+        # pieces a file system writes back independently.  Any of them may
+        # be lost (zeros, or the blocks' old bytes) while later ones land.
+        last = record(PUT, "big", bytes(range(256)) * (self.PAGE * 3 // 256))
+        start = len(self.before)
+        cuts = [start] + list(range(self.PAGE, start + len(last), self.PAGE)) + [start + len(last)]
+        pieces = [last[a - start:b - start] for a, b in zip(cuts, cuts[1:])]
+        self.assertEqual(len(pieces), 4)
+        garbage = random.Random(5).randbytes(self.PAGE)
+        for lost in range(1, 1 << len(pieces)):
+            for filler in ("zeros", "garbage"):
+                with self.subTest(lost=bin(lost), filler=filler):
+                    torn = b"".join(
+                        (bytes(len(piece)) if filler == "zeros" else garbage[:len(piece)])
+                        if lost >> i & 1 else piece for i, piece in enumerate(pieces))
+                    self.assert_torn_at(self.before + torn, start)
+
+    def test_a_damaged_header_that_nothing_valid_follows_is_a_torn_tail(self):
+        last = record(PUT, "last", b"L" * 40)
+        for position in range(12):
+            with self.subTest(position=position):
+                damaged = bytearray(self.before + last)
+                damaged[len(self.before) + position] ^= 0x41
+                self.assert_torn_at(damaged, len(self.before))
+
+    def test_a_damaged_payload_then_garbage_is_a_torn_tail(self):
+        last = bytearray(record(PUT, "last", b"L" * 40))
+        last[20] ^= 0x08
+        garbage = random.Random(9).randbytes(3000)
+        self.assert_torn_at(self.before + last + garbage, len(self.before))
+
+    def test_garbage_after_the_last_record_is_a_torn_tail(self):
+        for seed in range(20):
+            with self.subTest(seed=seed):
+                garbage = random.Random(seed).randbytes(random.Random(seed).randrange(1, 5000))
+                self.assert_torn_at(self.before + garbage, len(self.before))
+
+    def test_a_zeroed_page_followed_by_valid_records_is_corruption(self):
+        rest = b"".join(record(PUT, "k%d" % i, b"v" * 300) for i in range(40))
+        buf = bytearray(self.before + rest)
+        buf[self.PAGE:2 * self.PAGE] = bytes(self.PAGE)
+        offset = len(self.before)                      # where the damaged record starts
+        for i in range(40):
+            following = offset + len(record(PUT, "k%d" % i, b"v" * 300))
+            if following > self.PAGE:
+                break
+            offset = following
+        self.assert_corrupt_at(buf, offset)
+
+    def test_a_damaged_header_followed_by_a_valid_record_is_corruption(self):
+        middle, after = record(PUT, "m", b"M" * 30), record(PUT, "after", b"A")
+        for position in (0, 3, 5, 11):
+            for filler in (b"", bytes(100), random.Random(1).randbytes(100)):
+                with self.subTest(position=position, filler=len(filler)):
+                    damaged = bytearray(self.before + middle + filler + after)
+                    damaged[len(self.before) + position] ^= 0x10
+                    self.assert_corrupt_at(damaged, len(self.before))
+
+    def test_a_valid_record_at_an_odd_offset_in_the_garbage_is_found(self):
+        garbage = random.Random(4).randbytes(777)
+        buf = self.before + garbage + record(PUT, "late", b"z" * 256)
+        self.assert_corrupt_at(buf, len(self.before))
+        self.assertEqual(persistence.find_valid_record(buf, len(self.before)),
+                         len(self.before) + len(garbage))
+
+    def test_a_value_holding_journal_bytes_torn_short_is_a_torn_tail(self):
+        # A valid header is trusted for the length: records inside a value
+        # that a crash cut short are not mistaken for records that follow.
+        inner = b"".join(record(PUT, "inner%d" % i, b"i" * 20) for i in range(10))
+        last = record(PUT, "journal-copy", inner * 3)
+        for cut in (30, len(last) // 2, len(last) - 1):
+            with self.subTest(cut=cut):
+                self.assert_torn_at(self.before + last[:cut], len(self.before))
+
+    def test_load_truncates_a_torn_write_and_refuses_corruption_untouched(self):
+        path = persistence.journal_path(self.dir, 1)
+        torn = self.before + bytes(100) + b"\xff" * 50        # zeros then stale bytes
+        with open(path, "wb") as f:
+            f.write(torn)
+        data, _, replayed = persistence.load(self.dir, self.log)
+        self.assertEqual((data, replayed), (self.expected, 3))
+        self.assertEqual(os.path.getsize(path), len(self.before))
+        corrupt = self.before + bytes(100) + record(PUT, "c", b"3")
+        with open(path, "wb") as f:
+            f.write(corrupt)
+        before = file_state(path)
+        with self.assertRaises(persistence.DataError):
+            persistence.load(self.dir, self.log)
+        self.assertEqual(file_state(path), before)
+
+
 # ---------------------------------------------------------------- load(), unit --
 
 class LoadTest(TempDirTestCase):

@@ -1,0 +1,178 @@
+"""Black-box tests of --auth-token-file: 401 without the bearer token, /health open, no token in logs.
+
+Every endpoint is tried four ways (no Authorization header, another scheme,
+a wrong token, the right token); a refused request must change nothing.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import unittest
+
+from tests import support
+
+TOKEN = "s3cret-Token_0123456789abcdef"
+WRONG = "s3cret-Token_0123456789abcdeX"       # one character off
+RIGHT = {"Authorization": "Bearer " + TOKEN}
+REFUSED = {
+    "no header": {},
+    "another scheme": {"Authorization": "Basic czNjcmV0OnMzY3JldA=="},
+    "the token without a scheme": {"Authorization": TOKEN},
+    "a wrong token": {"Authorization": "Bearer " + WRONG},
+    "an empty token": {"Authorization": "Bearer "},
+    "the token twice": {"Authorization": "Bearer %s, Bearer %s" % (TOKEN, TOKEN)},
+}
+# (method, path, body, status with the right token)
+ENDPOINTS = [
+    ("PUT", "/kv/guarded", b"new", 200),
+    ("GET", "/kv/guarded", None, 200),
+    ("HEAD", "/kv/guarded", None, 200),
+    ("DELETE", "/kv/guarded", None, 200),
+    ("DELETE", "/clear", None, 200),
+    ("GET", "/no/such/path", None, 404),
+    ("POST", "/health", None, 405),
+    ("PUT", "/health", b"x", 405),
+]
+
+
+def token_file(test, content):
+    directory = tempfile.mkdtemp(prefix="kvtest-token-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    path = os.path.join(directory, "token")
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+class AuthTest(support.ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        path = token_file(self, b"\n  " + TOKEN.encode() + b"  \n\n")   # whitespace is not part of it
+        self.server = self.start_server("--auth-token-file", path, "--access-log")
+
+    def refused(self, method, path, body, headers, why):
+        status, reply_headers, reply = self.server.request(method, path, body, headers)
+        self.assertEqual(status, 401, "%s %s with %s" % (method, path, why))
+        self.assertEqual(reply, b"" if method == "HEAD" else b"unauthorized\n")
+        self.assertEqual(reply_headers.get("WWW-Authenticate"), 'Bearer realm="kvstore"')
+        self.assertEqual(reply_headers.get("Content-Type"), "text/plain; charset=utf-8")
+
+    def test_every_endpoint_needs_the_token(self):
+        self.server.request("PUT", "/kv/guarded", b"old", RIGHT)
+        for method, path, body, status in ENDPOINTS:
+            for why, headers in REFUSED.items():
+                with self.subTest(method=method, path=path, headers=why):
+                    self.refused(method, path, body, headers, why)
+                    # A refused request changed nothing.
+                    self.assertEqual(self.server.request("GET", "/kv/guarded", None, RIGHT)[2],
+                                     b"old")
+        for method, path, body, expected in ENDPOINTS:
+            with self.subTest(method=method, path=path, headers="the right token"):
+                status, _, _ = self.server.request(method, path, body, RIGHT)
+                self.assertEqual(status, expected, "%s %s" % (method, path))
+
+    def test_the_scheme_is_case_insensitive(self):
+        status, _, _ = self.server.request("PUT", "/kv/k", b"v",
+                                           {"Authorization": "bEARER " + TOKEN})
+        self.assertEqual(status, 200)
+
+    def test_health_is_open(self):
+        self.assertEqual(self.server.request("GET", "/health")[::2], (200, b"ok\n"))
+        self.assertEqual(self.server.request("HEAD", "/health")[::2], (200, b""))
+        self.assertEqual(self.server.request("GET", "/health", None,
+                                             {"Authorization": "Bearer " + WRONG})[0], 200)
+
+    def test_a_refused_request_keeps_the_connection_and_the_next_one_passes(self):
+        conn = self.server.connection()
+        self.addCleanup(conn.close)
+        conn.request("GET", "/kv/k")
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()), (401, b"unauthorized\n"))
+        conn.request("PUT", "/kv/k", b"v", RIGHT)
+        self.assertEqual(conn.getresponse().status, 200)
+
+    def test_refused_before_the_body_is_read(self):
+        # A client without the token announces 10 MiB and sends none of it:
+        # the 401 comes at once, and the connection is closed (the body
+        # would otherwise be taken for the next request).
+        with socket.create_connection((self.server.host, self.server.port), timeout=10) as s:
+            s.sendall(b"PUT /kv/big HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n\r\n")
+            reply = support.read_until_quiet(s, timeout=10)
+            self.assertTrue(reply.startswith(b"HTTP/1.1 401 "), reply)
+            self.assertIn(b"\r\nConnection: close\r\n", reply)
+            s.settimeout(10)
+            self.assertEqual(s.recv(1), b"", "the connection stays open")
+
+    def test_the_token_never_reaches_the_log(self):
+        for headers in (RIGHT, {"Authorization": "Bearer " + WRONG}):
+            for method, path, body, _ in ENDPOINTS:
+                self.server.request(method, path, body, headers)
+        self.assertIn('"GET /kv/guarded HTTP/1.1" 401', self.server.output())   # it logs
+        self.assertEqual(self.server.stop(), 0)
+        output = self.server.output()
+        self.assertNotIn(TOKEN, output)
+        self.assertNotIn(WRONG, output)
+        self.assertNotIn(TOKEN[:12], output)
+
+
+class AuthStartTest(support.ServerTestCase):
+
+    def run_server(self, *args, env=None):
+        environment = dict(os.environ, **(env or {}))
+        return subprocess.run([sys.executable, support.SERVER, "--port", "0",
+                               "--working-dir", self.data_dir] + list(args),
+                              capture_output=True, text=True, env=environment, timeout=60)
+
+    def test_an_unusable_token_file_is_bad_usage_in_one_line(self):
+        cases = {
+            "empty": token_file(self, b""),
+            "only whitespace": token_file(self, b" \n\t\n"),
+            "two words": token_file(self, b"s3cret " + TOKEN.encode()),
+            "missing": os.path.join(self.data_dir, "no-such-file"),
+            "a directory": self.data_dir,
+        }
+        for what, path in cases.items():
+            with self.subTest(what):
+                run = self.run_server("--auth-token-file", path)
+                self.assertEqual(run.returncode, 2, run.stderr)
+                self.assertEqual(len(run.stderr.splitlines()), 1, run.stderr)
+                self.assertIn(path, run.stderr)
+                self.assertNotIn("Traceback", run.stderr)
+                self.assertNotIn(TOKEN, run.stderr + run.stdout)
+                self.assertNotIn("Server listening", run.stdout)
+
+    def test_the_environment_names_the_file_when_the_flag_is_absent(self):
+        server = self.start_server(env={"KV_AUTH_TOKEN_FILE": token_file(self, TOKEN.encode())})
+        self.assertEqual(server.request("GET", "/kv/k")[0], 401)
+        self.assertEqual(server.request("GET", "/kv/k", None, RIGHT)[0], 404)
+        run = self.run_server(env={"KV_AUTH_TOKEN_FILE": os.path.join(self.data_dir, "nope")})
+        self.assertEqual(run.returncode, 2, run.stderr)
+
+    def test_without_a_token_nothing_changes(self):
+        server = self.start_server()
+        self.assertEqual(server.request("PUT", "/kv/k", b"v")[0], 200)
+        self.assertEqual(server.request("GET", "/kv/k")[::2], (200, b"v"))
+        self.assertEqual(server.request("GET", "/kv/k", None, {"Authorization": "Bearer x"})[0],
+                         200)
+
+    def test_a_warning_when_listening_beyond_loopback_without_a_token(self):
+        warning = "without --auth-token-file"
+        exposed = self.start_server(host="0.0.0.0")
+        lines = exposed.output().splitlines()
+        warned = [i for i, line in enumerate(lines) if warning in line]
+        self.assertEqual(len(warned), 1, exposed.output())
+        self.assertIn("0.0.0.0", lines[warned[0]])
+        exposed.stop()
+        path = token_file(self, TOKEN.encode())
+        for host, args in (("127.0.0.1", ()), ("0.0.0.0", ("--auth-token-file", path))):
+            with self.subTest(host=host, args=args):
+                server = self.start_server(*args, host=host)
+                self.assertNotIn(warning, server.output())
+                server.stop()
+
+
+if __name__ == "__main__":
+    unittest.main()
