@@ -133,6 +133,10 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+class DirectoryInUse(DataError):
+    """Another process holds the data directory's lock (it may be exiting)."""
+
+
 def lock_directory(directory):
     """Take the directory's LOCK file; return its fd (keep it open while serving).
 
@@ -144,7 +148,7 @@ def lock_directory(directory):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataError("%s: the data directory is in use by another server" % directory)
+        raise DirectoryInUse("%s: the data directory is in use by another server" % directory)
     return fd
 
 
@@ -424,6 +428,7 @@ class Journal:
         self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal, if any
         self.fsyncs = 0                 # fsync rounds done (each may cover many records)
+        self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self._fd = self._create(generation)
         self._queue = []                # buffers of records not yet written
         self._retired = []              # (fd, queue) of older files, for the next round
@@ -536,9 +541,11 @@ class Journal:
                 self._sync_wanted = False
                 callbacks, self._callbacks = self._callbacks, []
             if files:
+                started = time.monotonic()
                 self.failed = self._write(files, fsync)
                 if fsync and not self.failed:
                     self.fsyncs += 1
+                    self.fsync_seconds += time.monotonic() - started
                 if fsync or self.failed:
                     fsync_due = None            # nothing owed, or nothing more to do
                 elif self.policy == "everysec" and fsync_due is None:

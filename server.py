@@ -13,11 +13,11 @@ arrived costs a buffer, not a thread, so slow or stalled clients hold
 nobody up, and the number of threads is fixed.  The reply to a write is
 sent by the journal's writer thread once the write is durable
 (KVHandler.write).  Every wait on a client has a deadline, and everything
-a client can make the server spend has a bound (Limits).  Two more
-changes make it fast, each explained where it is made: every thread runs
-on one CPU (pin_to_one_cpu), and a woken thread does not preempt the
-running one (no_wakeup_preemption).  The store is a dict behind one lock;
-persistence.py puts it on disk.
+a client can make the server spend has a bound (Limits).  On a host of
+its own, --cpu N adds two changes, each explained where it is made: every
+thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
+preempt the running one (no_wakeup_preemption).  The store is a dict
+behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
 ----------------------------------
@@ -51,18 +51,32 @@ A SIGTERM, from the signal to exit 0
     stopper              a thread reading that pipe: logs, then calls
                          server.shutdown(), which waits for serve_forever()
                          to return, so the main thread cannot call it itself.
-                         A second signal changes nothing.
+                         A second signal is logged and changes nothing.
     serve_forever()      returns in the main thread; no more accepts, and
                          server_close() closes the listening socket.
     KVServer.drain       closes idle keep-alive connections at once; lets
                          requests in flight finish (Connection: close), up
-                         to --shutdown-timeout.
+                         to --shutdown-timeout, and drain() logs what it
+                         waits for.
     Store.seal           any later write gets 503; the dict is frozen.
     Store.save_and_close the final snapshot, then the journals go; exit 0,
                          or exit 1 if the save failed (the journal stays).
 """
 
+import sys
+
+# Before anything an older Python cannot import or run.  Python compiles
+# the whole file before this line runs, so all of it must parse under 3.6
+# (no walrus, no positional-only parameters, no f"{x=}", no match):
+# tests/test_lifecycle.py checks that.
+if sys.version_info < (3, 10):
+    sys.stderr.write("error: kvstore needs Python 3.10 or newer; %s is Python %s\n"
+                     % (sys.executable or "this interpreter", sys.version.split()[0]))
+    sys.exit(2)
+
+# The imports wait for the version check (flake8 would say E402).
 import argparse
+import bisect
 import collections
 import email.utils
 import errno
@@ -77,7 +91,6 @@ import selectors
 import signal
 import socket
 import socketserver
-import sys
 import threading
 import time
 import urllib.parse
@@ -86,21 +99,36 @@ import persistence
 from store import ConditionFailed, Sealed, Store, value_tag
 
 # ------------------------------------------------------------------ logging --
+#
+# Logging never raises: a log pipe that dies (`./run.sh | head -2`), a
+# closed stdout or a full disk under a redirect must not stop a request, the
+# thread that handles signals, or the final save.  Lines go straight to the
+# file descriptor with os.write: no buffer to hold lines that cannot be
+# written, and nothing left to flush at exit.
 
 _log_lock = threading.Lock()
 
 
+def _write_line(fd, line):
+    """Write one line to `fd`; a failure drops the line, it never raises."""
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except (OSError, ValueError):
+        pass                    # EPIPE, EBADF, ENOSPC...: nobody to tell
+
+
 def log(message):
-    """One line to stdout, flushed at once (the harnesses read it live)."""
+    """One line to stdout, at once (the harnesses read it live)."""
     with _log_lock:
-        sys.stdout.write(message + "\n")
-        sys.stdout.flush()
+        _write_line(1, message)
 
 
 def fail(message):
     """One line to stderr: what failed and why, never a traceback."""
-    sys.stderr.write("error: %s\n" % message)
-    sys.stderr.flush()
+    with _log_lock:
+        _write_line(2, "error: " + message)
 
 
 # ---------------------------------------------------------------- HTTP layer --
@@ -124,7 +152,8 @@ BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\x00]*)?\r?")   # no space around the size
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
-ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD"}
+ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD",
+           "/metrics": "GET, HEAD"}
 
 
 class Limits:
@@ -218,14 +247,17 @@ class _ThisSecond:
 _this_second = _ThisSecond()
 
 
-def build_head(status, length, connection, headers=()):
+TEXT_PLAIN = b"text/plain; charset=utf-8"
+
+
+def build_head(status, length, connection, headers=(), content_type=TEXT_PLAIN):
     """Status line and headers of a reply, up to its blank line.
 
     Pure, so the journal's writer thread may build one too: it must not
     touch the state of a handler that is already on its next request.
     """
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Type: %s\r\n" % content_type,
             b"Content-Length: %d\r\n" % length, _this_second.date_header(), connection]
     for name, value in headers:
         head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
@@ -301,6 +333,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.command = None
         self.request_version = "HTTP/1.1"
         self.deadline = server.now + server.limits.header_timeout
+        self.started = server.now       # when the request began, for the latency metric
 
     # -- a turn ---------------------------------------------------------------
 
@@ -373,6 +406,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if self.state is HEAD:
             if self.idle:                       # a new request begins: its head has a deadline
                 self.idle = False
+                self.started = server.now
                 self.deadline = server.now + server.limits.header_timeout
             if server.inflight > server.limits.max_inflight_bytes:
                 self.inbuf = b""
@@ -413,6 +447,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                 self.state = LINGER             # the client may still be sending
         self.body = None
         if not self.handed_off:                 # the next request's head starts now
+            self.started = self.server.now
             self.deadline = self.server.now + self.server.limits.header_timeout
         return True
 
@@ -640,6 +675,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/health":
             self.check_method("/health", ("GET", "HEAD"))
             self.reply(200, b"ok\n")
+        elif path == "/metrics":
+            self.check_method("/metrics", ("GET", "HEAD"))
+            self.reply(200, self.server.metrics.render(self.server), content_type=METRICS_TYPE)
         else:
             raise RequestError(404, "not found")
 
@@ -681,7 +719,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """
         connection = self.connection_header()
         ok = _this_second.write_ok(connection, etag)
-        requestline = self.requestline
+        requestline, command, started = self.requestline, self.command, self.started
+        metrics = self.server.metrics
 
         def send_when_durable(error):          # runs in the journal's writer thread
             reply = ok
@@ -689,6 +728,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                 log("Journal write failed: %s" % error)
                 reply = build_reply(500, b"storage error\n", connection)
             self.send_owed(reply)
+            metrics.request_done(command, 500 if error else 200, started)
             self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
 
         self.body = None
@@ -736,7 +776,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             return b"Connection: keep-alive\r\n"
         return b""
 
-    def reply(self, status, body=b"", close=False, headers=()):
+    def reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
         """Send a whole reply; what the socket does not take now goes out in later turns.
 
         HEAD, and a 304, get the headers of GET and no body.  A large body that would
@@ -750,11 +790,13 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                     > self.server.limits.max_inflight_bytes):
                 status, body = 503, b"server busy\n"
                 send, close, headers = body, True, (("Retry-After", "1"),)
-        head = build_head(status, len(body), self.connection_header(close), headers)
+        head = build_head(status, len(body), self.connection_header(close), headers,
+                          content_type)
         if len(send) <= READ_SIZE:
             self.send(head + send)
         else:
             self.send(head, send)               # a large value is not copied
+        self.server.metrics.request_done(self.command, status, self.started)
         if self.server.access_log:
             self.log_request(status, len(body))
 
@@ -832,6 +874,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     def expire(self):
         """The deadline passed (the sweep calls it): 408 where a reply can still be made, and close."""
+        if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf) or self.out:
+            self.server.requests_timed_out += 1     # not an idle connection
         if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf and not self.out):
             self.out.clear()
             self.close_connection = True
@@ -1040,6 +1084,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
         self.limits = limits or Limits()
         self.limits.max_value_bytes = self.max_value_bytes = max_value_bytes
+        self.metrics = Metrics()
         self.access_log = access_log
         self.draining = False
         self.now = time.monotonic()             # the worker's clock, read once per round
@@ -1049,6 +1094,8 @@ class KVServer(http.server.ThreadingHTTPServer):
         self._resumed = collections.deque()     # handlers given back by other threads
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)      # a connection ended
+        self.connections_refused = 0            # past --max-connections (for /metrics)
+        self.requests_timed_out = 0             # cut off at a deadline (for /metrics)
         self._accept_delay = 0                  # the back-off while out of file descriptors
         self._logged = {}                       # message kind -> when last logged
         self.poller = Poller()
@@ -1110,6 +1157,7 @@ class KVServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if len(self._connections) >= self.limits.max_connections:
+            self.connections_refused += 1
             self.log_at_most_once_a_second(
                 "connections", "Refusing connections: %d open (--max-connections)"
                 % len(self._connections))
@@ -1309,6 +1357,122 @@ def warn_if_exposed(server):
             "this port can read, change and delete every key" % host)
 
 
+# ------------------------------------------------------------------ metrics --
+#
+# GET /metrics: the Prometheus text format, version 0.0.4.  Requests are
+# counted as their reply goes out (Metrics.request_done, one lock and a few
+# increments); everything else is read at scrape time from where it already
+# lives: the Store, its Journal, the KVServer.
+
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 10.0)       # seconds; a reply waits for its fsync, a few ms on SSD
+
+
+class Metrics:
+    """The counters of requests served, and the rendering of /metrics.
+
+    Latency is from the request line's arrival to the reply's hand-over to
+    the kernel (for a write: after its fsync).  A transport that counts its
+    own refusals gives the KVServer an integer attribute named in
+    TRANSPORT_COUNTERS; /metrics shows each that exists.
+    """
+
+    TRANSPORT_COUNTERS = (
+        ("connections_refused", "Connections refused because the server was at its cap."),
+        ("requests_timed_out", "Requests cut off because the client was too slow."),
+    )
+
+    def __init__(self):
+        # A lock, although the GIL makes each bytecode atomic: `n += 1` is a
+        # read and a write, and a thread switch between them loses an
+        # increment, which can make a counter go backwards from one scrape
+        # to the next; Prometheus reads that as a restart.  It is held for
+        # two increments.
+        self._lock = threading.Lock()
+        # (method label, status) -> [seconds in all, then a count per
+        # latency bucket, the last one +Inf]: the request counters and the
+        # histogram in one row, so that a request costs one lookup.
+        self._rows = {}
+
+    def request_done(self, method, status, started):
+        """Count a request whose reply went out; `started` is its time.monotonic() on arrival."""
+        seconds = time.monotonic() - started
+        row = self._rows.get((method, status))
+        if row is None:
+            row = self._new_row(method, status)
+        bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1    # le is inclusive
+        with self._lock:
+            row[0] += seconds
+            row[bucket] += 1
+
+    def _new_row(self, method, status):
+        if method not in METHOD_LABELS:
+            method = "other"            # rare, and bounded: each costs the lock once more
+        with self._lock:
+            return self._rows.setdefault((method, status),
+                                         [0.0] + [0] * (len(LATENCY_BUCKETS) + 1))
+
+    def render(self, server):
+        """The text of /metrics, as bytes."""
+        store = server.store
+        journal = store.journal
+        rows = {m: [0.0] + [0] * (len(LATENCY_BUCKETS) + 1) for m in METHOD_LABELS}
+        requests = {}
+        with self._lock:
+            for (method, status), row in self._rows.items():
+                requests[method, status] = sum(row[1:])
+                rows[method] = [a + b for a, b in zip(rows[method], row)]
+        out = []
+
+        def metric(name, kind, text, samples):
+            out.append("# HELP kvstore_%s %s\n# TYPE kvstore_%s %s\n" % (name, text, name, kind))
+            for suffix, labels, value in samples:
+                label_text = ",".join('%s="%s"' % pair for pair in labels)
+                out.append("kvstore_%s%s%s %s\n" % (name, suffix,
+                                                    "{%s}" % label_text if labels else "",
+                                                    value))
+
+        def one(name, kind, text, value):
+            metric(name, kind, text, [("", (), value)])
+
+        metric("requests_total", "counter", "Requests answered, by method and status code.",
+               [("", (("method", m), ("code", c)), n) for (m, c), n in sorted(requests.items())])
+        latency = []
+        for method, (seconds, *counts) in rows.items():
+            total = 0
+            for le, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
+                total += count
+                latency.append(("_bucket", (("method", method), ("le", le)), total))
+            latency.append(("_sum", (("method", method),), repr(seconds)))
+            latency.append(("_count", (("method", method),), total))
+        metric("request_duration_seconds", "histogram",
+               "Time from a request's arrival to its reply (a write's, after its fsync).",
+               latency)
+        one("connections", "gauge", "Client connections open now.", len(server._connections))
+        for name, text in self.TRANSPORT_COUNTERS:
+            if hasattr(server, name):
+                one(name + "_total", "counter", text, getattr(server, name))
+        one("keys", "gauge", "Keys in the store.", len(store))
+        one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
+        one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
+            "them (see /health).", 0 if store.write_problem() else 1)
+        one("journal_bytes", "gauge", "Bytes in the current journal file (a checkpoint "
+            "starts a new one).", journal.size)
+        one("journal_records_total", "counter", "Records appended to the journal.",
+            journal.records)
+        one("journal_fsyncs_total", "counter", "Journal fsyncs (each may cover many writes).",
+            journal.fsyncs)
+        one("journal_fsync_seconds_total", "counter", "Seconds spent in journal rounds that "
+            "fsynced (their write and their fsync).", repr(journal.fsync_seconds))
+        one("checkpoints_total", "counter", "Checkpoints written (snapshot, new journal).",
+            store.checkpoints)
+        one("checkpoint_failures_total", "counter", "Checkpoints that failed (the journal "
+            "was kept).", store.checkpoint_failures)
+        return "".join(out).encode("utf-8")
+
+
 # --------------------------------------------------------------- lifecycle --
 
 def positive_int(text):
@@ -1339,9 +1503,7 @@ def port_number(text):
     return value
 
 
-def cpu_choice(text):
-    if text in ("auto", "all"):
-        return text
+def cpu_number(text):
     value = int(text)
     if value < 0:
         raise ValueError(text)
@@ -1349,7 +1511,7 @@ def cpu_choice(text):
 
 
 positive_int.__name__ = "positive integer"
-cpu_choice.__name__ = "CPU (auto, all or a number)"
+cpu_number.__name__ = "CPU number"
 non_negative_float.__name__ = "non-negative number"
 positive_float.__name__ = "positive number"
 port_number.__name__ = "port (0-65535)"
@@ -1366,7 +1528,9 @@ def parse_args(argv, environ):
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
         epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
-               "flag is not given. Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
+               "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
+               "under nohup) shut the server down cleanly. "
+               "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
                         help="address to bind (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
@@ -1388,10 +1552,15 @@ def parse_args(argv, environ):
                         metavar="N",
                         help="write a snapshot and start a new journal when the journal "
                              "grows past N bytes (default 67108864)")
-    parser.add_argument("--cpu", type=cpu_choice, default="auto",
-                        help="run every thread on one CPU, with SCHED_BATCH: auto = "
-                             "the last CPU this process may use, N = CPU N, all = "
-                             "let them move (default auto; see README, Performance)")
+    parser.add_argument("--lock-wait", type=non_negative_float, default=5.0,
+                        metavar="SECONDS",
+                        help="if another process holds the data directory's lock, wait "
+                             "this long for it to exit (a server still dying) before "
+                             "refusing to start (default 5)")
+    parser.add_argument("--cpu", type=cpu_number, default=None, metavar="N",
+                        help="for a host dedicated to this server: run every thread on "
+                             "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
+                             "normal scheduling; see README, Performance)")
     parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
                         default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
@@ -1440,28 +1609,25 @@ def raise_open_file_limit():
             pass
 
 
-def pin_to_one_cpu(choice):
-    """Keep every thread of the process on one CPU; return it (None: not pinned).
+def pin_to_one_cpu(cpu):
+    """Keep every thread of the process on CPU `cpu` (--cpu; off by default).
 
     Only one thread runs Python at a time (the GIL), so a second CPU buys
     the server little; but a thread woken on another CPU than the one that
     woke it costs an inter-processor interrupt, each time the GIL or a lock
     changes hands: several times per request.  Measured on a 2-CPU VM: GET
-    throughput x2.5, burst time /1.8 when pinned.  Must run before other
-    threads start: they inherit the main thread's CPU set.
+    throughput x2.5, burst time /1.8 when pinned.  Not the default: on a
+    shared host every instance would crowd onto the CPU it was given, and
+    the scheduler could no longer move it away from a busy one.  Must run
+    before other threads start: they inherit the main thread's CPU set.
     """
-    if choice == "all" or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    cpu = allowed[-1] if choice == "auto" else choice
-    if choice == "auto" and len(allowed) < 2:
-        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise OSError(0, "CPU affinity is not supported on this system")
     os.sched_setaffinity(0, {cpu})
-    return cpu
 
 
 def no_wakeup_preemption():
-    """Ask Linux not to let a woken thread preempt the running one (SCHED_BATCH).
+    """Ask Linux not to let a woken thread preempt the running one (SCHED_BATCH); True if done.
 
     On one CPU, a thread woken because its request arrived would preempt
     the thread that holds the GIL, find the GIL taken, and sleep again: two
@@ -1476,8 +1642,51 @@ def no_wakeup_preemption():
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        return True
     except (AttributeError, OSError):
-        pass                    # not Linux, or not allowed: only slower
+        return False            # not Linux, or not allowed: only slower
+
+
+def open_standard_fds():
+    """Point stdin, stdout or stderr at /dev/null if the process started with it closed.
+
+    Otherwise the first file opened (the lock, a journal) would get fd 1,
+    and log lines would be written into it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)      # the lowest free fd: this one
+
+
+def lock_directory(directory, wait):
+    """Take the data directory's lock; wait up to `wait` s for a holder to exit.
+
+    A harness may restart the server as soon as it has sent SIGKILL to the
+    previous one, which holds the lock until it is gone, maybe a moment
+    later (lsfr restarts after 1 s).
+    """
+    deadline = time.monotonic() + wait
+    waited = False
+    while True:
+        try:
+            return persistence.lock_directory(directory)
+        except persistence.DirectoryInUse as e:
+            left = deadline - time.monotonic()
+            if left <= 0 and waited:
+                raise persistence.DirectoryInUse("%s (waited %g s for it to exit)"
+                                                 % (e, wait)) from None
+            if left <= 0:
+                raise
+            if not waited:
+                log("%s is in use by another process; waiting up to %g s for it to exit"
+                    % (directory, wait))
+                waited = True
+            time.sleep(min(LOCK_POLL, left))
+
+
+LOCK_POLL = 0.05        # seconds between two tries of a taken lock (--lock-wait)
 
 
 def open_store(args):
@@ -1485,7 +1694,7 @@ def open_store(args):
     directory = os.path.abspath(args.working_dir)
     try:
         os.makedirs(directory, exist_ok=True)
-        lock = persistence.lock_directory(directory)
+        lock = lock_directory(directory, args.lock_wait)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
@@ -1500,7 +1709,7 @@ def open_store(args):
 
 
 def install_signal_handlers():
-    """Route SIGTERM and SIGINT to a pipe; return its read end.
+    """Route SIGTERM, SIGINT and SIGHUP to a pipe; return its read end.
 
     Python's own C-level handler writes each signal's number to the fd given
     to signal.set_wakeup_fd(); the stopper thread (serve()) reads it.  The
@@ -1508,13 +1717,70 @@ def install_signal_handlers():
     between two bytecodes, perhaps while that thread holds a lock (in
     log(), or in Event.set()), and a handler that took the same lock would
     wait for itself forever.
+
+    SIGHUP (the terminal closed) stops the server as SIGTERM does, unless
+    it was ignored when the process started: whoever ran us under `nohup`
+    asked for the server to outlive its terminal.
     """
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)       # required by set_wakeup_fd()
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        stopping.append(signal.SIGHUP)
+    for signum in stopping:
         signal.signal(signum, lambda signum, frame: None)
     return read_end
+
+
+def read_signal(signal_pipe):
+    """Block until a signal arrives (install_signal_handlers); return its name."""
+    signum = os.read(signal_pipe, 1)[0]
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
+
+
+def stop_on_signal(server, signal_pipe):
+    """The stopper thread: the first signal shuts the server down; later ones change nothing.
+
+    server.shutdown() waits until serve_forever() has returned, so it must
+    run on a thread other than the main one, which runs serve_forever().
+    (Called before serve_forever() starts, it makes it return at once.)
+    Later signals are logged, at most once a second: a storm of them must
+    not flood the log.
+    """
+    log("Received %s, shutting down" % read_signal(signal_pipe))
+    server.shutdown()
+    last_logged = 0.0
+    while True:
+        name = read_signal(signal_pipe)
+        if time.monotonic() - last_logged >= 1.0:
+            last_logged = time.monotonic()
+            log("Received %s: already shutting down; it changes nothing" % name)
+
+
+DRAIN_SETTLE = 0.2          # seconds for idle connections to close before counting
+DRAIN_REPORT_EVERY = 5.0    # seconds between two "Waiting up to" lines
+
+
+def drain(server, timeout):
+    """KVServer.drain, saying what the shutdown waits for and for how long.
+
+    Idle connections close at once; those still open after DRAIN_SETTLE
+    are in a request.  Returns how many were still open at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    still_open = server.drain(min(timeout, DRAIN_SETTLE))
+    while still_open:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        log("Waiting up to %.1f s (--shutdown-timeout) for %d connection(s) in a request"
+            % (left, still_open))
+        still_open = server.drain(min(left, DRAIN_REPORT_EVERY))
+    return still_open
 
 
 def serve(args, store, signal_pipe):
@@ -1531,15 +1797,8 @@ def serve(args, store, signal_pipe):
                                               getattr(e, "strerror", None) or e))
         return 1
 
-    def stopper():
-        # shutdown() waits until serve_forever() has returned, so it must
-        # run on a thread other than the main one, which runs serve_forever().
-        # (Called before serve_forever() starts, it makes it return at once.)
-        signum = os.read(signal_pipe, 1)[0]
-        log("Received %s, shutting down" % signal.Signals(signum).name)
-        server.shutdown()
-
-    threading.Thread(target=stopper, name="stopper", daemon=True).start()
+    threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
+                     name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
@@ -1551,7 +1810,7 @@ def serve(args, store, signal_pipe):
     server.serve_forever(poll_interval=0.05)
     server.server_close()
 
-    still_open = server.drain(args.shutdown_timeout)
+    still_open = drain(server, args.shutdown_timeout)
     if still_open:
         log("Shutdown timeout: %d connection(s) still in a request; their writes are refused"
             % still_open)
@@ -1569,17 +1828,17 @@ def serve(args, store, signal_pipe):
 
 
 def main(argv=None):
+    open_standard_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
     raise_open_file_limit()
-    try:
-        cpu = pin_to_one_cpu(args.cpu)           # before any thread starts
-    except OSError as e:
-        fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
-        os._exit(1)
-    if args.cpu != "all":
-        no_wakeup_preemption()                  # every thread shares one CPU
-    if cpu is not None:
-        log("Running on CPU %d (--cpu all lets threads use every CPU)" % cpu)
+    if args.cpu is not None:
+        try:
+            pin_to_one_cpu(args.cpu)            # before any thread starts
+        except OSError as e:
+            fail("cannot run on CPU %s: %s" % (args.cpu, e.strerror))
+            os._exit(1)
+        batch = no_wakeup_preemption()          # every thread shares that CPU
+        log("Running on CPU %d%s (--cpu)" % (args.cpu, ", SCHED_BATCH" if batch else ""))
     signal_pipe = install_signal_handlers()     # before the load, which may be long
     try:
         store, directory_lock = open_store(args)
@@ -1587,7 +1846,6 @@ def main(argv=None):
         fail(str(e))
         os._exit(1)
     code = serve(args, store, signal_pipe)
-    sys.stdout.flush()
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer
     # than saving it did.  Worker threads stalled on slow clients end too.

@@ -89,11 +89,23 @@ class Store:
         self._checkpoint_wanted = threading.Event()
         self._log = log
         self.directory = journal.directory
+        self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
+        self.checkpoints = 0            # written since start, for /metrics
+        self.checkpoint_failures = 0
         threading.Thread(target=self._checkpoint_loop, name="checkpointer",
                          daemon=True).start()
 
     def __len__(self):
         return len(self._data)
+
+    @property
+    def journal(self):
+        """The open journal, for its counters (size, records, fsyncs): read them, nothing more."""
+        return self._journal
+
+    def write_problem(self):
+        """None when writes can be served, else a short reason."""
+        return "journal failed: %s" % self._journal.failed if self._journal.failed else None
 
     # -- reads --------------------------------------------------------------
 
@@ -160,6 +172,7 @@ class Store:
             if condition is not None:
                 self._check(key, condition, seen)
             self._journal.append(op, key, value)            # 1. the record, queued
+            self.value_bytes += self._value_bytes_change(op, key, value)
             self._keep_tag(op, key, value, tag)
             persistence.apply(self._data, op, key, value)   # 2. the dict: same order
             journal_full = self._journal.size >= self._checkpoint_bytes
@@ -169,6 +182,13 @@ class Store:
             self._journal.when_durable(on_durable)
         else:
             self._journal.commit()
+
+    def _value_bytes_change(self, op, key, value):
+        """How a mutation, about to be applied, changes value_bytes.  Caller holds the lock."""
+        if op == CLEAR:
+            return -self.value_bytes
+        old = self._data.get(key)
+        return len(value) - (len(old) if old is not None else 0)
 
     def _check(self, key, condition, seen):
         """Under the lock: raise ConditionFailed unless condition(tag of the key's latest value).
@@ -223,6 +243,7 @@ class Store:
             started = time.monotonic()
             size = persistence.write_snapshot(self.directory, snapshot)   # c.
             persistence.remove_journals(self.directory, covered)          # d.
+            self.checkpoints += 1
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (len(snapshot), size, time.monotonic() - started, covered))
 
@@ -235,6 +256,7 @@ class Store:
             try:
                 self.checkpoint()
             except OSError as e:
+                self.checkpoint_failures += 1
                 self._log("Checkpoint failed, journal kept: %s" % e)
 
     def abandon(self):

@@ -271,8 +271,8 @@ class FileDescriptorTest(support.ServerTestCase):
         before = cpu_seconds(server.proc.pid)
         time.sleep(1.5)                                 # a window to measure, not a wait
         used = cpu_seconds(server.proc.pid) - before
-        # Spinning, it takes whatever CPU it gets: 0.37 s per second pinned
-        # to a busy CPU (--cpu auto); backing off, 0.005.
+        # Spinning, it takes whatever CPU it gets (0.37 s per second on a busy
+        # CPU); backing off, about 0.005.
         self.assertLess(used, 0.25, "%.2f s of CPU in 1.5 s while out of descriptors" % used)
         logged = server.output().count("Cannot accept connections")
         self.assertLessEqual(logged, 4, "logged %d times in about 1.5 s" % logged)
