@@ -128,6 +128,13 @@ class ClientGone(Exception):
     """The client closed the connection in the middle of a request."""
 
 
+def storage_error(error):
+    """(status, message) for a write the journal could not make durable (the journal logs why)."""
+    if error.errno in persistence.STORAGE_FULL:
+        return 507, "insufficient storage"
+    return 500, "storage error"
+
+
 def parse_key(raw):
     """The key named by the path after /kv/ (percent-decoded), or RequestError."""
     if "%" in raw:
@@ -627,6 +634,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             self.write(self.server.store.clear)
         elif path == "/health":
             self.check_method("/health", ("GET", "HEAD"))
+            problem = self.server.store.write_problem()
+            if problem:
+                raise RequestError(503, problem)
             self.reply(200, b"ok\n")
         else:
             raise RequestError(404, "not found")
@@ -673,12 +683,12 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         requestline = self.requestline
 
         def send_when_durable(error):          # runs in the journal's writer thread
-            reply = ok
+            reply, status = ok, 200
             if error:
-                log("Journal write failed: %s" % error)
-                reply = build_reply(500, b"storage error\n", connection)
+                status, message = storage_error(error)
+                reply = build_reply(status, message.encode() + b"\n", connection)
             send_unblocked(self.connection, reply, self.reply_owed.release)
-            self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
+            self.log_message('"%s" %s %s', requestline, status, 0)
 
         self.reply_owed.acquire()
         queued = False
@@ -690,8 +700,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         except ConditionFailed:
             raise RequestError(412, "precondition failed")
         except OSError as e:
-            log("Journal write failed: %s" % e)
-            raise RequestError(500, "storage error")
+            raise RequestError(*storage_error(e))
         finally:
             if not queued:
                 self.reply_owed.release()
@@ -1245,6 +1254,9 @@ def open_store(args):
     except OSError as e:
         raise persistence.DataError("%s: data directory is not usable: %s"
                                     % (e.filename or directory, e.strerror))
+    # Past RLIMIT_FSIZE, a write fails with EFBIG (a full disk, to the
+    # journal) instead of the process being killed by SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = Store(data, journal, args.checkpoint_bytes, log)
     if replayed:
         store.request_checkpoint()      # fold the replayed journals into a snapshot
@@ -1288,7 +1300,13 @@ def serve(args, store, signal_pipe):
         log("Received %s, shutting down" % signal.Signals(signum).name)
         server.shutdown()
 
+    def stop_on_storage_failure():
+        store.fatal.wait()
+        log("Storage failed for good (%s); shutting down" % store.write_problem())
+        server.shutdown()
+
     threading.Thread(target=stopper, name="stopper", daemon=True).start()
+    threading.Thread(target=stop_on_storage_failure, name="storage-watch", daemon=True).start()
     host, port = server.server_address[:2]
     warn_if_exposed(server)
     log("Server listening on %s:%d" % (host, port))
@@ -1310,6 +1328,10 @@ def serve(args, store, signal_pipe):
         fail("saving %s failed: %s; the journal still holds every write" % (path, e))
         return 1
     log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
+    if store.fatal.is_set():
+        # The snapshot holds every acknowledged write and none that failed.
+        fail("stopped after a storage failure: %s" % store.write_problem())
+        return 1
     return 0
 
 
