@@ -134,6 +134,10 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+class DirectoryInUse(DataError):
+    """Another process holds the data directory's lock (it may be exiting)."""
+
+
 def lock_directory(directory):
     """Take the directory's LOCK file; return its fd (keep it open while serving).
 
@@ -145,7 +149,7 @@ def lock_directory(directory):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataError("%s: the data directory is in use by another server" % directory)
+        raise DirectoryInUse("%s: the data directory is in use by another server" % directory)
     return fd
 
 
@@ -441,6 +445,7 @@ class Journal:
         self.failed = None              # the OSError that broke the journal for good, if any
         self.problem = None             # why writes fail for now (a full disk), if they do
         self.fsyncs = 0                 # fsync rounds done (each may cover many records)
+        self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self.apply_round = None         # apply_round(records) after a round is durable
         self.fail_queued = self.drop_queued     # on failure: every queued callback, dropped
         self.on_fatal = None            # on_fatal(error), once, when `failed` is set
@@ -591,10 +596,12 @@ class Journal:
                 callbacks, self._callbacks = self._callbacks, []
             error = None
             if files and work:
+                started = time.monotonic()
                 error = self._write(files, fsync)
                 if error is None:
                     if fsync:
                         self.fsyncs += 1
+                        self.fsync_seconds += time.monotonic() - started
                         fsync_due = None
                     elif self.policy == "everysec" and fsync_due is None:
                         fsync_due = time.monotonic() + 1.0

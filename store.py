@@ -96,6 +96,9 @@ class Store:
         self._checkpoint_wanted = threading.Event()
         self._log = log
         self.directory = journal.directory
+        self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
+        self.checkpoints = 0            # written since start, for /metrics
+        self.checkpoint_failures = 0
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
         journal.apply_round = self._apply_round
         journal.fail_queued = self._fail_queued
@@ -106,6 +109,15 @@ class Store:
 
     def __len__(self):
         return len(self._data)
+
+    @property
+    def journal(self):
+        """The open journal, for its counters (size, records, fsyncs): read them, nothing more."""
+        return self._journal
+
+    def write_problem(self):
+        """None while writes can be served, else why not (for /health and metrics)."""
+        return self._journal.problem
 
     # -- reads --------------------------------------------------------------
 
@@ -132,10 +144,6 @@ class Store:
         if self._pending_clear is not None:
             return None
         return self._data.get(key)
-
-    def write_problem(self):
-        """None while writes can be served, else why not (for /health and metrics)."""
-        return self._journal.problem
 
     def _tagged(self, key, read):
         """(value, tag) of `key` as read(key) sees it under the lock; hashes outside the lock."""
@@ -202,18 +210,25 @@ class Store:
         """The journal's writer, once `records` are durable: apply them, in order."""
         data, pending = self._data, self._pending
         with self._lock:
+            value_bytes = self.value_bytes
             for record in records:
                 op, key, value = record
                 if op == PUT:
+                    old = data.get(key)
                     data[key] = value
+                    value_bytes += len(value) - (len(old) if old is not None else 0)
                 elif op == DELETE:
-                    data.pop(key, None)
+                    old = data.pop(key, None)
+                    if old is not None:
+                        value_bytes -= len(old)
                 else:
                     data.clear()
+                    value_bytes = 0
                     if self._pending_clear is record:
                         self._pending_clear = None
                 if pending.get(key) is record:
                     del pending[key]
+            self.value_bytes = value_bytes
 
     def _fail_queued(self):
         """The journal's writer, after a failed round: fail every queued write too.
@@ -284,6 +299,7 @@ class Store:
             started = time.monotonic()
             size = persistence.write_snapshot(self.directory, snapshot)   # c.
             persistence.remove_journals(self.directory, covered)          # d.
+            self.checkpoints += 1
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (len(snapshot), size, time.monotonic() - started, covered))
 
@@ -296,6 +312,7 @@ class Store:
             try:
                 self.checkpoint()
             except OSError as e:
+                self.checkpoint_failures += 1
                 self._log("Checkpoint failed, journal kept: %s" % e)
 
     def abandon(self):

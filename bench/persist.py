@@ -120,13 +120,16 @@ def fsync_policy_rows(opts):
     return rows
 
 
+SCALE_REPEAT_UP_TO = 1000000       # sizes measured opts.repeat times; larger ones once
+
+
 def _write_snapshot(workdir, keys):
     """The bare save: a snapshot of `keys` keys written into `workdir` by a script of its own."""
     return _bare(BARE_SAVE, os.path.join(workdir, "store.pickle"), keys)
 
 
-def _size_rows(opts, keys):
-    """The figures for one size: start, RSS, SIGTERM, snapshot size, each beside a bare script's."""
+def _size_run(opts, keys):
+    """One run at one size: the bare save and load, then our server's start, RSS and stop."""
     workdir = tempfile.mkdtemp(prefix="bench-scale-")
     path = os.path.join(workdir, "store.pickle")
     try:
@@ -137,25 +140,44 @@ def _size_rows(opts, keys):
         start_s = time.monotonic() - start
         rss = server.rss_kib()
         code, stop_s = server.stop(timeout=600)
-        size = os.path.getsize(path)
+        return {"start_s": start_s, "stop_s": stop_s, "exit_code": code, "rss_kib": rss,
+                "bytes": os.path.getsize(path), "bare_load_s": bare_load["load_s"],
+                "bare_save_s": bare_save["save_s"], "bare_rss_kib": bare_load["rss_kib"],
+                "bare_bytes": bare_save["size"]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _size_rows(opts, keys):
+    """The figures for one size, each beside a bare script's: means of the runs.
+
+    opts.repeat runs up to SCALE_REPEAT_UP_TO keys, where a run takes
+    seconds and the goals are checked; one run above, where a run takes a
+    minute.
+    """
+    runs = [_size_run(opts, keys) for _ in range(opts.repeat if keys <= SCALE_REPEAT_UP_TO else 1)]
+    m = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+    codes = sorted({run["exit_code"] for run in runs})
+    of_runs = " (means of %d runs)" % len(runs) if len(runs) > 1 else ""
     mib = 1024 * 1024
     figures = [
-        {"figure": "start to serving", "seconds": start_s, "bare_s": bare_load["load_s"],
-         "summary": "%.2f s (bare unpickle %.2f s: %.2fx)"
-                    % (start_s, bare_load["load_s"], start_s / bare_load["load_s"])},
-        {"figure": "SIGTERM to exit", "seconds": stop_s, "exit_code": code,
-         "bare_s": bare_save["save_s"],
-         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.2fx)"
-                    % (stop_s, code, bare_save["save_s"], stop_s / bare_save["save_s"])},
-        {"figure": "snapshot size", "bytes": size, "bare_bytes": bare_save["size"],
-         "summary": "%.1f MiB (bare %.1f MiB)" % (size / mib, bare_save["size"] / mib)},
-        {"figure": "server RSS", "rss_kib": rss, "bare_rss_kib": bare_load["rss_kib"],
+        {"figure": "start to serving", "seconds": m["start_s"], "bare_s": m["bare_load_s"],
+         "summary": "%.2f s (bare unpickle %.2f s: %.2fx)%s"
+                    % (m["start_s"], m["bare_load_s"], m["start_s"] / m["bare_load_s"], of_runs)},
+        {"figure": "SIGTERM to exit", "seconds": m["stop_s"], "exit_codes": codes,
+         "bare_s": m["bare_save_s"],
+         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.2fx)%s"
+                    % (m["stop_s"], ",".join(map(str, codes)), m["bare_save_s"],
+                       m["stop_s"] / m["bare_save_s"], of_runs)},
+        {"figure": "snapshot size", "bytes": m["bytes"], "bare_bytes": m["bare_bytes"],
+         "summary": "%.1f MiB (bare %.1f MiB)" % (m["bytes"] / mib, m["bare_bytes"] / mib)},
+        {"figure": "server RSS", "rss_kib": m["rss_kib"], "bare_rss_kib": m["bare_rss_kib"],
          "summary": "%d MiB (bare process holding the dict %d MiB: %.2fx)"
-                    % (rss / 1024, bare_load["rss_kib"] / 1024, rss / bare_load["rss_kib"])},
+                    % (m["rss_kib"] / 1024, m["bare_rss_kib"] / 1024,
+                       m["rss_kib"] / m["bare_rss_kib"])},
     ]
-    return [dict(row, keys=keys, test="%d keys: %s" % (keys, row["figure"])) for row in figures]
+    return [dict(row, keys=keys, runs=runs, test="%d keys: %s" % (keys, row["figure"]))
+            for row in figures]
 
 
 def _replay_row(opts, keys):

@@ -31,6 +31,8 @@ ENDPOINTS = [
     ("HEAD", "/kv/guarded", None, 200),
     ("DELETE", "/kv/guarded", None, 200),
     ("DELETE", "/clear", None, 200),
+    ("GET", "/metrics", None, 200),
+    ("HEAD", "/metrics", None, 200),
     ("GET", "/no/such/path", None, 404),
     ("POST", "/health", None, 405),
     ("PUT", "/health", b"x", 405),

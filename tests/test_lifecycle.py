@@ -16,6 +16,9 @@ Synchronisation points, so that no test depends on timing:
   opens the other end (and the save then fails, since a FIFO cannot be
   fsynced: that doubles as the failed-save test).
 """
+import ast
+import fcntl
+import glob
 import http.client
 import os
 import re
@@ -23,6 +26,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,12 +36,12 @@ import unittest
 from bench.load import burst
 from tests import support
 from tests.durability_support import (
-    TRACEBACK, BareServer, file_state, get_many, idle_connection, journals, read_response,
-    run_cli, start_put, stop_within, wait_closed)
+    TRACEBACK, BareServer, Completed, file_state, get_many, idle_connection, journals,
+    read_response, run_cli, start_put, stop_within, wait_closed)
 
 RUN_SH = os.path.join(support.ROOT, "run.sh")
 FLAGS = ("--host", "--port", "--working-dir", "--shutdown-timeout", "--max-value-bytes",
-         "--fsync", "--checkpoint-bytes", "--access-log")
+         "--fsync", "--checkpoint-bytes", "--lock-wait", "--cpu", "--access-log")
 FLUSHING = re.compile(r"Flushing (\d+) keys to (\S+)")
 SNAPSHOT = "store.pickle"
 
@@ -135,6 +140,9 @@ class CommandLineTest(LifecycleTestCase):
             (["--checkpoint-bytes", "0"], {}, "--checkpoint-bytes"),
             (["--shutdown-timeout", "-1"], {}, "--shutdown-timeout"),
             (["--shutdown-timeout", "nan"], {}, "nan"),
+            (["--lock-wait", "-1"], {}, "--lock-wait"),
+            (["--cpu", "auto"], {}, "auto"),
+            (["--cpu", "-1"], {}, "-1"),
             (["--no-such-flag"], {}, "--no-such-flag"),
             (["stray-argument"], {}, "stray-argument"),
         ]
@@ -181,9 +189,12 @@ class CommandLineTest(LifecycleTestCase):
     def test_second_server_on_the_same_directory_exits_1(self):
         first = self.start_server()
         first.put("mine", b"first")
-        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.data_dir])
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.data_dir,
+                          "--lock-wait", "0.5"])
         self.assertEqual(result.code, 1, result)
-        self.assert_one_line(result, contains=[os.path.realpath(self.data_dir)])
+        self.assert_one_line(result, contains=[os.path.realpath(self.data_dir), "in use",
+                                               "waited 0.5 s"])
+        self.assertGreaterEqual(result.seconds, 0.5, "it did not wait for the lock")
         # The first server is undisturbed, and still persists what it is given.
         self.assertEqual(first.get("mine"), b"first")
         first.put("after", b"second attempt refused")
@@ -245,34 +256,40 @@ def thread_policies(pid):
                      "needs Linux and two CPUs")
 class CpuTest(LifecycleTestCase):
 
-    def test_every_thread_runs_on_the_chosen_cpu(self):
-        cpu = max(os.sched_getaffinity(0))
-        for flag in ("auto", str(cpu)):
-            with self.subTest(cpu=flag):
-                server = self.start_server("--cpu", flag)
-                server.put("k", b"v")               # handler threads exist now
-                cpus = thread_cpus(server.proc.pid)
-                self.assertGreater(len(cpus), 2)
-                self.assertEqual(set(cpus.values()), {frozenset({cpu})})
-                self.assertIn("Running on CPU %d" % cpu, server.output())
-                # ... and no woken thread preempts the one holding the GIL.
-                self.assertEqual(thread_policies(server.proc.pid), {os.SCHED_BATCH})
-                self.assertEqual(server.stop(), 0)
-
-    def test_all_lets_threads_use_every_cpu(self):
-        server = self.start_server("--cpu", "all")
-        server.put("k", b"v")
-        self.assertEqual(set(thread_cpus(server.proc.pid).values()),
-                         {frozenset(os.sched_getaffinity(0))})
+    def test_default_pins_nothing_and_keeps_the_scheduling_policy(self):
+        server = self.start_server()
+        server.put("k", b"v")                       # handler threads exist now
+        cpus = thread_cpus(server.proc.pid)
+        self.assertGreater(len(cpus), 2)
+        self.assertEqual(set(cpus.values()), {frozenset(os.sched_getaffinity(0))})
         self.assertEqual(thread_policies(server.proc.pid), {os.sched_getscheduler(0)})
+        self.assertNotIn("Running on CPU", server.output())
+
+    def test_cpu_n_runs_every_thread_on_cpu_n(self):
+        cpu = max(os.sched_getaffinity(0))
+        server = self.start_server("--cpu", str(cpu))
+        server.put("k", b"v")
+        cpus = thread_cpus(server.proc.pid)
+        self.assertGreater(len(cpus), 2)
+        self.assertEqual(set(cpus.values()), {frozenset({cpu})})
+        self.assertIn("Running on CPU %d" % cpu, server.output())
+        # ... and no woken thread preempts the one holding the GIL.
+        self.assertEqual(thread_policies(server.proc.pid), {os.SCHED_BATCH})
+        self.assertEqual(server.stop(), 0)
+
+    def test_a_cpu_it_may_not_use_exits_1(self):
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.data_dir,
+                          "--cpu", "4096"])
+        self.assertEqual(result.code, 1, result)
+        self.assert_one_line(result, contains=["CPU 4096"])
 
 
 class ShutdownTest(LifecycleTestCase):
 
-    def test_sigterm_and_sigint_save_everything(self):
+    def test_sigterm_sigint_and_sighup_save_everything(self):
         values = {"plain": b"hello", "binary": bytes(range(256)) * 4, "over": b"new",
                   "gone": None}
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with self.subTest(signal=signum.name):
                 data = self.sub_dir(signum.name)
                 server = self.start_server(data_dir=data)
@@ -284,6 +301,7 @@ class ShutdownTest(LifecycleTestCase):
                 self.assertEqual(server.request("DELETE", "/kv/gone")[0], 200)
                 code, _ = stop_within(server, signum)
                 self.assertEqual(code, 0, server.output())
+                self.assertIn("Received %s, shutting down" % signum.name, server.output())
                 flushing = FLUSHING.search(server.output())
                 self.assertIsNotNone(flushing, server.output())
                 self.assertEqual(int(flushing.group(1)), 3, server.output())
@@ -411,6 +429,39 @@ class ShutdownTest(LifecycleTestCase):
         again = self.restart(server)
         self.assertEqual((again.get("a"), again.get("b"), again.get("c")), (None, b"2", b"3"))
 
+    @unittest.skipUnless(shutil.which("nohup"), "needs nohup")
+    def test_sighup_ignored_at_start_stays_ignored(self):
+        server = NohupServer(self.data_dir)
+        self.addCleanup(server.__exit__, None, None, None)
+        server.start()
+        server.put("before", b"1")
+        # A SIGHUP that is ignored is dropped when sent; one that is handled
+        # would be delivered before the SIGTERM (lower numbers first).
+        server.signal(signal.SIGHUP)
+        server.put("after", b"2")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+        self.assertNotIn("SIGHUP", server.output())
+        self.assertIn("Received SIGTERM, shutting down", server.output())
+        again = self.restart(server)
+        self.assertEqual((again.get("before"), again.get("after")), (b"1", b"2"))
+
+    def test_shutdown_says_what_it_waits_for_and_logs_a_second_signal(self):
+        server = self.start_server("--shutdown-timeout", "30")
+        value = b"w" * 100
+        put = start_put(server, "in-flight", len(value), value[:10])
+        self.addCleanup(put.close)
+        server.signal(signal.SIGTERM)
+        waiting = server.wait_for_line(
+            r"Waiting up to (\d+\.\d) s \(--shutdown-timeout\) for 1 connection", 20)
+        self.assertTrue(20 < float(waiting.group(1)) <= 30, waiting.group(0))
+        server.signal(signal.SIGINT)
+        server.wait_for_line(r"Received SIGINT: already shutting down", 20)
+        put.sendall(value[10:])
+        status, _, body = read_response(put)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(server.wait(30), 0, server.output())
+        self.assertEqual(self.restart(server).get("in-flight"), value)
+
     def test_second_signal_during_shutdown_changes_nothing(self):
         server = self.start_server("--shutdown-timeout", "30")
         server.put("k", b"v")
@@ -418,6 +469,7 @@ class ShutdownTest(LifecycleTestCase):
         put = self.sigterm_with_put_in_flight(server, "in-flight", value, 10)
         server.signal(signal.SIGINT)                 # both land while draining
         server.signal(signal.SIGTERM)
+        server.wait_for_line(r"Received SIG(INT|TERM): already shutting down", 20)
         put.sendall(value[10:])
         status, _, body = read_response(put)
         self.assertEqual(status, 200, body)
@@ -444,6 +496,149 @@ class ShutdownTest(LifecycleTestCase):
         self.assertEqual(code, 0, server.output()[-2000:])
         again = self.restart(server)
         self.assertEqual(get_many(again, expected), expected)
+
+
+# ------------------------------------------------- failures of the process --
+
+class NohupServer(support.ServerProcess):
+    """The server started under nohup: SIGHUP ignored from the start."""
+
+    def command(self):
+        return ["nohup"] + super().command()
+
+
+OLD_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[6-9].*/bin/python3")))
+
+
+class ProcessFailureTest(LifecycleTestCase):
+
+    def test_closed_stdout_stops_neither_the_server_nor_its_shutdown(self):
+        # As `./run.sh | head -2`: the reader of the log goes away.
+        server = support.ServerProcess(self.data_dir, "--access-log")    # started by hand:
+        with tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(server.command(), cwd=support.ROOT, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=stderr,
+                                    start_new_session=True)
+            self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+            for line in proc.stdout:
+                match = support.LISTENING.search(line.decode())
+                if match:
+                    break
+            self.assertIsNotNone(match, "the server exited before listening")
+            proc.stdout.close()             # from now on every log line fails (EPIPE)
+            server.proc, server.port = proc, int(match.group(2))
+            for i in range(3):              # each logs a line (--access-log)
+                server.put("k%d" % i, b"v%d" % i)
+            self.assertEqual(server.get("k0"), b"v0")
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                code = proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.fail("SIGTERM was ignored once stdout was closed")
+            stderr.seek(0)
+            errors = stderr.read().decode("utf-8", "replace")
+        self.assertEqual(code, 0, errors)
+        self.assertNotIn(TRACEBACK, errors)
+        again = self.start_server()
+        self.assertEqual([again.get("k%d" % i) for i in range(3)], [b"v0", b"v1", b"v2"])
+
+    def test_stdout_and_stderr_closed_at_start(self):
+        # Log lines must not land in whatever file gets fd 1 or 2 (a journal).
+        port = support.free_port()
+        proc = subprocess.Popen(
+            [sys.executable, support.SERVER, "--host", "127.0.0.1", "--port", str(port),
+             "--working-dir", self.data_dir, "--access-log"],
+            cwd=support.ROOT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=lambda: (os.close(1), os.close(2)))
+        self.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+        server = support.ServerProcess(self.data_dir)
+        server.port = port
+
+        def serving():
+            self.assertIsNone(proc.poll(), "the server exited with %s" % proc.poll())
+            try:
+                return server.request("GET", "/health", timeout=5)[0] == 200
+            except OSError:
+                return False
+        support.wait_until(serving, support.START_TIMEOUT, 0.05, "the server to listen")
+        server.put("k", b"v")
+        server.put("k2", b"v2")
+        for name in os.listdir(self.data_dir):
+            with open(self.sub_dir(name), "rb") as f:
+                self.assertNotIn(b"/kv/k", f.read(), "a log line went into %s" % name)
+        os.killpg(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(20), 0)
+        again = self.start_server()
+        self.assertEqual((again.get("k"), again.get("k2")), (b"v", b"v2"))
+        self.assertEqual(stop_within(again)[0], 0, again.output())
+        # Nor may the one line of a refusal, with stdin closed too.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            proc = subprocess.Popen(
+                [sys.executable, support.SERVER, "--host", "127.0.0.1",
+                 "--port", str(taken.getsockname()[1]), "--working-dir", self.data_dir],
+                cwd=support.ROOT, start_new_session=True,
+                preexec_fn=lambda: (os.close(0), os.close(1), os.close(2)))
+            self.assertEqual(proc.wait(20), 1)
+        for name in os.listdir(self.data_dir):
+            with open(self.sub_dir(name), "rb") as f:
+                self.assertNotIn(b"cannot listen", f.read(), "the error went into %s" % name)
+
+    def hold_lock(self):
+        """Take the data directory's lock as a server that is still dying would; return the fd."""
+        fd = os.open(self.sub_dir("LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def test_start_waits_for_a_server_that_is_still_dying(self):
+        with self.start_server() as first:
+            first.put("k", b"v")
+            self.assertEqual(stop_within(first)[0], 0, first.output())
+        fd = self.hold_lock()
+        server = support.ServerProcess(self.data_dir, "--lock-wait", "30")
+        self.addCleanup(server.__exit__, None, None, None)
+        server.start(wait=False)
+        server.wait_for_line(r"is in use by another process; waiting up to 30 s", 20)
+        fcntl.flock(fd, fcntl.LOCK_UN)                 # the old server is gone
+        server.port = int(server.wait_for_line(support.LISTENING).group(2))
+        self.assertEqual(server.get("k"), b"v")
+
+    def test_lock_held_past_the_wait_exits_1(self):
+        self.hold_lock()
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.data_dir,
+                          "--lock-wait", "1"])
+        self.assertEqual(result.code, 1, result)
+        self.assert_one_line(result, contains=[os.path.realpath(self.data_dir), "in use",
+                                               "waited 1 s"])
+        self.assertGreaterEqual(result.seconds, 1, result)
+        self.assertIn("waiting up to 1 s", result.stdout)
+
+    def test_server_py_parses_as_python_3_7(self):
+        # So that an old Python reaches the version check (compiled first).
+        with open(support.SERVER, encoding="utf-8") as f:
+            source = f.read()
+        try:
+            ast.parse(source, support.SERVER, feature_version=(3, 7))
+        except SyntaxError as e:
+            self.fail("server.py needs a newer Python to parse (line %s: %s): older ones "
+                      "would not reach the version check" % (e.lineno, e.msg))
+
+    @unittest.skipUnless(OLD_PYTHONS, "no Python 3.6 to 3.9 under ~/.pyenv/versions")
+    def test_python_older_than_3_10_exits_2_with_one_line(self):
+        for python in OLD_PYTHONS:
+            with self.subTest(python=python):
+                proc = subprocess.run(
+                    [python, support.SERVER, "--host", "127.0.0.1", "--port", "0",
+                     "--working-dir", self.data_dir],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+                result = Completed(proc.returncode, proc.stdout.decode(), proc.stderr.decode(),
+                                   0.0)
+                self.assertEqual(result.code, 2, result)
+                self.assert_one_line(result, contains=["3.10"])
+                self.assertEqual(result.stdout, "")
+        self.assertEqual(os.listdir(self.data_dir), [], "an old Python touched the data")
 
 
 # ------------------------------------------------------------ under load --
