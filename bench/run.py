@@ -62,6 +62,7 @@ class Server:
         self.name, self.argv = name, argv
         self.proc = self.port = self.workdir = None
         self.lines = collections.deque(maxlen=200)
+        self.stamped = collections.deque(maxlen=200)    # (time.monotonic() when read, line)
         self.listening = threading.Event()
 
     def start(self, timeout=60.0):
@@ -83,6 +84,7 @@ class Server:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
+            self.stamped.append((time.monotonic(), line))
             if "Server listening on " in line and self.port is None:
                 self.port = int(line.rsplit(":", 1)[1])
                 self.listening.set()
