@@ -214,13 +214,29 @@ CHECKPOINT_DONE = re.compile(r"checkpoint\b.*\b\d+ keys", re.I)     # not "Check
 NO_CHECKPOINT_BYTES = 1 << 40       # --checkpoint-bytes that a run never reaches
 
 
-def checkpoints_done(server):
-    """Checkpoints the server has logged as done so far, and their durations where it says."""
-    lines = [line for line in server.lines
-             if CHECKPOINT_DONE.search(line) and "fail" not in line.lower()]
-    seconds = [float(m.group(1)) for m in (re.search(r"\bin ([\d.]+) ?s\b", line)
-                                           for line in lines) if m]
-    return len(lines), seconds
+def checkpoints_logged(server):
+    """(end, seconds) of each checkpoint the server has logged as done.
+
+    `end` is when bench read the line (time.monotonic()); `seconds` what the
+    line says it took ("in 1.23 s"), or 0 if it does not say.
+    """
+    done = []
+    for when, line in server.stamped:
+        if CHECKPOINT_DONE.search(line) and "fail" not in line.lower():
+            took = re.search(r"\bin ([\d.]+) ?s\b", line)
+            done.append((when, float(took.group(1)) if took else 0.0))
+    return done
+
+
+def checkpoint_overlap(done, start, end):
+    """How many of the checkpoints `done` ran during [start, end], and for how many seconds."""
+    count, busy = 0, 0.0
+    for finished, seconds in done:
+        began = finished - seconds
+        if began <= end and finished >= start:
+            count += 1
+            busy += min(end, finished) - max(start, began)
+    return count, busy
 
 
 def checkpoint_rows(opts):
@@ -230,8 +246,10 @@ def checkpoint_rows(opts):
     _size_rows: one with a small --checkpoint-bytes, so that checkpoints
     follow each other through the load, one with a limit no run reaches.
     The PUTs overwrite existing keys (the dict keeps its size).  Their runs
-    alternate, opts.repeat each; every run's checkpoint count comes from
-    the server's log ("Checkpoint: N keys ...").
+    alternate, opts.repeat each.  Which checkpoints overlapped a run, and
+    for how long, comes from the server's log lines ("Checkpoint: N keys
+    ... in S s"), read once the servers have stopped (a stop waits for the
+    checkpoint in progress).
     """
     keys, connections = opts.checkpoint_keys, 64
     cases = (("running", "checkpoints of %d keys running (--checkpoint-bytes %d)"
@@ -251,11 +269,11 @@ def checkpoint_rows(opts):
         runs = [[] for _ in cases]
         for _ in range(opts.repeat):
             for server, case_runs in zip(servers, runs):
-                before = checkpoints_done(server)[0]
+                start = time.monotonic()
                 with on_client_cpu():
                     r = run_load(HOST, server.port, connections, opts.checkpoint_duration,
                                  "PUT", keys, opts.value_size)
-                r["checkpoints"] = checkpoints_done(server)[0] - before
+                r["span"] = (start, time.monotonic())
                 case_runs.append(r)
     finally:
         for server in servers:
@@ -264,16 +282,24 @@ def checkpoint_rows(opts):
             shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for (state, label, limit), server, case_runs in zip(cases, servers, runs):
+        done = checkpoints_logged(server)
+        for run in case_runs:
+            run["checkpoints"], run["checkpoint_busy_s"] = checkpoint_overlap(done, *run["span"])
         best = max(case_runs, key=lambda run: run["rps"])
-        count, seconds = checkpoints_done(server)
-        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms; %d checkpoint(s) in the runs" % (
+        busy = sum(run["checkpoint_busy_s"] for run in case_runs)
+        total = sum(run["span"][1] - run["span"][0] for run in case_runs)
+        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms; %d checkpoint(s) during the runs" % (
             format(round(best["rps"]), ","), best["p50_ms"] or 0, best["p99_ms"] or 0,
             best["max_ms"] or 0, sum(run["checkpoints"] for run in case_runs))
-        if seconds:
-            summary += ", %.1f-%.1f s each" % (min(seconds), max(seconds))
+        if busy:
+            summary += ", running %.0f%% of their time" % (100 * busy / total)
+        took = [seconds for _, seconds in done if seconds]
+        if took:
+            summary += ", %.1f-%.1f s each" % (min(took), max(took))
         rows.append(dict(best, test="PUT c=%d, %s" % (connections, label), summary=summary,
                          checkpoints=state, keys=keys, checkpoint_bytes=limit,
-                         checkpoints_logged=count, checkpoint_seconds=seconds,
+                         checkpoints_logged=len(done), checkpoint_seconds=took,
+                         checkpoint_busy_share=busy / total if total else 0.0,
                          runs_rps=[round(run["rps"]) for run in case_runs],
                          runs_p99_ms=[run["p99_ms"] for run in case_runs],
                          runs_checkpoints=[run["checkpoints"] for run in case_runs]))
