@@ -96,7 +96,7 @@ import time
 import urllib.parse
 
 import persistence
-from store import ConditionFailed, Sealed, Store, value_tag
+from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 
 # ------------------------------------------------------------------ logging --
 #
@@ -152,8 +152,8 @@ BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
 CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\x00]*)?\r?")   # no space around the size
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
-ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD",
-           "/metrics": "GET, HEAD"}
+ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/kv": "GET, HEAD", "/clear": "DELETE",
+           "/health": "GET, HEAD", "/metrics": "GET, HEAD"}
 
 
 class Limits:
@@ -660,7 +660,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if not path.startswith("/"):              # absolute form: http://host/path
             scheme, _, rest = path.partition("://")
             path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
-        self.route_path = path.partition("?")[0]
+        self.route_path, _, self.route_query = path.partition("?")
         check_auth(self, self.route_path)
 
     def route(self):
@@ -669,6 +669,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if path.startswith("/kv/"):
             self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
             self.do_kv(parse_key(path[4:]), self.body)
+        elif path == "/kv":
+            self.check_method("/kv", ("GET", "HEAD"))
+            self.do_list(self.route_query)
         elif path == "/clear":
             self.check_method("/clear", ("DELETE",))
             self.write(self.server.store.clear)
@@ -702,6 +705,21 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                        etag=b'"%s"' % tag.encode())
         else:
             self.write(store.delete, key, condition=write_condition(self.headers))
+
+    def do_list(self, query):
+        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
+        prefix, after, limit = listing_query(query)
+        try:
+            keys, more = self.server.store.keys_page(prefix, after, limit)
+        except KeyIndexBuilding:
+            raise RequestError(503, "key index being built, retry", headers=(("Retry-After", "1"),))
+        keys, cut = within_page_bytes(keys)
+        headers = ()
+        if more or cut:
+            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
+                        % (quote(prefix), limit, quote(keys[-1]))),)
+        body = ("\n".join(keys) + "\n").encode() if keys else b""
+        self.reply(200, body, headers=headers)
 
     def write(self, mutation, *args, etag=None, **options):
         """Run a store mutation; the journal's writer sends the 200 once it is durable.
@@ -987,6 +1005,61 @@ def write_condition(headers):
             return False
         return if_none_match is None or tag is None or not _matches(tag, if_none_match)
     return holds
+
+
+# ------------------------------------------------------------------ listing --
+#
+# GET /kv?prefix=P&limit=N&after=K.  The store keeps the keys sorted once a
+# listing has asked for them (store.SortedKeys), so a page costs a bisect
+# and a slice, not a scan of the store.  A bad parameter is a 400: a limit
+# over LIST_LIMIT_MAX too, since a client that asked for more than it gets
+# would have to notice it from the Link header.
+
+LIST_LIMIT = 1000               # keys per page when the request names no limit
+LIST_LIMIT_MAX = 10000          # the largest limit accepted
+LIST_PAGE_BYTES = 1 << 20       # a page stops past this many bytes (long keys); Link has the rest
+LIST_PARAMETERS = ("prefix", "after", "limit")
+
+
+def listing_query(query):
+    """(prefix, after, limit) of a listing's query string, or RequestError(400)."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True,
+                                       errors="strict", max_num_fields=len(LIST_PARAMETERS))
+    except ValueError:
+        raise RequestError(400, "bad query string")
+    params = {}
+    for name, value in pairs:
+        if name not in LIST_PARAMETERS:
+            raise RequestError(400, "unknown parameter (prefix, limit and after are known)")
+        if name in params:
+            raise RequestError(400, "parameter %s given twice" % name)
+        params[name] = value
+    for name in ("prefix", "after"):
+        if params.get(name) and not KEY.fullmatch(params[name]):
+            raise RequestError(400, "%s contains invalid characters" % name)
+    limit = params.get("limit", str(LIST_LIMIT))
+    if not (limit.isascii() and limit.isdigit() and len(limit) <= 6
+            and 1 <= int(limit) <= LIST_LIMIT_MAX):
+        raise RequestError(400, "limit must be a number from 1 to %d" % LIST_LIMIT_MAX)
+    return params.get("prefix", ""), params.get("after", ""), int(limit)
+
+
+def within_page_bytes(keys):
+    """(keys, cut): the first keys whose lines fit in LIST_PAGE_BYTES (at least one)."""
+    if sum(map(len, keys)) + len(keys) <= LIST_PAGE_BYTES:
+        return keys, False
+    total = 0
+    for n, key in enumerate(keys):
+        total += len(key) + 1
+        if total > LIST_PAGE_BYTES and n:
+            return keys[:n], True
+    return keys, False
+
+
+def quote(text):
+    """Percent-encode a query value for the Link header (RFC 3986: unreserved characters stay)."""
+    return urllib.parse.quote(text, safe="")
 
 
 # -------------------------------------------------------------------- server --
