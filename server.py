@@ -199,6 +199,13 @@ class RequestError(Exception):
         self.status, self.message, self.close, self.headers = status, message, close, headers
 
 
+def storage_error(error):
+    """(status, message) for a write the journal could not make durable (the journal logs why)."""
+    if error.errno in persistence.STORAGE_FULL:
+        return 507, "insufficient storage"
+    return 500, "storage error"
+
+
 def parse_key(raw):
     """The key named by the path after /kv/ (percent-decoded), or RequestError."""
     if "%" in raw:
@@ -706,6 +713,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             self.write(self.server.store.clear)
         elif path == "/health":
             self.check_method("/health", ("GET", "HEAD"))
+            problem = self.server.store.write_problem()
+            if problem:
+                raise RequestError(503, problem)
             self.reply(200, b"ok\n")
         elif path == "/metrics":
             self.check_method("/metrics", ("GET", "HEAD"))
@@ -770,13 +780,13 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         metrics = self.server.metrics
 
         def send_when_durable(error):          # runs in the journal's writer thread
-            reply = ok
+            reply, status = ok, 200
             if error:
-                log("Journal write failed: %s" % error)
-                reply = build_reply(500, b"storage error\n", connection)
+                status, message = storage_error(error)
+                reply = build_reply(status, message.encode() + b"\n", connection)
             self.send_owed(reply)
-            metrics.request_done(command, 500 if error else 200, started)
-            self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
+            metrics.request_done(command, status, started)
+            self.log_message('"%s" %s %s', requestline, status, 0)
 
         self.body = None
         self.account()
@@ -790,8 +800,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(e, ConditionFailed):
                 raise RequestError(412, "precondition failed")
             if isinstance(e, OSError):
-                log("Journal write failed: %s" % e)
-                raise RequestError(500, "storage error")
+                raise RequestError(*storage_error(e))
             raise
 
     def send_owed(self, reply):
@@ -1810,6 +1819,9 @@ def open_store(args, signal_pipe):
     except OSError as e:
         raise persistence.DataError("%s: data directory is not usable: %s"
                                     % (e.filename or directory, e.strerror))
+    # Past RLIMIT_FSIZE, a write fails with EFBIG (a full disk, to the
+    # journal) instead of the process being killed by SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = Store(data, journal, args.checkpoint_bytes, log)
     if replayed:
         store.request_checkpoint()      # fold the replayed journals into a snapshot
@@ -1905,8 +1917,14 @@ def serve(args, store, signal_pipe):
                                               getattr(e, "strerror", None) or e))
         return 1
 
+    def stop_on_storage_failure():
+        store.fatal.wait()
+        log("Storage failed for good (%s); shutting down" % store.write_problem())
+        server.shutdown()
+
     threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
                      name="stopper", daemon=True).start()
+    threading.Thread(target=stop_on_storage_failure, name="storage-watch", daemon=True).start()
     host, port = server.server_address[:2]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
@@ -1932,6 +1950,10 @@ def serve(args, store, signal_pipe):
         fail("saving %s failed: %s; the journal still holds every write" % (path, e))
         return 1
     log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
+    if store.fatal.is_set():
+        # The snapshot holds every acknowledged write and none that failed.
+        fail("stopped after a storage failure: %s" % store.write_problem())
+        return 1
     return 0
 
 
