@@ -79,6 +79,7 @@ import http.server
 import io
 import ipaddress
 import os
+import pickle
 import queue
 import re
 import resource
@@ -141,7 +142,7 @@ KNOWN_VERSIONS = {"HTTP/1.1": "1", "HTTP/1.0": "0"}     # -> minor; these need n
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
 ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD",
-           "/metrics": "GET, HEAD"}
+           "/metrics": "GET, HEAD", "/snapshot": "GET"}
 
 
 class RequestError(Exception):
@@ -663,6 +664,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/metrics":
             self.check_method("/metrics", ("GET", "HEAD"))
             self.reply(200, self.server.metrics.render(self.server), content_type=METRICS_TYPE)
+        elif path == "/snapshot":
+            self.check_method("/snapshot", ("GET",))
+            SnapshotStream.start(self)
         else:
             raise RequestError(404, "not found")
 
@@ -886,6 +890,8 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.store = store
         self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
         self.metrics = Metrics()
+        self.snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
+        self.snapshot_timeout = SNAPSHOT_TIMEOUT
         self.max_value_bytes = max_value_bytes
         self.access_log = access_log
         self.draining = False
@@ -1251,6 +1257,129 @@ class Metrics:
         return "".join(out).encode("utf-8")
 
 
+# ------------------------------------------------------------------- backup --
+#
+# GET /snapshot: the whole store at one instant, in the snapshot file's
+# format (the dict pickled with protocol 5), streamed: the backup that
+# `cp` of the data directory is not (a copy made during a checkpoint can
+# pair an old snapshot with a newer journal).  Restoring is putting the
+# file as store.pickle in an empty data directory and starting there.
+
+SNAPSHOT_STREAMS = 1        # snapshots sent at once; more get 503 with Retry-After
+SNAPSHOT_RETRY_AFTER = 5    # seconds, in that 503
+SNAPSHOT_TIMEOUT = 60.0     # default of --snapshot-timeout
+
+
+class SnapshotStream:
+    """One GET /snapshot, sent by a thread of its own.
+
+    The worker that read the request only takes a slot (at most
+    SNAPSHOT_STREAMS at once: each holds a copy of the dict, its references
+    if not its values) and starts the thread; the connection's next request
+    waits for the end of this reply (the handler's reply_owed, as for a
+    write).  The thread copies the dict (Store.copy), then pickles it
+    straight into the socket: pickle.dump writes frames of about 64 KiB,
+    and each goes out as an HTTP chunk, so the pickle is never whole in
+    memory.  Chunked encoding also lets a client tell a cut-off backup from
+    a whole one (an HTTP/1.0 client, which cannot have chunks, gets the
+    bytes until the connection closes).  A client that takes no bytes for
+    --snapshot-timeout seconds is cut off.
+    """
+
+    def __init__(self, handler):
+        self.server = handler.server
+        self.sock = handler.connection
+        self.handler = handler
+        self.chunked = handler.request_version != "HTTP/1.0"
+        self.connection = handler.connection_header(close=not self.chunked)
+        self.started = handler.started
+        self.requestline = handler.requestline
+        self.size = 0
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLOUT)
+
+    @classmethod
+    def start(cls, handler):
+        """Take a slot and start the thread; raise a 503 if every slot is taken."""
+        slots = handler.server.snapshot_streams
+        if not slots.acquire(blocking=False):
+            raise RequestError(503, "a snapshot is already being sent; retry later",
+                               headers=(("Retry-After", SNAPSHOT_RETRY_AFTER),))
+        handler.reply_owed.acquire()
+        try:
+            threading.Thread(target=cls(handler).run, name="snapshot", daemon=True).start()
+        except BaseException:
+            handler.reply_owed.release()
+            slots.release()
+            raise
+
+    def run(self):
+        status = 200
+        try:
+            try:
+                data = self.server.store.copy()
+            except OSError as e:
+                status = 503
+                log("Snapshot refused: %s" % e)
+                self.send([build_reply(503, b"storage error\n", self.connection)])
+                return
+            self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                       b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
+                       b'Content-Disposition: attachment; filename="store.pickle"\r\n',
+                       _this_second.date_header(), self.connection, b"\r\n"])
+            pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+            del data
+            if self.chunked:
+                self.send([b"0\r\n\r\n"])
+        except Exception as e:          # the client gone or too slow, mostly
+            status = None
+            log("Snapshot to %s cut off after %d bytes: %s"
+                % (self.handler.client_address[0], self.size,
+                   "no progress for %g s" % self.server.snapshot_timeout
+                   if isinstance(e, TimeoutError) else e))
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)    # its next turn sees the end, and closes
+            except OSError:
+                pass
+        finally:
+            self.handler.reply_owed.release()
+            self.server.snapshot_streams.release()
+        if status:
+            self.server.metrics.request_done("GET", status, self.started)
+            self.handler.log_message('"%s" %s %s', self.requestline, status, self.size)
+
+    def write(self, data):
+        """pickle.dump's file: each write, one chunk."""
+        size = len(data)
+        if size:
+            self.size += size
+            if self.chunked:
+                self.send([b"%x\r\n" % size, data, b"\r\n"])
+            else:
+                self.send([data])
+        return size
+
+    def send(self, buffers):
+        """Send every buffer (without joining them: a frame may be 10 MiB); raise OSError.
+
+        Never blocks longer than --snapshot-timeout without progress:
+        TimeoutError then.
+        """
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while views:
+            try:
+                sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0], sent = views[0][sent:], 0
+            if views and not self._poll.poll(self.server.snapshot_timeout * 1000):
+                raise TimeoutError()
+
+
 # --------------------------------------------------------------- lifecycle --
 
 def positive_int(text):
@@ -1337,6 +1466,10 @@ def parse_args(argv, environ):
                              "but GET /health; the token is the file's content without "
                              "surrounding whitespace (env %s, default: no auth)"
                              % AUTH_TOKEN_ENV)
+    parser.add_argument("--snapshot-timeout", type=non_negative_float, default=SNAPSHOT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="cut off a GET /snapshot client that reads nothing for this "
+                             "long (default %g)" % SNAPSHOT_TIMEOUT)
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
     return parser.parse_args(argv)
@@ -1537,6 +1670,7 @@ def serve(args, store, signal_pipe):
         fail("cannot listen on %s:%s: %s" % (args.host, args.port,
                                               getattr(e, "strerror", None) or e))
         return 1
+    server.snapshot_timeout = args.snapshot_timeout
 
     threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
                      name="stopper", daemon=True).start()
