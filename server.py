@@ -3,40 +3,45 @@
     python3 server.py [--port 8080] [--working-dir ./data] ...   (--help for all)
 
 The server is an http.server.ThreadingHTTPServer whose threads serve
-requests, not connections: the main thread accepts connections and parks
-them (the kernel watches their sockets); when a connection's request
-arrives, a worker thread takes a turn on it: reads the request, calls the
-Store (store.py), replies, and parks the connection again.  The reply to a
-write is sent by the journal's writer thread once the write is durable
-(KVHandler.write).  Two changes to the stdlib's way make it hold up under
-load, each explained where it is made: connections wait for their next
-request without a thread, and one worker serves the turns in arrival
-order (KVServer); threads that had to wait for a slow client run request
-code one at a time, in arrival order (Admission).  On a host of its own,
---cpu N adds two more: every thread runs on one CPU (pin_to_one_cpu), and
-a woken thread does not preempt the running one (no_wakeup_preemption).
-The store is a dict behind one lock; persistence.py puts it on disk.
+requests, not connections, and never wait for a client.  The main thread
+accepts connections; one worker thread watches them all (epoll) and gives
+each a turn when its socket is ready: it reads what has arrived, without
+blocking, into the connection's buffer; serves each whole request found
+there (calls the Store, store.py); sends what the socket takes of the
+reply, keeping the rest for later turns.  A request that has not fully
+arrived costs a buffer, not a thread, so slow or stalled clients hold
+nobody up, and the number of threads is fixed.  The reply to a write is
+sent by the journal's writer thread once the write is durable
+(KVHandler.write).  Every wait on a client has a deadline, and everything
+a client can make the server spend has a bound (Limits).  On a host of
+its own, --cpu N adds two changes, each explained where it is made: every
+thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
+preempt the running one (no_wakeup_preemption).  The store is a dict
+behind one lock; persistence.py puts it on disk.
 
 A PUT, from the socket to the disk
 ----------------------------------
-    KVServer._accept_queued       accepts; process_request parks the socket
-    KVServer._unpark_readable     the unparker thread: the request is there,
-                                  so the connection's turn is queued
-    KVServer._worker              a worker takes it: KVHandler.serve_turn
-    KVHandler.handle_one_request  reads the request line, enters Admission
-    KVHandler.parse_request       reads the headers, with http.server's limits
-    KVHandler.read_body           Content-Length or chunked, at most
-                                  --max-value-bytes, 413 before reading more
+    KVServer._accept_queued       accepts; process_request arms the socket in
+                                  the worker's epoll set (KVServer.resume)
+    KVServer._serve_connections   the worker thread: the socket is readable,
+                                  so the connection gets a turn:
+    KVHandler.turn                one non-blocking read into its buffer
+    KVHandler.read_head           once the head's blank line is there:
+    KVHandler.parse_request       request line and headers, strictly
+    KVHandler.frame_body          Content-Length or chunked, at most
+                                  --max-value-bytes, 413 before reading more;
+                                  the body from the buffer, or over later turns
     KVHandler.do_kv               validates the key, then Store.put:
     Store._mutate                 under the lock, Journal.append (queues the
                                   record) and the dict, in the same order;
                                   then Journal.when_durable(send_when_durable);
-                                  the worker parks the connection, and takes
-                                  the next turn
+                                  the connection is owed its reply, and the
+                                  worker goes on with the others
     Journal._write_rounds         the journal's writer thread: one writev of
                                   every record queued, one fsync (group
                                   commit), then each waiting write's callback:
-    send_when_durable             the 200 (status, headers, body in one send)
+    KVHandler.send_owed           the 200 (status, headers, body in one send);
+                                  KVServer.resume re-arms the socket
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
@@ -69,18 +74,17 @@ if sys.version_info < (3, 10):
                      % (sys.executable or "this interpreter", sys.version.split()[0]))
     sys.exit(2)
 
-import _thread      # noqa: E402  (the imports wait for the version check)
+# The imports wait for the version check (flake8 would say E402).
 import argparse
 import bisect
 import collections
 import email.utils
+import errno
 import hmac
 import http.server
-import io
 import ipaddress
 import os
 import pickle
-import queue
 import re
 import resource
 import select
@@ -93,7 +97,7 @@ import time
 import urllib.parse
 
 import persistence
-from store import ConditionFailed, Sealed, Store, value_tag
+from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 
 # ------------------------------------------------------------------ logging --
 #
@@ -130,19 +134,60 @@ def fail(message):
 
 # ---------------------------------------------------------------- HTTP layer --
 
-MAX_LINE = 65536         # request line and header lines, as in http.server
-MAX_HEADERS = 100        # as in http.client / http.server
-READ_BUFFER = 65536      # per connection; pipelined requests arrive together
-ADMISSION_SLOTS = 1      # threads running request code at once (Admission)
+READ_SIZE = 65536           # one recv per turn at most: it bounds the work of a turn
+REQUESTS_PER_TURN = 32      # pipelined requests served in one turn; then the others' turn
+MAX_HEADERS = 100           # as in http.client / http.server
+MAX_CHUNK_LINE = 4096       # a chunk-size line, extensions included
+LINGER_SECONDS = 2.0        # after an error that closes: how long unread input is drained
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
-HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an RFC 9110 token
-CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-VERSION = re.compile(r"HTTP/(\d)\.(\d)")
-KNOWN_VERSIONS = {"HTTP/1.1": "1", "HTTP/1.0": "0"}     # -> minor; these need no regex
+TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"                 # an RFC 9110 token
+HEADER_NAME = re.compile(TOKEN)
+# One SP between the three parts, nothing else (RFC 9112 3): a TAB or another
+# Unicode space as separator is an error, not a space.
+REQUEST_LINE = re.compile(r"(%s) ([^\x00-\x20\x7f]+) (HTTP/(\d)\.(\d))" % TOKEN)
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+# In a request head: a NUL or another control byte but TAB, or a CR not
+# followed by LF.  A bare CR ends a line for some parsers and not for others:
+# it can hide a header (a Content-Length) from one and show it to another.
+BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\x00]*)?\r?")   # no space around the size
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
-ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/clear": "DELETE", "/health": "GET, HEAD",
-           "/metrics": "GET, HEAD", "/snapshot": "GET"}
+ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/kv": "GET, HEAD", "/clear": "DELETE",
+           "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/snapshot": "GET"}
+
+
+class Limits:
+    """Every bound on what a client can make the server spend; each is a flag (parse_args).
+
+    Timeouts are in seconds, measured by the sweep (KVServer), so they are
+    exact to within a second.
+      header_timeout      a request line and headers must arrive within it,
+                          from the first byte (from the accept for a new
+                          connection); else 408, and the connection closes.
+      body_timeout        a body must keep arriving: a pause longer than it
+                          gets 408.
+      send_timeout        a client must keep reading its reply: a pause
+                          longer than it closes the connection.
+      idle_timeout        a keep-alive connection without a request for so
+                          long is closed.
+      max_connections     past it, a new connection gets a canned 503 and is
+                          closed at once.
+      max_inflight_bytes  bodies being received, header blocks and unsent
+                          replies, for all connections together; a request
+                          that would pass it gets 503 with Retry-After.
+      max_header_bytes    request line and headers; past it, 431 (414 if the
+                          request line alone is longer).
+      max_value_bytes     the largest body; past it, 413.
+    """
+
+    def __init__(self, header_timeout=10.0, body_timeout=30.0, send_timeout=30.0,
+                 idle_timeout=60.0, max_connections=16384, max_inflight_bytes=256 << 20,
+                 max_header_bytes=65536, max_value_bytes=10 << 20):
+        self.header_timeout, self.body_timeout = header_timeout, body_timeout
+        self.send_timeout, self.idle_timeout = send_timeout, idle_timeout
+        self.max_connections, self.max_inflight_bytes = max_connections, max_inflight_bytes
+        self.max_header_bytes, self.max_value_bytes = max_header_bytes, max_value_bytes
 
 
 class RequestError(Exception):
@@ -151,10 +196,6 @@ class RequestError(Exception):
     def __init__(self, status, message, close=False, headers=()):
         super().__init__(message)
         self.status, self.message, self.close, self.headers = status, message, close, headers
-
-
-class ClientGone(Exception):
-    """The client closed the connection in the middle of a request."""
 
 
 def parse_key(raw):
@@ -169,33 +210,6 @@ def parse_key(raw):
     if not KEY.fullmatch(raw):
         raise RequestError(400, "key contains invalid characters")
     return raw
-
-
-def send_unblocked(sock, data, done):
-    """Send `data` on `sock`, then call done(); never block the caller on a slow client.
-
-    The usual small reply fits in the socket's buffer and goes at once.  The
-    rest of one that does not is sent by a thread of its own.
-    """
-    try:
-        sent = sock.send(data, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        sent = 0
-    except OSError:                             # the client is gone
-        sent = len(data)
-    if sent == len(data):
-        done()
-    else:
-        _thread.start_new_thread(_send_rest, (sock, memoryview(data)[sent:], done))
-
-
-def _send_rest(sock, rest, done):
-    try:
-        sock.sendall(rest)
-    except OSError:
-        pass
-    finally:
-        done()
 
 
 class _ThisSecond:
@@ -237,334 +251,292 @@ _this_second = _ThisSecond()
 TEXT_PLAIN = b"text/plain; charset=utf-8"
 
 
-def build_reply(status, body, connection, headers=(), with_body=True, content_type=TEXT_PLAIN):
-    """A whole reply as bytes: status line, headers, blank line, body.
+def build_head(status, length, connection, headers=(), content_type=TEXT_PLAIN):
+    """Status line and headers of a reply, up to its blank line.
 
     Pure, so the journal's writer thread may build one too: it must not
     touch the state of a handler that is already on its next request.
     """
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
             b"Content-Type: %s\r\n" % content_type,
-            b"Content-Length: %d\r\n" % len(body), _this_second.date_header(), connection]
+            b"Content-Length: %d\r\n" % length, _this_second.date_header(), connection]
     for name, value in headers:
         head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
     head.append(b"\r\n")
-    if with_body:
-        head.append(body)
     return b"".join(head)
 
 
-class Admission:
-    """At most `slots` threads run request code at once; the others wait in line.
-
-    Most turns run on one worker, one after the other (KVServer), and never
-    wait here.  But a turn that had to wait for its client keeps its thread
-    (KVHandler.worker_waits), and when the client's bytes come, that thread
-    wants the GIL back, as may hundreds of others like it.  The GIL is not
-    fair: a thread can wait for it through many turns of the others.  (With
-    a thread per connection, as this server had at first, the slowest GETs
-    at 256 connections (wrk's p99) took 1.35 s where an asyncio server takes
-    8 ms; 0.28 s once admission came.)  So a thread takes a slot once its
-    request has arrived and gives it back when the reply is on its way.
-    Waiting for a slot is waiting on a lock of one's own, not on the GIL,
-    and slots are handed over in arrival order.
-
-    A thread gives its slot up whenever it would block: while it waits for
-    more of a request from a slow client, and while it waits for a client
-    to read its reply (send_all).  Parked connections hold no slot, and
-    neither does a write waiting for its fsync: the journal's writer thread
-    sends its reply (KVHandler.write).
-
-    The server uses one slot (ADMISSION_SLOTS).  With a thread per
-    connection, two slots let the tail spike: wrk, GET at 256 connections,
-    p99 over 100 ms (up to 349 ms) in 7 runs of 22; one gave 15-24 ms in 10
-    of 10, and no lower throughput there.
-    """
-
-    def __init__(self, slots):
-        self._lock = threading.Lock()
-        self._slots = slots
-        self._active = 0                        # threads holding a slot
-        self._waiting = collections.deque()    # one locked Lock per waiting thread
-
-    def enter(self):
-        with self._lock:
-            if self._active < self._slots:
-                self._active += 1
-                turn = None
-            else:
-                turn = threading.Lock()
-                turn.acquire()
-                self._waiting.append(turn)
-        if turn is not None:
-            turn.acquire()          # until leave() hands this slot over
-
-    def leave(self):
-        """Give the slot to the longest waiter, or back to the pool if none waits."""
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().release()   # the slot changes hands
-            else:
-                self._active -= 1
+def build_reply(status, body, connection, headers=()):
+    """A whole small reply as bytes: head and body."""
+    return build_head(status, len(body), connection, headers) + body
 
 
-class _AdmittedReader(socket.SocketIO):
-    """A connection's socket reader, and its place in Admission.
-
-    `holding` says whether the connection holds a slot.  A recv() that
-    would block first calls `before_wait` (the worker lets another take its
-    place) and gives the slot up until data comes.  While `peeking`, it
-    never waits: it reports "nothing yet" instead.
-    """
-
-    def __init__(self, sock, admission, before_wait):
-        super().__init__(sock, "rb")
-        self._admission = admission
-        self._before_wait = before_wait     # called before a recv that would block
-        self.holding = False
-        self.peeking = False                # never wait: return None instead
-
-    def enter(self):
-        self._admission.enter()
-        self.holding = True
-
-    def leave(self):
-        """Give the slot up, if held."""
-        if self.holding:
-            self.holding = False
-            self._admission.leave()
-
-    def readinto(self, buffer):
-        # recv_into directly, not SocketIO.readinto: its checks cost a
-        # Python call per read, and our sockets have no timeout to handle.
-        if self.peeking:
-            return None             # "nothing yet", to BufferedReader.peek()
-        try:
-            return self._sock.recv_into(buffer, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        self._before_wait()
-        held = self.holding
-        self.leave()
-        try:
-            return self._sock.recv_into(buffer)
-        finally:
-            if held:
-                self.enter()
-
-
-class Parking:
-    """Connections between two requests, waiting without a thread of their own.
-
-    park() hands a connection's socket to the kernel to watch; wait()
-    blocks until some have something to read and returns their handlers.
-    Each parked handler is handed out once, to whoever pops it from
-    self._parked first: wait(), or take_all() at shutdown.  On Linux the
-    watching is an epoll set, each socket armed for one event at a time
-    (EPOLLONESHOT), so that a parked connection costs one system call, its
-    re-arming; elsewhere a selectors.DefaultSelector, registered and
-    unregistered each time.
-    """
-
-    ONE_READ = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLONESHOT", 0)
-
-    def __init__(self, use_epoll=hasattr(select, "epoll")):
-        self._parked = {}               # fd -> handler
-        self._epoll = select.epoll() if use_epoll else None
-        self._selector = None if use_epoll else selectors.DefaultSelector()
-
-    def park(self, handler):
-        """Watch the handler's socket; raises OSError if the kernel will not."""
-        fd = handler.request.fileno()
-        self._parked[fd] = handler      # before the kernel can report it
-        try:
-            if self._selector:
-                self._selector.register(fd, selectors.EVENT_READ)
-            else:
-                try:
-                    self._epoll.modify(fd, self.ONE_READ)       # re-arm
-                except FileNotFoundError:                       # a new socket
-                    self._epoll.register(fd, self.ONE_READ)
-        except OSError:
-            self._parked.pop(fd, None)
-            raise
-
-    def _take(self, fd):
-        handler = self._parked.pop(fd, None)    # atomic: one taker only
-        if handler is not None and self._selector:
-            self._selector.unregister(fd)
-        return handler
-
-    def wait(self):
-        """Block until parked connections can be read; return their handlers."""
-        if self._selector:
-            fds = [key.fd for key, _ in self._selector.select()]
-        else:
-            fds = [fd for fd, _ in self._epoll.poll()]
-        return [handler for handler in map(self._take, fds) if handler is not None]
-
-    def take_all(self):
-        """Every parked handler, taken out."""
-        return [handler for handler in map(self._take, list(self._parked))
-                if handler is not None]
+# A connection is in one of these states; the worker thread moves it from one
+# to the next (KVHandler.turn), except OWED, which the journal's writer ends.
+HEAD = "head"           # waiting for (the rest of) a request line and headers
+BODY = "body"           # receiving a Content-Length body, straight into its buffer
+CHUNKED = "chunked"     # decoding a chunked body as it arrives
+OWED = "owed"           # a write is in the journal: its writer sends the reply, then resumes
+CLOSING = "closing"     # close once the reply is out
+LINGER = "linger"       # after an error: reply out, then read and drop input until EOF
+CLOSED = "closed"
 
 
 class KVHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: requests in, replies out, until either side closes.
+    """One connection: its buffers, where it is in a request, its deadline.
+
+    A connection never has a thread of its own, and no thread ever waits
+    for its client.  The worker thread gives it a turn when its socket is
+    ready (KVServer): a turn reads what has arrived, without blocking, into
+    the connection's buffer; serves each whole request found there (route);
+    sends the reply, or as much of it as the socket takes; and hands the
+    socket back to the kernel to watch, for more input or for room to send
+    the rest.  A stalled client costs its buffer, never a thread.
+
+    The request head is parsed once its blank line is in the buffer; a
+    Content-Length body is received straight into a buffer of its size; a
+    chunked one is decoded as it arrives, in bulk (decode_chunks).  route()
+    runs only once the whole request is there, so a handler never waits.
 
     Overridden hooks of BaseHTTPRequestHandler, and why:
-      __init__            only sets the connection up: it is served in
-                          turns (serve_turn), each on whichever worker
-                          thread takes it, not by one call to handle();
-      setup, finish       a reader that leaves its Admission slot while it
-                          waits, and, before the socket closes, a wait for
-                          the reply the journal's writer may still owe;
-      handle_one_request  to answer every method on our paths (405 with
-                          Allow, where the base answers 501), and to tell the
-                          server when the connection is idle between requests
-                          so that shutdown can close it at once;
-      parse_request       a header parser of our own: the base one goes
-                          through email.parser and costs most of a request's
-                          time; ours keeps its limits and refusals;
+      __init__            only sets the connection up: it is served in turns,
+                          not by one call to handle();
+      parse_request       a stricter parser of our own, on a head already in
+                          memory (the base one reads lines from a file, and
+                          goes through email.parser);
       send_error          text/plain bodies, as every reply of ours;
       log_message         to stdout, and only with --access-log.
-    Replies are built whole (format_reply, build_reply): status line,
-    headers and body go in one write, so that a reply is one TCP segment
-    when it fits (with Nagle off, two writes would be two segments; with
-    Nagle on, the second one would wait ~40 ms for the client's delayed
-    ACK).
+    Replies go out whole (reply): status line, headers and body in one
+    send, so that a reply is one TCP segment when it fits (with Nagle off,
+    two writes would be two segments).
     """
 
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
     server_version = "kvstore"
 
-    # -- the request loop -----------------------------------------------------
-
     def __init__(self, request, client_address, server):
-        # Not the base class's __init__, which serves the connection to its
-        # end: here a connection is served in turns (KVServer), so this only
-        # sets it up.
-        self.request, self.client_address, self.server = request, client_address, server
-        self.replaced = False       # this turn's worker has been replaced (worker_waits)
-        self.setup()
-
-    def setup(self):
-        super().setup()
-        self.reader = _AdmittedReader(self.connection, self.server.admission, self.worker_waits)
-        self.rfile = io.BufferedReader(self.reader, READ_BUFFER)
-        self.reply_owed = threading.Lock()  # held while the journal owes this connection a reply
-
-    def serve_turn(self):
-        """Answer the requests that have arrived.
-
-        Returns True if the connection should wait, parked, for more;
-        False once it is done (then finish() and close it).
-        """
-        while True:
-            self.handle_one_request()
-            if self.close_connection:
-                return False
-            self.reader.peeking = True      # a pipelined request already read?
-            try:
-                if not self.rfile.peek(1):
-                    return True
-            finally:
-                self.reader.peeking = False
-
-    def worker_waits(self):
-        """This turn is about to wait for its client (or the disk): let another worker go on."""
-        if not self.replaced:
-            try:
-                self.server.start_worker()
-            except RuntimeError:        # no thread to be had: the queue waits for this turn
-                return
-            self.replaced = True
-
-    def finish(self):
-        self.await_owed_reply()
-        super().finish()
-
-    def handle_one_request(self):
-        self.close_connection = True          # until a full request says otherwise
-        if not self.server.set_idle(self.request, True):
-            return                            # shutting down: take no new request
-        try:
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):        # RFC 9112 2.2: ignore a stray CRLF
-                line = self.rfile.readline(MAX_LINE + 1)
-        finally:
-            self.server.set_idle(self.request, False)
-        if not line:
-            return                            # the client closed (or drain woke us)
-        self.raw_requestline = line
-        self.started = time.monotonic()       # for the latency metric
-        self.requestline = line.decode("latin-1").rstrip("\r\n")   # for the access log
-        self.command = None                   # nothing parsed yet, for reply()
+        self.request = self.connection = request
+        self.client_address, self.server = client_address, server
+        self.state = HEAD
+        self.inbuf = b""            # bytes received and not yet used
+        self.body = None            # the body being received (bytearray), or received
+        self.body_got = 0           # bytes of a BODY body received so far
+        self.chunk_left = -1        # CHUNKED: data bytes left in the chunk, or a _CHUNK_ step
+        self.trailer_bytes = 0
+        self.out = []               # the unsent rest of replies: memoryviews
+        self.out_bytes = 0
+        self.held = 0               # bytes counted in the server's in-flight total
+        self.idle = False           # between two requests, none begun
+        self.lingering = False      # LINGER: the write side is shut
+        self.handed_off = False     # this request's write is the journal's now
+        self.close_connection = False
+        self.requestline = ""
+        self.command = None
         self.request_version = "HTTP/1.1"
-        self.await_owed_reply()               # replies go out in request order
-        self.reader.enter()
+        self.deadline = server.now + server.limits.header_timeout
+        self.started = server.now       # when the request began, for the latency metric
+
+    # -- a turn ---------------------------------------------------------------
+
+    def turn(self, readable):
+        """Do what can be done now without waiting; the worker thread calls it."""
+        if self.state is OWED or self.state is CLOSED:
+            return                  # a stale event: the journal's writer owns it, or it is gone
         try:
-            if len(line) > MAX_LINE:
-                raise RequestError(414, "request line too long", close=True)
-            self.parse_request()
+            self._turn(readable)
+        except Exception:
+            self.server.handle_error(self.request, self.client_address)
+            self.close()
+
+    def _turn(self, readable):
+        server = self.server
+        if self.out and not self.flush():
+            return self.wait(OUT)
+        if self.state is CLOSING or (self.state is HEAD and self.close_connection):
+            return self.close()      # the last reply said Connection: close
+        if self.state is LINGER:
+            return self.linger()
+        if readable and not self.receive():
+            return self.close()
+        for _ in range(REQUESTS_PER_TURN):
+            if not self.advance():
+                break                           # the rest of a request has yet to come
+            if self.handed_off:
+                return                          # the journal's writer resumes it (resume)
+            if self.close_connection or self.state is LINGER:
+                if self.state is not LINGER:
+                    self.state = CLOSING
+                return self._turn(False)
+            if self.out:
+                return self.wait(OUT)
+        else:
+            self.account()
+            server.ready.append(self)           # the others first: back of the queue
+            return
+        if self.state is HEAD and not self.inbuf:
+            if server.draining:
+                return self.close()
+            if not self.idle:
+                self.idle = True
+                self.deadline = server.now + server.limits.idle_timeout
+        self.wait(IN)
+
+    def wait(self, events):
+        """Count what this connection holds, and let the kernel watch its socket."""
+        self.account()
+        self.server.poller.arm(self.request.fileno(), events)
+
+    def receive(self):
+        """One non-blocking read.  False if the client has gone."""
+        server = self.server
+        try:
+            if self.state is BODY:
+                n = self.request.recv_into(memoryview(self.body)[self.body_got:])
+                if not n:
+                    return False
+                self.body_got += n
+                self.deadline = server.now + server.limits.body_timeout
+                return True
+            data = self.request.recv(READ_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        if self.state is HEAD:
+            if self.idle:                       # a new request begins: its head has a deadline
+                self.idle = False
+                self.started = server.now
+                self.deadline = server.now + server.limits.header_timeout
+            if server.inflight > server.limits.max_inflight_bytes:
+                self.inbuf = b""
+                self.refuse_busy()
+                return True
+        else:
+            self.deadline = server.now + server.limits.body_timeout
+        self.inbuf = self.inbuf + data if self.inbuf else data
+        return True
+
+    def advance(self):
+        """Serve the next request if the buffer holds all of it; False if more must come."""
+        if self.state is LINGER:
+            return True                         # refused: nothing more to serve
+        try:
+            if self.state is HEAD:
+                if not self.inbuf or not self.read_head():
+                    return False
+            if self.state is BODY:
+                if self.body_got < len(self.body):
+                    return False
+                self.body = bytes(self.body)
+            elif self.state is CHUNKED:
+                if not self.decode_chunks():
+                    if (len(self.body) > READ_SIZE and self.server.inflight
+                            > self.server.limits.max_inflight_bytes):
+                        self.refuse_busy()
+                        return True
+                    return False
+                self.body = bytes(self.body)
+            self.state = HEAD
+            self.handed_off = False
             self.route()
         except RequestError as e:
+            self.state = HEAD
             self.reply(e.status, (e.message + "\n").encode(), close=e.close, headers=e.headers)
-        except ClientGone:
-            self.close_connection = True
-        finally:
-            self.reader.leave()
+            if e.close:
+                self.state = LINGER             # the client may still be sending
+        self.body = None
+        if not self.handed_off:                 # the next request's head starts now
+            self.started = self.server.now
+            self.deadline = self.server.now + self.server.limits.header_timeout
+        return True
 
-    def parse_request(self):
+    def refuse_busy(self):
+        """503: the requests in flight already hold all the memory they may."""
+        self.state, self.command = HEAD, None
+        self.reply(503, b"server busy\n", close=True, headers=(("Retry-After", "1"),))
+        self.state = LINGER
+
+    # -- reading a request ----------------------------------------------------
+
+    def read_head(self):
+        """Parse the head if its blank line is in the buffer; then frame the body.
+
+        Returns False if more must come.  Raises RequestError.
+        """
+        buf = self.inbuf
+        if buf[:1] in (b"\r", b"\n"):           # RFC 9112 2.2: ignore stray CRLFs first
+            buf = self.inbuf = buf.lstrip(b"\r\n")
+        limit = self.server.limits.max_header_bytes
+        end = HEAD_END.search(buf, 0, limit + 4)
+        if end is None:
+            if len(buf) <= limit:
+                return False
+            self.close_connection = True
+            if b"\n" not in buf[:limit]:
+                raise RequestError(414, "request line too long", close=True)
+            raise RequestError(431, "header block too large", close=True)
+        self.parse_request(buf[:end.start()])
+        self.inbuf = buf[end.end():]
+        self.head_received()
+        self.frame_body()
+        return True
+
+    def parse_request(self, head):
         """Parse the request line and headers into command, path, headers.
 
-        self.headers is a dict of lower-cased names; repeated headers are
-        joined with ", " (RFC 9110 5.3), which also lets read_body() notice
-        two different Content-Length values.  Raises RequestError.
+        As strict as Go's net/http and nginx: anything a second parser on
+        the way (a proxy) could read differently is a 400 that closes the
+        connection.  self.headers is a dict of lower-cased names; repeated
+        headers are joined with ", " (RFC 9110 5.3).  Raises RequestError.
         """
-        words = self.requestline.split()
-        if len(words) != 3:
+        self.close_connection = True            # until the head says otherwise
+        self.command = None
+        text = head.decode("latin-1")
+        bad = BAD_HEAD_BYTE.search(head)
+        lines = text.replace("\r\n", "\n").split("\n")
+        self.requestline = lines[0]
+        line = REQUEST_LINE.fullmatch(lines[0])
+        if not line or (bad and bad.start() < len(lines[0])):
             raise RequestError(400, "bad request line", close=True)
-        self.command, self.path, self.request_version = words
-        minor = KNOWN_VERSIONS.get(self.request_version)
-        if minor is None:
-            version = VERSION.fullmatch(self.request_version)
-            if not version:
-                raise RequestError(400, "bad request line", close=True)
-            if version.group(1) != "1":
-                raise RequestError(505, "http version not supported", close=True)
-            minor = version.group(2)
+        self.command, self.path, self.request_version, major, minor = line.groups()
+        if major != "1":
+            raise RequestError(505, "http version not supported", close=True)
+        if bad:
+            raise RequestError(400, "bad header line", close=True)
+        if len(lines) > MAX_HEADERS + 1:
+            raise RequestError(431, "too many headers", close=True)
         headers = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if len(line) > MAX_LINE:
-                raise RequestError(431, "header line too long", close=True)
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise ClientGone()
-            text = line.decode("latin-1").rstrip("\r\n")
-            name, colon, value = text.partition(":")
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
             if not colon or not HEADER_NAME.fullmatch(name):
                 raise RequestError(400, "bad header line", close=True)
             name = name.lower()
             value = value.strip(" \t")
-            headers[name] = headers[name] + ", " + value if name in headers else value
-        else:
-            raise RequestError(431, "too many headers", close=True)
+            if name in headers:
+                if name == "host":
+                    raise RequestError(400, "repeated host header", close=True)
+                if name == "content-length":
+                    if value != headers[name]:
+                        raise RequestError(400, "ambiguous message length", close=True)
+                    continue
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
         self.headers = headers
+        self.http_1_0 = minor == "0"
+        if not self.http_1_0 and "host" not in headers:
+            raise RequestError(400, "missing host header", close=True)
         tokens = headers.get("connection", "").lower()
-        if minor == "0":
+        if self.http_1_0:
             self.close_connection = "keep-alive" not in tokens
         else:
             self.close_connection = "close" in tokens
         return True
 
-    # -- bodies ---------------------------------------------------------------
-
-    def read_body(self):
-        """The request body (b"" if none).  Sets self.has_length.  Raises RequestError, ClientGone.
+    def frame_body(self):
+        """Find how the body is framed; take it whole from the buffer, or set the state to receive it.
 
         A body over --max-value-bytes is refused from its Content-Length,
         before a byte of it is read; a request that is ambiguous about its
@@ -575,86 +547,132 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("content-length")
         encoding = self.headers.get("transfer-encoding")
         self.has_length = length is not None or encoding is not None
-        limit = self.server.max_value_bytes
+        limits = self.server.limits
         if encoding is not None:
+            if self.http_1_0:
+                raise RequestError(400, "transfer-encoding on http/1.0", close=True)
             if length is not None:
                 raise RequestError(400, "ambiguous message length", close=True)
             if encoding.lower() != "chunked":
                 raise RequestError(501, "transfer-encoding not supported", close=True)
-            self.send_continue()
-            return self.read_chunked(limit)
+            self.body, self.chunk_left, self.trailer_bytes = bytearray(), _CHUNK_SIZE, 0
+            self.state = CHUNKED
+            if not self.inbuf:
+                self.send_continue()
+            self.deadline = self.server.now + limits.body_timeout
+            return
         if length is None:
-            return b""
-        if "," in length:                       # the header was repeated
-            values = {v.strip() for v in length.split(",")}
-            if len(values) != 1:
-                raise RequestError(400, "ambiguous message length", close=True)
-            length = values.pop()
+            self.body = b""
+            return
         if not (length.isascii() and length.isdigit()):
             raise RequestError(400, "bad content-length", close=True)
         length = int(length)
-        if length > limit:
+        if length > limits.max_value_bytes:
             raise RequestError(413, "value too large", close=True)
-        if length == 0:
-            return b""
-        self.send_continue()
-        return self.read_exactly(length)
+        buf = self.inbuf
+        if len(buf) >= length:
+            self.body, self.inbuf = buf[:length], buf[length:]
+            return
+        if length > READ_SIZE and self.server.inflight + length > limits.max_inflight_bytes:
+            raise RequestError(503, "server busy", close=True, headers=(("Retry-After", "1"),))
+        self.body = bytearray(length)
+        self.body[:len(buf)] = buf
+        self.body_got, self.inbuf = len(buf), b""
+        self.state = BODY
+        if not buf:
+            self.send_continue()
+        self.deadline = self.server.now + limits.body_timeout
 
-    def read_exactly(self, n):
-        data = self.rfile.read(n)
-        if len(data) < n:
-            raise ClientGone()
-        return data
+    def decode_chunks(self):
+        """Decode the chunks in the buffer onto self.body; True once the body is complete.
 
-    def read_chunked(self, limit):
-        """Decode a chunked body: hex size line, data, CRLF; ends with a 0 chunk and trailers."""
-        chunks, total = [], 0
-        while True:
-            line = self.rfile.readline(MAX_LINE + 1)
-            if not line:
-                raise ClientGone()
-            size = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not CHUNK_SIZE.fullmatch(size):
-                raise RequestError(400, "bad chunked body", close=True)
-            size = int(size, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise RequestError(413, "value too large", close=True)
-            chunks.append(self.read_exactly(size))
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise RequestError(400, "bad chunked body", close=True)
-        for _ in range(MAX_HEADERS + 1):          # trailer fields: read and ignore
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):
-                return b"".join(chunks)
-            if not line:
-                raise ClientGone()
-            if len(line) > MAX_LINE:
-                break
-        raise RequestError(400, "bad chunked body", close=True)
+        Chunk data is copied onto the body in bulk, with no Python object
+        per chunk; the framing costs a few steps of Python per chunk, and
+        one turn decodes at most what one read brought (READ_SIZE), so a
+        body of many tiny chunks takes many turns and the others get theirs
+        in between.  Raises RequestError.
+        """
+        buf = self.inbuf
+        view = memoryview(buf)
+        pos, end = 0, len(buf)
+        body, left = self.body, self.chunk_left
+        try:
+            while pos < end:
+                if left > 0:                            # chunk data
+                    take = min(left, end - pos)
+                    body += view[pos:pos + take]
+                    pos += take
+                    left -= take
+                    if not left:
+                        left = _CHUNK_END
+                elif left == _CHUNK_END:                # the CRLF after the data
+                    if buf.startswith(b"\r\n", pos):
+                        pos += 2
+                    elif buf.startswith(b"\n", pos):
+                        pos += 1
+                    elif buf[pos:end] == b"\r":
+                        break
+                    else:
+                        raise RequestError(400, "bad chunked body", close=True)
+                    left = _CHUNK_SIZE
+                else:                                   # a size line, or a trailer line
+                    newline = buf.find(b"\n", pos)
+                    if newline < 0:
+                        if end - pos > MAX_CHUNK_LINE:
+                            raise RequestError(400, "bad chunked body", close=True)
+                        break
+                    if left == _CHUNK_SIZE:
+                        size = CHUNK_LINE.fullmatch(buf, pos, newline)
+                        if not size:
+                            raise RequestError(400, "bad chunked body", close=True)
+                        left = int(size.group(1), 16)
+                        if len(body) + left > self.server.limits.max_value_bytes:
+                            raise RequestError(413, "value too large", close=True)
+                        if not left:
+                            left = _TRAILER
+                    else:                               # trailer fields: skipped
+                        self.trailer_bytes += newline + 1 - pos
+                        if self.trailer_bytes > self.server.limits.max_header_bytes:
+                            raise RequestError(400, "bad chunked body", close=True)
+                        if newline == pos or (newline == pos + 1 and buf[pos] == 13):
+                            self.inbuf = buf[newline + 1:]
+                            return True
+                    pos = newline + 1
+        finally:
+            view.release()
+        self.inbuf = buf[pos:] if pos else buf
+        self.chunk_left = left
+        return False
+
+    def read_body(self):
+        """The request's body (b"" if none): already received whole before route() runs."""
+        return self.body
 
     def send_continue(self):
         """Honour Expect: 100-continue: the client waits for this before sending the body."""
-        if (self.headers.get("expect", "").lower() == "100-continue"
-                and self.request_version != "HTTP/1.0"):
-            if self.send_all(b"HTTP/1.1 100 Continue\r\n\r\n"):
-                self.reader.enter()     # to read the body in turn
+        if not self.http_1_0 and self.headers.get("expect", "").lower() == "100-continue":
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- routing and the API --------------------------------------------------
 
-    def route(self):
+    def head_received(self):
+        """The head is parsed, the body not yet received: checks that need no body go here."""
         path = self.path
         if not path.startswith("/"):              # absolute form: http://host/path
             scheme, _, rest = path.partition("://")
             path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
-        path = path.partition("?")[0]
-        check_auth(self, path)
-        body = self.read_body()
+        self.route_path, _, self.route_query = path.partition("?")
+        check_auth(self, self.route_path)
+
+    def route(self):
+        """Serve a request that has arrived whole (self.body), from the worker thread."""
+        path = self.route_path
         if path.startswith("/kv/"):
             self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
-            self.do_kv(parse_key(path[4:]), body)
+            self.do_kv(parse_key(path[4:]), self.body)
+        elif path == "/kv":
+            self.check_method("/kv", ("GET", "HEAD"))
+            self.do_list(self.route_query)
         elif path == "/clear":
             self.check_method("/clear", ("DELETE",))
             self.write(self.server.store.clear)
@@ -692,20 +710,34 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.write(store.delete, key, condition=write_condition(self.headers))
 
+    def do_list(self, query):
+        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
+        prefix, after, limit = listing_query(query)
+        try:
+            keys, more = self.server.store.keys_page(prefix, after, limit)
+        except KeyIndexBuilding:
+            raise RequestError(503, "key index being built, retry", headers=(("Retry-After", "1"),))
+        keys, cut = within_page_bytes(keys)
+        headers = ()
+        if more or cut:
+            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
+                        % (quote(prefix), limit, quote(keys[-1]))),)
+        body = ("\n".join(keys) + "\n").encode() if keys else b""
+        self.reply(200, body, headers=headers)
+
     def write(self, mutation, *args, etag=None, **options):
         """Run a store mutation; the journal's writer sends the 200 once it is durable.
 
-        This thread does not wait for the disk: it goes back to the
-        connection, and the next request it reads (if the client pipelines)
-        waits in await_owed_reply() until this reply is out.  The 500 of a
-        write the journal could not make durable is built only then, by the
-        writer.  Sealed gets a 503, a failed condition (`options`: see
-        Store.put) a 412, and a journal that had already failed a 500, all
-        from here at once.  `etag` (bytes): the 200's ETag header.
+        The worker does not wait for the disk: the connection is OWED to the
+        journal's writer thread, which sends the reply (or the 500 of a
+        write it could not make durable) and resumes the connection
+        (KVServer.resume); until then no later request of it is read, so
+        replies go out in request order.  Sealed gets a 503, a failed
+        condition (`options`: see Store.put) a 412, and a journal that had
+        already failed a 500, all from here at once.  `etag` (bytes): the
+        200's ETag header.
         Why: a thread that slept through the fsync had to be woken, and to
-        win the GIL, once more per write.  PUT at 64 connections under
-        --fsync always went from ~13k to ~20k/s, with a quarter of the
-        context switches.
+        win the GIL, once more per write.
         """
         connection = self.connection_header()
         ok = _this_second.write_ok(connection, etag)
@@ -717,40 +749,44 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if error:
                 log("Journal write failed: %s" % error)
                 reply = build_reply(500, b"storage error\n", connection)
-            send_unblocked(self.connection, reply, self.reply_owed.release)
+            self.send_owed(reply)
             metrics.request_done(command, 500 if error else 200, started)
             self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
 
-        self.reply_owed.acquire()
-        queued = False
+        self.body = None
+        self.account()
+        self.state, self.handed_off = OWED, True
         try:
             mutation(*args, on_durable=send_when_durable, **options)
-            queued = True
-        except Sealed:
-            raise RequestError(503, "shutting down", close=True)
-        except ConditionFailed:
-            raise RequestError(412, "precondition failed")
-        except OSError as e:
-            log("Journal write failed: %s" % e)
-            raise RequestError(500, "storage error")
-        finally:
-            if not queued:
-                self.reply_owed.release()
+        except BaseException as e:
+            self.state, self.handed_off = HEAD, False
+            if isinstance(e, Sealed):
+                raise RequestError(503, "shutting down", close=True)
+            if isinstance(e, ConditionFailed):
+                raise RequestError(412, "precondition failed")
+            if isinstance(e, OSError):
+                log("Journal write failed: %s" % e)
+                raise RequestError(500, "storage error")
+            raise
 
-    def await_owed_reply(self):
-        """Return once the journal has sent this connection's last reply."""
-        if self.reply_owed.locked():
-            self.worker_waits()
-            with self.reply_owed:
-                pass
+    def send_owed(self, reply):
+        """Send a write's reply from the journal's writer thread, then give the connection back.
+
+        It never waits: what the socket does not take is left in self.out
+        for the worker to send.
+        """
+        try:
+            sent = self.request.send(reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError:                             # the client is gone
+            sent, self.close_connection = len(reply), True
+        if sent < len(reply):
+            self.out.append(memoryview(reply)[sent:])
+            self.out_bytes += len(reply) - sent
+        self.server.resume(self)
 
     # -- replies --------------------------------------------------------------
-
-    def format_reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
-        """A whole reply as bytes.  HEAD, and a 304, get the headers of GET and no body."""
-        return build_reply(status, body, self.connection_header(close), headers,
-                           with_body=self.command != "HEAD" and status != 304,
-                           content_type=content_type)
 
     def connection_header(self, close=False):
         """The Connection header of this request's reply; decides whether the connection closes."""
@@ -763,30 +799,132 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         return b""
 
     def reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
-        """Send a whole reply in one write."""
-        self.send_all(self.format_reply(status, body, close, headers, content_type))
+        """Send a whole reply; what the socket does not take now goes out in later turns.
+
+        HEAD, and a 304, get the headers of GET and no body.  A large body that would
+        take the requests in flight past --max-inflight-bytes gets a 503.
+        """
+        if self.command == "HEAD" or status == 304:
+            send = b""
+        else:
+            send = body
+            if (len(body) > READ_SIZE and self.server.inflight + len(body)
+                    > self.server.limits.max_inflight_bytes):
+                status, body = 503, b"server busy\n"
+                send, close, headers = body, True, (("Retry-After", "1"),)
+        head = build_head(status, len(body), self.connection_header(close), headers,
+                          content_type)
+        if len(send) <= READ_SIZE:
+            self.send(head + send)
+        else:
+            self.send(head, send)               # a large value is not copied
         self.server.metrics.request_done(self.command, status, self.started)
         if self.server.access_log:
             self.log_request(status, len(body))
 
-    def send_all(self, data):
-        """Send `data`; a client that does not read it holds up nobody else.
+    def send(self, *parts):
+        """Send what the socket takes now, without waiting; keep the rest in self.out."""
+        if not self.out:
+            try:
+                sent = self.request.sendmsg(parts) if len(parts) > 1 else self.request.send(parts[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError:                         # the client is gone
+                self.close_connection = True
+                return
+            for part in parts:
+                if sent >= len(part):
+                    sent -= len(part)
+                    continue
+                self.out.append(memoryview(part)[sent:])
+                self.out_bytes += len(part) - sent
+                sent = 0
+        else:
+            for part in parts:
+                self.out.append(memoryview(part))
+                self.out_bytes += len(part)
+        if self.out:
+            self.deadline = self.server.now + self.server.limits.send_timeout
 
-        The usual reply fits in the socket's buffer and goes at once.  If
-        not, the worker lets another take its place, and the admission slot
-        is given up, before it waits (as a read does in _AdmittedReader).
-        Returns True if the slot was given up.
-        """
+    def flush(self):
+        """Send more of self.out; True once it is all sent."""
+        out = self.out
         try:
-            sent = self.connection.send(data, socket.MSG_DONTWAIT)
+            while out:
+                sent = self.request.sendmsg(out[:64])
+                self.deadline = self.server.now + self.server.limits.send_timeout
+                self.out_bytes -= sent
+                while out and sent >= len(out[0]):
+                    sent -= len(out.pop(0))
+                if sent:
+                    out[0] = out[0][sent:]
+                    break                           # the socket took less than offered
         except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return False
-        self.worker_waits()
-        self.reader.leave()
-        self.connection.sendall(memoryview(data)[sent:])
-        return True
+            pass
+        except OSError:                             # the client is gone
+            out.clear()
+            self.out_bytes = 0
+            self.state = CLOSING
+            return True
+        return not out
+
+    # -- the end of a connection ----------------------------------------------
+
+    def linger(self):
+        """Read and drop what the client still sends after an error, so that it reads the error.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which can destroy the reply before the client reads it.
+        """
+        if not self.lingering:
+            self.lingering = True
+            self.inbuf = b""
+            self.deadline = self.server.now + LINGER_SECONDS
+            try:
+                self.request.shutdown(socket.SHUT_WR)
+            except OSError:
+                return self.close()
+        for _ in range(16):
+            try:
+                if not self.request.recv(READ_SIZE):
+                    return self.close()
+            except BlockingIOError:
+                return self.wait(IN)
+            except OSError:
+                return self.close()
+        self.server.ready.append(self)
+
+    def expire(self):
+        """The deadline passed (the sweep calls it): 408 where a reply can still be made, and close."""
+        if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf) or self.out:
+            self.server.requests_timed_out += 1     # not an idle connection
+        if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf and not self.out):
+            self.out.clear()
+            self.close_connection = True
+            self.command = None
+            try:
+                self.request.send(build_reply(408, b"request timeout\n", b"Connection: close\r\n"))
+            except OSError:
+                pass
+        self.close()
+
+    def close(self):
+        """Forget the connection and close its socket."""
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        self.inbuf, self.body, self.out, self.out_bytes = b"", None, [], 0
+        self.account()
+        self.server.forget(self)                    # before the fd can be reused
+        self.request.close()
+
+    def account(self):
+        """Update the server's count of the bytes that requests in flight hold."""
+        body = self.body
+        held = len(self.inbuf) + self.out_bytes + (len(body) if body is not None else 0)
+        if held != self.held:
+            self.server.inflight += held - self.held
+            self.held = held
 
     def send_error(self, code, message=None, explain=None):
         """The base class's error path (not normally reached): text/plain, and close."""
@@ -796,6 +934,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         # The request line names the key, never the value.
         if self.server.access_log:
             log("%s - %s" % (self.address_string(), format % args))
+
+
+_CHUNK_SIZE, _CHUNK_END, _TRAILER = -1, -2, -3     # KVHandler.chunk_left: what comes next
 
 
 # ----------------------------------------------------- conditional requests --
@@ -870,42 +1011,178 @@ def write_condition(headers):
     return holds
 
 
+# ------------------------------------------------------------------ listing --
+#
+# GET /kv?prefix=P&limit=N&after=K.  The store keeps the keys sorted once a
+# listing has asked for them (store.SortedKeys), so a page costs a bisect
+# and a slice, not a scan of the store.  A bad parameter is a 400: a limit
+# over LIST_LIMIT_MAX too, since a client that asked for more than it gets
+# would have to notice it from the Link header.
+
+LIST_LIMIT = 1000               # keys per page when the request names no limit
+LIST_LIMIT_MAX = 10000          # the largest limit accepted
+LIST_PAGE_BYTES = 1 << 20       # a page stops past this many bytes (long keys); Link has the rest
+LIST_PARAMETERS = ("prefix", "after", "limit")
+
+
+def listing_query(query):
+    """(prefix, after, limit) of a listing's query string, or RequestError(400)."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True,
+                                       errors="strict", max_num_fields=len(LIST_PARAMETERS))
+    except ValueError:
+        raise RequestError(400, "bad query string")
+    params = {}
+    for name, value in pairs:
+        if name not in LIST_PARAMETERS:
+            raise RequestError(400, "unknown parameter (prefix, limit and after are known)")
+        if name in params:
+            raise RequestError(400, "parameter %s given twice" % name)
+        params[name] = value
+    for name in ("prefix", "after"):
+        if params.get(name) and not KEY.fullmatch(params[name]):
+            raise RequestError(400, "%s contains invalid characters" % name)
+    limit = params.get("limit", str(LIST_LIMIT))
+    if not (limit.isascii() and limit.isdigit() and len(limit) <= 6
+            and 1 <= int(limit) <= LIST_LIMIT_MAX):
+        raise RequestError(400, "limit must be a number from 1 to %d" % LIST_LIMIT_MAX)
+    return params.get("prefix", ""), params.get("after", ""), int(limit)
+
+
+def within_page_bytes(keys):
+    """(keys, cut): the first keys whose lines fit in LIST_PAGE_BYTES (at least one)."""
+    if sum(map(len, keys)) + len(keys) <= LIST_PAGE_BYTES:
+        return keys, False
+    total = 0
+    for n, key in enumerate(keys):
+        total += len(key) + 1
+        if total > LIST_PAGE_BYTES and n:
+            return keys[:n], True
+    return keys, False
+
+
+def quote(text):
+    """Percent-encode a query value for the Link header (RFC 3986: unreserved characters stay)."""
+    return urllib.parse.quote(text, safe="")
+
+
 # -------------------------------------------------------------------- server --
 
-class KVServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer whose threads serve turns, not connections; it knows its connections.
+IN = getattr(select, "EPOLLIN", 1)
+OUT = getattr(select, "EPOLLOUT", 4)
 
-    Every accepted socket is in self._connections until its handler is
-    done with it.  Between two requests a connection is parked; a turn
-    that waits for the rest of a request line is in self._idle: drain()
-    closes both at once.
+
+class Poller:
+    """The kernel's watch over connections: arm(fd, IN or OUT) reports the fd once, when ready.
+
+    On Linux an epoll set, each socket armed for one event at a time
+    (EPOLLONESHOT), so that a connection costs one system call per turn,
+    its re-arming, and any thread may arm one (thread_safe).  Elsewhere a
+    selectors.DefaultSelector, which only the worker thread may touch.
+    """
+
+    def __init__(self, use_epoll=hasattr(select, "epoll")):
+        self.thread_safe = use_epoll
+        self._epoll = select.epoll() if use_epoll else None
+        self._selector = None if use_epoll else selectors.DefaultSelector()
+        self._persistent = set()
+
+    def watch(self, fd):
+        """Report `fd` whenever it is readable, not once (the worker's wake-up pipe)."""
+        self._persistent.add(fd)
+        if self._epoll:
+            self._epoll.register(fd, IN)
+        else:
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def arm(self, fd, events):
+        if self._epoll:
+            try:
+                self._epoll.modify(fd, events | select.EPOLLONESHOT)
+            except FileNotFoundError:                   # a new socket
+                self._epoll.register(fd, events | select.EPOLLONESHOT)
+        else:
+            mask = selectors.EVENT_READ if events == IN else selectors.EVENT_WRITE
+            try:
+                self._selector.modify(fd, mask)
+            except KeyError:
+                self._selector.register(fd, mask)
+
+    def poll(self, timeout):
+        """The fds that are ready, waiting up to `timeout` seconds for one."""
+        if self._epoll:
+            return [fd for fd, _ in self._epoll.poll(timeout)]
+        ready = [key.fd for key, _ in self._selector.select(timeout)]
+        for fd in ready:
+            if fd not in self._persistent:
+                self._selector.unregister(fd)           # once, as EPOLLONESHOT
+        return ready
+
+    def forget(self, fd):
+        """Before the fd closes (a selector would keep it registered)."""
+        if self._selector:
+            try:
+                self._selector.unregister(fd)
+            except KeyError:
+                pass
+
+
+class KVServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer whose one worker thread serves every connection in turns.
+
+    The main thread accepts (serve_forever); each connection is handed to
+    the worker thread, which runs an event loop (_serve_connections): it
+    asks the kernel which sockets are ready, gives each a turn
+    (KVHandler.turn), and once a second sweeps the connections for passed
+    deadlines.  The journal's writer thread sends the replies of writes.
+    Those threads, and the store's checkpointer, are all the threads there
+    are, whatever the clients do: running out of threads cannot happen.
+
+    ThreadingMixIn gives each connection a thread of its own, which sleeps
+    in recv() until the next request: every request then costs a thread
+    switch, a burst of 10,000 connects means 10,000 threads, and each
+    stalled client holds one for as long as it likes.  One worker suffices
+    because one thread runs Python at a time anyway; it serves turns in
+    the order sockets became ready, and a connection that still has work
+    after its turn's budget (REQUESTS_PER_TURN, or one READ_SIZE read) goes
+    to the back of the queue (self.ready): a client that pipelines without
+    pause, or streams tiny chunks, shares the worker with the others.
     """
 
     request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
                                 # of connects; the kernel caps it at somaxconn)
+    SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
 
-    def __init__(self, address, store, max_value_bytes, access_log, auth_token=None):
+    def __init__(self, address, store, max_value_bytes, access_log, auth_token=None,
+                 limits=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.store = store
         self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
+        self.limits = limits or Limits()
+        self.limits.max_value_bytes = self.max_value_bytes = max_value_bytes
         self.metrics = Metrics()
         self.snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
-        self.snapshot_timeout = SNAPSHOT_TIMEOUT
-        self.max_value_bytes = max_value_bytes
         self.access_log = access_log
         self.draining = False
-        self.admission = Admission(ADMISSION_SLOTS)
-        self._connections = set()
-        self._idle = set()
-        self._lock = threading.Lock()           # guards _connections (_idle: see set_idle)
+        self.now = time.monotonic()             # the worker's clock, read once per round
+        self.inflight = 0                       # bytes held by requests in flight (worker only)
+        self.ready = collections.deque()        # handlers with work left: a turn each, in order
+        self._connections = {}                  # fd -> handler, until it closes
+        self._resumed = collections.deque()     # handlers given back by other threads
+        self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)      # a connection ended
-        self._turns = queue.SimpleQueue()       # handlers whose requests have arrived
-        self._parking = Parking()
+        self.connections_refused = 0            # past --max-connections (for /metrics)
+        self.requests_timed_out = 0             # cut off at a deadline (for /metrics)
+        self._accept_delay = 0                  # the back-off while out of file descriptors
+        self._logged = {}                       # message kind -> when last logged
+        self.poller = Poller()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
+        self.poller.watch(self._wake_read)
         super().__init__(address, KVHandler)
-        threading.Thread(target=self._unpark_readable, name="unparker", daemon=True).start()
-        for _ in range(self.WORKERS):
-            self.start_worker()
+        threading.Thread(target=self._serve_connections, name="worker", daemon=True).start()
 
     def server_bind(self):
         # HTTPServer.server_bind() looks up our fully qualified host name,
@@ -914,112 +1191,157 @@ class KVServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    # -- threads: a turn per request, not a thread per connection ----------
-    #
-    # ThreadingMixIn gives each connection a thread of its own, which sleeps
-    # in recv() until the next request: every request then costs a thread
-    # switch, and a burst of 10,000 connects means 10,000 threads.  Here a
-    # connection between two requests has no thread: it is parked (Parking),
-    # its socket watched by the kernel.  The unparker thread waits for
-    # parked sockets to become readable and queues their turns, in arrival
-    # order; a worker takes a turn, serves the requests that have arrived
-    # (KVHandler.serve_turn), parks the connection again and takes the next
-    # turn.  Under load the queue is seldom empty, so the worker goes from
-    # one request to the next without sleeping.
-    #
-    # One worker, because one runs Python at a time anyway: with two, GET
-    # at 256 connections fell from 34.9k to 26.4k/s and its p99 rose from
-    # 10 to 16 ms (3 interleaved pairs).  A turn that must wait (for the
-    # rest of a slow client's request, for a client to read a large reply,
-    # for the fsync a pipelined write needs first) starts a new worker
-    # before it waits (KVHandler.worker_waits), so the queue never waits
-    # behind it, and its own thread ends with the turn.
-    #
-    # Measured against a thread per connection (interleaved pairs of 3 s
-    # runs on the 2-CPU VM): PUT at 64 connections 27.5k against 25.4k/s
-    # (6 pairs); GET at 64 connections 54.9k against 49.5k/s (4 pairs); GET
-    # at 256 connections 48.1k against 26.7k/s, p99 7-10 ms against 15-18
-    # ms (3 pairs).  Context switches per PUT (perf stat, 3 runs each):
-    # 0.26-0.30 against 1.01-1.05.
+    # -- accepting (the main thread) ------------------------------------------
 
-    WORKERS = 1
-
-    def start_worker(self):
-        _thread.start_new_thread(self._worker, ())
-
-    def _worker(self):
-        while not self._take_turn(self._turns.get()):
-            pass                        # until another worker takes this one's place
-
-    def _take_turn(self, handler):
-        """Serve a turn, then park the connection or close it.  True if this worker was replaced."""
-        try:
-            more = handler.serve_turn()
-        except Exception:
-            self.handle_error(handler.request, handler.client_address)
-            more = False
-        replaced, handler.replaced = handler.replaced, False
-        if more:
-            try:
-                self.park(handler)      # from here, another turn may own it
-                return replaced
-            except OSError as e:        # the kernel will not watch it: close it
-                log("Cannot park a connection: %s" % e)
-        try:
-            handler.finish()            # may wait for an owed reply, and be replaced
-        except Exception:
-            pass
-        self.shutdown_request(handler.request)
-        return replaced or handler.replaced
-
-    def park(self, handler):
-        """Let the connection wait for its next request without a thread."""
-        self._parking.park(handler)
-        if self.draining:               # drain() may have taken the others already
-            self._queue_turns(self._parking.take_all())
-
-    def _queue_turns(self, handlers):
-        for handler in handlers:
-            self._turns.put(handler)
-
-    def _unpark_readable(self):
-        while True:
-            self._queue_turns(self._parking.wait())
-
-    def process_request(self, request, client_address):
-        with self._lock:
-            self._connections.add(request)
-        try:
-            self.park(KVHandler(request, client_address, self))
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
+    def server_activate(self):
+        super().server_activate()
+        # Non-blocking, so that _accept_queued() can accept until the
+        # kernel's queue is empty.
+        self.socket.setblocking(False)
 
     def service_actions(self):
         # Called by serve_forever() after each accept and every poll_interval.
         self._accept_queued()
 
-    def server_activate(self):
-        super().server_activate()
-        # Non-blocking, so that _accept_queued() can accept until the
-        # kernel's queue is empty.  (Accepted sockets are blocking again.)
-        self.socket.setblocking(False)
+    def _handle_request_noblock(self):
+        # serve_forever() calls it when the listening socket is readable;
+        # service_actions(), which runs right after, accepts them all.
+        pass
 
     def _accept_queued(self):
-        """Accept every connection already waiting, not just one per select()."""
+        """Accept every connection already waiting; back off while out of file descriptors.
+
+        Out of descriptors (EMFILE, ENFILE), the connection stays in the
+        kernel's queue and the listening socket stays readable: accepting
+        again at once would spin.  So wait, 5 ms doubling up to 1 s, as Go's
+        net/http does, and log it at most once a second.
+        """
         for _ in range(self.request_queue_size):
             try:
                 request, client_address = self.socket.accept()
-            except OSError:         # BlockingIOError: queue empty; EMFILE: later
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    break                       # ECONNABORTED and the like: that one is gone
+                self._accept_delay = min(max(self._accept_delay * 2, 0.005), 1.0)
+                self.log_at_most_once_a_second(
+                    "accept", "Cannot accept connections: %s; retrying in %d ms"
+                    % (e.strerror, self._accept_delay * 1000))
+                time.sleep(self._accept_delay)
                 return
+            self._accept_delay = 0
             self.process_request(request, client_address)
 
-    def shutdown_request(self, request):
-        super().shutdown_request(request)
-        with self._lock:
-            self._connections.discard(request)
-            self._idle.discard(request)
-            self._changed.notify_all()
+    def process_request(self, request, client_address):
+        if len(self._connections) >= self.limits.max_connections:
+            self.connections_refused += 1
+            self.log_at_most_once_a_second(
+                "connections", "Refusing connections: %d open (--max-connections)"
+                % len(self._connections))
+            try:
+                request.send(build_reply(503, b"too many connections\n",
+                                         b"Connection: close\r\n", (("Retry-After", "1"),)),
+                             socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            request.close()
+            return
+        try:
+            request.setblocking(False)
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            handler = KVHandler(request, client_address, self)
+            handler.deadline = time.monotonic() + self.limits.header_timeout
+            self._connections[request.fileno()] = handler
+            self.resume(handler)
+        except Exception:
+            self.handle_error(request, client_address)
+            self._connections.pop(request.fileno(), None)
+            request.close()
+
+    def log_at_most_once_a_second(self, kind, message):
+        now = time.monotonic()
+        if now - self._logged.get(kind, -2.0) >= 1.0:
+            self._logged[kind] = now
+            log(message)
+
+    # -- the worker thread ----------------------------------------------------
+
+    def resume(self, handler):
+        """Give a connection back to the worker: from the accepting thread, or the journal's writer.
+
+        The usual case, no input buffered and no reply left to send, needs
+        no wake-up of the worker: the socket is armed for the kernel to
+        watch, which any thread may do on Linux.
+        """
+        if handler.state is OWED:
+            handler.deadline = time.monotonic() + self.limits.idle_timeout
+            handler.idle = True
+            handler.state = HEAD
+        if (self.poller.thread_safe and not (handler.out or handler.inbuf
+                                             or handler.close_connection or self.draining)):
+            try:
+                self.poller.arm(handler.request.fileno(), IN)
+                return
+            except OSError:
+                pass
+        self._resumed.append(handler)
+        self.wake()
+
+    def wake(self):
+        try:
+            os.write(self._wake_write, b"!")
+        except BlockingIOError:
+            pass                                # full: the worker will wake anyway
+
+    def _serve_connections(self):
+        """The worker's loop: a turn for each connection that is ready, in order."""
+        connections, ready, poller = self._connections, self.ready, self.poller
+        next_sweep = time.monotonic() + self.SWEEP_INTERVAL
+        while True:
+            timeout = 0 if ready else max(0.0, next_sweep - self.now)
+            fds = poller.poll(timeout)
+            self.now = now = time.monotonic()
+            for fd in fds:
+                handler = connections.get(fd)
+                if handler is not None:
+                    handler.turn(True)
+                elif fd == self._wake_read:
+                    self._take_resumed()
+            for _ in range(len(ready)):
+                ready.popleft().turn(False)
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + self.SWEEP_INTERVAL
+
+    def _take_resumed(self):
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        resumed = self._resumed
+        while resumed:
+            self.ready.append(resumed.popleft())
+        if self.draining:
+            for handler in list(self._connections.values()):
+                if handler.state is LINGER or (handler.state is HEAD and not handler.out):
+                    handler.close()
+
+    def _sweep(self, now):
+        """Close the connections whose deadline has passed (KVHandler.expire)."""
+        for handler in list(self._connections.values()):
+            if handler.deadline <= now and handler.state is not OWED:
+                handler.expire()
+
+    def forget(self, handler):
+        fd = handler.request.fileno()
+        self.poller.forget(fd)
+        if self._connections.get(fd) is handler:
+            del self._connections[fd]
+        if self.draining:
+            with self._lock:
+                self._changed.notify_all()
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
@@ -1027,52 +1349,24 @@ class KVServer(http.server.ThreadingHTTPServer):
             return                        # the client went away: nothing to report
         log("Unexpected error serving %s: %r" % (client_address[0], error))
 
-    def set_idle(self, request, idle):
-        """Mark a connection as waiting for its next request (or not).
-
-        Returns False when the server is draining and the connection should
-        close instead of waiting.  It runs twice per request, so it takes no
-        lock: a connection first joins _idle, then reads `draining`; drain()
-        first sets `draining`, then looks at _idle.  Each step is atomic
-        under the GIL, so whichever of the two comes second sees the other's
-        step: either drain() wakes the connection, or the connection sees
-        `draining` itself.  None can slip into a wait that lasts.
-        """
-        if not idle:
-            self._idle.discard(request)
-            return True
-        self._idle.add(request)
-        if self.draining:
-            self._idle.discard(request)
-            return False
-        return True
-
     def drain(self, timeout):
         """Close idle connections now; wait up to `timeout` s for the others.
 
         Guarantees: when it returns, no connection is between requests, and
         each request that was in flight has finished, unless the deadline
         passed first; returns how many connections were still open then.
-        It does not stop a handler that is still running: Store.seal() is
+        It does not stop a request that is still running: Store.seal() is
         what keeps such a late request from changing the saved state.
         """
         deadline = time.monotonic() + timeout
+        self.draining = True
+        self.wake()                     # the worker closes the idle ones
         with self._lock:
-            self.draining = True
-            for request in list(self._idle):     # a copy: handlers change it unlocked
-                # shutdown(SHUT_RD) wakes a thread blocked in recv();
-                # close() would not.  Bytes already buffered are still read.
-                try:
-                    request.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-            # A turn for each parked connection: it sees `draining`, and closes.
-            self._queue_turns(self._parking.take_all())
             while self._connections:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._changed.wait(left)
+                self._changed.wait(min(left, 0.1))
             return len(self._connections)
 
 
@@ -1080,8 +1374,8 @@ class KVServer(http.server.ThreadingHTTPServer):
 #
 # With --auth-token-file, every request but GET and HEAD of /health must
 # carry "Authorization: Bearer <token>"; the others get 401 and a
-# WWW-Authenticate header (RFC 6750).  route() calls check_auth() as soon as
-# the headers are parsed, before the body is read: a client without the
+# WWW-Authenticate header (RFC 6750).  head_received() calls check_auth() as
+# soon as the headers are parsed, before the body is read: a client without the
 # token cannot make the server read a 10 MiB upload.  Nothing logs request
 # headers, so the token never reaches a log.
 
@@ -1267,86 +1561,82 @@ class Metrics:
 
 SNAPSHOT_STREAMS = 1        # snapshots sent at once; more get 503 with Retry-After
 SNAPSHOT_RETRY_AFTER = 5    # seconds, in that 503
-SNAPSHOT_TIMEOUT = 60.0     # default of --snapshot-timeout
 
 
 class SnapshotStream:
-    """One GET /snapshot, sent by a thread of its own.
+    """One GET /snapshot, sent by a thread of its own, so that the worker never waits for it.
 
-    The worker that read the request only takes a slot (at most
-    SNAPSHOT_STREAMS at once: each holds a copy of the dict, its references
-    if not its values) and starts the thread; the connection's next request
-    waits for the end of this reply (the handler's reply_owed, as for a
-    write).  The thread copies the dict (Store.copy), then pickles it
-    straight into the socket: pickle.dump writes frames of about 64 KiB,
-    and each goes out as an HTTP chunk, so the pickle is never whole in
-    memory.  Chunked encoding also lets a client tell a cut-off backup from
-    a whole one (an HTTP/1.0 client, which cannot have chunks, gets the
-    bytes until the connection closes).  A client that takes no bytes for
-    --snapshot-timeout seconds is cut off.
+    The worker, in route(), takes a slot (at most SNAPSHOT_STREAMS at once:
+    each holds a copy of the dict, its references if not its values), hands
+    the connection over as a write does (OWED: the worker reads no later
+    request of it), and starts the thread.  The thread copies the dict
+    (Store.copy), then pickles it straight into the socket: pickle.dump
+    writes frames of about 64 KiB, each sent as an HTTP chunk, so the
+    pickle is never whole in memory.  Chunks also let a client tell a
+    cut-off backup from a whole one (an HTTP/1.0 client, which cannot have
+    them, gets the bytes until the connection closes).  A client that takes
+    nothing for --send-timeout seconds is cut off.  Then the connection goes
+    back to the worker (KVHandler.send_owed), with the last chunk.
     """
 
     def __init__(self, handler):
-        self.server = handler.server
-        self.sock = handler.connection
         self.handler = handler
+        self.server = handler.server
+        self.sock = handler.request
         self.chunked = handler.request_version != "HTTP/1.0"
         self.connection = handler.connection_header(close=not self.chunked)
-        self.started = handler.started
-        self.requestline = handler.requestline
+        self.started, self.requestline = handler.started, handler.requestline
         self.size = 0
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLOUT)
 
     @classmethod
     def start(cls, handler):
-        """Take a slot and start the thread; raise a 503 if every slot is taken."""
+        """Take a slot, hand the connection over and start the thread; a 503 if no slot is free."""
         slots = handler.server.snapshot_streams
         if not slots.acquire(blocking=False):
             raise RequestError(503, "a snapshot is already being sent; retry later",
                                headers=(("Retry-After", SNAPSHOT_RETRY_AFTER),))
-        handler.reply_owed.acquire()
         try:
-            threading.Thread(target=cls(handler).run, name="snapshot", daemon=True).start()
+            thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
+            handler.body = None
+            handler.account()
+            handler.state, handler.handed_off = OWED, True
+            thread.start()
         except BaseException:
-            handler.reply_owed.release()
+            handler.state, handler.handed_off = HEAD, False
             slots.release()
             raise
 
     def run(self):
-        status = 200
+        handler = self.handler
+        status, last = 200, b"0\r\n\r\n" if self.chunked else b""
         try:
             try:
                 data = self.server.store.copy()
             except OSError as e:
-                status = 503
                 log("Snapshot refused: %s" % e)
-                self.send([build_reply(503, b"storage error\n", self.connection)])
-                return
-            self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
-                       b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
-                       b'Content-Disposition: attachment; filename="store.pickle"\r\n',
-                       _this_second.date_header(), self.connection, b"\r\n"])
-            pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
-            del data
-            if self.chunked:
-                self.send([b"0\r\n\r\n"])
+                status, last = 503, build_reply(503, b"storage error\n", self.connection)
+            else:
+                self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                           b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
+                           b'Content-Disposition: attachment; filename="store.pickle"\r\n',
+                           _this_second.date_header(), self.connection, b"\r\n"])
+                pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+                del data
         except Exception as e:          # the client gone or too slow, mostly
-            status = None
+            status, last = None, b""
+            handler.close_connection = True
             log("Snapshot to %s cut off after %d bytes: %s"
-                % (self.handler.client_address[0], self.size,
-                   "no progress for %g s" % self.server.snapshot_timeout
+                % (handler.client_address[0], self.size,
+                   "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
                    if isinstance(e, TimeoutError) else e))
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)    # its next turn sees the end, and closes
-            except OSError:
-                pass
         finally:
-            self.handler.reply_owed.release()
             self.server.snapshot_streams.release()
         if status:
             self.server.metrics.request_done("GET", status, self.started)
-            self.handler.log_message('"%s" %s %s', self.requestline, status, self.size)
+            handler.log_message('"%s" %s %s', self.requestline, status, self.size)
+        handler.send_owed(last)         # the worker has the connection back
 
     def write(self, data):
         """pickle.dump's file: each write, one chunk."""
@@ -1362,13 +1652,13 @@ class SnapshotStream:
     def send(self, buffers):
         """Send every buffer (without joining them: a frame may be 10 MiB); raise OSError.
 
-        Never blocks longer than --snapshot-timeout without progress:
-        TimeoutError then.
+        Raises TimeoutError if the client takes nothing for --send-timeout.
         """
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        timeout_ms = self.server.limits.send_timeout * 1000
         while views:
             try:
-                sent = self.sock.sendmsg(views, (), socket.MSG_DONTWAIT)
+                sent = self.sock.sendmsg(views)     # the socket is non-blocking
             except BlockingIOError:
                 sent = 0
             while sent:
@@ -1376,7 +1666,7 @@ class SnapshotStream:
                     sent -= len(views.pop(0))
                 else:
                     views[0], sent = views[0][sent:], 0
-            if views and not self._poll.poll(self.server.snapshot_timeout * 1000):
+            if views and not self._poll.poll(timeout_ms):
                 raise TimeoutError()
 
 
@@ -1392,6 +1682,13 @@ def positive_int(text):
 def non_negative_float(text):
     value = float(text)
     if not value >= 0:          # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or value == float("inf"):      # also refuses nan
         raise ValueError(text)
     return value
 
@@ -1413,6 +1710,7 @@ def cpu_number(text):
 positive_int.__name__ = "positive integer"
 cpu_number.__name__ = "CPU number"
 non_negative_float.__name__ = "non-negative number"
+positive_float.__name__ = "positive number"
 port_number.__name__ = "port (0-65535)"
 
 
@@ -1466,10 +1764,32 @@ def parse_args(argv, environ):
                              "but GET /health; the token is the file's content without "
                              "surrounding whitespace (env %s, default: no auth)"
                              % AUTH_TOKEN_ENV)
-    parser.add_argument("--snapshot-timeout", type=non_negative_float, default=SNAPSHOT_TIMEOUT,
-                        metavar="SECONDS",
-                        help="cut off a GET /snapshot client that reads nothing for this "
-                             "long (default %g)" % SNAPSHOT_TIMEOUT)
+    limits = parser.add_argument_group(
+        "limits and timeouts", "what one client can make the server spend; each bound keeps "
+        "the server available to the others (see README, Limits and timeouts)")
+    limits.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="a request line and headers must arrive within it, else 408 "
+                             "and close; ample for any real client (default 10)")
+    limits.add_argument("--body-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="a body that stops arriving for longer gets 408 and close; a "
+                             "pause, not a total, so slow links still upload (default 30)")
+    limits.add_argument("--send-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="a client that stops reading its reply for longer is cut off "
+                             "(default 30)")
+    limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                        help="a keep-alive connection idle for longer is closed; as nginx's "
+                             "keepalive, longer than clients' pools keep them (default 60)")
+    limits.add_argument("--max-connections", type=positive_int, default=16384, metavar="N",
+                        help="open connections; past it a new one gets 503 and is closed; "
+                             "room for a burst of 10,000 clients (default 16384)")
+    limits.add_argument("--max-inflight-bytes", type=positive_int, default=256 << 20,
+                        metavar="N",
+                        help="memory of all requests in flight together (bodies being "
+                             "received, header blocks, unsent replies); a request past it "
+                             "gets 503 with Retry-After (default 268435456 = 256 MiB)")
+    limits.add_argument("--max-header-bytes", type=positive_int, default=65536, metavar="N",
+                        help="request line and headers together; past it 431, or 414 for "
+                             "the request line alone (default 65536)")
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
     return parser.parse_args(argv)
@@ -1514,8 +1834,8 @@ def no_wakeup_preemption():
     the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
     of 4 interleaved runs each), and a quarter fewer context switches.  The
     price is a longer tail with many more threads than CPUs: wrk, GET at 256
-    connections, p99 38 ms against 26 ms (medians of 6 runs each), and
-    spikes with two admission slots (see Admission).
+    connections, p99 38 ms against 26 ms (medians of 6 runs each), when
+    each connection had a thread.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -1663,18 +1983,24 @@ def drain(server, timeout):
 def serve(args, store, signal_pipe):
     """Serve until a signal, then drain, seal and save.  Returns the exit code."""
     try:
+        limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
+                        args.idle_timeout, args.max_connections, args.max_inflight_bytes,
+                        args.max_header_bytes)
         server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log,
-                          args.auth_token)
+                          args.auth_token, limits)
     except (OSError, OverflowError) as e:
         store.abandon()
         fail("cannot listen on %s:%s: %s" % (args.host, args.port,
                                               getattr(e, "strerror", None) or e))
         return 1
-    server.snapshot_timeout = args.snapshot_timeout
 
     threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
                      name="stopper", daemon=True).start()
     host, port = server.server_address[:2]
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
+        log("Open file limit %d is below --max-connections %d: past it, connections wait "
+            "in the kernel's queue" % (files, args.max_connections))
     warn_if_exposed(server)
     log("Server listening on %s:%d" % (host, port))
     # A short poll interval: serve_forever() notices shutdown() within it.

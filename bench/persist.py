@@ -120,13 +120,16 @@ def fsync_policy_rows(opts):
     return rows
 
 
+SCALE_REPEAT_UP_TO = 1000000       # sizes measured opts.repeat times; larger ones once
+
+
 def _write_snapshot(workdir, keys):
     """The bare save: a snapshot of `keys` keys written into `workdir` by a script of its own."""
     return _bare(BARE_SAVE, os.path.join(workdir, "store.pickle"), keys)
 
 
-def _size_rows(opts, keys):
-    """The figures for one size: start, RSS, SIGTERM, snapshot size, each beside a bare script's."""
+def _size_run(opts, keys):
+    """One run at one size: the bare save and load, then our server's start, RSS and stop."""
     workdir = tempfile.mkdtemp(prefix="bench-scale-")
     path = os.path.join(workdir, "store.pickle")
     try:
@@ -137,25 +140,44 @@ def _size_rows(opts, keys):
         start_s = time.monotonic() - start
         rss = server.rss_kib()
         code, stop_s = server.stop(timeout=600)
-        size = os.path.getsize(path)
+        return {"start_s": start_s, "stop_s": stop_s, "exit_code": code, "rss_kib": rss,
+                "bytes": os.path.getsize(path), "bare_load_s": bare_load["load_s"],
+                "bare_save_s": bare_save["save_s"], "bare_rss_kib": bare_load["rss_kib"],
+                "bare_bytes": bare_save["size"]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _size_rows(opts, keys):
+    """The figures for one size, each beside a bare script's: means of the runs.
+
+    opts.repeat runs up to SCALE_REPEAT_UP_TO keys, where a run takes
+    seconds and the goals are checked; one run above, where a run takes a
+    minute.
+    """
+    runs = [_size_run(opts, keys) for _ in range(opts.repeat if keys <= SCALE_REPEAT_UP_TO else 1)]
+    m = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+    codes = sorted({run["exit_code"] for run in runs})
+    of_runs = " (means of %d runs)" % len(runs) if len(runs) > 1 else ""
     mib = 1024 * 1024
     figures = [
-        {"figure": "start to serving", "seconds": start_s, "bare_s": bare_load["load_s"],
-         "summary": "%.2f s (bare unpickle %.2f s: %.2fx)"
-                    % (start_s, bare_load["load_s"], start_s / bare_load["load_s"])},
-        {"figure": "SIGTERM to exit", "seconds": stop_s, "exit_code": code,
-         "bare_s": bare_save["save_s"],
-         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.2fx)"
-                    % (stop_s, code, bare_save["save_s"], stop_s / bare_save["save_s"])},
-        {"figure": "snapshot size", "bytes": size, "bare_bytes": bare_save["size"],
-         "summary": "%.1f MiB (bare %.1f MiB)" % (size / mib, bare_save["size"] / mib)},
-        {"figure": "server RSS", "rss_kib": rss, "bare_rss_kib": bare_load["rss_kib"],
+        {"figure": "start to serving", "seconds": m["start_s"], "bare_s": m["bare_load_s"],
+         "summary": "%.2f s (bare unpickle %.2f s: %.2fx)%s"
+                    % (m["start_s"], m["bare_load_s"], m["start_s"] / m["bare_load_s"], of_runs)},
+        {"figure": "SIGTERM to exit", "seconds": m["stop_s"], "exit_codes": codes,
+         "bare_s": m["bare_save_s"],
+         "summary": "%.2f s, exit %s (bare pickle+fsync %.2f s: %.2fx)%s"
+                    % (m["stop_s"], ",".join(map(str, codes)), m["bare_save_s"],
+                       m["stop_s"] / m["bare_save_s"], of_runs)},
+        {"figure": "snapshot size", "bytes": m["bytes"], "bare_bytes": m["bare_bytes"],
+         "summary": "%.1f MiB (bare %.1f MiB)" % (m["bytes"] / mib, m["bare_bytes"] / mib)},
+        {"figure": "server RSS", "rss_kib": m["rss_kib"], "bare_rss_kib": m["bare_rss_kib"],
          "summary": "%d MiB (bare process holding the dict %d MiB: %.2fx)"
-                    % (rss / 1024, bare_load["rss_kib"] / 1024, rss / bare_load["rss_kib"])},
+                    % (m["rss_kib"] / 1024, m["bare_rss_kib"] / 1024,
+                       m["rss_kib"] / m["bare_rss_kib"])},
     ]
-    return [dict(row, keys=keys, test="%d keys: %s" % (keys, row["figure"])) for row in figures]
+    return [dict(row, keys=keys, runs=runs, test="%d keys: %s" % (keys, row["figure"]))
+            for row in figures]
 
 
 def _replay_row(opts, keys):
@@ -192,13 +214,29 @@ CHECKPOINT_DONE = re.compile(r"checkpoint\b.*\b\d+ keys", re.I)     # not "Check
 NO_CHECKPOINT_BYTES = 1 << 40       # --checkpoint-bytes that a run never reaches
 
 
-def checkpoints_done(server):
-    """Checkpoints the server has logged as done so far, and their durations where it says."""
-    lines = [line for line in server.lines
-             if CHECKPOINT_DONE.search(line) and "fail" not in line.lower()]
-    seconds = [float(m.group(1)) for m in (re.search(r"\bin ([\d.]+) ?s\b", line)
-                                           for line in lines) if m]
-    return len(lines), seconds
+def checkpoints_logged(server):
+    """(end, seconds) of each checkpoint the server has logged as done.
+
+    `end` is when bench read the line (time.monotonic()); `seconds` what the
+    line says it took ("in 1.23 s"), or 0 if it does not say.
+    """
+    done = []
+    for when, line in server.stamped:
+        if CHECKPOINT_DONE.search(line) and "fail" not in line.lower():
+            took = re.search(r"\bin ([\d.]+) ?s\b", line)
+            done.append((when, float(took.group(1)) if took else 0.0))
+    return done
+
+
+def checkpoint_overlap(done, start, end):
+    """How many of the checkpoints `done` ran during [start, end], and for how many seconds."""
+    count, busy = 0, 0.0
+    for finished, seconds in done:
+        began = finished - seconds
+        if began <= end and finished >= start:
+            count += 1
+            busy += min(end, finished) - max(start, began)
+    return count, busy
 
 
 def checkpoint_rows(opts):
@@ -208,8 +246,10 @@ def checkpoint_rows(opts):
     _size_rows: one with a small --checkpoint-bytes, so that checkpoints
     follow each other through the load, one with a limit no run reaches.
     The PUTs overwrite existing keys (the dict keeps its size).  Their runs
-    alternate, opts.repeat each; every run's checkpoint count comes from
-    the server's log ("Checkpoint: N keys ...").
+    alternate, opts.repeat each.  Which checkpoints overlapped a run, and
+    for how long, comes from the server's log lines ("Checkpoint: N keys
+    ... in S s"), read once the servers have stopped (a stop waits for the
+    checkpoint in progress).
     """
     keys, connections = opts.checkpoint_keys, 64
     cases = (("running", "checkpoints of %d keys running (--checkpoint-bytes %d)"
@@ -229,11 +269,11 @@ def checkpoint_rows(opts):
         runs = [[] for _ in cases]
         for _ in range(opts.repeat):
             for server, case_runs in zip(servers, runs):
-                before = checkpoints_done(server)[0]
+                start = time.monotonic()
                 with on_client_cpu():
                     r = run_load(HOST, server.port, connections, opts.checkpoint_duration,
                                  "PUT", keys, opts.value_size)
-                r["checkpoints"] = checkpoints_done(server)[0] - before
+                r["span"] = (start, time.monotonic())
                 case_runs.append(r)
     finally:
         for server in servers:
@@ -242,16 +282,24 @@ def checkpoint_rows(opts):
             shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for (state, label, limit), server, case_runs in zip(cases, servers, runs):
+        done = checkpoints_logged(server)
+        for run in case_runs:
+            run["checkpoints"], run["checkpoint_busy_s"] = checkpoint_overlap(done, *run["span"])
         best = max(case_runs, key=lambda run: run["rps"])
-        count, seconds = checkpoints_done(server)
-        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms; %d checkpoint(s) in the runs" % (
+        busy = sum(run["checkpoint_busy_s"] for run in case_runs)
+        total = sum(run["span"][1] - run["span"][0] for run in case_runs)
+        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms; %d checkpoint(s) during the runs" % (
             format(round(best["rps"]), ","), best["p50_ms"] or 0, best["p99_ms"] or 0,
             best["max_ms"] or 0, sum(run["checkpoints"] for run in case_runs))
-        if seconds:
-            summary += ", %.1f-%.1f s each" % (min(seconds), max(seconds))
+        if busy:
+            summary += ", running %.0f%% of their time" % (100 * busy / total)
+        took = [seconds for _, seconds in done if seconds]
+        if took:
+            summary += ", %.1f-%.1f s each" % (min(took), max(took))
         rows.append(dict(best, test="PUT c=%d, %s" % (connections, label), summary=summary,
                          checkpoints=state, keys=keys, checkpoint_bytes=limit,
-                         checkpoints_logged=count, checkpoint_seconds=seconds,
+                         checkpoints_logged=len(done), checkpoint_seconds=took,
+                         checkpoint_busy_share=busy / total if total else 0.0,
                          runs_rps=[round(run["rps"]) for run in case_runs],
                          runs_p99_ms=[run["p99_ms"] for run in case_runs],
                          runs_checkpoints=[run["checkpoints"] for run in case_runs]))

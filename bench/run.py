@@ -9,6 +9,8 @@ name, a short "summary" for the table, and any raw numbers for the JSON.
 To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
+Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
+and bench.listing (pages of keys out of a million, and GETs beside them).
 The results go to stdout as a Markdown table (one row per test, one column per
 server), followed by issue 4's goals and their verdicts (bench/goals.py), and,
 raw, to bench/out/bench-<time>.json (git-ignored).
@@ -30,6 +32,7 @@ import time
 
 from bench.goals import OURS, goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
+from bench.listing import listing_rows
 from bench.persist import PERSISTENCE_MEASUREMENTS
 from bench.stalled import stalled_rows
 from bench.wire import raise_fd_limit
@@ -50,7 +53,7 @@ SERVERS = [
     # our rows under that name.
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
-PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale")   # for --skip
+PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing")   # for --skip
 
 
 # -- one server process ----------------------------------------------------------
@@ -62,6 +65,7 @@ class Server:
         self.name, self.argv = name, argv
         self.proc = self.port = self.workdir = None
         self.lines = collections.deque(maxlen=200)
+        self.stamped = collections.deque(maxlen=200)    # (time.monotonic() when read, line)
         self.listening = threading.Event()
 
     def start(self, timeout=60.0):
@@ -83,6 +87,7 @@ class Server:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             self.lines.append(line)
+            self.stamped.append((time.monotonic(), line))
             if "Server listening on " in line and self.port is None:
                 self.port = int(line.rsplit(":", 1)[1])
                 self.listening.set()
@@ -295,11 +300,13 @@ def scale_markdown(rows):
 
 
 def measure_persistence(opts):
-    """bench.persist's measurements not skipped; one that fails is a row saying so."""
+    """bench.persist's measurements and bench.listing's, those not skipped; one that fails is a row saying so."""
     rows = []
-    for part, measure in PERSISTENCE_MEASUREMENTS:
+    for part, measure in PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]:
         if part in opts.skip:
             continue
+        if not rows:
+            print("## persistence (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -360,6 +367,9 @@ def parse_args(argv):
     parser.add_argument("--sizes", type=_sizes, default=[100000, 1000000, 5000000],
                         help="key counts for the scaling figures (start, save, RSS, replay); "
                              "0 skips them (default 100000,1000000,5000000)")
+    parser.add_argument("--listing-keys", type=int, default=1000000,
+                        help="keys in the listing case (bench.listing); 0 skips it "
+                             "(default 1000000)")
     parser.add_argument("--skip", type=_parts, default=[],
                         help="comma-separated parts to leave out: " + ", ".join(PARTS))
     opts = parser.parse_args(argv)
@@ -367,6 +377,8 @@ def parse_args(argv):
         opts.skip.append("scale")
     if opts.checkpoint_keys <= 0:
         opts.skip.append("checkpoint")
+    if opts.listing_keys <= 0:
+        opts.skip.append("listing")
     return opts
 
 
@@ -385,7 +397,10 @@ def main(argv=None):
     if not {"load", "burst", "stalled"} <= set(opts.skip):
         print("## servers: %s" % ", ".join(chosen), flush=True)
         results = bench_servers(chosen, opts)
-    print("## persistence (our server)", flush=True)
+<<<<<<< HEAD
+    print("## persistence and listing (our server)", flush=True)
+=======
+>>>>>>> main
     persistence = measure_persistence(opts)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(), "loadavg": os.getloadavg(),
@@ -405,8 +420,8 @@ def main(argv=None):
         table += scale_markdown(persistence)
     goals = goal_rows(results, persistence)
     if goals:
-        table += ("\n\nThe goals of issue 19 (our server on %s; load goals on the means of "
-                  "the %d runs per cell):\n\n" % (_our_flags(opts), opts.repeat)
+        table += ("\n\nThe goals of issue 19 (our server on %s; each judged on the means of "
+                  "its cells' %d runs):\n\n" % (_our_flags(opts), opts.repeat)
                   + goals_markdown(goals))
     print("\n" + table, flush=True)
     os.makedirs(OUT, exist_ok=True)

@@ -35,8 +35,11 @@ LISTENING = re.compile(r"Server listening on (\S+):(\d+)")
 class ServerProcess:
     """One run of the server.  Use as a context manager, or call start()/stop()."""
 
-    def __init__(self, data_dir, *args, env=None, port=0, host="127.0.0.1"):
+    def __init__(self, data_dir, *args, env=None, port=0, host="127.0.0.1", prefix=(),
+                 python=None, preexec_fn=None):
+        """`prefix`: a command that runs the server (prlimit, setpriv); `python`: the interpreter."""
         self.data_dir = data_dir
+        self.prefix, self.python, self.preexec_fn = list(prefix), python, preexec_fn
         self.args = list(args)
         self.env = env
         self.host = host
@@ -50,7 +53,7 @@ class ServerProcess:
     # -- lifecycle ---------------------------------------------------------
 
     def command(self):
-        return [sys.executable, SERVER, "--host", self.host,
+        return self.prefix + [self.python or sys.executable, SERVER, "--host", self.host,
                 "--port", str(self.requested_port),
                 "--working-dir", self.data_dir] + self.args
 
@@ -60,7 +63,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             self.command(), cwd=ROOT, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self.preexec_fn)
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
         if wait:

@@ -161,7 +161,7 @@ class SnapshotTest(support.ServerTestCase):
                 self.assertEqual(headers["Allow"], "GET")
 
     def test_a_client_that_reads_nothing_holds_the_only_slot_until_its_deadline(self):
-        server = self.start_server("--snapshot-timeout", "1")
+        server = self.start_server("--send-timeout", "1")
         for i in range(12):                 # more than the socket buffers of both ends hold
             server.put("big-%d" % i, bytes([i]) * (1 << 20))
         stalled = socket.socket()
@@ -180,7 +180,7 @@ class SnapshotTest(support.ServerTestCase):
         self.assertEqual(server.request("GET", "/health")[0], 200)
         self.assertLess(time.monotonic() - started, 0.9, "a request waited for the stalled one")
         server.wait_for_line(r"Snapshot to 127\.0\.0\.1 cut off after \d+ bytes: "
-                             r"no progress for 1 s", TIMEOUT)
+                             r"nothing taken for 1 s", TIMEOUT)
         status, _, body = server.request("GET", "/snapshot")
         self.assertEqual(status, 200)
         self.assertEqual(len(load(self, body)), 12)

@@ -229,7 +229,7 @@ class HeaderTests(ProtocolTestCase):
 
     def test_header_line_too_long(self):
         data = request("GET", "/health", [("X-Big", "b" * (MAX_LINE + 5000))])
-        self.assertRawError(data, 431, "header line too long\n")
+        self.assertRawError(data, 431, "header block too large\n")
 
     def test_long_header_within_the_limit(self):
         data = request("GET", "/health", [("X-Big", "b" * (MAX_LINE - 6000))])
@@ -492,6 +492,76 @@ class LimitTests(ProtocolTestCase):
         self.assert_absent(self.key())
 
 
+class StrictParsingTests(ProtocolTestCase):
+    """As strict as Go's net/http and nginx: what a proxy could read otherwise is 400 and close."""
+
+    def assertRefused(self, data, message):
+        self.assertRawError(data, 400, message, closed=True)
+
+    def test_bare_cr_in_a_header_cannot_smuggle_a_request(self):
+        # A parser that ends lines at a bare CR sees "Content-Length: 0"; one
+        # that does not sees no length, and reads the rest as a new request.
+        smuggled = request("DELETE", "/kv/" + self.SENTINEL_KEY)
+        data = (b"GET /health HTTP/1.1\r\nHost: test\r\nX-A: 1\rContent-Length: %d\r\n\r\n"
+                % len(smuggled)) + smuggled
+        self.assertRefused(data, "bad header line\n")
+        self.assertRefused(b"GET /health HTTP/1.1\r\nHost: test\rX\r\n\r\n", "bad header line\n")
+
+    def test_nul_or_another_control_byte_in_a_header(self):
+        for value in (b"a\x00b", b"\x00", b"a\x1bb", b"a\x7fb"):
+            with self.subTest(value=value):
+                self.assertRefused(b"GET /health HTTP/1.1\r\nHost: test\r\nX-A: %s\r\n\r\n"
+                                   % value, "bad header line\n")
+
+    def test_http_1_1_without_host(self):
+        self.assertRefused(request("GET", "/health", host=False), "missing host header\n")
+
+    def test_http_1_1_with_two_hosts(self):
+        self.assertRefused(request("GET", "/health", [("Host", "other")]),
+                           "repeated host header\n")
+        self.assertRefused(request("GET", "/health", [("Host", "test")]),
+                           "repeated host header\n")
+
+    def test_transfer_encoding_on_http_1_0(self):
+        data = request("PUT", "/kv/" + self.key(), [("Transfer-Encoding", "chunked"),
+                                                    ("Connection", "keep-alive")],
+                       chunked(b"abc"), version="HTTP/1.0")
+        self.assertRefused(data, "transfer-encoding on http/1.0\n")
+        self.assert_absent(self.key())
+
+    def test_content_length_list(self):
+        for value in ("3, 3", "3,3", "3, 4"):
+            with self.subTest(value=value):
+                data = request("PUT", "/kv/" + self.key(), [("Content-Length", value)], b"abc")
+                self.assertRefused(data, "bad content-length\n")
+        self.assert_absent(self.key())
+
+    def test_whitespace_around_a_chunk_size(self):
+        for line in (b"3 ", b" 3", b"3\t", b"\t3", b"3 ;ext=1"):
+            with self.subTest(line=line):
+                data = request("PUT", "/kv/" + self.key(), [("Transfer-Encoding", "chunked")],
+                               line + b"\r\nabc\r\n0\r\n\r\n")
+                self.assertRefused(data, "bad chunked body\n")
+        self.assert_absent(self.key())
+
+    def test_request_line_separators_other_than_one_space(self):
+        for separator in (b"\t", b"  ", b"\x0b", b"\x0c", b"\xa0", b"\x85", b"\r"):
+            for line in (b"GET%s/health HTTP/1.1", b"GET /health%sHTTP/1.1"):
+                line = line % separator
+                with self.subTest(line=line):
+                    self.assertRefused(line + b"\r\nHost: test\r\n\r\n", "bad request line\n")
+
+    def test_header_block_over_the_limit(self):
+        # Each line is short; together they pass the 64 KiB of the block.
+        headers = [("X-H%d" % i, "v" * 800) for i in range(90)]
+        self.assertRawError(request("GET", "/health", headers), 431,
+                            "header block too large\n", closed=True)
+
+    def test_header_block_just_under_the_limit(self):
+        headers = [("X-H%d" % i, "v" * 700) for i in range(90)]
+        self.assertRawResponse(request("GET", "/health", headers), 200, b"ok\n")
+
+
 class ConnectionTests(ProtocolTestCase):
 
     def test_http_1_0_request_closes_the_connection(self):
@@ -679,48 +749,6 @@ class ConnectionTests(ProtocolTestCase):
         self.server.put(self.key("-after"), b"still writable")
 
 
-class AdmissionTest(unittest.TestCase):
-    """server.Admission: how many threads run request code, and in what order (unit)."""
-
-    def entering(self, admission):
-        """A thread that enters `admission`; returns the Event it sets once admitted."""
-        admitted = threading.Event()
-
-        def enter():
-            admission.enter()
-            admitted.set()
-        threading.Thread(target=enter, daemon=True).start()
-        return admitted
-
-    def waiter(self, admission):
-        """As entering(), once the thread is seen queued for a slot."""
-        queued_before = len(admission._waiting)
-        admitted = self.entering(admission)
-        support.wait_until(lambda: len(admission._waiting) > queued_before, TIMEOUT,
-                           message="the thread to queue for a slot")
-        return admitted
-
-    def test_waiters_are_admitted_in_arrival_order_as_slots_free(self):
-        admission = server.Admission(2)
-        admission.enter()
-        admission.enter()
-        first, second = self.waiter(admission), self.waiter(admission)
-        admission.leave()
-        self.assertTrue(first.wait(TIMEOUT))
-        self.assertFalse(second.is_set())
-        self.assertEqual(len(admission._waiting), 1)
-        admission.leave()
-        self.assertTrue(second.wait(TIMEOUT))
-
-    def test_a_slot_left_with_nobody_waiting_is_free_for_the_next_thread(self):
-        admission = server.Admission(1)
-        admission.enter()
-        admission.leave()
-        admitted = self.entering(admission)
-        self.assertTrue(admitted.wait(TIMEOUT), "the free slot was not taken")
-        self.assertEqual(len(admission._waiting), 0)
-
-
 def socket_pair(testcase):
     """Two connected sockets, closed after the test; the second times out after TIMEOUT."""
     ours, theirs = socket.socketpair()
@@ -730,24 +758,24 @@ def socket_pair(testcase):
     return ours, theirs
 
 
-class ParkingTest(unittest.TestCase):
-    """server.Parking: a parked connection is handed out once it can be read, and once only (unit)."""
+class PollerTest(unittest.TestCase):
+    """server.Poller: an armed socket is reported once when ready, then only if armed again (unit)."""
 
     def check(self, use_epoll):
-        parking = server.Parking(use_epoll)
-        handlers, clients = [], []
+        poller = server.Poller(use_epoll)
+        ours, clients = [], []
         for _ in range(3):
-            ours, client = socket_pair(self)
-            handlers.append(mock.Mock(request=ours))
-            clients.append(client)
-            parking.park(handlers[-1])
+            a, b = socket_pair(self)
+            ours.append(a)
+            clients.append(b)
+            poller.arm(a.fileno(), server.IN)
         clients[1].send(b"GET")
-        self.assertEqual(parking.wait(), [handlers[1]])
-        parking.park(handlers[1])           # its bytes are still unread: readable again
-        self.assertEqual(parking.wait(), [handlers[1]])
-        taken = parking.take_all()
-        self.assertCountEqual(taken, [handlers[0], handlers[2]])
-        self.assertEqual(parking.take_all(), [])
+        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
+        self.assertEqual(poller.poll(0), [], "reported twice without being armed again")
+        poller.arm(ours[1].fileno(), server.IN)     # its bytes are still unread: ready again
+        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
+        poller.arm(ours[2].fileno(), server.OUT)    # room to send: ready at once
+        self.assertEqual(poller.poll(TIMEOUT), [ours[2].fileno()])
 
     def test_epoll(self):
         if not hasattr(select, "epoll"):
@@ -756,87 +784,6 @@ class ParkingTest(unittest.TestCase):
 
     def test_selector(self):
         self.check(use_epoll=False)
-
-
-class SendAllTest(unittest.TestCase):
-    """KVHandler.send_all: the slot is kept unless the send must wait (unit)."""
-
-    def handler(self):
-        """A handler holding its slot, on one end of a socket pair; returns it and the other end."""
-        ours, client = socket_pair(self)
-        handler = server.KVHandler.__new__(server.KVHandler)
-        handler.server = mock.Mock()
-        handler.connection = ours
-        handler.replaced = False
-        self.admission = server.Admission(1)
-        handler.reader = server._AdmittedReader(ours, self.admission, handler.worker_waits)
-        handler.reader.enter()
-        return handler, client
-
-    def test_a_send_that_fits_keeps_the_slot(self):
-        handler, client = self.handler()
-        self.assertFalse(handler.send_all(b"a reply"))
-        self.assertTrue(handler.reader.holding)
-        self.assertEqual(self.admission._active, 1)
-        self.assertEqual(client.recv(100), b"a reply")
-        handler.server.start_worker.assert_not_called()
-
-    def test_a_send_that_must_wait_gives_up_the_slot_and_its_worker(self):
-        handler, client = self.handler()
-        reply = b"v" * (8 << 20)                    # more than the socket buffers hold
-        received = []
-        reader = threading.Thread(target=lambda: received.append(recv_exactly(client, len(reply))))
-        handler.server.start_worker.side_effect = reader.start  # the client reads only then
-        watchdog = threading.Timer(TIMEOUT, client.close)      # fail, not hang, if it never does
-        watchdog.start()
-        self.addCleanup(watchdog.cancel)
-        self.assertTrue(handler.send_all(reply))
-        reader.join(TIMEOUT)
-        self.assertEqual(received, [reply])
-        self.assertFalse(handler.reader.holding)
-        self.assertEqual(self.admission._active, 0)
-        self.assertTrue(handler.replaced)
-        handler.server.start_worker.assert_called_once_with()
-
-
-def recv_exactly(sock, n):
-    """n bytes from sock, or fewer if it closes first."""
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 16))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-class SendUnblockedTest(unittest.TestCase):
-    """server.send_unblocked, which the journal's writer thread sends replies with (unit)."""
-
-    def test_a_reply_that_fits_is_sent_before_it_returns(self):
-        a, b = socket_pair(self)
-        done = threading.Event()
-        server.send_unblocked(a, b"a reply", done.set)
-        self.assertTrue(done.is_set())
-        self.assertEqual(b.recv(100), b"a reply")
-
-    def test_a_full_socket_does_not_block_the_sender_and_the_reply_still_arrives(self):
-        a, b = socket_pair(self)
-        filler = 0
-        try:
-            while True:                     # fill the socket: the client reads nothing
-                filler += a.send(b"f" * 65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        done = threading.Event()
-        reply = bytes(range(256)) * 1024
-        server.send_unblocked(a, reply, done.set)      # returns although nothing fits
-        self.assertFalse(done.is_set(), "done() before the client read anything")
-        received = recv_exactly(b, filler + len(reply))
-        self.assertEqual(len(received), filler + len(reply), "the connection closed early")
-        self.assertEqual(received[filler:], reply)
-        self.assertTrue(done.wait(TIMEOUT), "done() never called")
 
 
 class StorageErrorTest(unittest.TestCase):
