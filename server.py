@@ -138,6 +138,8 @@ READ_SIZE = 65536           # one recv per turn at most: it bounds the work of a
 REQUESTS_PER_TURN = 32      # pipelined requests served in one turn; then the others' turn
 MAX_HEADERS = 100           # as in http.client / http.server
 MAX_CHUNK_LINE = 4096       # a chunk-size line, extensions included
+CHUNKS_PER_TURN = 1024      # chunks decoded in one turn (a few microseconds of Python each)
+FRAMING_ALLOWANCE = 65536   # chunked framing may outweigh the data it frames by this much
 LINGER_SECONDS = 2.0        # after an error that closes: how long unread input is drained
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
 TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"                 # an RFC 9110 token
@@ -196,6 +198,13 @@ class RequestError(Exception):
     def __init__(self, status, message, close=False, headers=()):
         super().__init__(message)
         self.status, self.message, self.close, self.headers = status, message, close, headers
+
+
+def storage_error(error):
+    """(status, message) for a write the journal could not make durable (the journal logs why)."""
+    if error.errno in persistence.STORAGE_FULL:
+        return 507, "insufficient storage"
+    return 500, "storage error"
 
 
 def parse_key(raw):
@@ -328,6 +337,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.held = 0               # bytes counted in the server's in-flight total
         self.idle = False           # between two requests, none begun
         self.lingering = False      # LINGER: the write side is shut
+        self.yielded = False        # this turn's share of decoding is spent
         self.handed_off = False     # this request's write is the journal's now
         self.close_connection = False
         self.requestline = ""
@@ -360,6 +370,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             return self.close()
         for _ in range(REQUESTS_PER_TURN):
             if not self.advance():
+                if self.yielded:
+                    self.yielded = False
+                    self.account()
+                    server.ready.append(self)   # back of the queue, its input still buffered
+                    return
                 break                           # the rest of a request has yet to come
             if self.handed_off:
                 return                          # the journal's writer resumes it (resume)
@@ -431,11 +446,14 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                     return False
                 self.body = bytes(self.body)
             elif self.state is CHUNKED:
-                if not self.decode_chunks():
+                done = self.decode_chunks()
+                if not done:
                     if (len(self.body) > READ_SIZE and self.server.inflight
                             > self.server.limits.max_inflight_bytes):
                         self.refuse_busy()
                         return True
+                    if done is None:                # its share spent: the others first
+                        self.yielded = True
                     return False
                 self.body = bytes(self.body)
             self.state = HEAD
@@ -555,7 +573,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                 raise RequestError(400, "ambiguous message length", close=True)
             if encoding.lower() != "chunked":
                 raise RequestError(501, "transfer-encoding not supported", close=True)
-            self.body, self.chunk_left, self.trailer_bytes = bytearray(), _CHUNK_SIZE, 0
+            self.body, self.chunk_left = bytearray(), _CHUNK_SIZE
+            self.trailer_bytes = self.chunk_framing = 0
             self.state = CHUNKED
             if not self.inbuf:
                 self.send_continue()
@@ -584,18 +603,27 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.deadline = self.server.now + limits.body_timeout
 
     def decode_chunks(self):
-        """Decode the chunks in the buffer onto self.body; True once the body is complete.
+        """Decode the chunks in the buffer onto self.body.
+
+        Returns True once the body is complete, False if more must come,
+        None if this turn's share is spent with more in the buffer.
 
         Chunk data is copied onto the body in bulk, with no Python object
-        per chunk; the framing costs a few steps of Python per chunk, and
-        one turn decodes at most what one read brought (READ_SIZE), so a
-        body of many tiny chunks takes many turns and the others get theirs
-        in between.  Raises RequestError.
+        per chunk; but each chunk's size line costs a few steps of Python
+        (about a microsecond), which no bulk copy saves.  So two bounds: a
+        turn decodes at most CHUNKS_PER_TURN chunks, and the others get
+        their turns in between; and the framing (size lines and CRLFs) may
+        not outweigh the data it frames by more than FRAMING_ALLOWANCE, a
+        400 otherwise.  Chunks of 5 bytes or more always pass; ten million
+        1-byte chunks (10 MB of data, 50 MB of framing) would have cost 12 s
+        of CPU, and are refused after the first 16,000 or so.  Raises
+        RequestError.
         """
         buf = self.inbuf
         view = memoryview(buf)
         pos, end = 0, len(buf)
         body, left = self.body, self.chunk_left
+        chunks = 0
         try:
             while pos < end:
                 if left > 0:                            # chunk data
@@ -622,12 +650,20 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                             raise RequestError(400, "bad chunked body", close=True)
                         break
                     if left == _CHUNK_SIZE:
+                        if chunks == CHUNKS_PER_TURN:
+                            self.inbuf, self.chunk_left = buf[pos:], left
+                            return None
+                        chunks += 1
                         size = CHUNK_LINE.fullmatch(buf, pos, newline)
                         if not size:
                             raise RequestError(400, "bad chunked body", close=True)
                         left = int(size.group(1), 16)
                         if len(body) + left > self.server.limits.max_value_bytes:
                             raise RequestError(413, "value too large", close=True)
+                        self.chunk_framing += newline + 3 - pos      # with the CRLF after
+                        if self.chunk_framing > len(body) + left + FRAMING_ALLOWANCE:
+                            raise RequestError(400, "chunked framing outweighs its data",
+                                               close=True)
                         if not left:
                             left = _TRAILER
                     else:                               # trailer fields: skipped
@@ -678,6 +714,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             self.write(self.server.store.clear)
         elif path == "/health":
             self.check_method("/health", ("GET", "HEAD"))
+            problem = self.server.store.write_problem()
+            if problem:
+                raise RequestError(503, problem)
             self.reply(200, b"ok\n")
         elif path == "/metrics":
             self.check_method("/metrics", ("GET", "HEAD"))
@@ -745,13 +784,13 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         metrics = self.server.metrics
 
         def send_when_durable(error):          # runs in the journal's writer thread
-            reply = ok
+            reply, status = ok, 200
             if error:
-                log("Journal write failed: %s" % error)
-                reply = build_reply(500, b"storage error\n", connection)
+                status, message = storage_error(error)
+                reply = build_reply(status, message.encode() + b"\n", connection)
             self.send_owed(reply)
-            metrics.request_done(command, 500 if error else 200, started)
-            self.log_message('"%s" %s %s', requestline, 500 if error else 200, 0)
+            metrics.request_done(command, status, started)
+            self.log_message('"%s" %s %s', requestline, status, 0)
 
         self.body = None
         self.account()
@@ -765,8 +804,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(e, ConditionFailed):
                 raise RequestError(412, "precondition failed")
             if isinstance(e, OSError):
-                log("Journal write failed: %s" % e)
-                raise RequestError(500, "storage error")
+                raise RequestError(*storage_error(e))
             raise
 
     def send_owed(self, reply):
@@ -1899,6 +1937,9 @@ def open_store(args):
     except OSError as e:
         raise persistence.DataError("%s: data directory is not usable: %s"
                                     % (e.filename or directory, e.strerror))
+    # Past RLIMIT_FSIZE, a write fails with EFBIG (a full disk, to the
+    # journal) instead of the process being killed by SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = Store(data, journal, args.checkpoint_bytes, log)
     if replayed:
         store.request_checkpoint()      # fold the replayed journals into a snapshot
@@ -1994,8 +2035,14 @@ def serve(args, store, signal_pipe):
                                               getattr(e, "strerror", None) or e))
         return 1
 
+    def stop_on_storage_failure():
+        store.fatal.wait()
+        log("Storage failed for good (%s); shutting down" % store.write_problem())
+        server.shutdown()
+
     threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
                      name="stopper", daemon=True).start()
+    threading.Thread(target=stop_on_storage_failure, name="storage-watch", daemon=True).start()
     host, port = server.server_address[:2]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
@@ -2021,6 +2068,10 @@ def serve(args, store, signal_pipe):
         fail("saving %s failed: %s; the journal still holds every write" % (path, e))
         return 1
     log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
+    if store.fatal.is_set():
+        # The snapshot holds every acknowledged write and none that failed.
+        fail("stopped after a storage failure: %s" % store.write_problem())
+        return 1
     return 0
 
 

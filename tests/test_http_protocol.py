@@ -367,6 +367,21 @@ class ChunkedTests(ProtocolTestCase):
         self.assertRawError(data, 400, "value cannot be empty\n")
         self.assert_absent(self.key())
 
+    def test_many_small_chunks(self):
+        value = bytes(range(250)) * 400                 # 100,000 bytes in 20,000 chunks
+        self.put_chunked(self.key(), chunked(*(value[i:i + 5] for i in range(0, len(value), 5))))
+        self.assert_value(self.key(), value)
+
+    def test_framing_that_outweighs_its_data(self):
+        # 1-byte chunks: five bytes of framing for each byte of data.  The
+        # first 64 KiB of framing are allowed.
+        body = chunked(*[b"x"] * 20000)
+        data = request("PUT", "/kv/" + self.key(), [("Transfer-Encoding", "chunked")], body)
+        self.assertRawError(data, 400, "chunked framing outweighs its data\n", closed=True)
+        self.assert_absent(self.key())
+        self.put_chunked(self.key(), chunked(*[b"x"] * 10000))
+        self.assert_value(self.key(), b"x" * 10000)
+
     def test_unsupported_transfer_encodings(self):
         for te in ("gzip", "deflate", "identity", "gzip, chunked", "chunked, gzip", "foo"):
             with self.subTest(te=te):
@@ -816,8 +831,12 @@ class StorageErrorTest(unittest.TestCase):
             self.assertEqual((response.status, response.body), (500, b"storage error\n"))
             self.assertEqual(response.get("Content-Type"), CONTENT_TYPE)
             self.assertIsNone(response.get("Connection"))
-        connection.send(request("GET", "/health"))      # and the connection still serves
-        self.assertEqual(connection.response().status, 200)
+        connection.send(request("GET", "/kv/k"))        # the connection still serves,
+        self.assertEqual(connection.response().status, 404)     # the write is not applied
+        connection.send(request("GET", "/health"))      # and /health tells why writes fail
+        health = connection.response()
+        self.assertEqual((health.status, health.body),
+                         (503, b"journal fsync failed: Input/output error\n"))
 
 
 if __name__ == "__main__":
