@@ -1650,18 +1650,13 @@ class SnapshotStream:
         handler = self.handler
         status, last = 200, b"0\r\n\r\n" if self.chunked else b""
         try:
-            try:
-                data = self.server.store.copy()
-            except OSError as e:
-                log("Snapshot refused: %s" % e)
-                status, last = 503, build_reply(503, b"storage error\n", self.connection)
-            else:
-                self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
-                           b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
-                           b'Content-Disposition: attachment; filename="store.pickle"\r\n',
-                           _this_second.date_header(), self.connection, b"\r\n"])
-                pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
-                del data
+            data = self.server.store.copy()
+            self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                       b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
+                       b'Content-Disposition: attachment; filename="store.pickle"\r\n',
+                       _this_second.date_header(), self.connection, b"\r\n"])
+            pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+            del data
         except Exception as e:          # the client gone or too slow, mostly
             status, last = None, b""
             handler.close_connection = True

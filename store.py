@@ -221,15 +221,13 @@ class Store:
             return self._data.get(key)
 
     def copy(self):
-        """The whole dict at one instant, once every write in it is durable.  Raises OSError.
+        """The whole dict at one instant: every write applied, and so durable, by then.
 
         A shallow copy, made under the lock (a checkpoint makes the same):
         the values are shared, and never change, since writes replace them.
         """
         with self._lock:
-            data = dict(self._data)
-        self._journal.commit()          # a backup holds no write a crash could take back
-        return data
+            return dict(self._data)
 
     def get_tagged(self, key):
         """(value, value_tag(value)) of `key`, or (None, None)."""
