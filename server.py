@@ -1062,8 +1062,10 @@ LIST_PARAMETERS = ("prefix", "after", "limit")
 def listing_query(query):
     """(prefix, after, limit) of a listing's query string, or RequestError(400)."""
     try:
+        # (Python 3.10's strict parsing refuses an empty query string.)
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True,
-                                       errors="strict", max_num_fields=len(LIST_PARAMETERS))
+                                       errors="strict", max_num_fields=len(LIST_PARAMETERS)
+                                       ) if query else []
     except ValueError:
         raise RequestError(400, "bad query string")
     params = {}
