@@ -1773,12 +1773,17 @@ def open_standard_fds():
             os.open(os.devnull, os.O_RDWR)      # the lowest free fd: this one
 
 
-def lock_directory(directory, wait):
+class StoppedWhileStarting(Exception):
+    """A stopping signal came before there was anything to serve or save."""
+
+
+def lock_directory(directory, wait, signal_pipe):
     """Take the data directory's lock; wait up to `wait` s for a holder to exit.
 
     A harness may restart the server as soon as it has sent SIGKILL to the
     previous one, which holds the lock until it is gone, maybe a moment
-    later (lsfr restarts after 1 s).
+    later (lsfr restarts after 1 s).  A signal (install_signal_handlers)
+    ends the wait: StoppedWhileStarting.
     """
     deadline = time.monotonic() + wait
     waited = False
@@ -1796,18 +1801,19 @@ def lock_directory(directory, wait):
                 log("%s is in use by another process; waiting up to %g s for it to exit"
                     % (directory, wait))
                 waited = True
-            time.sleep(min(LOCK_POLL, left))
+            if select.select([signal_pipe], [], [], min(LOCK_POLL, left))[0]:
+                raise StoppedWhileStarting(read_signal(signal_pipe))
 
 
 LOCK_POLL = 0.05        # seconds between two tries of a taken lock (--lock-wait)
 
 
-def open_store(args):
+def open_store(args, signal_pipe):
     """Create the data directory, lock it, recover the data, open a new journal."""
     directory = os.path.abspath(args.working_dir)
     try:
         persistence.make_data_directory(directory)
-        lock = lock_directory(directory, args.lock_wait)
+        lock = lock_directory(directory, args.lock_wait, signal_pipe)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
@@ -1967,10 +1973,13 @@ def main(argv=None):
         log("Running on CPU %d%s (--cpu)" % (args.cpu, ", SCHED_BATCH" if batch else ""))
     signal_pipe = install_signal_handlers()     # before the load, which may be long
     try:
-        store, directory_lock = open_store(args)
+        store, directory_lock = open_store(args, signal_pipe)
     except persistence.DataError as e:
         fail(str(e))
         os._exit(1)
+    except StoppedWhileStarting as e:
+        log("Received %s while waiting for the data directory; nothing to save, bye" % e)
+        os._exit(0)
     code = serve(args, store, signal_pipe)
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer

@@ -604,6 +604,16 @@ class ProcessFailureTest(LifecycleTestCase):
         server.port = int(server.wait_for_line(support.LISTENING).group(2))
         self.assertEqual(server.get("k"), b"v")
 
+    def test_signal_ends_the_wait_for_the_lock(self):
+        self.hold_lock()
+        server = support.ServerProcess(self.data_dir, "--lock-wait", "60")
+        self.addCleanup(server.__exit__, None, None, None)
+        server.start(wait=False)
+        server.wait_for_line(r"waiting up to 60 s", 20)
+        code, seconds = stop_within(server, timeout=20)
+        self.assertEqual(code, 0, server.output())
+        self.assertIn("Received SIGTERM while waiting", server.output())
+
     def test_lock_held_past_the_wait_exits_1(self):
         self.hold_lock()
         result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.data_dir,
