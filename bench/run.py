@@ -306,7 +306,7 @@ def measure_persistence(opts):
         if part in opts.skip:
             continue
         if not rows:
-            print("## persistence (our server)", flush=True)
+            print("## persistence and listing (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -397,10 +397,6 @@ def main(argv=None):
     if not {"load", "burst", "stalled"} <= set(opts.skip):
         print("## servers: %s" % ", ".join(chosen), flush=True)
         results = bench_servers(chosen, opts)
-<<<<<<< HEAD
-    print("## persistence and listing (our server)", flush=True)
-=======
->>>>>>> main
     persistence = measure_persistence(opts)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(), "loadavg": os.getloadavg(),
