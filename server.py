@@ -420,9 +420,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if not data:
             return False
         if self.state is HEAD:
+            if not self.inbuf:                  # a request's first bytes: its latency starts
+                self.started = server.now
             if self.idle:                       # a new request begins: its head has a deadline
                 self.idle = False
-                self.started = server.now
                 self.deadline = server.now + server.limits.header_timeout
             if server.inflight > server.limits.max_inflight_bytes:
                 self.inbuf = b""
@@ -1491,16 +1492,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """The counters of requests served, and the rendering of /metrics.
 
-    Latency is from the request line's arrival to the reply's hand-over to
-    the kernel (for a write: after its fsync).  A transport that counts its
-    own refusals gives the KVServer an integer attribute named in
-    TRANSPORT_COUNTERS; /metrics shows each that exists.
+    Latency is from the request's first bytes to the reply's hand-over to
+    the kernel (for a write: after its fsync).
     """
-
-    TRANSPORT_COUNTERS = (
-        ("connections_refused", "Connections refused because the server was at its cap."),
-        ("requests_timed_out", "Requests cut off because the client was too slow."),
-    )
 
     def __init__(self):
         # A lock, although the GIL makes each bytecode atomic: `n += 1` is a
@@ -1566,12 +1560,13 @@ class Metrics:
             latency.append(("_sum", (("method", method),), repr(seconds)))
             latency.append(("_count", (("method", method),), total))
         metric("request_duration_seconds", "histogram",
-               "Time from a request's arrival to its reply (a write's, after its fsync).",
+               "Time from a request's first bytes to its reply (a write's, after its fsync).",
                latency)
         one("connections", "gauge", "Client connections open now.", len(server._connections))
-        for name, text in self.TRANSPORT_COUNTERS:
-            if hasattr(server, name):
-                one(name + "_total", "counter", text, getattr(server, name))
+        one("connections_refused_total", "counter", "Connections refused at the cap "
+            "(--max-connections).", server.connections_refused)
+        one("requests_timed_out_total", "counter", "Requests cut off at a deadline (a client "
+            "too slow to send or to read).", server.requests_timed_out)
         one("keys", "gauge", "Keys in the store.", len(store))
         one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
         one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
