@@ -1926,7 +1926,7 @@ def open_store(args, signal_pipe):
     """Create the data directory, lock it, recover the data, open a new journal."""
     directory = os.path.abspath(args.working_dir)
     try:
-        os.makedirs(directory, exist_ok=True)
+        persistence.make_data_directory(directory)
         lock = lock_directory(directory, args.lock_wait, signal_pipe)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
