@@ -9,14 +9,19 @@ Files in the data directory
 
     store.pickle          the snapshot: the whole dict {str: bytes}, pickled
                           with protocol 5, replaced atomically.
-    store.pickle.tmp      a snapshot being written; ignored by load() and
-                          overwritten by the next save.
+    store.pickle.tmp      a snapshot being written; ignored by load(),
+                          removed (unlink) and created anew (O_EXCL) by the
+                          next save.
     journal-00000007.log  a journal: the mutations made after some snapshot,
                           in the order they were applied.  The number is the
                           journal's generation; a new one starts at every
                           checkpoint and at every start of the server.
     LOCK                  held (flock) by the running server, so that two
                           servers never share one directory.
+
+Every file here is opened with O_NOFOLLOW and must be a regular file
+(open_data_file): a symbolic link or a device planted in the directory is
+refused, never followed.  Files are created 0600.
 
 A snapshot is written atomically: a temporary file in the same directory,
 flush, fsync, os.replace() over the old one, fsync of the directory.  After
@@ -83,10 +88,12 @@ in place (os.replace is atomic).  After c: the new snapshot already holds N,
 and replaying N again changes nothing (rule 2).  After d: the clean state.
 """
 
+import errno
 import fcntl
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
 import threading
@@ -124,9 +131,33 @@ def journal_generations(directory):
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def open_data_file(path, flags, mode=0o600):
+    """os.open() for a file inside the data directory: never a symlink, only a regular file.
+
+    O_NOFOLLOW makes the open fail if `path` is a symbolic link (a link
+    planted at store.pickle.tmp would otherwise have its target overwritten;
+    a journal linked to /dev/zero would be read forever); O_NONBLOCK keeps a
+    FIFO from blocking the open.  Raises OSError, whose strerror says why.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "is a symbolic link, not followed", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def fsync_directory(directory):
     """Make renames, creations and deletions in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -137,13 +168,31 @@ class DirectoryInUse(DataError):
     """Another process holds the data directory's lock (it may be exiting)."""
 
 
+def make_data_directory(directory):
+    """Create `directory` (and its parents) if missing: mode 0700, whatever the umask.
+
+    An existing directory keeps its mode: its owner chose it.
+    """
+    if os.path.isdir(directory):
+        return
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return                          # another process made it just now
+    os.chmod(directory, 0o700)          # mkdir's mode is masked by the umask
+
+
 def lock_directory(directory):
     """Take the directory's LOCK file; return its fd (keep it open while serving).
 
     The kernel drops the lock when the process dies, however it dies.
     """
     path = os.path.join(directory, "LOCK")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = open_data_file(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        raise DataError("%s: cannot open the lock file: %s" % (path, e.strerror))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -178,7 +227,7 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 def load_snapshot(path):
     """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
     try:
-        f = open(path, "rb")
+        f = open(open_data_file(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -206,7 +255,11 @@ def write_snapshot(directory, data):
     """
     path = snapshot_path(directory)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.unlink(tmp)          # a crash's leftover; unlink removes a link, not its target
+    except FileNotFoundError:
+        pass
+    fd = open_data_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
             pickle.dump(data, f, protocol=PICKLE_PROTOCOL)
@@ -331,7 +384,7 @@ def find_valid_record(buf, start):
 
 def read_journal(path):
     try:
-        with open(path, "rb") as f:
+        with open(open_data_file(path, os.O_RDONLY), "rb") as f:
             return f.read()
     except OSError as e:
         raise DataError("%s: cannot read journal: %s" % (path, e.strerror))
@@ -340,7 +393,7 @@ def read_journal(path):
 def truncate_journal(path, end):
     """Cut a torn tail off a journal, durably."""
     try:
-        with open(path, "r+b") as f:
+        with open(open_data_file(path, os.O_RDWR), "r+b") as f:
             f.truncate(end)
             os.fsync(f.fileno())
     except OSError as e:
@@ -383,6 +436,9 @@ def load(directory, log):
 
 # ---------------------------------------------------------------- journal --
 
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # out of room: retried
+
+
 class Journal:
     """The open journal: records queued in order, then written and fsynced in groups.
 
@@ -403,21 +459,33 @@ class Journal:
                 last second); writes still go to the OS every round.
       no        no fsync; the OS writes to disk when it likes.
 
-    Then it runs the callbacks of that round: when_durable(callback) asks
-    for callback(None) once every record appended so far is written (so it
-    survives a killed process) and fsynced as above (so it survives a power
-    loss), or callback(error) if the journal failed.  The server sends its
-    200 from there, so the thread of a writing client is free for its next
-    request instead of sleeping through the fsync; commit() is the same wait
-    for callers that block.
+    Then it hands the round's records to `apply_round` (the store applies
+    them to the dict: readers see only what is durable), and runs the
+    callbacks of that round: append(..., callback) and when_durable(callback)
+    ask for callback(None) once the record (every record appended so far)
+    is written, so it survives a killed process, and fsynced as above, so it
+    survives a power loss; or callback(error) if that failed.  The server
+    sends its 200 from there, so the thread of a writing client is free for
+    its next request instead of sleeping through the fsync.
 
-    If a write or fsync fails, the journal refuses every later record (the
-    failed ones may already be in the dict, but were never acknowledged):
-    after an fsync error, Linux may have dropped the dirty pages, so nothing
-    written since the last good fsync can be trusted to be on disk.
+    When a round fails, its records and every record queued after them fail
+    too (`fail_queued`: a write queued later may have been checked against
+    one that failed), and what the round wrote is truncated away, so that
+    no failed record is ever replayed:
+      - a write that fails for lack of room (ENOSPC, EDQUOT, EFBIG) is
+        retried with the next records: `problem` says why meanwhile, and
+        once a second the writer probes (posix_fallocate) whether there is
+        room again;
+      - any other failed write, or a failed truncation, and every failed
+        fsync, is fatal (`failed`): the journal refuses every later record.
+        After an fsync error Linux may have dropped the dirty pages and
+        marked them clean, so a second fsync would report success for data
+        that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
+        retried.  `on_fatal` is called once, from the writer thread.
     """
 
     POLICIES = ("always", "everysec", "no")
+    PROBE_INTERVAL = 1.0        # seconds between probes for room after a full disk
 
     def __init__(self, directory, generation, policy):
         assert policy in self.POLICIES
@@ -426,13 +494,20 @@ class Journal:
         self.generation = generation
         self.size = 0                   # bytes appended to the current file
         self.records = 0                # appended since this object was opened
-        self.failed = None              # the OSError that broke the journal, if any
+        self.failed = None              # the OSError that broke the journal for good, if any
+        self.problem = None             # why writes fail for now (a full disk), if they do
         self.fsyncs = 0                 # fsync rounds done (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
+        self.apply_round = None         # apply_round(records) after a round is durable
+        self.fail_queued = self.drop_queued     # on failure: every queued callback, dropped
+        self.on_fatal = None            # on_fatal(error), once, when `failed` is set
+        self.log = lambda message: None
         self._fd = self._create(generation)
+        self._written = {self._fd: 0}   # fd -> bytes written to it by complete rounds
         self._queue = []                # buffers of records not yet written
+        self._records = []              # (op, key, value) of those records, in order
         self._retired = []              # (fd, queue) of older files, for the next round
-        self._callbacks = []            # when_durable() callbacks for the next round
+        self._callbacks = []            # callbacks for the next round
         self._sync_wanted = False       # the next round fsyncs, whatever the policy
         self._closing = False
         self._writer_idle = False       # the writer waits for work: wake it
@@ -443,23 +518,54 @@ class Journal:
         self._writer.start()
 
     def _create(self, generation):
-        """Create the file of a new generation and make its name durable."""
-        fd = os.open(journal_path(self.directory, generation),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fsync_directory(self.directory)
+        """Create the file of a new generation and make its name durable.
+
+        If the directory's fsync fails, the new file is closed and removed
+        again: a file left behind would make the next checkpoint's create
+        fail with "File exists", and every one after it.
+        """
+        path = journal_path(self.directory, generation)
+        fd = open_data_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        try:
+            fsync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
         return fd
 
     # -- store lock held ------------------------------------------------------
 
-    def append(self, op, key, value):
-        """Queue one record.  Caller holds the store lock."""
+    def append(self, record, callback=None):
+        """Queue one record (op, key, value), and its callback.  Caller holds the store lock."""
         if self.failed:
             raise OSError("journal unusable since an earlier error: %s" % self.failed)
-        buffers = encode_record(op, key, value)
+        buffers = encode_record(*record)
         with self._lock:
             self._queue.extend(buffers)
+            self._records.append(record)
             self.size += sum(map(len, buffers))
             self.records += 1
+            if callback is not None:
+                self._callbacks.append(callback)
+                if self._writer_idle:
+                    self._writer_idle = False
+                    self._work.notify()
+
+    def drop_queued(self):
+        """Forget every record not yet taken by a round; return their callbacks.
+
+        Called (with the store lock held, by the store) when a round fails.
+        """
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, []
+            self._queue, self._records = [], []
+            self._retired = [(fd, []) for fd, _ in self._retired]
+            self.size = self._written.get(self._fd, 0)
+        return callbacks
 
     def switch(self, prepared):
         """Checkpoint step b: new records go to the prepared file.  Caller holds the store lock.
@@ -472,6 +578,7 @@ class Journal:
         with self._lock:
             self._retired.append((self._fd, self._queue))
             self.generation, self._fd = prepared
+            self._written[self._fd] = 0
             self._queue = []
             self.size = 0
         return old
@@ -485,10 +592,10 @@ class Journal:
     def when_durable(self, callback):
         """Call callback(None), from the writer thread, once every record appended so far is durable.
 
-        Durable means written, and fsynced as the policy says; if the
-        journal fails first, the callback gets the OSError instead.  Either
-        way it is called exactly once.  It must not block, nor raise: the
-        replies of every other writer in its round wait behind it.
+        Durable means written, and fsynced as the policy says; if that
+        fails, the callback gets the OSError instead.  Either way it is
+        called exactly once.  It must not block, nor raise: the replies of
+        every other writer in its round wait behind it.
         """
         with self._lock:
             self._callbacks.append(callback)
@@ -498,17 +605,9 @@ class Journal:
 
     def commit(self):
         """Return once every record appended so far is durable.  Raises OSError."""
-        done = threading.Lock()
-        done.acquire()
-        outcome = []
-
-        def wake(error):
-            outcome.append(error)
-            done.release()
-        self.when_durable(wake)
-        done.acquire()
-        if outcome[0] is not None:
-            raise OSError("journal write failed: %s" % outcome[0])
+        waiter = Waiter()
+        self.when_durable(waiter)
+        waiter.wait()
 
     def sync(self):
         """Write and fsync every record appended so far, whatever the policy."""
@@ -520,6 +619,7 @@ class Journal:
 
     def _write_rounds(self):
         fsync_due = None        # "everysec": when the oldest unsynced write must be fsynced
+        probe_due = None        # after a full disk: when to look for room again
 
         def fsync_owed():
             return fsync_due is not None and time.monotonic() >= fsync_due
@@ -528,49 +628,126 @@ class Journal:
             with self._work:
                 while not (self._callbacks or self._sync_wanted or self._closing
                            or fsync_owed()):
+                    if probe_due is not None and time.monotonic() >= probe_due:
+                        break
                     self._writer_idle = True
-                    self._work.wait(None if fsync_due is None else fsync_due - time.monotonic())
+                    due = min(t for t in (fsync_due, probe_due, float("inf")) if t is not None)
+                    self._work.wait(None if due == float("inf") else due - time.monotonic())
                 self._writer_idle = False
                 if self._closing and not (self._callbacks or self._sync_wanted):
                     return
-                files = []
+                files, records = [], []
                 if not self.failed:     # else close() closes the files
                     files = self._retired + [(self._fd, self._queue)]
-                    self._retired, self._queue = [], []
+                    records = self._records
+                    self._retired, self._queue, self._records = [], [], []
                 fsync = self.policy == "always" or self._sync_wanted or fsync_owed()
+                work = (records or self._callbacks or self._sync_wanted or fsync_owed()
+                        or len(files) > 1)
                 self._sync_wanted = False
                 callbacks, self._callbacks = self._callbacks, []
-            if files:
+            error = None
+            if files and work:
                 started = time.monotonic()
-                self.failed = self._write(files, fsync)
-                if fsync and not self.failed:
-                    self.fsyncs += 1
-                    self.fsync_seconds += time.monotonic() - started
-                if fsync or self.failed:
-                    fsync_due = None            # nothing owed, or nothing more to do
-                elif self.policy == "everysec" and fsync_due is None:
-                    fsync_due = time.monotonic() + 1.0
+                error = self._write(files, fsync)
+                if error is None:
+                    if fsync:
+                        self.fsyncs += 1
+                        self.fsync_seconds += time.monotonic() - started
+                        fsync_due = None
+                    elif self.policy == "everysec" and fsync_due is None:
+                        fsync_due = time.monotonic() + 1.0
+                    if records and self.problem:
+                        self._room_again()
+                else:
+                    fsync_due = None
+            if (error is None and self.problem and not self.failed and probe_due is not None
+                    and time.monotonic() >= probe_due and self._probe()):
+                self._room_again()
+            if error is None:
+                if records and self.apply_round:
+                    self.apply_round(records)
+            else:
+                callbacks += self.fail_queued()
+            probe_due = (time.monotonic() + self.PROBE_INTERVAL
+                         if self.problem and not self.failed else None)
             for callback in callbacks:
                 try:
-                    callback(self.failed)
+                    callback(error or self.failed)
                 except Exception:
                     # A caller's bug: report it, but do not let it cost the
                     # other callers their replies, or stop the journal.
                     sys.excepthook(*sys.exc_info())
+            if error is not None and self.failed is error and self.on_fatal:
+                self.on_fatal(error)
 
-    @staticmethod
-    def _write(files, fsync):
-        """One round's I/O: every file's records, the fsyncs; returns the OSError, if any."""
+    def _write(self, files, fsync):
+        """One round's I/O: every file's records, the fsyncs; returns the OSError, if any.
+
+        On an error, every file is cut back to where the round found it, so
+        that none of the round's records can be replayed.  Sets `problem`
+        (out of room: the next round tries again) or `failed` (for good).
+        """
+        phase = "write"
         try:
             for fd, buffers in files:
                 _write_all(fd, buffers)
+            phase = "fsync"
             for fd, _ in files if fsync else files[:-1]:
                 os.fsync(fd)            # a retired file always gets its last fsync
-            for fd, _ in files[:-1]:
-                os.close(fd)
         except OSError as e:
+            self._cut_back(files, e, phase)
             return e
+        for fd, buffers in files:
+            self._written[fd] += sum(map(len, buffers))
+        for fd, _ in files[:-1]:
+            os.close(fd)
+            del self._written[fd]
         return None
+
+    def _cut_back(self, files, error, phase):
+        """Truncate the round's files to where it found them; close the retired ones."""
+        fatal = phase == "fsync" or error.errno not in STORAGE_FULL
+        try:
+            for fd, _ in files:
+                os.ftruncate(fd, self._written[fd])
+            if not fatal:
+                for fd, _ in files:
+                    os.fsync(fd)        # the cut is durable before the next write
+        except OSError as e:
+            fatal = True
+            self.log("Journal %s: cannot cut off a failed write: %s"
+                     % (journal_path(self.directory, self.generation), e))
+        for fd, _ in files[:-1]:
+            os.close(fd)
+            del self._written[fd]
+        if fatal:
+            self.failed = error
+            self.problem = "journal %s failed: %s" % (phase, error.strerror or error)
+            self.log("Journal %s: %s; no more writes are taken"
+                     % (journal_path(self.directory, self.generation), self.problem))
+        elif self.problem is None:
+            self.problem = "disk full: %s" % (error.strerror or error)
+            self.log("Journal %s: %s; writes get 507 until there is room"
+                     % (journal_path(self.directory, self.generation), self.problem))
+
+    def _probe(self):
+        """After a full disk: is there room for a page of records again?"""
+        fd, end = self._fd, self._written[self._fd]
+        try:
+            os.posix_fallocate(fd, end, 1 << 16)
+        except OSError:
+            return False
+        finally:
+            try:
+                os.ftruncate(fd, end)   # a crash before this leaves zeros: a torn tail
+            except OSError:
+                pass
+        return True
+
+    def _room_again(self):
+        self.problem = None
+        self.log("Journal %s: writable again" % journal_path(self.directory, self.generation))
 
     def discard(self):
         """Close and delete the file of a journal that never received a record."""
@@ -583,22 +760,41 @@ class Journal:
         """Write and fsync everything, run every callback, close the files.  No append may follow.
 
         Does not raise: if the journal fails (or had failed), the callbacks
-        are told so, and the caller has a snapshot of it all to save.
+        are told so.
         """
         try:
             self.sync()
         except OSError:
             pass
         self._stop()
-        for fd, _ in self._retired:
+        for fd in self._written:
             os.close(fd)
-        os.close(self._fd)
+        self._written = {}
 
     def _stop(self):
         with self._lock:
             self._closing = True
             self._work.notify()
         self._writer.join()
+
+
+class Waiter:
+    """A callback for the journal that a thread can wait on: wait() returns or raises its error."""
+
+    def __init__(self):
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._error = None
+
+    def __call__(self, error):
+        self._error = error
+        self._done.release()
+
+    def wait(self):
+        self._done.acquire()
+        if self._error is not None:
+            raise OSError(self._error.errno, "journal write failed: %s"
+                          % (self._error.strerror or self._error))
 
 
 def _write_all(fd, buffers):

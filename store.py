@@ -1,27 +1,32 @@
 """The thread-safe dict, and the order in which its changes reach the disk.
 
-`Store` is a dict {str: bytes} behind one lock.  Every mutation, in one
-critical section, (1) appends a record to the journal's queue and (2)
-applies it to the dict.  Because both happen under the same lock, the
-journal's order is exactly the order of changes to the dict, under any
-concurrency.  Then, *outside* the lock, (3) the record is made durable:
-the journal's writer thread writes it to the OS and, as the policy says,
-fsyncs it, together with every other record queued by then (group
-commit).  No system call is made under the lock, so one slow fsync never
-blocks readers or other writers.  The caller either waits for (3)
-(Journal.commit) or, as the server does, passes `on_durable` and is called
-back from the writer thread (Journal.when_durable).
+`Store` is a dict {str: bytes} behind one lock.  A change is made in two
+steps.  (1) Under the lock, the mutation is checked (sealed? its
+condition?) and its record queued in the journal; the queue's order is
+the order of the mutations, under any concurrency.  (2) The journal's
+writer thread writes the queued records to the OS and, as the policy
+says, fsyncs them, together with every other record queued by then (group
+commit), then applies that round's records to the dict, in journal order,
+under the lock, and only then runs their callbacks (the server's 200s).
+No system call is made under the lock, so one slow fsync never blocks
+readers or other writers.
+
+Readers see only the dict: only durable changes.  A write answered with
+an error was never visible and is never replayed (the journal cuts it
+off).  Writes queued but not yet durable are kept in an overlay
+(_pending, _pending_clear) so that _latest(key), against which conditions
+are checked, sees them; when a round fails, it and everything queued
+after it fail together and the overlay is dropped, so that no write
+checked against a failed one survives it.
 
 Guarantees
 ----------
 - A mutation that returned normally (or whose on_durable got None) is in
   the journal, as durable as the fsync policy promises, and in the dict.
-- After seal(), every mutation raises Sealed, and the dict no longer changes:
-  a snapshot taken after seal() holds every mutation that ever returned.
-- Reads see a write as soon as it is applied, which may be before its
-  record has reached the OS or the disk (as in Redis).  A reader can
-  therefore see a value that a crash in the next millisecond takes back;
-  but that write was never acknowledged, and a write that was is kept.
+- One that raised (or whose on_durable got an error) is in neither.
+- After seal(), every mutation raises Sealed; once the journal is closed
+  (save_and_close) the dict no longer changes, and the snapshot taken then
+  holds every mutation that ever returned.
 
 Tags and conditional writes
 ---------------------------
@@ -173,7 +178,9 @@ class Store:
     def __init__(self, data, journal, checkpoint_bytes, log):
         self._data = data
         self._journal = journal
-        self._lock = threading.Lock()           # guards _data, _tags, _sealed, journal appends
+        self._lock = threading.Lock()   # guards _data, _pending*, _tags, _sealed, journal appends
+        self._pending = {}      # key -> its newest queued record (op, key, value), not yet applied
+        self._pending_clear = None  # the newest queued CLEAR record, not yet applied
         self._tags = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
         self._sorted = None     # SortedKeys, from the first listing on
         self._sorted_ready = False      # False while the background build runs
@@ -186,6 +193,11 @@ class Store:
         self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
         self.checkpoints = 0            # written since start, for /metrics
         self.checkpoint_failures = 0
+        self.fatal = threading.Event()  # set when the journal fails for good: shut down
+        journal.apply_round = self._apply_round
+        journal.fail_queued = self._fail_queued
+        journal.on_fatal = lambda error: self.fatal.set()
+        journal.log = log
         threading.Thread(target=self._checkpoint_loop, name="checkpointer",
                          daemon=True).start()
 
@@ -198,8 +210,8 @@ class Store:
         return self._journal
 
     def write_problem(self):
-        """None when writes can be served, else a short reason."""
-        return "journal failed: %s" % self._journal.failed if self._journal.failed else None
+        """None while writes can be served, else why not (for /health and metrics)."""
+        return self._journal.problem
 
     # -- reads --------------------------------------------------------------
 
@@ -208,6 +220,15 @@ class Store:
         with self._lock:
             return self._data.get(key)
 
+    def copy(self):
+        """The whole dict at one instant: every write applied, and so durable, by then.
+
+        A shallow copy, made under the lock (a checkpoint makes the same):
+        the values are shared, and never change, since writes replace them.
+        """
+        with self._lock:
+            return dict(self._data)
+
     def get_tagged(self, key):
         """(value, value_tag(value)) of `key`, or (None, None)."""
         return self._tagged(key, self._data.get)
@@ -215,10 +236,16 @@ class Store:
     def _latest(self, key):
         """The value of `key` once every write queued so far is applied (None: absent).
 
-        Conditions are checked against it, under the lock: a conditional
-        write must see the writes queued before it, durable or not yet.
-        Writes are applied to the dict as they are queued, so it is the dict.
+        Call with the lock held.  Conditions are checked against it: a
+        conditional write must see the writes queued before it, durable or
+        not yet.  The newest queued record of the key wins; else a queued
+        CLEAR means absent; else the dict.
         """
+        record = self._pending.get(key)
+        if record is not None:
+            return record[2] if record[0] == PUT else None
+        if self._pending_clear is not None:
+            return None
         return self._data.get(key)
 
     def keys_page(self, prefix="", after="", limit=1000):
@@ -296,32 +323,60 @@ class Store:
         self._mutate(CLEAR, "", b"", on_durable)
 
     def _mutate(self, op, key, value, on_durable, tag=None, condition=None):
-        """Journal and apply a change.  Raises Sealed, ConditionFailed, or OSError if the journal has failed.
+        """Queue a change; it is applied once durable.  Raises Sealed, ConditionFailed, or OSError.
 
-        Without `on_durable`, returns once the change is durable (raises
-        OSError if it cannot be made so).  With it, returns at once, and the
-        journal's writer thread calls on_durable(None) once the change is
-        durable, or on_durable(error).  With `condition`, the change is made
-        only if condition(tag) is true, `tag` being the tag of the key's
-        latest value (None: the key is absent); else ConditionFailed.
+        Without `on_durable`, returns once the change is durable and applied
+        (raises OSError if it cannot be made durable).  With it, returns at
+        once, and the journal's writer thread calls on_durable(None) once
+        the change is durable and applied, or on_durable(error) if it never
+        will be.  With `condition`, the change is made only if
+        condition(tag) is true, `tag` being the tag of the key's latest
+        value (None: the key is absent); else ConditionFailed.  OSError at
+        once: the journal has failed for good.
         """
         seen = self._tagged(key, self._latest) if condition is not None else None
+        waiter = None if on_durable else persistence.Waiter()
+        record = (op, key, value)
         with self._lock:
             if self._sealed:
                 raise Sealed()
             if condition is not None:
                 self._check(key, condition, seen)
-            self._journal.append(op, key, value)            # 1. the record, queued
-            self.value_bytes += self._value_bytes_change(op, key, value)
+            self._journal.append(record, on_durable or waiter)
             self._keep_tag(op, key, value, tag)
-            self._apply(op, key, value)                     # 2. the dict: same order
+            if op == CLEAR:
+                self._pending.clear()
+                self._pending_clear = record
+            else:
+                self._pending[key] = record
             journal_full = self._journal.size >= self._checkpoint_bytes
         if journal_full:
             self._checkpoint_wanted.set()
-        if on_durable:                  # 3. without the lock: written (and fsynced)
-            self._journal.when_durable(on_durable)
-        else:
-            self._journal.commit()
+        if waiter:
+            waiter.wait()
+
+    def _apply_round(self, records):
+        """The journal's writer, once `records` are durable: apply them, in order."""
+        data, pending = self._data, self._pending
+        with self._lock:
+            value_bytes = self.value_bytes
+            for record in records:
+                op, key, value = record
+                if op == PUT:
+                    old = data.get(key)
+                    value_bytes += len(value) - (len(old) if old is not None else 0)
+                elif op == DELETE:
+                    old = data.get(key)
+                    if old is not None:
+                        value_bytes -= len(old)
+                else:
+                    value_bytes = 0
+                    if self._pending_clear is record:
+                        self._pending_clear = None
+                self._apply(op, key, value)
+                if pending.get(key) is record:
+                    del pending[key]
+            self.value_bytes = value_bytes
 
     def _apply(self, op, key, value):
         """Under the lock: change the dict, and the sorted keys if a listing made them."""
@@ -337,12 +392,17 @@ class Store:
                 self._sorted = SortedKeys()
         persistence.apply(self._data, op, key, value)
 
-    def _value_bytes_change(self, op, key, value):
-        """How a mutation, about to be applied, changes value_bytes.  Caller holds the lock."""
-        if op == CLEAR:
-            return -self.value_bytes
-        old = self._data.get(key)
-        return len(value) - (len(old) if old is not None else 0)
+    def _fail_queued(self):
+        """The journal's writer, after a failed round: fail every queued write too.
+
+        Returns their callbacks.  A write queued after the failed ones may
+        have been checked against them (_latest), so it cannot stand.
+        """
+        with self._lock:
+            self._pending.clear()
+            self._pending_clear = None
+            self._tags.clear()          # may hold tags of values never applied
+            return self._journal.drop_queued()
 
     def _check(self, key, condition, seen):
         """Under the lock: raise ConditionFailed unless condition(tag of the key's latest value).
@@ -387,13 +447,17 @@ class Store:
         stay, so nothing is lost.
         """
         with self._checkpoint_lock:
-            if self._sealed:
+            if self._sealed or self._journal.failed:
                 return
             prepared = self._journal.prepare_next()               # a.
             with self._lock:
                 covered = self._journal.switch(prepared)          # b. new writes -> new file
-                snapshot = dict(self._data)                       #    copy holds all before
-            self._journal.sync()          # the old file's last records, then it is closed
+            # The old file's last records are written, fsynced and applied,
+            # then it is closed; the dict now holds all of journal `covered`
+            # (and perhaps some of the next one: replaying those is harmless).
+            self._journal.sync()
+            with self._lock:
+                snapshot = dict(self._data)
             started = time.monotonic()
             size = persistence.write_snapshot(self.directory, snapshot)   # c.
             persistence.remove_journals(self.directory, covered)          # d.
@@ -424,18 +488,18 @@ class Store:
             self._sealed = True
 
     def save_and_close(self):
-        """After seal(): write the final snapshot, then drop the journals.
+        """After seal(): close the journal, write the final snapshot, then drop the journals.
 
-        Waits for a checkpoint in progress.  Returns the snapshot's size.
-        If writing fails (OSError), the previous snapshot and the journals
-        are left as they were, so the next start still recovers everything.
+        Waits for a checkpoint in progress, then for the journal's last
+        round: once it is closed the dict holds exactly the writes that were
+        acknowledged.  Returns the snapshot's size.  If writing fails
+        (OSError), the previous snapshot and the journals are left as they
+        were, so the next start still recovers everything.
         """
         assert self._sealed
         with self._checkpoint_lock:
-            try:
-                size = persistence.write_snapshot(self.directory, self._data)
-            finally:
-                self._journal.close()       # what is queued reaches the disk regardless
+            self._journal.close()       # what is queued reaches the disk, or fails
+            size = persistence.write_snapshot(self.directory, self._data)
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))

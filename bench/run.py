@@ -3,17 +3,20 @@
 Every server in SERVERS is started as a subprocess on port 0 (its port read
 from its "Server listening on HOST:PORT" line), all of them at once, so that
 each load test can run on one server after the other, seconds apart
-(measure_load); then each takes the burst, one at a time, and all are
-stopped with SIGTERM.  A measurement returns rows: dicts with a "test"
+(measure_load); then each takes the burst, one at a time, then the
+stalled-client case (bench.stalled), and all are stopped with SIGTERM.  A measurement returns rows: dicts with a "test"
 name, a short "summary" for the table, and any raw numbers for the JSON.
 To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
 Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
 and bench.listing (pages of keys out of a million, and GETs beside them).
-The results go to stdout as a Markdown table (one row per test, one column per
-server), followed by issue 4's goals and their verdicts (bench/goals.py), and,
-raw, to bench/out/bench-<time>.json (git-ignored).
+Our server runs on its defaults, plus --server-flags; the header says which.
+--skip leaves parts out.  The results go to stdout as Markdown tables (one
+row per test, one column per server; the scaling figures one column per
+size), followed by issue 19's goals and their verdicts (bench/goals.py),
+and, raw, to bench/out/bench-<time>.json (git-ignored).  bench/README.md
+says what each row measures.
 """
 import argparse
 import collections
@@ -54,6 +57,8 @@ SERVERS = [
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
 PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing")   # for --skip
+# Our server alone, after the load: (name for --skip, function returning rows).
+OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]
 
 
 # -- one server process ----------------------------------------------------------
@@ -302,11 +307,11 @@ def scale_markdown(rows):
 def measure_persistence(opts):
     """bench.persist's measurements and bench.listing's, those not skipped; one that fails is a row saying so."""
     rows = []
-    for part, measure in PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]:
+    for part, measure in OUR_SERVER_MEASUREMENTS:
         if part in opts.skip:
             continue
         if not rows:
-            print("## persistence (our server)", flush=True)
+            print("## persistence and listing (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -397,10 +402,6 @@ def main(argv=None):
     if not {"load", "burst", "stalled"} <= set(opts.skip):
         print("## servers: %s" % ", ".join(chosen), flush=True)
         results = bench_servers(chosen, opts)
-<<<<<<< HEAD
-    print("## persistence and listing (our server)", flush=True)
-=======
->>>>>>> main
     persistence = measure_persistence(opts)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(), "loadavg": os.getloadavg(),
@@ -420,9 +421,9 @@ def main(argv=None):
         table += scale_markdown(persistence)
     goals = goal_rows(results, persistence)
     if goals:
-        table += ("\n\nThe goals of issue 19 (our server on %s; each judged on the means of "
-                  "its cells' %d runs):\n\n" % (_our_flags(opts), opts.repeat)
-                  + goals_markdown(goals))
+        table += ("\n\nThe goals of issue 19 (our server on %s; throughput and latency "
+                  "goals on the means of each cell's %d runs):\n\n"
+                  % (_our_flags(opts), opts.repeat) + goals_markdown(goals))
     print("\n" + table, flush=True)
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, time.strftime("bench-%Y%m%d-%H%M%S.json"))

@@ -831,8 +831,12 @@ class StorageErrorTest(unittest.TestCase):
             self.assertEqual((response.status, response.body), (500, b"storage error\n"))
             self.assertEqual(response.get("Content-Type"), CONTENT_TYPE)
             self.assertIsNone(response.get("Connection"))
-        connection.send(request("GET", "/health"))      # and the connection still serves
-        self.assertEqual(connection.response().status, 200)
+        connection.send(request("GET", "/kv/k"))        # the connection still serves,
+        self.assertEqual(connection.response().status, 404)     # the write is not applied
+        connection.send(request("GET", "/health"))      # and /health tells why writes fail
+        health = connection.response()
+        self.assertEqual((health.status, health.body),
+                         (503, b"journal fsync failed: Input/output error\n"))
 
 
 if __name__ == "__main__":

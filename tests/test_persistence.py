@@ -131,6 +131,83 @@ class BadSnapshotTest(TempDirTestCase):
         self.assertEqual(persistence.load_snapshot(self.path("absent.pickle")), {})
 
 
+# --------------------------------------- links and modes in the data dir, black-box --
+
+class DataDirectorySafetyTest(TempDirTestCase):
+    """Nothing in the data directory is followed or opened unless it is a regular file."""
+
+    def setUp(self):
+        super().setUp()
+        self.outside = tempfile.mkdtemp(prefix="kvtest-outside-")
+        self.addCleanup(shutil.rmtree, self.outside, True)
+        self.victim = os.path.join(self.outside, "victim")
+        with open(self.victim, "wb") as f:
+            f.write(b"precious, not the server's")
+        self.victim_state = file_state(self.victim)
+
+    def plant(self, name, make):
+        """make(path of `name`), after removing the LOCK that an earlier start left."""
+        if os.path.isfile(self.path("LOCK")):
+            os.unlink(self.path("LOCK"))
+        make(self.path(name))
+
+    def assert_refused(self, name, reason):
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.dir])
+        self.assertEqual(result.code, 1, result)
+        self.assertNotIn(TRACEBACK, result.stdout + result.stderr)
+        lines = result.lines("stderr")
+        self.assertEqual(len(lines), 1, result)
+        self.assertIn(os.path.join(os.path.realpath(self.dir), name), lines[0])
+        self.assertRegex(lines[0], reason)
+        self.assertEqual(file_state(self.victim), self.victim_state)
+
+    def test_a_symlink_or_a_device_as_a_data_file_is_refused(self):
+        journal = os.path.basename(persistence.journal_path(self.dir, 3))
+        for name in (persistence.SNAPSHOT_NAME, journal, "LOCK"):
+            for target, reason in ((self.victim, "symbolic link"),
+                                   ("/dev/zero", "symbolic link")):
+                with self.subTest(name=name, target=target):
+                    self.plant(name, lambda path: os.symlink(target, path))
+                    self.assert_refused(name, reason)
+                    os.unlink(self.path(name))
+
+    def test_a_fifo_or_a_directory_as_a_data_file_is_refused(self):
+        journal = os.path.basename(persistence.journal_path(self.dir, 3))
+        for name in (persistence.SNAPSHOT_NAME, journal, "LOCK"):
+            for make in (os.mkfifo, os.mkdir):
+                with self.subTest(name=name, kind=make.__name__):
+                    self.plant(name, make)
+                    self.assert_refused(name, "not a regular file|Is a directory")
+                    os.rmdir(self.path(name)) if make is os.mkdir else os.unlink(self.path(name))
+
+    def test_a_link_planted_at_the_temporary_snapshot_is_removed_not_followed(self):
+        os.symlink(self.victim, self.path(persistence.SNAPSHOT_NAME + ".tmp"))
+        with support.ServerProcess(self.dir) as server:
+            server.put("k", b"v")
+            self.assertEqual(server.stop(), 0, server.output())
+        self.assertEqual(file_state(self.victim), self.victim_state)
+        self.assertFalse(os.path.lexists(self.path(persistence.SNAPSHOT_NAME + ".tmp")))
+        self.assertEqual(persistence.load_snapshot(self.path(persistence.SNAPSHOT_NAME)),
+                         {"k": b"v"})
+
+    def test_the_data_directory_is_created_0700_and_files_0600_under_umask_0(self):
+        data = os.path.join(self.dir, "parent", "data")
+        old = os.umask(0)
+        try:
+            server = support.ServerProcess(data).start()
+        finally:
+            os.umask(old)
+        with server:
+            server.put("k", b"v")
+            self.assertEqual(os.stat(data).st_mode & 0o777, 0o700)
+            self.assertEqual(server.stop(), 0, server.output())
+        names = os.listdir(data)
+        self.assertIn(persistence.SNAPSHOT_NAME, names)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertEqual(os.stat(os.path.join(data, name)).st_mode & 0o777, 0o600)
+
+
 # ------------------------------------------------------- journal records, unit --
 
 class RecordTest(TempDirTestCase):
@@ -520,7 +597,7 @@ class GroupCommitTest(TempDirTestCase):
             for n in range(writes_each):
                 before = counter.started               # fsyncs begun before this record
                 with store_lock:                       # as Store._mutate does
-                    journal.append(PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n))
+                    journal.append((PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n)))
                 journal.commit()
                 if policy == "always" and not any(s > before for s in counter.finished):
                     problems.append("commit() of t%d-%d returned before an fsync covered it"
@@ -558,7 +635,7 @@ class GroupCommitTest(TempDirTestCase):
     def test_everysec_fsyncs_within_a_second_of_a_write(self):
         journal = persistence.Journal(self.dir, 1, "everysec")
         self.addCleanup(journal.close)
-        journal.append(PUT, "k", b"v")
+        journal.append((PUT, "k", b"v"))
         journal.commit()                    # written, not yet fsynced
         written = time.monotonic()
         self.assertEqual(journal.fsyncs, 0)
@@ -570,7 +647,7 @@ class GroupCommitTest(TempDirTestCase):
         journal = persistence.Journal(self.dir, 1, "everysec")
         self.addCleanup(journal.close)
         with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
-            journal.append(PUT, "k", b"v")
+            journal.append((PUT, "k", b"v"))
             journal.commit()                # written; its fsync is due in a second
             support.wait_until(lambda: journal.failed, timeout=10,
                                message="the failed fsync")
@@ -578,7 +655,7 @@ class GroupCommitTest(TempDirTestCase):
             time.sleep(1)                   # a writer thread that spins burns this second
             self.assertLess(time.process_time() - cpu, 0.5, "the writer thread spins")
         with self.assertRaises(OSError):
-            journal.append(PUT, "k2", b"v")
+            journal.append((PUT, "k2", b"v"))
 
     def test_a_callback_that_raises_stops_neither_the_others_nor_the_journal(self):
         journal = persistence.Journal(self.dir, 1, "no")
@@ -588,11 +665,11 @@ class GroupCommitTest(TempDirTestCase):
         def broken(error):
             raise RuntimeError("a bug in a caller")
         with mock.patch("sys.excepthook") as excepthook:
-            journal.append(PUT, "a", b"1")
+            journal.append((PUT, "a", b"1"))
             journal.when_durable(broken)
             journal.when_durable(called.append)
             support.wait_until(lambda: called, timeout=10, message="the second callback")
-            journal.append(PUT, "b", b"2")
+            journal.append((PUT, "b", b"2"))
             journal.commit()                # the writer thread still runs rounds
         self.assertEqual(called, [None])
         self.assertEqual(excepthook.call_count, 1)
@@ -601,16 +678,142 @@ class GroupCommitTest(TempDirTestCase):
         journal = persistence.Journal(self.dir, 1, "always")
         outcomes = []
         with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
-            journal.append(PUT, "a", b"1")
-            journal.append(PUT, "b", b"2")
+            journal.append((PUT, "a", b"1"))
+            journal.append((PUT, "b", b"2"))
             with self.assertRaises(OSError):
                 journal.commit()
             journal.when_durable(outcomes.append)
             with self.assertRaises(OSError):
-                journal.append(PUT, "c", b"3")
+                journal.append((PUT, "c", b"3"))
         support.wait_until(lambda: outcomes, timeout=10, message="the callback")
         self.assertIsInstance(outcomes[0], OSError)
         journal.close()
+
+
+# --------------------------------------------- apply after durable, unit --
+
+class GatedFsync:
+    """Replaces os.fsync: each call waits until the test opens the gate, then succeeds or fails."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.error = None
+        self.calls = 0
+        self.real = os.fsync
+
+    def __call__(self, fd):
+        self.calls += 1
+        if not self.gate.wait(30):
+            raise AssertionError("the test never opened the gate")
+        if self.error:
+            raise self.error
+        self.real(fd)
+
+
+class ApplyAfterDurableTest(TempDirTestCase):
+    """Readers see only durable writes; a failed write, and every write queued after it, fail."""
+
+    def setUp(self):
+        super().setUp()
+        self.journal = persistence.Journal(self.dir, 1, "always")
+        self.store = store_module.Store({"k": b"old"}, self.journal, NO_CHECKPOINT, self.log)
+        self.fsync = GatedFsync()
+        patcher = mock.patch("os.fsync", self.fsync)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.addCleanup(self.fsync.gate.set)
+        self.outcomes = {}
+
+    def put(self, key, value, **options):
+        self.store.put(key, value, on_durable=lambda e: self.outcomes.__setitem__(key, e),
+                       **options)
+
+    def test_a_write_is_visible_only_once_durable(self):
+        self.put("k", b"new")
+        self.put("other", b"1")
+        support.wait_until(lambda: self.fsync.calls, 10, message="the round's fsync")
+        with self.store._lock:
+            self.assertEqual(self.store._latest("k"), b"new")
+        self.assertEqual(self.store.get("k"), b"old", "visible before it was durable")
+        self.assertIsNone(self.store.get("other"))
+        self.fsync.gate.set()
+        support.wait_until(lambda: len(self.outcomes) == 2, 10, message="the callbacks")
+        self.assertEqual(self.outcomes, {"k": None, "other": None})
+        self.assertEqual((self.store.get("k"), self.store.get("other")), (b"new", b"1"))
+
+    def test_a_failed_round_fails_every_write_queued_after_it(self):
+        self.fsync.error = OSError(28, "No space left on device")
+        self.put("k", b"failed")
+        support.wait_until(lambda: self.fsync.calls, 10, message="the round's fsync")
+        # queued while the first round is in its fsync: checked against "failed"
+        self.put("k", b"after", condition=lambda tag: tag == store_module.value_tag(b"failed"))
+        self.store.clear(on_durable=lambda e: self.outcomes.__setitem__("clear", e))
+        with self.store._lock:
+            self.assertIsNone(self.store._latest("k"))
+        self.fsync.gate.set()
+        support.wait_until(lambda: len(self.outcomes) == 2, 10, message="the callbacks")
+        self.assertTrue(all(isinstance(e, OSError) for e in self.outcomes.values()),
+                        self.outcomes)
+        self.assertEqual(self.store.get("k"), b"old")
+        with self.store._lock:
+            self.assertEqual(self.store._latest("k"), b"old")
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {})
+
+    def test_a_full_disk_cuts_the_failed_records_off_and_later_writes_succeed(self):
+        self.fsync.gate.set()
+        self.store.put("a", b"1")
+        size = os.path.getsize(persistence.journal_path(self.dir, 1))
+        real_write = os.write
+
+        def write(fd, data):
+            real_write(fd, bytes(data[:7]))             # part of it, then the disk is full
+            raise OSError(28, "No space left on device")
+        with mock.patch("os.writev", side_effect=OSError(28, "No space left on device")), \
+                mock.patch("os.write", write):
+            with self.assertRaises(OSError):
+                self.store.put("b", b"2" * 100)
+            self.assertIn("disk full", self.store.write_problem())
+        self.assertEqual(os.path.getsize(persistence.journal_path(self.dir, 1)), size)
+        self.assertIsNone(self.store.get("b"))
+        self.store.put("c", b"3")
+        self.assertIsNone(self.store.write_problem())
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1", "c": b"3"})
+
+    def test_a_failed_fsync_is_fatal_and_never_retried(self):
+        self.fsync.gate.set()
+        self.store.put("a", b"1")
+        self.fsync.error = OSError(5, "Input/output error")
+        calls = self.fsync.calls
+        with self.assertRaises(OSError):
+            self.store.put("b", b"2")
+        self.assertTrue(self.store.fatal.is_set())
+        self.assertIn("fsync failed", self.store.write_problem())
+        with self.assertRaises(OSError):
+            self.store.put("c", b"3")
+        self.assertEqual(self.fsync.calls, calls + 1, "an fsync was retried")
+        self.assertIsNone(self.store.get("b"))
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1"})
+
+
+class FailedCheckpointCleanupTest(TempDirTestCase):
+
+    def test_a_checkpoint_whose_directory_fsync_fails_leaves_nothing_behind(self):
+        journal = persistence.Journal(self.dir, 1, "always")
+        store = store_module.Store({}, journal, NO_CHECKPOINT, self.log)
+        store.put("a", b"1")
+        fds = len(os.listdir("/proc/self/fd"))
+        with mock.patch.object(persistence, "fsync_directory",
+                               side_effect=OSError(24, "Too many open files")):
+            with self.assertRaises(OSError):
+                store.checkpoint()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds, "a file descriptor leaked")
+        self.assertEqual(persistence.journal_generations(self.dir), [1])
+        store.put("b", b"2")
+        store.checkpoint()                      # the next one works
+        self.assertEqual(persistence.journal_generations(self.dir), [2])
+        store.put("c", b"3")
+        self.assertEqual(persistence.load(self.dir, self.log)[0],
+                         {"a": b"1", "b": b"2", "c": b"3"})
 
 
 # ---------------------------------------------- checkpoint crashes, unit --
