@@ -804,9 +804,6 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.state, self.handed_off, self.missed = OWED, True, False
         try:
             mutation(*args, on_durable=send_when_durable, **options)
-            # Watch for the next request now, from this thread, as for any
-            # other reply: the writer then only sends (KVServer.reply_sent).
-            self.server.poller.arm(self.request.fileno(), IN)
         except BaseException as e:
             self.state, self.handed_off = HEAD, False
             if isinstance(e, Sealed):
@@ -816,6 +813,12 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(e, OSError):
                 raise RequestError(*storage_error(e))
             raise
+        # Watch for the next request now, from this thread, as after any
+        # other reply: the writer then only sends (KVServer.reply_sent).
+        try:
+            self.server.poller.arm(self.request.fileno(), IN)
+        except OSError:
+            self.missed = True          # the writer hands it back to the worker
 
     def send_owed(self, reply):
         """Send a write's reply from the journal's writer thread, then give the connection back.
