@@ -9,14 +9,19 @@ Files in the data directory
 
     store.pickle          the snapshot: the whole dict {str: bytes}, pickled
                           with protocol 5, replaced atomically.
-    store.pickle.tmp      a snapshot being written; ignored by load() and
-                          overwritten by the next save.
+    store.pickle.tmp      a snapshot being written; ignored by load(),
+                          removed (unlink) and created anew (O_EXCL) by the
+                          next save.
     journal-00000007.log  a journal: the mutations made after some snapshot,
                           in the order they were applied.  The number is the
                           journal's generation; a new one starts at every
                           checkpoint and at every start of the server.
     LOCK                  held (flock) by the running server, so that two
                           servers never share one directory.
+
+Every file here is opened with O_NOFOLLOW and must be a regular file
+(open_data_file): a symbolic link or a device planted in the directory is
+refused, never followed.  Files are created 0600.
 
 A snapshot is written atomically: a temporary file in the same directory,
 flush, fsync, os.replace() over the old one, fsync of the directory.  After
@@ -88,6 +93,7 @@ import fcntl
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
 import threading
@@ -125,9 +131,33 @@ def journal_generations(directory):
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def open_data_file(path, flags, mode=0o600):
+    """os.open() for a file inside the data directory: never a symlink, only a regular file.
+
+    O_NOFOLLOW makes the open fail if `path` is a symbolic link (a link
+    planted at store.pickle.tmp would otherwise have its target overwritten;
+    a journal linked to /dev/zero would be read forever); O_NONBLOCK keeps a
+    FIFO from blocking the open.  Raises OSError, whose strerror says why.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, "is a symbolic link, not followed", path) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def fsync_directory(directory):
     """Make renames, creations and deletions in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
@@ -138,13 +168,31 @@ class DirectoryInUse(DataError):
     """Another process holds the data directory's lock (it may be exiting)."""
 
 
+def make_data_directory(directory):
+    """Create `directory` (and its parents) if missing: mode 0700, whatever the umask.
+
+    An existing directory keeps its mode: its owner chose it.
+    """
+    if os.path.isdir(directory):
+        return
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        return                          # another process made it just now
+    os.chmod(directory, 0o700)          # mkdir's mode is masked by the umask
+
+
 def lock_directory(directory):
     """Take the directory's LOCK file; return its fd (keep it open while serving).
 
     The kernel drops the lock when the process dies, however it dies.
     """
     path = os.path.join(directory, "LOCK")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = open_data_file(path, os.O_RDWR | os.O_CREAT)
+    except OSError as e:
+        raise DataError("%s: cannot open the lock file: %s" % (path, e.strerror))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -179,7 +227,7 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 def load_snapshot(path):
     """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
     try:
-        f = open(path, "rb")
+        f = open(open_data_file(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return {}
     except OSError as e:
@@ -207,7 +255,11 @@ def write_snapshot(directory, data):
     """
     path = snapshot_path(directory)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.unlink(tmp)          # a crash's leftover; unlink removes a link, not its target
+    except FileNotFoundError:
+        pass
+    fd = open_data_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
             pickle.dump(data, f, protocol=PICKLE_PROTOCOL)
@@ -332,7 +384,7 @@ def find_valid_record(buf, start):
 
 def read_journal(path):
     try:
-        with open(path, "rb") as f:
+        with open(open_data_file(path, os.O_RDONLY), "rb") as f:
             return f.read()
     except OSError as e:
         raise DataError("%s: cannot read journal: %s" % (path, e.strerror))
@@ -341,7 +393,7 @@ def read_journal(path):
 def truncate_journal(path, end):
     """Cut a torn tail off a journal, durably."""
     try:
-        with open(path, "r+b") as f:
+        with open(open_data_file(path, os.O_RDWR), "r+b") as f:
             f.truncate(end)
             os.fsync(f.fileno())
     except OSError as e:
@@ -473,7 +525,7 @@ class Journal:
         fail with "File exists", and every one after it.
         """
         path = journal_path(self.directory, generation)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = open_data_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
         try:
             fsync_directory(self.directory)
         except BaseException:

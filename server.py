@@ -84,6 +84,7 @@ import hmac
 import http.server
 import ipaddress
 import os
+import pickle
 import re
 import resource
 import select
@@ -155,7 +156,7 @@ CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\x00]*)?\r?")   # no space
 REASONS = {status: phrase.encode() for status, (phrase, _)
            in http.server.BaseHTTPRequestHandler.responses.items()}
 ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/kv": "GET, HEAD", "/clear": "DELETE",
-           "/health": "GET, HEAD", "/metrics": "GET, HEAD"}
+           "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/snapshot": "GET"}
 
 
 class Limits:
@@ -419,9 +420,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         if not data:
             return False
         if self.state is HEAD:
+            if not self.inbuf:                  # a request's first bytes: its latency starts
+                self.started = server.now
             if self.idle:                       # a new request begins: its head has a deadline
                 self.idle = False
-                self.started = server.now
                 self.deadline = server.now + server.limits.header_timeout
             if server.inflight > server.limits.max_inflight_bytes:
                 self.inbuf = b""
@@ -720,6 +722,9 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/metrics":
             self.check_method("/metrics", ("GET", "HEAD"))
             self.reply(200, self.server.metrics.render(self.server), content_type=METRICS_TYPE)
+        elif path == "/snapshot":
+            self.check_method("/snapshot", ("GET",))
+            SnapshotStream.start(self)
         else:
             raise RequestError(404, "not found")
 
@@ -1198,6 +1203,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.limits = limits or Limits()
         self.limits.max_value_bytes = self.max_value_bytes = max_value_bytes
         self.metrics = Metrics()
+        self.snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
         self.access_log = access_log
         self.draining = False
         self.now = time.monotonic()             # the worker's clock, read once per round
@@ -1486,16 +1492,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """The counters of requests served, and the rendering of /metrics.
 
-    Latency is from the request line's arrival to the reply's hand-over to
-    the kernel (for a write: after its fsync).  A transport that counts its
-    own refusals gives the KVServer an integer attribute named in
-    TRANSPORT_COUNTERS; /metrics shows each that exists.
+    Latency is from the request's first bytes to the reply's hand-over to
+    the kernel (for a write: after its fsync).
     """
-
-    TRANSPORT_COUNTERS = (
-        ("connections_refused", "Connections refused because the server was at its cap."),
-        ("requests_timed_out", "Requests cut off because the client was too slow."),
-    )
 
     def __init__(self):
         # A lock, although the GIL makes each bytecode atomic: `n += 1` is a
@@ -1561,12 +1560,13 @@ class Metrics:
             latency.append(("_sum", (("method", method),), repr(seconds)))
             latency.append(("_count", (("method", method),), total))
         metric("request_duration_seconds", "histogram",
-               "Time from a request's arrival to its reply (a write's, after its fsync).",
+               "Time from a request's first bytes to its reply (a write's, after its fsync).",
                latency)
         one("connections", "gauge", "Client connections open now.", len(server._connections))
-        for name, text in self.TRANSPORT_COUNTERS:
-            if hasattr(server, name):
-                one(name + "_total", "counter", text, getattr(server, name))
+        one("connections_refused_total", "counter", "Connections refused at the cap "
+            "(--max-connections).", server.connections_refused)
+        one("requests_timed_out_total", "counter", "Requests cut off at a deadline (a client "
+            "too slow to send or to read).", server.requests_timed_out)
         one("keys", "gauge", "Keys in the store.", len(store))
         one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
         one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
@@ -1584,6 +1584,120 @@ class Metrics:
         one("checkpoint_failures_total", "counter", "Checkpoints that failed (the journal "
             "was kept).", store.checkpoint_failures)
         return "".join(out).encode("utf-8")
+
+
+# ------------------------------------------------------------------- backup --
+#
+# GET /snapshot: the whole store at one instant, in the snapshot file's
+# format (the dict pickled with protocol 5), streamed: the backup that
+# `cp` of the data directory is not (a copy made during a checkpoint can
+# pair an old snapshot with a newer journal).  Restoring is putting the
+# file as store.pickle in an empty data directory and starting there.
+
+SNAPSHOT_STREAMS = 1        # snapshots sent at once; more get 503 with Retry-After
+SNAPSHOT_RETRY_AFTER = 5    # seconds, in that 503
+
+
+class SnapshotStream:
+    """One GET /snapshot, sent by a thread of its own, so that the worker never waits for it.
+
+    The worker, in route(), takes a slot (at most SNAPSHOT_STREAMS at once:
+    each holds a copy of the dict, its references if not its values), hands
+    the connection over as a write does (OWED: the worker reads no later
+    request of it), and starts the thread.  The thread copies the dict
+    (Store.copy), then pickles it straight into the socket: pickle.dump
+    writes frames of about 64 KiB, each sent as an HTTP chunk, so the
+    pickle is never whole in memory.  Chunks also let a client tell a
+    cut-off backup from a whole one (an HTTP/1.0 client, which cannot have
+    them, gets the bytes until the connection closes).  A client that takes
+    nothing for --send-timeout seconds is cut off.  Then the connection goes
+    back to the worker (KVHandler.send_owed), with the last chunk.
+    """
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.server = handler.server
+        self.sock = handler.request
+        self.chunked = handler.request_version != "HTTP/1.0"
+        self.connection = handler.connection_header(close=not self.chunked)
+        self.started, self.requestline = handler.started, handler.requestline
+        self.size = 0
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLOUT)
+
+    @classmethod
+    def start(cls, handler):
+        """Take a slot, hand the connection over and start the thread; a 503 if no slot is free."""
+        slots = handler.server.snapshot_streams
+        if not slots.acquire(blocking=False):
+            raise RequestError(503, "a snapshot is already being sent; retry later",
+                               headers=(("Retry-After", SNAPSHOT_RETRY_AFTER),))
+        try:
+            thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
+            handler.body = None
+            handler.account()
+            handler.state, handler.handed_off = OWED, True
+            thread.start()
+        except BaseException:
+            handler.state, handler.handed_off = HEAD, False
+            slots.release()
+            raise
+
+    def run(self):
+        handler = self.handler
+        status, last = 200, b"0\r\n\r\n" if self.chunked else b""
+        try:
+            data = self.server.store.copy()
+            self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                       b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
+                       b'Content-Disposition: attachment; filename="store.pickle"\r\n',
+                       _this_second.date_header(), self.connection, b"\r\n"])
+            pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+            del data
+        except Exception as e:          # the client gone or too slow, mostly
+            status, last = None, b""
+            handler.close_connection = True
+            log("Snapshot to %s cut off after %d bytes: %s"
+                % (handler.client_address[0], self.size,
+                   "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
+                   if isinstance(e, TimeoutError) else e))
+        finally:
+            self.server.snapshot_streams.release()
+        if status:
+            self.server.metrics.request_done("GET", status, self.started)
+            handler.log_message('"%s" %s %s', self.requestline, status, self.size)
+        handler.send_owed(last)         # the worker has the connection back
+
+    def write(self, data):
+        """pickle.dump's file: each write, one chunk."""
+        size = len(data)
+        if size:
+            self.size += size
+            if self.chunked:
+                self.send([b"%x\r\n" % size, data, b"\r\n"])
+            else:
+                self.send([data])
+        return size
+
+    def send(self, buffers):
+        """Send every buffer (without joining them: a frame may be 10 MiB); raise OSError.
+
+        Raises TimeoutError if the client takes nothing for --send-timeout.
+        """
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        timeout_ms = self.server.limits.send_timeout * 1000
+        while views:
+            try:
+                sent = self.sock.sendmsg(views)     # the socket is non-blocking
+            except BlockingIOError:
+                sent = 0
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0], sent = views[0][sent:], 0
+            if views and not self._poll.poll(timeout_ms):
+                raise TimeoutError()
 
 
 # --------------------------------------------------------------- lifecycle --
@@ -1812,7 +1926,7 @@ def open_store(args, signal_pipe):
     """Create the data directory, lock it, recover the data, open a new journal."""
     directory = os.path.abspath(args.working_dir)
     try:
-        os.makedirs(directory, exist_ok=True)
+        persistence.make_data_directory(directory)
         lock = lock_directory(directory, args.lock_wait, signal_pipe)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:

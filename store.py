@@ -220,6 +220,15 @@ class Store:
         with self._lock:
             return self._data.get(key)
 
+    def copy(self):
+        """The whole dict at one instant: every write applied, and so durable, by then.
+
+        A shallow copy, made under the lock (a checkpoint makes the same):
+        the values are shared, and never change, since writes replace them.
+        """
+        with self._lock:
+            return dict(self._data)
+
     def get_tagged(self, key):
         """(value, value_tag(value)) of `key`, or (None, None)."""
         return self._tagged(key, self._data.get)

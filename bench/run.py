@@ -54,6 +54,8 @@ SERVERS = [
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
 PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing")   # for --skip
+# Our server alone, after the load: (name for --skip, function returning rows).
+OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]
 
 
 # -- one server process ----------------------------------------------------------
@@ -302,11 +304,11 @@ def scale_markdown(rows):
 def measure_persistence(opts):
     """bench.persist's measurements and bench.listing's, those not skipped; one that fails is a row saying so."""
     rows = []
-    for part, measure in PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]:
+    for part, measure in OUR_SERVER_MEASUREMENTS:
         if part in opts.skip:
             continue
         if not rows:
-            print("## persistence (our server)", flush=True)
+            print("## persistence and listing (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -397,10 +399,6 @@ def main(argv=None):
     if not {"load", "burst", "stalled"} <= set(opts.skip):
         print("## servers: %s" % ", ".join(chosen), flush=True)
         results = bench_servers(chosen, opts)
-<<<<<<< HEAD
-    print("## persistence and listing (our server)", flush=True)
-=======
->>>>>>> main
     persistence = measure_persistence(opts)
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform(), "loadavg": os.getloadavg(),

@@ -8,6 +8,9 @@ waits with a deadline; nothing sleeps blindly.
 - `BareServer`     a ServerProcess with exactly the given argv, environment
                    and cwd (for env fallbacks, `--port=N`, run.sh).
 - `get_many()`     GET many keys over a few keep-alive connections.
+- `FaultyFsyncServer` the server with os.fsync under the test's control:
+                   held while HOLD_FSYNC exists in the data directory,
+                   failing (EIO) while FAIL_FSYNC does.
 - raw-socket helpers for requests held half-way: `start_put()` sends the
                    headers of a PUT with `Expect: 100-continue` and returns
                    once the server has answered 100, i.e. once the server is
@@ -99,6 +102,55 @@ class BareServer(support.ServerProcess):
             self.listening = self.wait_for_line(support.LISTENING, support.START_TIMEOUT)
             self.port = int(self.listening.group(2))
         return self
+
+
+# server.py run with os.fsync under the test's control, through two files in
+# its data directory: while HOLD_FSYNC exists, fsync waits; then, while
+# FAIL_FSYNC exists, it fails with EIO (if FAIL_FSYNC says "once", only the
+# first time: the wrapper removes it).  Nothing else is changed.
+FAULTY_FSYNC = r"""
+import errno, os, runpy, sys, time
+directory = sys.argv[sys.argv.index("--working-dir") + 1]
+hold, fail = os.path.join(directory, "HOLD_FSYNC"), os.path.join(directory, "FAIL_FSYNC")
+real_fsync = os.fsync
+def fsync(fd):
+    while os.path.exists(hold):
+        time.sleep(0.01)
+    try:
+        with open(fail) as f:
+            once = f.read() == "once"
+    except FileNotFoundError:
+        return real_fsync(fd)
+    if once:
+        os.unlink(fail)
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+os.fsync = fsync
+sys.argv[0] = %r
+runpy.run_path(sys.argv[0], run_name="__main__")
+""" % support.SERVER
+
+
+class FaultyFsyncServer(support.ServerProcess):
+    """The server with os.fsync held or failing on the test's word (FAULTY_FSYNC)."""
+
+    def command(self):
+        return [sys.executable, "-c", FAULTY_FSYNC] + super().command()[2:]
+
+    def hold_fsync(self):
+        open(os.path.join(self.data_dir, "HOLD_FSYNC"), "w").close()
+
+    def release_fsync(self):
+        os.unlink(os.path.join(self.data_dir, "HOLD_FSYNC"))
+
+    def fail_fsync(self, how="always"):
+        with open(os.path.join(self.data_dir, "FAIL_FSYNC"), "w") as f:
+            f.write(how)
+
+    def heal_fsync(self):
+        try:
+            os.unlink(os.path.join(self.data_dir, "FAIL_FSYNC"))
+        except FileNotFoundError:
+            pass
 
 
 def stop_within(server, signum=signal.SIGTERM, timeout=20.0):

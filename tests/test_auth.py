@@ -33,6 +33,8 @@ ENDPOINTS = [
     ("DELETE", "/clear", None, 200),
     ("GET", "/metrics", None, 200),
     ("HEAD", "/metrics", None, 200),
+    ("GET", "/snapshot", None, 200),
+    ("HEAD", "/snapshot", None, 405),
     ("GET", "/no/such/path", None, 404),
     ("POST", "/health", None, 405),
     ("PUT", "/health", b"x", 405),

@@ -7,7 +7,7 @@
   /health is 200 and writes succeed without a restart; a SIGKILL then
   loses no acknowledged write and brings back none that failed.
 - A failed fsync (EIO; os.fsync patched in the server process by a small
-  wrapper, see FAILING_FSYNC): the write gets 500 and is never visible,
+  wrapper, durability_support.FaultyFsyncServer): the write gets 500 and is never visible,
   the server exits 1 with one line, and the next start has every
   acknowledged write and none that failed.
 """
@@ -20,7 +20,7 @@ import tempfile
 import unittest
 
 from tests import support
-from tests.durability_support import TRACEBACK, assert_state, journals
+from tests.durability_support import TRACEBACK, FaultyFsyncServer, assert_state, journals
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -110,45 +110,16 @@ class TmpfsFullDiskTest(FullDiskTests, support.ServerTestCase):
         os.unlink(self.filler)
 
 
-# A wrapper that runs server.py with os.fsync failing (EIO) while the file
-# FAIL_FSYNC exists in the data directory: the test decides when.  If the
-# file says "once", the wrapper removes it at the first failure.
-FAILING_FSYNC = r"""
-import errno, os, runpy, sys
-trigger = os.path.join(sys.argv[sys.argv.index("--working-dir") + 1], "FAIL_FSYNC")
-real_fsync = os.fsync
-def fsync(fd):
-    try:
-        with open(trigger) as f:
-            once = f.read() == "once"
-    except FileNotFoundError:
-        return real_fsync(fd)
-    if once:
-        os.unlink(trigger)
-    raise OSError(errno.EIO, os.strerror(errno.EIO))
-os.fsync = fsync
-sys.argv[0] = %r
-runpy.run_path(sys.argv[0], run_name="__main__")
-""" % support.SERVER
-
-
-class FailingFsyncServer(support.ServerProcess):
-
-    def command(self):
-        return [sys.executable, "-c", FAILING_FSYNC] + super().command()[2:]
-
-
 class FsyncErrorTest(support.ServerTestCase):
 
     def fail_fsync(self, how):
-        server = FailingFsyncServer(self.data_dir)
+        server = FaultyFsyncServer(self.data_dir)
         self.addCleanup(server.__exit__, None, None, None)
         server.start()
         expected = {"acked-%d" % i: b"value %d" % i for i in range(10)}
         for key, value in expected.items():
             server.put(key, value)
-        with open(os.path.join(self.data_dir, "FAIL_FSYNC"), "w") as f:
-            f.write(how)
+        server.fail_fsync(how)
         status, _, body = server.request("PUT", "/kv/failed", b"never acknowledged")
         self.assertEqual((status, body), (500, b"storage error\n"))
         self.assertEqual(server.wait(30), 1, server.output())
@@ -156,8 +127,7 @@ class FsyncErrorTest(support.ServerTestCase):
         self.assertNotIn(TRACEBACK, output)
         errors = [l for l in output.splitlines() if l.startswith("error:")]
         self.assertEqual(len(errors), 1, output)
-        if os.path.exists(os.path.join(self.data_dir, "FAIL_FSYNC")):
-            os.unlink(os.path.join(self.data_dir, "FAIL_FSYNC"))
+        server.heal_fsync()
         again = self.start_server()
         expected["failed"] = None
         assert_state(self, again, expected)

@@ -11,10 +11,10 @@ Synchronisation points, so that no test depends on timing:
 - "the server is draining": an idle keep-alive connection has been closed
   by the server (drain closes idle connections first thing);
 - "the store is sealed": the `Flushing N keys` line (logged after the seal);
-- "the save has not happened yet": store.pickle.tmp is a FIFO, so the
-  server's open() of its temporary snapshot file blocks until the test
-  opens the other end (and the save then fails, since a FIFO cannot be
-  fsynced: that doubles as the failed-save test).
+- "the save has not happened yet": the server runs with os.fsync held
+  while a file of the test's exists (durability_support.FaultyFsyncServer),
+  so its save waits until the test removes it (and the save then fails
+  with EIO: that doubles as the failed-save test).
 """
 import ast
 import fcntl
@@ -36,8 +36,8 @@ import unittest
 from bench.load import burst
 from tests import support
 from tests.durability_support import (
-    TRACEBACK, BareServer, Completed, file_state, get_many, idle_connection, journals,
-    read_response, run_cli, start_put, stop_within, wait_closed)
+    TRACEBACK, BareServer, Completed, FaultyFsyncServer, file_state, get_many, idle_connection,
+    journals, read_response, run_cli, start_put, stop_within, wait_closed)
 
 RUN_SH = os.path.join(support.ROOT, "run.sh")
 FLAGS = ("--host", "--port", "--working-dir", "--shutdown-timeout", "--max-value-bytes",
@@ -367,33 +367,35 @@ class ShutdownTest(LifecycleTestCase):
         self.assertEqual(again.get("before"), b"kept")
         self.assertIsNone(again.get("stalled"))
 
-    def block_save(self):
-        """Make the next snapshot save block in open() until unblock_save(), then fail.
+    def start_blockable(self, *args):
+        """A server whose final save block_save() can hold (FaultyFsyncServer)."""
+        server = FaultyFsyncServer(self.data_dir, *args)
+        self.addCleanup(server.__exit__, None, None, None)
+        return server.start()
 
-        store.pickle.tmp (persistence.py's temporary file) becomes a FIFO: an
-        open for writing waits for a reader; fsync of a FIFO is EINVAL.
+    def block_save(self, server):
+        """Make the next snapshot save block until unblock_save(), then fail.
+
+        Every fsync waits, and then fails with EIO: the save's first fsync
+        (the journal's last round, then the temporary snapshot's) holds it.
         """
-        fifo = self.sub_dir(SNAPSHOT + ".tmp")
-        os.mkfifo(fifo, 0o600)
-        return fifo
+        server.hold_fsync()
+        server.fail_fsync()
 
-    def unblock_save(self, server, fifo):
+    def unblock_save(self, server):
         """Let the blocked save go on (it fails); return the exit code."""
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        server.release_fsync()
         try:
-            code = server.wait(30)
+            return server.wait(30)
         finally:
-            os.close(fd)
-            if os.path.exists(fifo):
-                os.unlink(fifo)       # else the next save would block on it again
-        return code
+            server.heal_fsync()
 
     def test_write_after_the_seal_gets_503(self):
-        server = self.start_server("--shutdown-timeout", "1")
+        server = self.start_blockable("--shutdown-timeout", "1")
         server.put("before", b"kept")
         late = start_put(server, "late", 10, b"12345")
         self.addCleanup(late.close)
-        fifo = self.block_save()
+        self.block_save(server)
         server.signal(signal.SIGTERM)
         server.wait_for_line(FLUSHING, 30)           # logged after the store is sealed
         late.sendall(b"67890")
@@ -401,7 +403,7 @@ class ShutdownTest(LifecycleTestCase):
         self.assertEqual((status, body), (503, b"shutting down\n"), server.output())
         self.assertEqual(headers.get("connection", "").lower(), "close")
         self.assertTrue(wait_closed(late, 10))
-        self.assertEqual(self.unblock_save(server, fifo), 1, server.output())
+        self.assertEqual(self.unblock_save(server), 1, server.output())
         again = self.restart(server)
         self.assertEqual(again.get("before"), b"kept")
         self.assertIsNone(again.get("late"), "a write refused with 503 was applied")
@@ -412,13 +414,13 @@ class ShutdownTest(LifecycleTestCase):
         server.put("b", b"2")
         self.assertEqual(stop_within(server)[0], 0, server.output())
         previous = file_state(self.sub_dir(SNAPSHOT))
-        server = self.restart(server)
+        server = self.start_blockable(*server.args)
         server.put("c", b"3")
         self.assertEqual(server.request("DELETE", "/kv/a")[0], 200)
-        fifo = self.block_save()
+        self.block_save(server)
         server.signal(signal.SIGTERM)
         server.wait_for_line(FLUSHING, 30)
-        self.assertEqual(self.unblock_save(server, fifo), 1, server.output())
+        self.assertEqual(self.unblock_save(server), 1, server.output())
         self.assertNotIn(TRACEBACK, server.output())
         snapshot = os.path.realpath(self.sub_dir(SNAPSHOT))
         complaints = [l for l in server.output().splitlines()

@@ -318,3 +318,14 @@ class KeyIndexBuildTest(unittest.TestCase):
         store.put("k99999", b"v")
         model = (model - {"k00001"}) | {"k99999"}
         self.assertEqual(store.keys_page(limit=10000), (sorted(model), False))
+
+
+class BenchRowTest(unittest.TestCase):
+
+    def test_make_bench_has_the_listing_rows(self):
+        from bench import run
+        from bench.listing import listing_rows
+        self.assertIn("listing", run.PARTS)
+        opts = run.parse_args(["--listing-keys", "0"])
+        self.assertIn("listing", opts.skip)
+        self.assertIn(("listing", listing_rows), run.OUR_SERVER_MEASUREMENTS)

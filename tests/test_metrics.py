@@ -4,6 +4,7 @@
 line it does not understand, so that what it accepts, Prometheus does too.
 (promtool check metrics was run on the output by hand; it needs no test.)
 """
+import http.client
 import math
 import os
 import re
@@ -11,11 +12,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import unittest
 
 from tests import support
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TIMEOUT = 30
 NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 SAMPLE = re.compile(r"(%s)(?:\{(.*)\})? (\S+)\Z" % NAME)
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|\Z)')
@@ -209,6 +212,23 @@ class MetricsTest(support.ServerTestCase):
         self.assertEqual(server.request("DELETE", "/clear")[0], 200)
         self.assertEqual(Scrape(server).value("kvstore_value_bytes"), 0)
 
+    def test_latency_is_no_longer_than_the_client_waited(self):
+        # After the server was idle (the stimulus, hence the sleeps), a
+        # request on a new connection: the server's latency must start with
+        # the request's bytes, not at the worker's last wake-up before them.
+        server = self.start_server()
+        before = Scrape(server)
+        waited = 0.0
+        for i in range(3):
+            time.sleep(0.4)
+            started = time.monotonic()
+            self.assertEqual(server.request("GET", "/kv/absent")[0], 404)
+            waited += time.monotonic() - started
+        measured = (Scrape(server).value("kvstore_request_duration_seconds_sum", method="GET")
+                    - before.value("kvstore_request_duration_seconds_sum", method="GET"))
+        # The scrape `before` is counted too, once its reply was out: a few ms at most.
+        self.assertLess(measured, waited + 0.05)
+
     def test_value_bytes_survive_a_restart(self):
         server = self.start_server()
         server.put("a", b"12345")
@@ -230,6 +250,30 @@ class MetricsTest(support.ServerTestCase):
                 s.close()
         support.wait_until(lambda: Scrape(server).value("kvstore_connections") == 1,
                            message="the closed connections uncounted")
+
+    def test_connections_refused_at_the_cap_and_requests_timed_out(self):
+        server = self.start_server("--max-connections", "2", "--header-timeout", "0.5")
+        address = (server.host, server.port)
+        with socket.create_connection(address, timeout=TIMEOUT) as slow:
+            slow.sendall(b"GET /kv/")                   # and nothing more: 408 at the deadline
+            self.assertIn(b" 408 ", support.read_until_quiet(slow, TIMEOUT))
+        held = [socket.create_connection(address, timeout=TIMEOUT) for _ in range(2)]
+        try:
+            with socket.create_connection(address, timeout=TIMEOUT) as third:
+                self.assertIn(b" 503 ", support.read_until_quiet(third, TIMEOUT))
+        finally:
+            for sock in held:
+                sock.close()
+
+        def scrape():
+            try:
+                return Scrape(server)
+            except (AssertionError, OSError, http.client.HTTPException):
+                return None                 # still at the cap: the held ones are closing
+        after = support.wait_until(scrape, TIMEOUT, message="a scrape under the cap")
+        self.assertEqual(after.families["kvstore_connections_refused_total"]["type"], "counter")
+        self.assertGreaterEqual(after.value("kvstore_connections_refused_total"), 1)
+        self.assertEqual(after.value("kvstore_requests_timed_out_total"), 1)
 
     def test_checkpoints_and_their_failures(self):
         server = self.start_server("--checkpoint-bytes", "1000")

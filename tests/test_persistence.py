@@ -131,6 +131,83 @@ class BadSnapshotTest(TempDirTestCase):
         self.assertEqual(persistence.load_snapshot(self.path("absent.pickle")), {})
 
 
+# --------------------------------------- links and modes in the data dir, black-box --
+
+class DataDirectorySafetyTest(TempDirTestCase):
+    """Nothing in the data directory is followed or opened unless it is a regular file."""
+
+    def setUp(self):
+        super().setUp()
+        self.outside = tempfile.mkdtemp(prefix="kvtest-outside-")
+        self.addCleanup(shutil.rmtree, self.outside, True)
+        self.victim = os.path.join(self.outside, "victim")
+        with open(self.victim, "wb") as f:
+            f.write(b"precious, not the server's")
+        self.victim_state = file_state(self.victim)
+
+    def plant(self, name, make):
+        """make(path of `name`), after removing the LOCK that an earlier start left."""
+        if os.path.isfile(self.path("LOCK")):
+            os.unlink(self.path("LOCK"))
+        make(self.path(name))
+
+    def assert_refused(self, name, reason):
+        result = run_cli(["--host", "127.0.0.1", "--port", "0", "--working-dir", self.dir])
+        self.assertEqual(result.code, 1, result)
+        self.assertNotIn(TRACEBACK, result.stdout + result.stderr)
+        lines = result.lines("stderr")
+        self.assertEqual(len(lines), 1, result)
+        self.assertIn(os.path.join(os.path.realpath(self.dir), name), lines[0])
+        self.assertRegex(lines[0], reason)
+        self.assertEqual(file_state(self.victim), self.victim_state)
+
+    def test_a_symlink_or_a_device_as_a_data_file_is_refused(self):
+        journal = os.path.basename(persistence.journal_path(self.dir, 3))
+        for name in (persistence.SNAPSHOT_NAME, journal, "LOCK"):
+            for target, reason in ((self.victim, "symbolic link"),
+                                   ("/dev/zero", "symbolic link")):
+                with self.subTest(name=name, target=target):
+                    self.plant(name, lambda path: os.symlink(target, path))
+                    self.assert_refused(name, reason)
+                    os.unlink(self.path(name))
+
+    def test_a_fifo_or_a_directory_as_a_data_file_is_refused(self):
+        journal = os.path.basename(persistence.journal_path(self.dir, 3))
+        for name in (persistence.SNAPSHOT_NAME, journal, "LOCK"):
+            for make in (os.mkfifo, os.mkdir):
+                with self.subTest(name=name, kind=make.__name__):
+                    self.plant(name, make)
+                    self.assert_refused(name, "not a regular file|Is a directory")
+                    os.rmdir(self.path(name)) if make is os.mkdir else os.unlink(self.path(name))
+
+    def test_a_link_planted_at_the_temporary_snapshot_is_removed_not_followed(self):
+        os.symlink(self.victim, self.path(persistence.SNAPSHOT_NAME + ".tmp"))
+        with support.ServerProcess(self.dir) as server:
+            server.put("k", b"v")
+            self.assertEqual(server.stop(), 0, server.output())
+        self.assertEqual(file_state(self.victim), self.victim_state)
+        self.assertFalse(os.path.lexists(self.path(persistence.SNAPSHOT_NAME + ".tmp")))
+        self.assertEqual(persistence.load_snapshot(self.path(persistence.SNAPSHOT_NAME)),
+                         {"k": b"v"})
+
+    def test_the_data_directory_is_created_0700_and_files_0600_under_umask_0(self):
+        data = os.path.join(self.dir, "parent", "data")
+        old = os.umask(0)
+        try:
+            server = support.ServerProcess(data).start()
+        finally:
+            os.umask(old)
+        with server:
+            server.put("k", b"v")
+            self.assertEqual(os.stat(data).st_mode & 0o777, 0o700)
+            self.assertEqual(server.stop(), 0, server.output())
+        names = os.listdir(data)
+        self.assertIn(persistence.SNAPSHOT_NAME, names)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertEqual(os.stat(os.path.join(data, name)).st_mode & 0o777, 0o600)
+
+
 # ------------------------------------------------------- journal records, unit --
 
 class RecordTest(TempDirTestCase):
