@@ -28,6 +28,8 @@ ENDPOINTS = [
     ("GET", "/kv/guarded", None, 200),
     ("HEAD", "/kv/guarded", None, 200),
     ("DELETE", "/kv/guarded", None, 200),
+    ("GET", "/kv?prefix=g", None, 200),
+    ("HEAD", "/kv", None, 200),
     ("DELETE", "/clear", None, 200),
     ("GET", "/metrics", None, 200),
     ("HEAD", "/metrics", None, 200),
