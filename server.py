@@ -1509,9 +1509,9 @@ def warn_if_exposed(server):
 # ------------------------------------------------------------------ metrics --
 #
 # GET /metrics: the Prometheus text format, version 0.0.4.  Requests are
-# counted as their reply goes out (Metrics.request_done, one lock and a few
-# increments); everything else is read at scrape time from where it already
-# lives: the Store, its Journal, the KVServer.
+# counted as their reply goes out (Metrics.request_done: a lookup, a bisect,
+# two increments); everything else is read at scrape time from where it
+# already lives: the Store, its Journal, the KVServer.
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
@@ -1670,16 +1670,22 @@ class SnapshotStream:
             thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
             handler.body = None
             handler.account()
-            handler.state, handler.handed_off = OWED, True
+            handler.state, handler.handed_off, handler.missed = OWED, True, False
             thread.start()
         except BaseException:
             handler.state, handler.handed_off = HEAD, False
             slots.release()
             raise
+        # As for a write: watch for the next request from here; an event
+        # while the stream runs is the worker's once it ends (reply_sent).
+        try:
+            handler.server.poller.arm(handler.request.fileno(), IN)
+        except OSError:
+            handler.missed = True
 
     def run(self):
         handler = self.handler
-        status, last = 200, b"0\r\n\r\n" if self.chunked else b""
+        whole = False
         try:
             data = self.server.store.copy()
             self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
@@ -1687,20 +1693,21 @@ class SnapshotStream:
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        _this_second.date_header(), self.connection, b"\r\n"])
             pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
-            del data
+            whole = True
         except Exception as e:          # the client gone or too slow, mostly
-            status, last = None, b""
             handler.close_connection = True
             log("Snapshot to %s cut off after %d bytes: %s"
                 % (handler.client_address[0], self.size,
                    "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
                    if isinstance(e, TimeoutError) else e))
         finally:
+            data = None
             self.server.snapshot_streams.release()
-        if status:
-            self.server.metrics.request_done("GET", status, self.started)
-            handler.log_message('"%s" %s %s', self.requestline, status, self.size)
-        handler.send_owed(last)         # the worker has the connection back
+        if whole:
+            self.server.metrics.request_done("GET", 200, self.started)
+            handler.log_message('"%s" %s %s', self.requestline, 200, self.size)
+        # The last chunk, and the connection back to the worker.
+        handler.send_owed(b"0\r\n\r\n" if whole and self.chunked else b"")
 
     def write(self, data):
         """pickle.dump's file: each write, one chunk."""
