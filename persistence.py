@@ -812,8 +812,8 @@ class Journal:
         fd, end = self._fd, self._written[self._fd]
         try:
             os.posix_fallocate(fd, end, 1 << 16)
-        except OSError:
-            return False
+        except OSError as e:
+            return e.errno not in STORAGE_FULL      # unsupported here: the writes will tell
         finally:
             try:
                 os.ftruncate(fd, end)   # a crash before this leaves zeros: a torn tail
