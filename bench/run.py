@@ -3,17 +3,20 @@
 Every server in SERVERS is started as a subprocess on port 0 (its port read
 from its "Server listening on HOST:PORT" line), all of them at once, so that
 each load test can run on one server after the other, seconds apart
-(measure_load); then each takes the burst, one at a time, and all are
-stopped with SIGTERM.  A measurement returns rows: dicts with a "test"
+(measure_load); then each takes the burst, one at a time, then the
+stalled-client case (bench.stalled), and all are stopped with SIGTERM.  A measurement returns rows: dicts with a "test"
 name, a short "summary" for the table, and any raw numbers for the JSON.
 To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
 Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
 and bench.listing (pages of keys out of a million, and GETs beside them).
-The results go to stdout as a Markdown table (one row per test, one column per
-server), followed by issue 4's goals and their verdicts (bench/goals.py), and,
-raw, to bench/out/bench-<time>.json (git-ignored).
+Our server runs on its defaults, plus --server-flags; the header says which.
+--skip leaves parts out.  The results go to stdout as Markdown tables (one
+row per test, one column per server; the scaling figures one column per
+size), followed by issue 19's goals and their verdicts (bench/goals.py),
+and, raw, to bench/out/bench-<time>.json (git-ignored).  bench/README.md
+says what each row measures.
 """
 import argparse
 import collections
@@ -418,9 +421,9 @@ def main(argv=None):
         table += scale_markdown(persistence)
     goals = goal_rows(results, persistence)
     if goals:
-        table += ("\n\nThe goals of issue 19 (our server on %s; each judged on the means of "
-                  "its cells' %d runs):\n\n" % (_our_flags(opts), opts.repeat)
-                  + goals_markdown(goals))
+        table += ("\n\nThe goals of issue 19 (our server on %s; throughput and latency "
+                  "goals on the means of each cell's %d runs):\n\n"
+                  % (_our_flags(opts), opts.repeat) + goals_markdown(goals))
     print("\n" + table, flush=True)
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, time.strftime("bench-%Y%m%d-%H%M%S.json"))

@@ -209,6 +209,16 @@ def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def temp_file(test, name, content):
+    """Write `content` (bytes) to a file `name` in a new directory, removed after the test; its path."""
+    directory = tempfile.mkdtemp(prefix="kvtest-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
 def free_port():
     """A port that was free a moment ago (for tests that must name a port)."""
     with socket.socket() as s:

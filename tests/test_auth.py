@@ -4,11 +4,9 @@ Every endpoint is tried four ways (no Authorization header, another scheme,
 a wrong token, the right token); a refused request must change nothing.
 """
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import unittest
 
 from tests import support
@@ -30,6 +28,8 @@ ENDPOINTS = [
     ("GET", "/kv/guarded", None, 200),
     ("HEAD", "/kv/guarded", None, 200),
     ("DELETE", "/kv/guarded", None, 200),
+    ("GET", "/kv?prefix=g", None, 200),
+    ("HEAD", "/kv", None, 200),
     ("DELETE", "/clear", None, 200),
     ("GET", "/metrics", None, 200),
     ("HEAD", "/metrics", None, 200),
@@ -42,12 +42,7 @@ ENDPOINTS = [
 
 
 def token_file(test, content):
-    directory = tempfile.mkdtemp(prefix="kvtest-token-")
-    test.addCleanup(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "token")
-    with open(path, "wb") as f:
-        f.write(content)
-    return path
+    return support.temp_file(test, "token", content)
 
 
 class AuthTest(support.ServerTestCase):

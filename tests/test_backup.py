@@ -8,9 +8,7 @@ store.pickle serves exactly that state.
 import http.client
 import io
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import unittest
@@ -23,12 +21,7 @@ TIMEOUT = 30
 
 def load(test, body):
     """The dict in a backup's bytes, read as the server reads its snapshot."""
-    directory = tempfile.mkdtemp(prefix="kvtest-backup-")
-    test.addCleanup(shutil.rmtree, directory, True)
-    path = os.path.join(directory, "backup.pickle")
-    with open(path, "wb") as f:
-        f.write(body)
-    return persistence.load_snapshot(path)
+    return persistence.load_snapshot(support.temp_file(test, "backup.pickle", body))
 
 
 class _Buffered:
@@ -111,10 +104,7 @@ class SnapshotTest(support.ServerTestCase):
         self.assertNotIn("old-7", backup)
 
         # Restore, as the README says: an empty data directory, the backup as store.pickle.
-        restored_dir = tempfile.mkdtemp(prefix="kvtest-restored-")
-        self.addCleanup(shutil.rmtree, restored_dir, True)
-        with open(os.path.join(restored_dir, "store.pickle"), "wb") as f:
-            f.write(body)
+        restored_dir = os.path.dirname(support.temp_file(self, "store.pickle", body))
         restored = self.start_server(data_dir=restored_dir)
         again = restored.request("GET", "/snapshot")[2]
         self.assertEqual(load(self, again), backup)

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import persistence
 import store as store_module
@@ -369,13 +370,16 @@ class StoreConditionTest(unittest.TestCase):
     the lock allowed it: exactly one may still win.
     """
 
-    def test_threads_racing_with_the_same_tag(self):
+    def open_store(self):
         directory = tempfile.mkdtemp(prefix="kvtest-store-")
         self.addCleanup(shutil.rmtree, directory, True)
         data, generation, _ = persistence.load(directory, lambda line: None)
         journal = persistence.Journal(directory, generation, "no")
         self.addCleanup(journal.close)
-        store = store_module.Store(data, journal, 1 << 40, lambda line: None)
+        return store_module.Store(data, journal, 1 << 40, lambda line: None), journal
+
+    def test_threads_racing_with_the_same_tag(self):
+        store, _ = self.open_store()
         store.put("k", b"start")
         _, tag = store.get_tagged("k")
 
@@ -400,3 +404,27 @@ class StoreConditionTest(unittest.TestCase):
             t.join(60)
         self.assertEqual((len(wins), len(lost)), (1, 19))
         self.assertEqual(store.get("k"), b"writer-%d" % wins[0])
+
+    def test_reads_during_a_queued_write_keep_the_old_tag(self):
+        # A write is applied once durable, but its value's tag is kept when it
+        # is queued: a read in between must get the old value's own tag, and
+        # a condition must already see the new one.
+        store, journal = self.open_store()
+        old, new = os.urandom(BIG), os.urandom(BIG)
+        old_tag, new_tag = store_module.value_tag(old), store_module.value_tag(new)
+        store.put("k", old, tag=old_tag)
+        release, real_write = threading.Event(), journal._write
+
+        def held_write(*args):
+            release.wait(30)
+            return real_write(*args)
+
+        done = threading.Event()
+        with mock.patch.object(journal, "_write", held_write):
+            store.put("k", new, tag=new_tag, on_durable=lambda error: done.set())
+            self.assertEqual(store.get_tagged("k"), (old, old_tag))
+            with self.assertRaises(store_module.ConditionFailed):
+                store.put("k", b"x", condition=lambda tag: tag == old_tag)
+            release.set()
+            self.assertTrue(done.wait(30))
+        self.assertEqual(store.get_tagged("k"), (new, new_tag))

@@ -180,7 +180,10 @@ class SystemdUnitTest(unittest.TestCase):
         if not os.access(exec_start, os.X_OK):
             self.skipTest("%s (the unit's ExecStart) is not here" % exec_start)
         result = self.analyze("verify")
-        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        output = result.stdout + result.stderr
+        # Only what is about the unit: a host's own units may draw warnings.
+        about_unit = [l for l in output.splitlines() if "kvstore" in l]
+        self.assertEqual((result.returncode, about_unit), (0, []), output)
 
     def test_security_exposure_is_at_most_4(self):
         result = self.analyze("security", "--offline=yes", "--no-pager")

@@ -287,22 +287,26 @@ class KeyIndexBuildTest(unittest.TestCase):
     build's interleaving with writes cannot be steered from outside).  The build's
     thread is held back until the writes are made, then run here."""
 
-    def test_writes_during_the_build(self):
+    def start_build(self, keys=5000):
+        """A store of `keys` keys whose first listing started a build; (store, model, run it)."""
         directory = tempfile.mkdtemp(prefix="kvtest-index-")
         self.addCleanup(shutil.rmtree, directory, True)
         data, generation, _ = persistence.load(directory, lambda line: None)
-        data.update(("k%05d" % i, b"v") for i in range(5000))
+        data.update(("k%05d" % i, b"v") for i in range(keys))
         journal = persistence.Journal(directory, generation, "no")
         self.addCleanup(journal.close)
         store = store_module.Store(data, journal, 1 << 40, lambda line: None)
-        store.KEY_INDEX_AT_ONCE, store.KEY_INDEX_STEP = 0, 7
+        store.KEY_INDEX_AT_ONCE, store.KEY_INDEX_RUN = 0, 7     # many runs to merge
         model = set(data)
         with mock.patch.object(store_module.threading, "Thread") as thread:
             with self.assertRaises(store_module.KeyIndexBuilding):
                 store.keys_page()
         build = thread.call_args.kwargs
+        return store, model, lambda: build["target"](*build["args"])
+
+    def random_writes(self, store, model, n=3000):
         rng = random.Random(18)
-        for _ in range(3000):
+        for _ in range(n):
             key = "k%05d" % rng.randrange(6000)
             if rng.random() < 0.5:
                 store.put(key, b"w")
@@ -310,13 +314,26 @@ class KeyIndexBuildTest(unittest.TestCase):
             else:
                 store.delete(key)
                 model.discard(key)
+
+    def test_writes_during_the_build(self):
+        store, model, build = self.start_build()
+        self.random_writes(store, model)
         with self.assertRaises(store_module.KeyIndexBuilding):
             store.keys_page()
-        build["target"](*build["args"])
+        build()
         self.assertEqual(store.keys_page(limit=10000), (sorted(model), False))
         store.delete("k00001")
         store.put("k99999", b"v")
         model = (model - {"k00001"}) | {"k99999"}
+        self.assertEqual(store.keys_page(limit=10000), (sorted(model), False))
+
+    def test_clear_during_the_build(self):
+        store, model, build = self.start_build()
+        self.random_writes(store, model, 100)
+        store.clear()
+        model.clear()
+        self.random_writes(store, model, 500)
+        build()
         self.assertEqual(store.keys_page(limit=10000), (sorted(model), False))
 
 
