@@ -1664,12 +1664,18 @@ class SnapshotStream:
             thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
             handler.body = None
             handler.account()
-            handler.state, handler.handed_off = OWED, True
+            handler.state, handler.handed_off, handler.missed = OWED, True, False
             thread.start()
         except BaseException:
             handler.state, handler.handed_off = HEAD, False
             slots.release()
             raise
+        # As for a write: watch for the next request from here; an event
+        # while the stream runs is the worker's once it ends (reply_sent).
+        try:
+            handler.server.poller.arm(handler.request.fileno(), IN)
+        except OSError:
+            handler.missed = True
 
     def run(self):
         handler = self.handler

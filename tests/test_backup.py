@@ -141,6 +141,18 @@ class SnapshotTest(support.ServerTestCase):
         self.assertEqual(load(self, snapshot), data)
         self.assertEqual(value, data["k1"])
 
+    def test_the_connection_serves_requests_after_a_snapshot(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        conn = server.connection(TIMEOUT)
+        self.addCleanup(conn.close)
+        for _ in range(2):
+            conn.request("GET", "/snapshot")
+            response = conn.getresponse()
+            self.assertEqual(load(self, response.read()), {"k": b"v"})
+            conn.request("GET", "/kv/k")                # a while after, on the same connection
+            self.assertEqual(conn.getresponse().read(), b"v")
+
     def test_only_get(self):
         server = self.start_server()
         for method in ("HEAD", "PUT", "DELETE", "POST"):
