@@ -1980,6 +1980,7 @@ def open_store(args, signal_pipe):
     # journal) instead of the process being killed by SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = Store(data, journal, args.checkpoint_bytes, log)
+    store.keep_open_in_child = (lock,)
     if replayed:
         store.request_checkpoint()      # fold the replayed journals into a snapshot
     return store, lock
