@@ -48,10 +48,10 @@ the background, while listings get KeyIndexBuilding (_build_key_index).
 
 Checkpoints
 -----------
-When the journal passes `checkpoint_bytes`, a background thread writes a new
-snapshot and drops the old journal, following the steps (and the crash
-analysis) in persistence.py.  The lock is held only to switch journal files
-and copy the dict, never while pickling or writing.
+When the journal passes `checkpoint_bytes`, a background thread has a child
+process write a new snapshot from the files and drops the old journals,
+following the steps (and the crash analysis) in persistence.py.  The lock
+is held only to switch journal files; the dict is never copied.
 """
 
 import bisect
@@ -196,6 +196,7 @@ class Store:
         self.checkpoints = 0            # written since start, for /metrics
         self.checkpoint_failures = 0
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
+        self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
         journal.apply_round = self._apply_round
         journal.fail_queued = self._fail_queued
         journal.on_fatal = lambda error: self.fatal.set()
@@ -451,11 +452,13 @@ class Store:
         self._checkpoint_wanted.set()
 
     def checkpoint(self):
-        """Write a snapshot of the current state and drop the journals it holds.
+        """Write a new snapshot from the files and drop the journals it holds.
 
-        Requests go on while it runs: the store lock is held only for step b.
-        Raises OSError if the snapshot cannot be written; the journals then
-        stay, so nothing is lost.
+        Requests go on while it runs: the store lock is held only for step
+        b, and step c runs in a child process (persistence.snapshot_in_child)
+        that builds the new snapshot from the previous one and the journals
+        <= N, never from the live dict.  Raises OSError if the snapshot
+        cannot be written; the journals then stay, so nothing is lost.
         """
         with self._checkpoint_lock:
             if self._sealed or self._journal.failed:
@@ -463,18 +466,16 @@ class Store:
             prepared = self._journal.prepare_next()               # a.
             with self._lock:
                 covered = self._journal.switch(prepared)          # b. new writes -> new file
-            # The old file's last records are written, fsynced and applied,
-            # then it is closed; the dict now holds all of journal `covered`
-            # (and perhaps some of the next one: replaying those is harmless).
+            # Journal `covered` gets its last records (any that failed are
+            # cut off), its fsync, and is closed: it is complete on disk.
             self._journal.sync()
-            with self._lock:
-                snapshot = dict(self._data)
             started = time.monotonic()
-            size = persistence.write_snapshot(self.directory, snapshot)   # c.
+            keys, size = persistence.snapshot_in_child(                   # c.
+                self.directory, covered, self.keep_open_in_child)
             persistence.remove_journals(self.directory, covered)          # d.
             self.checkpoints += 1
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
-                      % (len(snapshot), size, time.monotonic() - started, covered))
+                      % (keys, size, time.monotonic() - started, covered))
 
     def _checkpoint_loop(self):
         while True:

@@ -871,7 +871,7 @@ class CheckpointCrashTest(TempDirTestCase):
         store = self.store
         journal = store._journal
         real_prepare, real_switch = journal.prepare_next, journal.switch
-        real_write, real_remove = persistence.write_snapshot, persistence.remove_journals
+        real_build, real_remove = persistence.snapshot_in_child, persistence.remove_journals
 
         def prepare_next():
             if step == "before a":
@@ -883,16 +883,16 @@ class CheckpointCrashTest(TempDirTestCase):
                 raise Crash()
             return real_switch(prepared)
 
-        def write_snapshot(directory, data):
+        def snapshot_in_child(directory, through, pass_fds=()):
             if step == "after b":
                 self.writes(store, "after-b")          # to the new journal
                 raise Crash()
             if step == "during c":
                 self.writes(store, "during-c")
                 with open(persistence.snapshot_path(directory) + ".tmp", "wb") as f:
-                    f.write(pickle.dumps(data, protocol=5)[:20])
+                    f.write(pickle.dumps(self.model, protocol=5)[:20])
                 raise Crash()
-            return real_write(directory, data)
+            return real_build(directory, through, pass_fds)
 
         def remove_journals(directory, through):
             if step == "after c":
@@ -905,7 +905,7 @@ class CheckpointCrashTest(TempDirTestCase):
 
         with mock.patch.object(journal, "prepare_next", prepare_next), \
                 mock.patch.object(journal, "switch", switch), \
-                mock.patch.object(persistence, "write_snapshot", write_snapshot), \
+                mock.patch.object(persistence, "snapshot_in_child", snapshot_in_child), \
                 mock.patch.object(persistence, "remove_journals", remove_journals):
             with self.assertRaises(Crash):
                 store.checkpoint()
@@ -1016,13 +1016,28 @@ class FailedSaveTest(TempDirTestCase):
         self.assert_nothing_lost()
 
     def test_failed_checkpoint_loses_nothing_and_writes_go_on(self):
-        with mock.patch.object(persistence, "write_snapshot",
+        with mock.patch.object(persistence, "snapshot_in_child",
                                side_effect=OSError(28, "No space left on device")):
             with self.assertRaises(OSError):
                 self.store.checkpoint()
         self.store.put("after-failure", b"3")
         self.expected["after-failure"] = b"3"
         self.assert_nothing_lost()
+
+    def test_a_checkpoint_whose_child_fails_loses_nothing_and_the_next_one_works(self):
+        blocker = self.snapshot + ".tmp"
+        os.mkdir(blocker)                   # the child can neither remove nor create it
+        open(os.path.join(blocker, "x"), "w").close()
+        with self.assertRaises(OSError) as caught:
+            self.store.checkpoint()
+        self.assertIn("checkpoint process failed", str(caught.exception))
+        shutil.rmtree(blocker)
+        self.store.put("after-failure", b"3")
+        self.expected["after-failure"] = b"3"
+        self.assert_nothing_lost()
+        self.store.checkpoint()
+        self.assertEqual(persistence.load_snapshot(self.snapshot), self.expected)
+        self.assertEqual(len(persistence.journal_generations(self.dir)), 1)
 
 
 if __name__ == "__main__":
