@@ -522,8 +522,8 @@ class Journal:
     order of records the order of changes to the dict.  It only queues the
     encoded record in memory, and makes no system call: a thread that made
     one while holding the store lock would give up the GIL, and then need it
-    back, from among thousands of threads, before it could let go of the
-    lock; every other writer would queue behind that wait (a lock convoy).
+    back from the other threads before it could let go of the lock; every
+    other writer would queue behind that wait (a lock convoy).
 
     One thread of the journal's own, the writer, does all the I/O.  Each
     round it takes every record queued so far, writes them with one writev
@@ -541,8 +541,8 @@ class Journal:
     ask for callback(None) once the record (every record appended so far)
     is written, so it survives a killed process, and fsynced as above, so it
     survives a power loss; or callback(error) if that failed.  The server
-    sends its 200 from there, so the thread of a writing client is free for
-    its next request instead of sleeping through the fsync.
+    hands its 200 to its worker from there, so no thread sleeps through the
+    fsync.
 
     When a round fails, its records and every record queued after them fail
     too (`fail_queued`: a write queued later may have been checked against

@@ -10,9 +10,9 @@ blocking, into the connection's buffer; serves each whole request found
 there (calls the Store, store.py); sends what the socket takes of the
 reply, keeping the rest for later turns.  A request that has not fully
 arrived costs a buffer, not a thread, so slow or stalled clients hold
-nobody up, and the number of threads is fixed.  The reply to a write is
-sent by the journal's writer thread once the write is durable
-(KVHandler.write).  Every wait on a client has a deadline, and everything
+nobody up, and the number of threads is fixed.  The reply to a write goes
+out once the write is durable: the journal's writer thread hands it back
+to the worker (KVHandler.write).  Every wait on a client has a deadline, and everything
 a client can make the server spend has a bound (Limits).  On a host of
 its own, --cpu N adds two changes, each explained where it is made: every
 thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
@@ -32,14 +32,15 @@ A PUT, from the socket to the disk
                                   --max-value-bytes, 413 before reading more;
                                   the body from the buffer, or over later turns
     KVHandler.do_kv               validates the key, then Store.put:
-    Store._mutate                 under the lock, Journal.append (queues the
-                                  record) and the dict, in the same order;
-                                  then Journal.when_durable(send_when_durable);
-                                  the connection is owed its reply, and the
+    Store._mutate                 under the lock, Journal.append queues the
+                                  record and its callback (send_when_durable);
+                                  the dict waits until it is durable; the
+                                  connection is owed its reply, and the
                                   worker goes on with the others
     Journal._write_rounds         the journal's writer thread: one writev of
                                   every record queued, one fsync (group
-                                  commit), then each waiting write's callback:
+                                  commit); Store._apply_round applies them to
+                                  the dict; then each write's callback:
     KVServer.hand_reply           queues the 200 for the worker, which sends it
                                   (send_replies): status, headers, body in one
                                   send; the socket was re-armed when the write
@@ -1329,8 +1330,7 @@ class KVServer(http.server.ThreadingHTTPServer):
         most: what it must do with the GIL after each fsync stays short.
         While the worker is busy, and the GIL with it, a writer that sent
         each reply itself waited for the GIL after every send; handing them
-        over took PUT at 64 connections from 15.9k to 20.5k/s (means of 4
-        interleaved pairs).
+        over took PUT at 64 connections from 15.9k to 20.5k/s.
         """
         self._replies.append((handler, reply))
         if not self._replies_wake:
@@ -1539,7 +1539,7 @@ class Metrics:
         No lock, although the worker and the journal's writer both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
         backward jump, so `row[i] += 1` is never cut in two, and no
-        increment is lost (on 3.9, four threads lost 40% of theirs).  A
+        increment is lost (on 3.9 some are).  A
         lost one could make a counter go backwards between two scrapes,
         which Prometheus would read as a restart.  The lock cost a third
         of this method.
@@ -1883,8 +1883,8 @@ def pin_to_one_cpu(cpu):
     Only one thread runs Python at a time (the GIL), so a second CPU buys
     the server little; but a thread woken on another CPU than the one that
     woke it costs an inter-processor interrupt, each time the GIL or a lock
-    changes hands: several times per request.  Measured on a 2-CPU VM: GET
-    throughput x2.5, burst time /1.8 when pinned.  Not the default: on a
+    changes hands: several times per request.  On a 2-CPU VM, pinning
+    made GET throughput x2.5.  Not the default: on a
     shared host every instance would crowd onto the CPU it was given, and
     the scheduler could no longer move it away from a busy one.  Must run
     before other threads start: they inherit the main thread's CPU set.
@@ -1901,12 +1901,10 @@ def no_wakeup_preemption():
     the thread that holds the GIL, find the GIL taken, and sleep again: two
     context switches for nothing.  Under SCHED_BATCH it waits until the
     running thread blocks, which is when that thread lets the GIL go.  It
-    needs no privilege, and threads started later inherit it.  Measured on
-    the 2-CPU VM, PUT at 64 connections: 23.5k/s against 19.3k/s (the means
-    of 4 interleaved runs each), and a quarter fewer context switches.  The
-    price is a longer tail with many more threads than CPUs: wrk, GET at 256
-    connections, p99 38 ms against 26 ms (medians of 6 runs each), when
-    each connection had a thread.
+    needs no privilege, and threads started later inherit it.  On the
+    2-CPU VM it took PUT at 64 connections from 19.3k to 23.5k/s.  The
+    price is a longer tail latency when there are many more threads than
+    CPUs.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

@@ -1,4 +1,5 @@
-"""The README tells the truth: every flag of --help is documented, every curl example works.
+"""The docs tell the truth: every flag of --help is in the README, every curl example works,
+and every name ARCHITECTURE.md gives in backticks exists in the code.
 
 The curl examples are read from README.md, in order, and sent to a running
 server: interpreted with http.client (so the test needs nothing but Python),
@@ -7,6 +8,7 @@ the bearer token ("$(cat token)", as the README writes it) go to a server
 started with --auth-token-file.  Each must get 200, or the status its
 trailing comment starts with (`curl ...   # 412: why`).
 """
+import importlib
 import os
 import re
 import shlex
@@ -14,10 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import unittest
 
 from tests import support
 
 README = os.path.join(support.ROOT, "README.md")
+ARCHITECTURE = os.path.join(support.ROOT, "ARCHITECTURE.md")
 TOKEN = "docs-example-token"
 TOKEN_IN_README = "$(cat token)"
 
@@ -118,3 +122,112 @@ class ReadmeTest(support.ServerTestCase):
                                      capture_output=True, text=True, cwd=workdir)
                 self.assertEqual((run.returncode, run.stdout),
                                  (0, str(expected_status(command))), command)
+
+
+# A name in backticks: `Store.put`, `os.fsync(fd)`, `serve_forever`, `READ_SIZE`,
+# `test_crash.JournalDamageTest`.  Flags, paths and phrases are not names.
+NAME = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)(?:\([a-z_, ]*\))?`")
+CODE_MODULES = ("server", "store", "persistence")
+FILE_SUFFIXES = (".py", ".md", ".service", ".log", ".pickle")
+
+
+def _code_modules():
+    sys.path.insert(0, support.ROOT)
+    try:
+        return [importlib.import_module(name) for name in CODE_MODULES]
+    finally:
+        sys.path.remove(support.ROOT)
+
+
+def _sources(modules):
+    text = ""
+    for module in modules:
+        with open(module.__file__, encoding="utf-8") as f:
+            text += f.read()
+    return text
+
+
+def resolve(name, modules, source):
+    """True if `name` exists: a module or test module and its attributes, or a name in the code.
+
+    `A.b` resolves as the attribute b of A, where A is a module (importable,
+    or tests.A) or a global of a code module; failing that, b may be an
+    instance attribute, set as `self.b =` in the code.  A bare name is a
+    global of a code module, an attribute of one of their classes (a
+    method), or an attribute set on self.
+    """
+    first, *rest = name.split(".")
+    owners = [getattr(m, first) for m in modules if hasattr(m, first)]
+    for module_name in (first, "tests." + first):
+        if not owners:
+            try:
+                sys.path.insert(0, support.ROOT)
+                owners = [importlib.import_module(module_name)]
+            except ImportError:
+                pass
+            finally:
+                sys.path.remove(support.ROOT)
+    if not owners and not rest:
+        owners = [getattr(value, first) for m in modules for value in vars(m).values()
+                  if isinstance(value, type) and hasattr(value, first)]
+    if not owners:                     # an attribute set on self, or a thread's name
+        return bool(not rest and re.search(r"self\.%s\b|name=\"%s\"" % (first, first), source))
+    for owner in owners:
+        value = owner
+        for i, part in enumerate(rest):
+            if hasattr(value, part):
+                value = getattr(value, part)
+            elif i == len(rest) - 1 and isinstance(value, type) and re.search(
+                    r"self\.%s\s*=" % re.escape(part), source):
+                value = part            # an instance attribute
+            else:
+                break
+        else:
+            return True
+    return False
+
+
+class ArchitectureTest(unittest.TestCase):
+
+    def test_every_name_in_backticks_exists(self):
+        with open(ARCHITECTURE, encoding="utf-8") as f:
+            text = f.read()
+        modules = _code_modules()
+        source = _sources(modules)
+        names = sorted(name for name in set(NAME.findall(text))
+                       if not name.endswith(FILE_SUFFIXES) and name != "Dockerfile")
+        self.assertGreater(len(names), 50)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertTrue(resolve(name, modules, source), "%s is not in the code" % name)
+
+    def test_every_file_it_names_exists(self):
+        with open(ARCHITECTURE, encoding="utf-8") as f:
+            text = f.read()
+        for path in sorted(set(re.findall(r"`([\w/.-]+)`", text))):
+            if path.endswith(FILE_SUFFIXES) or path == "Dockerfile":
+                with self.subTest(path=path):
+                    self.assertTrue(os.path.exists(os.path.join(support.ROOT, path)), path)
+
+    def test_the_name_check_can_fail(self):
+        modules = _code_modules()
+        source = _sources(modules)
+        for name in ("Store.put", "Journal._write_rounds", "os.fsync", "READ_SIZE",
+                     "serve_forever", "Store._lock",
+                     "test_crash.JournalDamageTest.test_torn_tail_is_truncated_and_everything_before_it_recovered"):
+            self.assertTrue(resolve(name, modules, source), name)
+        for name in ("Store.putt", "Journal.write_round", "os.fsyncc", "READ_SIZES",
+                     "serve_forevermore", "test_crash.JournalDamageTest.test_nothing",
+                     "no_such_module.thing"):
+            self.assertFalse(resolve(name, modules, source), name)
+
+    def test_the_walk_throughs_in_server_py_name_real_functions(self):
+        modules = _code_modules()
+        source = _sources(modules)
+        doc = modules[0].__doc__
+        walk = doc[doc.index("A PUT, from the socket to the disk"):]
+        names = re.findall(r"^    ([A-Za-z_][\w.]*)(?:\(\))? ", walk, re.MULTILINE)
+        self.assertGreater(len(names), 12, walk)
+        for name in names:
+            with self.subTest(name=name):
+                self.assertTrue(resolve(name, modules, source), "%s is not in the code" % name)
