@@ -1677,7 +1677,7 @@ class SnapshotStream:
             slots.release()
             raise
         # As for a write: watch for the next request from here; an event
-        # while the stream runs is the worker's once it ends (reply_sent).
+        # while the stream runs is the worker's once it ends (KVServer.send_replies).
         try:
             handler.server.poller.arm(handler.request.fileno(), IN)
         except OSError:

@@ -197,6 +197,7 @@ class ArchitectureTest(unittest.TestCase):
         names = sorted(name for name in set(NAME.findall(text))
                        if not name.endswith(FILE_SUFFIXES) and name != "Dockerfile")
         self.assertGreater(len(names), 50)
+        names += sorted(set(re.findall(r"`([a-z]+(?:-[a-z]+)+)`", text)))    # threads' names
         for name in names:
             with self.subTest(name=name):
                 self.assertTrue(resolve(name, modules, source), "%s is not in the code" % name)
@@ -213,12 +214,12 @@ class ArchitectureTest(unittest.TestCase):
         modules = _code_modules()
         source = _sources(modules)
         for name in ("Store.put", "Journal._write_rounds", "os.fsync", "READ_SIZE",
-                     "serve_forever", "Store._lock",
-                     "test_crash.JournalDamageTest.test_torn_tail_is_truncated_and_everything_before_it_recovered"):
+                     "serve_forever", "Store._lock", "journal-writer",
+                     "test_crash.JournalDamageTest.test_flipped_byte_in_the_middle_refuses_to_start"):
             self.assertTrue(resolve(name, modules, source), name)
         for name in ("Store.putt", "Journal.write_round", "os.fsyncc", "READ_SIZES",
                      "serve_forevermore", "test_crash.JournalDamageTest.test_nothing",
-                     "no_such_module.thing"):
+                     "no_such_module.thing", "journal-writers"):
             self.assertFalse(resolve(name, modules, source), name)
 
     def test_the_walk_throughs_in_server_py_name_real_functions(self):
