@@ -284,11 +284,12 @@ def build_reply(status, body, connection, headers=()):
 
 
 # A connection is in one of these states; the worker thread moves it from one
-# to the next (KVHandler.turn), except OWED, which the journal's writer ends.
+# to the next (KVHandler.turn); OWED ends when the worker sends the reply that
+# the journal's writer handed back (KVServer.send_replies).
 HEAD = "head"           # waiting for (the rest of) a request line and headers
 BODY = "body"           # receiving a Content-Length body, straight into its buffer
 CHUNKED = "chunked"     # decoding a chunked body as it arrives
-OWED = "owed"           # a write is in the journal: its writer sends the reply
+OWED = "owed"           # a write is in the journal: its reply comes once durable
 CLOSING = "closing"     # close once the reply is out
 LINGER = "linger"       # after an error: reply out, then read and drop input until EOF
 CLOSED = "closed"
@@ -1177,9 +1178,11 @@ class KVServer(http.server.ThreadingHTTPServer):
     the worker thread, which runs an event loop (_serve_connections): it
     asks the kernel which sockets are ready, gives each a turn
     (KVHandler.turn), and once a second sweeps the connections for passed
-    deadlines.  The journal's writer thread sends the replies of writes.
-    Those threads, and the store's checkpointer, are all the threads there
-    are, whatever the clients do: running out of threads cannot happen.
+    deadlines.  The journal's writer thread hands each write's reply back
+    once it is durable (hand_reply).  Those threads, the stopper and the
+    storage watch (serve), the store's checkpointer, and at most one
+    snapshot stream and one key-index build, are all the threads there are,
+    whatever the clients do: running out of threads cannot happen.
 
     ThreadingMixIn gives each connection a thread of its own, which sleeps
     in recv() until the next request: every request then costs a thread
@@ -1848,8 +1851,8 @@ def parse_args(argv, environ):
                         help="a client that stops reading its reply for longer is cut off "
                              "(default 30)")
     limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                        help="a keep-alive connection idle for longer is closed; as nginx's "
-                             "keepalive, longer than clients' pools keep them (default 60)")
+                        help="a keep-alive connection with no request for longer is "
+                             "closed, without a reply (default 60)")
     limits.add_argument("--max-connections", type=positive_int, default=16384, metavar="N",
                         help="open connections; past it a new one gets 503 and is closed; "
                              "room for a burst of 10,000 clients (default 16384)")

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,30 @@ class ReadmeTest(support.ServerTestCase):
         for flag in sorted(flags):
             with self.subTest(flag=flag):
                 self.assertIn("`%s`" % flag, text)
+
+    def test_the_quick_start_prints_what_the_readme_shows(self):
+        """The log lines the README shows for ./run.sh, a PUT and Ctrl-C, numbers and paths aside."""
+        text = readme()
+        shown = []
+        for intro in ("`./run.sh` prints:", "saves and exits 0:"):
+            block = text[text.index(intro) + len(intro):].lstrip("\n")
+            for line in block.splitlines():
+                if not line.startswith("    "):
+                    break
+                shown.append(line.strip())
+        self.assertGreaterEqual(len(shown), 6, shown)
+        server = self.start_server(host="0.0.0.0")
+        server.put("greeting", b"hello")
+        server.signal(signal.SIGINT)
+        self.assertEqual(server.wait(), 0)
+        printed = server.output().splitlines()
+        for line in shown:
+            with self.subTest(line=line):
+                pattern = re.escape(line)
+                pattern = re.sub(r"(/[\w.-]+)+", r"\\S+", pattern.replace("\\/", "/"))
+                pattern = re.sub(r"\d+(\\\.\d+)*", r"[\\d.]+", pattern)
+                self.assertTrue(any(re.fullmatch(pattern, p) for p in printed),
+                                "%r not in the output:\n%s" % (line, server.output()))
 
     def servers(self):
         """A server without a token, and one whose token is TOKEN; `pick(command)` chooses."""
