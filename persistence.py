@@ -71,7 +71,10 @@ Recovery rules (load())
    and a payload whose checksums both match.  A record whose checksums
    match but whose op or key length is impossible was written wrong, not
    torn: corruption too.  Corruption refuses to start (DataError names the
-   file and the offset) and leaves every file untouched.
+   file and the offset) and leaves every file untouched.  The rule cannot
+   tell one case apart: a value that itself holds journal records, whose
+   record lost its header to a power cut, reads as corruption (a sound
+   header is trusted, so a record merely cut short never does).
 
 Checkpoints (Store.checkpoint() drives these steps)
 ---------------------------------------------------

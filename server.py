@@ -1851,8 +1851,8 @@ def parse_args(argv, environ):
                         help="a client that stops reading its reply for longer is cut off "
                              "(default 30)")
     limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                        help="a keep-alive connection idle for longer is closed; as nginx's "
-                             "keepalive, longer than clients' pools keep them (default 60)")
+                        help="a keep-alive connection with no request for longer is "
+                             "closed, without a reply (default 60)")
     limits.add_argument("--max-connections", type=positive_int, default=16384, metavar="N",
                         help="open connections; past it a new one gets 503 and is closed; "
                              "room for a burst of 10,000 clients (default 16384)")

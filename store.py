@@ -226,8 +226,8 @@ class Store:
     def copy(self):
         """The whole dict at one instant: every write applied, and so durable, by then.
 
-        A shallow copy, made under the lock (a checkpoint makes the same):
-        the values are shared, and never change, since writes replace them.
+        A shallow copy, made under the lock: the values are shared, and
+        never change, since writes replace them.
         """
         with self._lock:
             return dict(self._data)
