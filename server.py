@@ -799,21 +799,34 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             metrics.request_done(command, status, started)
             self.log_message('"%s" %s %s', requestline, status, 0)
 
+        try:
+            self.hand_over(mutation, *args, on_durable=send_when_durable, **options)
+        except Sealed:
+            raise RequestError(503, "shutting down", close=True)
+        except ConditionFailed:
+            raise RequestError(412, "precondition failed")
+        except OSError as e:
+            raise RequestError(*storage_error(e))
+
+    def hand_over(self, start, *args, **kwargs):
+        """Make the connection OWED to another thread: call start(*args, **kwargs), then watch it.
+
+        The body's memory is given back first.  While OWED, the worker reads
+        no later request of the connection, so replies go out in request
+        order; the thread that owes the reply gives the connection back with
+        it (KVServer.hand_reply).  The socket is armed for the next request
+        at once, as after any other reply: an event that comes meanwhile is
+        kept for when the reply is sent (`missed`).  If start() raises, the
+        connection is the worker's again, and the exception goes on.
+        """
         self.body = None
         self.account()
         self.state, self.handed_off, self.missed = OWED, True, False
         try:
-            mutation(*args, on_durable=send_when_durable, **options)
-        except BaseException as e:
+            start(*args, **kwargs)
+        except BaseException:
             self.state, self.handed_off = HEAD, False
-            if isinstance(e, Sealed):
-                raise RequestError(503, "shutting down", close=True)
-            if isinstance(e, ConditionFailed):
-                raise RequestError(412, "precondition failed")
-            if isinstance(e, OSError):
-                raise RequestError(*storage_error(e))
             raise
-        # Watch for the next request now, as after any other reply.
         try:
             self.server.poller.arm(self.request.fileno(), IN)
         except OSError:
@@ -1639,9 +1652,10 @@ class SnapshotStream:
     """One GET /snapshot, sent by a thread of its own, so that the worker never waits for it.
 
     The worker, in route(), takes a slot (at most SNAPSHOT_STREAMS at once:
-    each holds a copy of the dict, its references if not its values), hands
-    the connection over as a write does (OWED: the worker reads no later
-    request of it), and starts the thread.  The thread copies the dict
+    each holds a copy of the dict, its references if not its values) and
+    hands the connection over to the thread as a write does
+    (KVHandler.hand_over: the worker reads no later request of it), which
+    starts the thread.  The thread copies the dict
     (Store.copy), then pickles it straight into the socket: pickle.dump
     writes frames of about 64 KiB, each sent as an HTTP chunk, so the
     pickle is never whole in memory.  Chunks also let a client tell a
@@ -1671,20 +1685,10 @@ class SnapshotStream:
                                headers=(("Retry-After", SNAPSHOT_RETRY_AFTER),))
         try:
             thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
-            handler.body = None
-            handler.account()
-            handler.state, handler.handed_off, handler.missed = OWED, True, False
-            thread.start()
+            handler.hand_over(thread.start)     # as a write does
         except BaseException:
-            handler.state, handler.handed_off = HEAD, False
             slots.release()
             raise
-        # As for a write: watch for the next request from here; an event
-        # while the stream runs is the worker's once it ends (KVServer.send_replies).
-        try:
-            handler.server.poller.arm(handler.request.fileno(), IN)
-        except OSError:
-            handler.missed = True
 
     def run(self):
         handler = self.handler
