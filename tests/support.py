@@ -31,6 +31,14 @@ STOP_TIMEOUT = 60.0
 
 LISTENING = re.compile(r"Server listening on (\S+):(\d+)")
 
+# The servers started here must get SIGHUP as under a terminal, even when
+# this runner was started with it ignored (under nohup, or by a service
+# that ignores it): a child inherits an ignored signal, and the server
+# rightly keeps it ignored then, so the SIGHUP tests would fail.  The test
+# that wants it ignored starts the server under nohup itself.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 class ServerProcess:
     """One run of the server.  Use as a context manager, or call start()/stop()."""
