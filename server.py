@@ -689,10 +689,6 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.chunk_left = left
         return False
 
-    def read_body(self):
-        """The request's body (b"" if none): already received whole before route() runs."""
-        return self.body
-
     def send_continue(self):
         """Honour Expect: 100-continue: the client waits for this before sending the body."""
         if not self.http_1_0 and self.headers.get("expect", "").lower() == "100-continue":
