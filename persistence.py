@@ -110,11 +110,15 @@ store.pickle.tmp.  The final save at shutdown writes the sealed dict
 directly (write_snapshot).
 """
 
+import collections
 import errno
 import fcntl
 import os
 import pickle
 import re
+import select
+import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -517,9 +521,55 @@ def _checkpoint_main(directory, through):
 
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # out of room: retried
 
+# The channel between a Journal and its writer: a socket pair.
+#   to the writer:   _ROUND (fsync wanted, number of segments, round number,
+#                    epoch), that many _SEGMENT (generation, length), then
+#                    the segments' bytes
+#   from the writer: _REPLY (kind, phase, errno, fsyncs so far, their
+#                    seconds, round number, length of a detail), then the
+#                    detail, UTF-8
+_ROUND = struct.Struct("<BIQQ")
+_SEGMENT = struct.Struct("<QQ")
+_REPLY = struct.Struct("<BBiQdQI")
+DONE, FULL, FAILED = 0, 1, 2        # replies to a round: its outcome
+ROOM, SYNCED, BROKEN = 3, 4, 5      # news: room again; a late fsync done, or failed
+_PHASES = ("write", "fsync")
+_CHUNK = 1 << 20                    # bytes the writer reads at once
+
+
+def _create(directory, generation):
+    """Create the file of a new generation and make its name durable.
+
+    If the directory's fsync fails, the new file is removed again: a file
+    left behind would make the next checkpoint's create fail with "File
+    exists", and every one after it.
+    """
+    path = journal_path(directory, generation)
+    os.close(open_data_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    try:
+        fsync_directory(directory)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+
 
 class Journal:
-    """The open journal: records queued in order, then written and fsynced in groups.
+    """The open journal: records queued in order, then written and fsynced in rounds.
+
+    Two halves.  This object, in the server's process, queues the records
+    and keeps the callbacks.  The writer (_write_rounds) does every write
+    and fsync of the journal files; the two talk over a socket pair.  In
+    the server the writer is a process of its own (writer_process=True,
+    inheriting `pass_fds`: the directory's LOCK), so it never needs the
+    GIL of the thread serving requests.  A writer thread did: after each
+    fsync it waited for the GIL that the busy worker held, and each such
+    hand-off cost both threads wake-ups and waits (PUT at 64 connections:
+    0.34-0.38x the asyncio server with the thread, 0.41-0.45x with the
+    process, in interleaved runs of make bench's load).  Elsewhere (tests,
+    tools) the writer is a thread, running the same code.
 
     append() must be called with the store lock held: that is what makes the
     order of records the order of changes to the dict.  It only queues the
@@ -528,29 +578,32 @@ class Journal:
     back from the other threads before it could let go of the lock; every
     other writer would queue behind that wait (a lock convoy).
 
-    One thread of the journal's own, the writer, does all the I/O.  Each
-    round it takes every record queued so far, writes them with one writev
-    and, as the policy says, fsyncs:
+    Rounds are started and finished by one thread, the driver: pump() makes
+    a round of every record queued so far and sends it; on_readable() takes
+    the writer's replies.  With driven=True the caller's event loop is the
+    driver (the server's worker: fileno() is in its poll set, pump() runs
+    before each wait, and wake_driver() brings it round its loop); otherwise
+    a thread of the journal's own.  Rounds do not wait for each other: the
+    writer takes every round that has arrived while it was busy, writes them
+    all, and, as the policy says, fsyncs once for them all (group commit):
 
-      always    an fsync every round.  This is group commit: the records
-                that arrive while one round's fsync runs share the next one.
+      always    an fsync every round.
       everysec  an fsync at most once a second (a power loss may lose the
                 last second); writes still go to the OS every round.
       no        no fsync; the OS writes to disk when it likes.
 
-    Then it hands the round's records to `apply_round` (the store applies
-    them to the dict: readers see only what is durable), and runs the
+    Then the driver hands the round's records to `apply_round` (the store
+    applies them to the dict: readers see only what is durable) and runs the
     callbacks of that round: append(..., callback) and when_durable(callback)
     ask for callback(None) once the record (every record appended so far)
     is written, so it survives a killed process, and fsynced as above, so it
-    survives a power loss; or callback(error) if that failed.  The server
-    hands its 200 to its worker from there, so no thread sleeps through the
-    fsync.
+    survives a power loss; or callback(error) if that failed.  In the server
+    they run on the worker thread, which sends the 200s itself.
 
     When a round fails, its records and every record queued after them fail
     too (`fail_queued`: a write queued later may have been checked against
-    one that failed), and what the round wrote is truncated away, so that
-    no failed record is ever replayed:
+    one that failed), and the writer truncates away what the round wrote,
+    so that no failed record is ever replayed:
       - a write that fails for lack of room (ENOSPC, EDQUOT, EFBIG) is
         retried with the next records: `problem` says why meanwhile, and
         once a second the writer probes (posix_fallocate) whether there is
@@ -560,13 +613,20 @@ class Journal:
         After an fsync error Linux may have dropped the dirty pages and
         marked them clean, so a second fsync would report success for data
         that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
-        retried.  `on_fatal` is called once, from the writer thread.
+        retried.  `on_fatal` is called once, from the driver.
+    A writer process that dies is fatal too.  It ignores the signals that
+    stop the server, and exits when its end of the channel closes (when the
+    journal is closed, or the server dies), after the round in hand.
     """
 
     POLICIES = ("always", "everysec", "no")
     PROBE_INTERVAL = 1.0        # seconds between probes for room after a full disk
+    # The writer process: a new interpreter (never a fork of this threaded
+    # process), told the channel's fd, the directory and the policy.
+    WRITER_COMMAND = [sys.executable, "-I", os.path.abspath(__file__), "journal-writer"]
 
-    def __init__(self, directory, generation, policy):
+    def __init__(self, directory, generation, policy, writer_process=False, driven=False,
+                 pass_fds=()):
         assert policy in self.POLICIES
         self.directory = directory
         self.policy = policy
@@ -575,46 +635,54 @@ class Journal:
         self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal for good, if any
         self.problem = None             # why writes fail for now (a full disk), if they do
-        self.fsyncs = 0                 # fsync rounds done (each may cover many records)
+        self.fsyncs = 0                 # rounds fsynced (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self.apply_round = None         # apply_round(records) after a round is durable
         self.fail_queued = self.drop_queued     # on failure: every queued callback, dropped
         self.on_fatal = None            # on_fatal(error), once, when `failed` is set
         self.log = lambda message: None
-        self._fd = self._create(generation)
-        self._written = {self._fd: 0}   # fd -> bytes written to it by complete rounds
-        self._queue = []                # buffers of records not yet written
+        self.wake_driver = self._wake_own_driver    # brings the driver round its loop
+        _create(directory, generation)
+        self._segments = [[generation, []]]     # [generation, buffers] of records not yet sent
         self._records = []              # (op, key, value) of those records, in order
-        self._retired = []              # (fd, queue) of older files, for the next round
         self._callbacks = []            # callbacks for the next round
         self._sync_wanted = False       # the next round fsyncs, whatever the policy
+        self._written = {generation: 0}     # bytes made good in each file, by rounds done
+        self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
+        self._numbered = 0              # rounds sent so far
+        self._epoch = 0                 # rounds since the last failure (see _fail)
+        self._out = []                  # the part of the last round's message not yet sent
+        self._replies = b""             # received from the writer, not yet read
         self._closing = False
-        self._writer_idle = False       # the writer waits for work: wake it
-        self._lock = threading.Lock()   # guards all of the above
-        self._work = threading.Condition(self._lock)
-        self._writer = threading.Thread(target=self._write_rounds, name="journal-writer",
-                                        daemon=True)
-        self._writer.start()
-
-    def _create(self, generation):
-        """Create the file of a new generation and make its name durable.
-
-        If the directory's fsync fails, the new file is closed and removed
-        again: a file left behind would make the next checkpoint's create
-        fail with "File exists", and every one after it.
-        """
-        path = journal_path(self.directory, generation)
-        fd = open_data_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        self._lock = threading.Lock()   # guards the queue: _segments, _records, _callbacks,
+                                        # _sync_wanted, size, records
+        self.channel, writer_end = socket.socketpair()
+        self._process = self._writer_thread = None
         try:
-            fsync_directory(self.directory)
+            if writer_process:
+                self._process = subprocess.Popen(
+                    self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy],
+                    stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
+                    start_new_session=True)
+                writer_end.close()
+            else:
+                self._writer_thread = threading.Thread(
+                    target=_write_rounds, args=(writer_end, directory, policy),
+                    name="journal-writer", daemon=True)
+                self._writer_thread.start()
         except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            writer_end.close()
+            self.channel.close()
             raise
-        return fd
+        self.channel.setblocking(False)
+        self.driven = driven
+        self._driver = None
+        if not driven:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._driver_asleep = False
+            self._driver = threading.Thread(target=self._drive, name="journal-driver",
+                                            daemon=True)
+            self._driver.start()
 
     # -- store lock held ------------------------------------------------------
 
@@ -624,26 +692,25 @@ class Journal:
             raise OSError("journal unusable since an earlier error: %s" % self.failed)
         buffers = encode_record(*record)
         with self._lock:
-            self._queue.extend(buffers)
+            self._segments[-1][1].extend(buffers)
             self._records.append(record)
             self.size += sum(map(len, buffers))
             self.records += 1
             if callback is not None:
                 self._callbacks.append(callback)
-                if self._writer_idle:
-                    self._writer_idle = False
-                    self._work.notify()
+        if callback is not None:
+            self.wake_driver()
 
     def drop_queued(self):
-        """Forget every record not yet taken by a round; return their callbacks.
+        """Forget every record not yet sent to the writer; return their callbacks.
 
         Called (with the store lock held, by the store) when a round fails.
         """
         with self._lock:
             callbacks, self._callbacks = self._callbacks, []
-            self._queue, self._records = [], []
-            self._retired = [(fd, []) for fd, _ in self._retired]
-            self.size = self._written.get(self._fd, 0)
+            self._records = []
+            self._segments = [[generation, []] for generation, _ in self._segments]
+            self.size = self._written.get(self.generation, 0)
         return callbacks
 
     def switch(self, prepared):
@@ -653,12 +720,11 @@ class Journal:
         and its last fsync are left to the next round: none is lost, and no
         writer waits for the switch.
         """
-        old = self.generation
+        generation, _ = prepared
         with self._lock:
-            self._retired.append((self._fd, self._queue))
-            self.generation, self._fd = prepared
-            self._written[self._fd] = 0
-            self._queue = []
+            old, self.generation = self.generation, generation
+            self._segments.append([generation, []])
+            self._written[generation] = 0
             self.size = 0
         return old
 
@@ -666,10 +732,11 @@ class Journal:
 
     def prepare_next(self):
         """Checkpoint step a: create the next journal file."""
-        return self.generation + 1, self._create(self.generation + 1)
+        _create(self.directory, self.generation + 1)
+        return self.generation + 1, None
 
     def when_durable(self, callback):
-        """Call callback(None), from the writer thread, once every record appended so far is durable.
+        """Call callback(None), from the driver, once every record appended so far is durable.
 
         Durable means written, and fsynced as the policy says; if that
         fails, the callback gets the OSError instead.  Either way it is
@@ -678,9 +745,7 @@ class Journal:
         """
         with self._lock:
             self._callbacks.append(callback)
-            if self._writer_idle:       # else it finds the callback when its round ends
-                self._writer_idle = False
-                self._work.notify()
+        self.wake_driver()
 
     def commit(self):
         """Return once every record appended so far is durable.  Raises OSError."""
@@ -694,149 +759,14 @@ class Journal:
             self._sync_wanted = True
         self.commit()
 
-    # -- the writer thread ----------------------------------------------------
-
-    def _write_rounds(self):
-        fsync_due = None        # "everysec": when the oldest unsynced write must be fsynced
-        probe_due = None        # after a full disk: when to look for room again
-
-        def fsync_owed():
-            return fsync_due is not None and time.monotonic() >= fsync_due
-
-        while True:
-            with self._work:
-                while not (self._callbacks or self._sync_wanted or self._closing
-                           or fsync_owed()):
-                    if probe_due is not None and time.monotonic() >= probe_due:
-                        break
-                    self._writer_idle = True
-                    due = min(t for t in (fsync_due, probe_due, float("inf")) if t is not None)
-                    self._work.wait(None if due == float("inf") else due - time.monotonic())
-                self._writer_idle = False
-                if self._closing and not (self._callbacks or self._sync_wanted):
-                    return
-                files, records = [], []
-                if not self.failed:     # else close() closes the files
-                    files = self._retired + [(self._fd, self._queue)]
-                    records = self._records
-                    self._retired, self._queue, self._records = [], [], []
-                fsync = self.policy == "always" or self._sync_wanted or fsync_owed()
-                work = (records or self._callbacks or self._sync_wanted or fsync_owed()
-                        or len(files) > 1)
-                self._sync_wanted = False
-                callbacks, self._callbacks = self._callbacks, []
-            error = None
-            if files and work:
-                started = time.monotonic()
-                error = self._write(files, fsync)
-                if error is None:
-                    if fsync:
-                        self.fsyncs += 1
-                        self.fsync_seconds += time.monotonic() - started
-                        fsync_due = None
-                    elif self.policy == "everysec" and fsync_due is None:
-                        fsync_due = time.monotonic() + 1.0
-                    if records and self.problem:
-                        self._room_again()
-                else:
-                    fsync_due = None
-            if (error is None and self.problem and not self.failed and probe_due is not None
-                    and time.monotonic() >= probe_due and self._probe()):
-                self._room_again()
-            if error is None:
-                if records and self.apply_round:
-                    self.apply_round(records)
-            else:
-                callbacks += self.fail_queued()
-            probe_due = (time.monotonic() + self.PROBE_INTERVAL
-                         if self.problem and not self.failed else None)
-            for callback in callbacks:
-                try:
-                    callback(error or self.failed)
-                except Exception:
-                    # A caller's bug: report it, but do not let it cost the
-                    # other callers their replies, or stop the journal.
-                    sys.excepthook(*sys.exc_info())
-            if error is not None and self.failed is error and self.on_fatal:
-                self.on_fatal(error)
-
-    def _write(self, files, fsync):
-        """One round's I/O: every file's records, the fsyncs; returns the OSError, if any.
-
-        On an error, every file is cut back to where the round found it, so
-        that none of the round's records can be replayed.  Sets `problem`
-        (out of room: the next round tries again) or `failed` (for good).
-        """
-        phase = "write"
-        try:
-            for fd, buffers in files:
-                _write_all(fd, buffers)
-            phase = "fsync"
-            for fd, _ in files if fsync else files[:-1]:
-                os.fsync(fd)            # a retired file always gets its last fsync
-        except OSError as e:
-            self._cut_back(files, e, phase)
-            return e
-        for fd, buffers in files:
-            self._written[fd] += sum(map(len, buffers))
-        for fd, _ in files[:-1]:
-            os.close(fd)
-            del self._written[fd]
-        return None
-
-    def _cut_back(self, files, error, phase):
-        """Truncate the round's files to where it found them; close the retired ones."""
-        fatal = phase == "fsync" or error.errno not in STORAGE_FULL
-        try:
-            for fd, _ in files:
-                os.ftruncate(fd, self._written[fd])
-            if not fatal:
-                for fd, _ in files:
-                    os.fsync(fd)        # the cut is durable before the next write
-        except OSError as e:
-            fatal = True
-            self.log("Journal %s: cannot cut off a failed write: %s"
-                     % (journal_path(self.directory, self.generation), e))
-        for fd, _ in files[:-1]:
-            os.close(fd)
-            del self._written[fd]
-        if fatal:
-            self.failed = error
-            self.problem = "journal %s failed: %s" % (phase, error.strerror or error)
-            self.log("Journal %s: %s; no more writes are taken"
-                     % (journal_path(self.directory, self.generation), self.problem))
-        elif self.problem is None:
-            self.problem = "disk full: %s" % (error.strerror or error)
-            self.log("Journal %s: %s; writes get 507 until there is room"
-                     % (journal_path(self.directory, self.generation), self.problem))
-
-    def _probe(self):
-        """After a full disk: is there room for a page of records again?"""
-        fd, end = self._fd, self._written[self._fd]
-        try:
-            os.posix_fallocate(fd, end, 1 << 16)
-        except OSError as e:
-            return e.errno not in STORAGE_FULL      # unsupported here: the writes will tell
-        finally:
-            try:
-                os.ftruncate(fd, end)   # a crash before this leaves zeros: a torn tail
-            except OSError:
-                pass
-        return True
-
-    def _room_again(self):
-        self.problem = None
-        self.log("Journal %s: writable again" % journal_path(self.directory, self.generation))
-
     def discard(self):
         """Close and delete the file of a journal that never received a record."""
         assert self.records == 0
         self._stop()
-        os.close(self._fd)
         os.unlink(journal_path(self.directory, self.generation))
 
     def close(self):
-        """Write and fsync everything, run every callback, close the files.  No append may follow.
+        """Write and fsync everything, run every callback, stop the writer.  No append may follow.
 
         Does not raise: if the journal fails (or had failed), the callbacks
         are told so.
@@ -846,15 +776,215 @@ class Journal:
         except OSError:
             pass
         self._stop()
-        for fd in self._written:
-            os.close(fd)
-        self._written = {}
 
     def _stop(self):
+        self._closing = True
+        if self._driver is not None:
+            self.wake_driver()
+            self._driver.join()
+        try:
+            self.channel.shutdown(socket.SHUT_WR)   # the writer closes its files and ends
+        except OSError:
+            pass                                # it has gone already
+        if self._process is not None:
+            self._process.wait()
+        else:
+            self._writer_thread.join()
+        self.channel.close()
+        if self._driver is not None:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    # -- the driver -----------------------------------------------------------
+
+    def fileno(self):
+        """The channel to the writer: the driver calls on_readable() when it is readable."""
+        return self.channel.fileno()
+
+    def sending(self):
+        """True while a round is only partly sent: the driver calls pump() when the channel is writable."""
+        return bool(self._out)
+
+    def has_work(self):
+        """True if pump() would start a round now (callbacks or records wait)."""
+        segments = self._segments
+        return not self._out and bool(
+            self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
+
+    def in_flight(self):
+        """True while the writer has rounds not yet answered."""
+        return bool(self._rounds)
+
+    def pump(self):
+        """Send a round of what is queued, if anything is; send what the channel takes."""
+        if self._out:
+            self._send()
+            if self._out:
+                return                  # the channel is full: the rest when it is writable
         with self._lock:
-            self._closing = True
-            self._work.notify()
-        self._writer.join()
+            segments = self._segments
+            if not (self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1]):
+                return
+            if self.failed:
+                callbacks, self._callbacks = self._callbacks, []
+                self._sync_wanted = False
+            else:
+                callbacks = None
+                self._segments = [[self.generation, []]]
+                records, self._records = self._records, []
+                round_callbacks, self._callbacks = self._callbacks, []
+                sync, self._sync_wanted = self._sync_wanted, False
+        if callbacks is not None:       # failed for good: nothing is written any more
+            return self._run(callbacks, self.failed)
+        sizes = [(generation, sum(map(len, buffers))) for generation, buffers in segments]
+        self._numbered += 1
+        self._rounds.append((self._numbered, records, round_callbacks, sizes))
+        self._out = [_ROUND.pack(sync, len(sizes), self._numbered, self._epoch)
+                     + b"".join(_SEGMENT.pack(*size) for size in sizes)]
+        for _, buffers in segments:
+            self._out.extend(buffers)
+        self._send()
+
+    def _send(self):
+        out = self._out
+        try:
+            while out:
+                sent = self.channel.sendmsg(out[:1024])
+                while out and sent >= len(out[0]):
+                    sent -= len(out.pop(0))
+                if sent:
+                    out[0] = memoryview(out[0])[sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            out.clear()                 # the writer is gone: on_readable() will tell
+
+    def on_readable(self):
+        """Read the writer's replies; finish the rounds they end.  False once the writer has gone."""
+        try:
+            data = self.channel.recv(1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._writer_gone()
+            return False
+        buf = self._replies + data
+        while len(buf) >= _REPLY.size:
+            kind, phase, number, self.fsyncs, self.fsync_seconds, last, length = \
+                _REPLY.unpack_from(buf)
+            end = _REPLY.size + length
+            if len(buf) < end:
+                break
+            detail, buf = buf[_REPLY.size:end].decode("utf-8", "replace"), buf[end:]
+            self._reply(kind, _PHASES[phase], OSError(number, os.strerror(number)), last, detail)
+        self._replies = buf
+        self.pump()
+        return True
+
+    def _reply(self, kind, phase, error, last, detail):
+        """One reply: DONE, rounds <= `last` are durable; FULL or FAILED, round `last` failed."""
+        if kind == ROOM:
+            if self.problem and not self.failed:
+                self._room_again()
+            return
+        if kind == SYNCED:
+            return                          # its news is in the counters
+        if kind == BROKEN:                  # everysec: the late fsync of a round done
+            return self._fail(error, phase, True, detail)
+        rounds = self._rounds
+        if kind != DONE:
+            if rounds and rounds[0][0] == last:     # else a round failed already
+                self._fail(error, phase, kind == FAILED, detail)
+            return
+        while rounds and rounds[0][0] <= last:
+            _, records, callbacks, sizes = rounds.popleft()
+            for generation, size in sizes:
+                self._written[generation] = self._written.get(generation, 0) + size
+            if records and self.problem and not self.failed:
+                self._room_again()
+            if records and self.apply_round:
+                self.apply_round(records)
+            self._run(callbacks, None)
+        for generation in [g for g in self._written if g < self.generation]:
+            del self._written[generation]       # retired: the writer has closed it
+
+    def _fail(self, error, phase, fatal, detail):
+        """The first round in flight failed, or the journal broke: fail every write not yet done.
+
+        The rounds sent after the failed one fail with it (a write in them
+        may have been checked against a failed one); so does everything
+        queued.  The writer drops, unwritten, the rounds of the failed
+        epoch that reach it after its failure; the rounds sent from now on
+        belong to the next epoch.
+        """
+        if fatal and self.failed:
+            fatal = False                   # already broken: told once
+        elif fatal:
+            self.failed = error
+            self.problem = "journal %s failed: %s" % (phase, error.strerror or error)
+            self.log("Journal %s: %s; no more writes are taken"
+                     % (journal_path(self.directory, self.generation), self.problem))
+        elif self.problem is None:
+            self.problem = "disk full: %s" % (error.strerror or error)
+            self.log("Journal %s: %s; writes get 507 until there is room"
+                     % (journal_path(self.directory, self.generation), self.problem))
+        if detail:
+            self.log("Journal %s: %s" % (journal_path(self.directory, self.generation), detail))
+        callbacks = [callback for round in self._rounds for callback in round[2]]
+        self._rounds.clear()
+        self._epoch += 1
+        self._run(callbacks + self.fail_queued(), self.failed or error)
+        if fatal and self.on_fatal:
+            self.on_fatal(error)
+
+    def _writer_gone(self):
+        """The channel closed: expected once the journal is closed, fatal before."""
+        if self._closing:
+            return
+        self._fail(OSError(errno.EIO, "the journal writer process exited"), "write", True, "")
+
+    def _run(self, callbacks, error):
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:
+                # A caller's bug: report it, but do not let it cost the
+                # other callers their replies, or stop the journal.
+                sys.excepthook(*sys.exc_info())
+
+    def _room_again(self):
+        self.problem = None
+        self.log("Journal %s: writable again" % journal_path(self.directory, self.generation))
+
+    def _wake_own_driver(self):
+        if self._driver is not None and self._driver_asleep:
+            self._driver_asleep = False
+            try:
+                self._wake_w.send(b"!")
+            except BlockingIOError:
+                pass                    # full: it wakes anyway
+
+    def _drive(self):
+        """The journal's own driver thread, when no event loop drives it."""
+        channel, wake = self.channel, self._wake_r
+        wake.setblocking(False)
+        while True:
+            self.pump()
+            if self._closing and not self._rounds and not self._out:
+                return
+            self._driver_asleep = True
+            ready = select.select([channel, wake], [channel] if self._out else [], [],
+                                  0 if self.has_work() or self._closing else None)[0]
+            self._driver_asleep = False
+            if wake in ready:
+                try:
+                    wake.recv(4096)
+                except BlockingIOError:
+                    pass
+            if channel in ready and not self.on_readable():
+                return
 
 
 class Waiter:
@@ -876,10 +1006,205 @@ class Waiter:
                           % (self._error.strerror or self._error))
 
 
+# ------------------------------------------------------------- the writer --
+
+def _write_rounds(channel, directory, policy):
+    """The writer: rounds into the journal files, and the fsyncs; a reply per group of rounds.
+
+    Runs in a process of its own (_writer_main) or in a thread; it returns
+    when the channel closes.  It takes every round that has arrived (a
+    group), writes them in order, fsyncs once for them all as the policy
+    says, and replies DONE for the group's last round; or, if a write or an
+    fsync failed, FULL or FAILED for its first round, after cutting every
+    file back to where the group found it.  After a FULL, the rounds of the
+    same epoch that follow are dropped unwritten (the journal has failed
+    them already); after a FAILED, every later round gets FAILED.  Files
+    are opened by generation as rounds name them; a file older than the
+    newest is retired: fsynced and closed, whatever the policy.
+    """
+    channel.setblocking(True)
+    files = {}                  # generation -> [fd, bytes written]
+    counters = [0, 0.0]         # fsyncs, their seconds
+    fsync_due = None            # "everysec": when the oldest unsynced write must be fsynced
+    probe_due = None            # after a full disk: when to look for room again
+    broken = None               # (phase, errno) once the journal has failed for good
+    void_epoch = None           # the epoch of the last FULL: its later rounds are dropped
+
+    def reply(kind, phase="write", number=0, last=0, detail=""):
+        detail = detail.encode("utf-8", "replace")
+        channel.sendall(_REPLY.pack(kind, _PHASES.index(phase), number, counters[0],
+                                    counters[1], last, len(detail)) + detail)
+
+    try:
+        while True:
+            due = min((t for t in (fsync_due, probe_due) if t is not None), default=None)
+            timeout = None if due is None else max(0.0, due - time.monotonic())
+            if timeout is not None and not select.select([channel], [], [], timeout)[0]:
+                now = time.monotonic()
+                if fsync_due is not None and now >= fsync_due:
+                    fsync_due = None
+                    error = _timed_fsync(files[max(files)][0], counters)
+                    if error is None:
+                        reply(SYNCED)
+                    else:
+                        broken = ("fsync", error.errno)
+                        reply(BROKEN, "fsync", error.errno)
+                if probe_due is not None and now >= probe_due:
+                    if broken or not files or _probe(*files[max(files)]):
+                        probe_due = None
+                        if not broken:
+                            reply(ROOM)
+                    else:
+                        probe_due = now + Journal.PROBE_INTERVAL
+                continue
+            group = []
+            while True:
+                round = _recv_round(channel)
+                if round is None:
+                    return                      # the journal is closed
+                sync, number, epoch, segments = round
+                if broken:
+                    reply(FAILED, broken[0], broken[1], number)
+                elif epoch != void_epoch:
+                    group.append(round)
+                if not select.select([channel], [], [], 0)[0]:
+                    break                       # no more rounds have arrived
+            if not group:
+                continue
+            fsync = (policy == "always" or any(round[0] for round in group)
+                     or (fsync_due is not None and time.monotonic() >= fsync_due))
+            segments = [segment for round in group for segment in round[3]]
+            kind, phase, number, detail = _write_group(directory, files, segments, fsync,
+                                                       counters)
+            if kind == DONE:
+                if fsync:
+                    fsync_due = None
+                elif policy == "everysec" and fsync_due is None and any(d for _, d in segments):
+                    fsync_due = time.monotonic() + 1.0
+                probe_due = None
+                reply(DONE, last=group[-1][1])
+                continue
+            if kind == FULL:
+                probe_due = time.monotonic() + Journal.PROBE_INTERVAL
+                void_epoch = group[0][2]
+            else:
+                broken = (phase, number)
+                fsync_due = probe_due = None
+            reply(kind, phase, number, group[0][1], detail)
+    except (ConnectionError, EOFError):
+        return                                  # the server is gone
+    finally:
+        for fd, _ in files.values():
+            os.close(fd)
+        channel.close()
+
+
+def _recv_round(channel):
+    """(sync, number, epoch, [(generation, bytes)]) of the next round; None at the channel's end."""
+    head = _recv_exactly(channel, _ROUND.size)
+    if head is None:
+        return None
+    sync, count, number, epoch = _ROUND.unpack(head)
+    table = _recv_exactly(channel, count * _SEGMENT.size) if count else b""
+    segments = []
+    for i in range(count):
+        generation, length = _SEGMENT.unpack_from(table, i * _SEGMENT.size)
+        segments.append((generation, _recv_exactly(channel, length) if length else b""))
+    return sync, number, epoch, segments
+
+
+def _write_group(directory, files, segments, fsync, counters):
+    """One group's I/O; returns (reply kind, phase, errno, detail)."""
+    started, error, phase = {}, None, "write"
+    began = time.monotonic()
+    try:
+        for generation, data in segments:
+            if generation not in files:
+                files[generation] = [open_data_file(journal_path(directory, generation),
+                                                    os.O_WRONLY | os.O_APPEND), 0]
+            entry = files[generation]
+            started.setdefault(generation, entry[1])
+            if data:
+                _write_all(entry[0], [data])
+                entry[1] += len(data)
+    except OSError as e:
+        error = e
+    newest = max(generation for generation, _ in segments)
+    retired = sorted(generation for generation in files if generation < newest)
+    if error is None:
+        phase = "fsync"
+        try:
+            for generation in retired + ([newest] if fsync else []):
+                os.fsync(files[generation][0])  # a retired file always gets its last fsync
+            if fsync:
+                counters[0] += 1
+                counters[1] += time.monotonic() - began
+        except OSError as e:
+            error = e
+    detail = ""
+    fatal = error is not None and (phase == "fsync" or error.errno not in STORAGE_FULL)
+    if error is not None:
+        try:
+            for generation, end in started.items():
+                os.ftruncate(files[generation][0], end)
+                files[generation][1] = end
+            if not fatal:
+                for generation in started:
+                    os.fsync(files[generation][0])  # the cut is durable before the next write
+        except OSError as e:
+            fatal = True
+            detail = "cannot cut off a failed write: %s" % e
+    for generation in retired:
+        os.close(files.pop(generation)[0])
+    if error is None:
+        return DONE, "write", 0, ""
+    return (FAILED if fatal else FULL), phase, error.errno or errno.EIO, detail
+
+
+def _timed_fsync(fd, counters):
+    """everysec: the fsync a round left owed; returns the OSError, if any."""
+    began = time.monotonic()
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        return e
+    counters[0] += 1
+    counters[1] += time.monotonic() - began
+    return None
+
+
+def _probe(fd, end):
+    """After a full disk: is there room for a page of records again?"""
+    try:
+        os.posix_fallocate(fd, end, 1 << 16)
+    except OSError as e:
+        return e.errno not in STORAGE_FULL      # unsupported here: the writes will tell
+    finally:
+        try:
+            os.ftruncate(fd, end)   # a crash before this leaves zeros: a torn tail
+        except OSError:
+            pass
+    return True
+
+
+def _recv_exactly(channel, size):
+    """`size` bytes from the channel; None at its end, before any; EOFError in the middle."""
+    parts, got = [], 0
+    while got < size:
+        data = channel.recv(size - got)
+        if not data:
+            if got:
+                raise EOFError()
+            return None
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
 def _write_all(fd, buffers):
     """Write `buffers` to `fd`: one writev when the OS takes it all (the usual case).
 
-    If a write fails, the journal cuts what it wrote off again (Journal._cut_back).
+    If a write fails, the writer cuts what it wrote off again (_write_group).
     """
     for i in range(0, len(buffers), 1024):          # IOV_MAX is 1024 on Linux
         batch = buffers[i:i + 1024]
@@ -890,7 +1215,23 @@ def _write_all(fd, buffers):
                 data = data[os.write(fd, data):]
 
 
+def _writer_main(fd, directory, policy):
+    """The writer process's entry point (python3 persistence.py journal-writer FD DIR POLICY).
+
+    It ignores the signals that stop the server (the server finishes its
+    rounds first, then closes the channel), and SIGXFSZ, so that a write
+    past RLIMIT_FSIZE fails with EFBIG, a full disk, instead of killing it.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_IGN)
+    _write_rounds(socket.socket(fileno=int(fd)), directory, policy)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "checkpoint":
-        sys.exit("usage: python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION")
-    sys.exit(_checkpoint_main(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] == "checkpoint":
+        sys.exit(_checkpoint_main(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "journal-writer":
+        sys.exit(_writer_main(*sys.argv[2:]))
+    sys.exit("usage: python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION\n"
+             "       python3 persistence.py journal-writer FD DIRECTORY POLICY")

@@ -10,10 +10,12 @@ blocking, into the connection's buffer; serves each whole request found
 there (calls the Store, store.py); sends what the socket takes of the
 reply, keeping the rest for later turns.  A request that has not fully
 arrived costs a buffer, not a thread, so slow or stalled clients hold
-nobody up, and the number of threads is fixed.  The reply to a write goes
-out once the write is durable: the journal's writer thread hands it back
-to the worker (KVHandler.write).  Every wait on a client has a deadline, and everything
-a client can make the server spend has a bound (Limits).  On a host of
+nobody up, and the number of threads is fixed.  The worker also drives
+the journal: it sends the writes of its turns to the journal's writer, a
+process of its own that writes and fsyncs them, and sends each write's
+reply once the writer says it is durable (KVHandler.write).  Every wait
+on a client has a deadline, and everything a client can make the server
+spend has a bound (Limits).  On a host of
 its own, --cpu N adds two changes, each explained where it is made: every
 thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
 preempt the running one (no_wakeup_preemption).  The store is a dict
@@ -37,11 +39,17 @@ A PUT, from the socket to the disk
                                   the dict waits until it is durable; the
                                   connection is owed its reply, and the
                                   worker goes on with the others
-    Journal._write_rounds         the journal's writer thread: one writev of
-                                  every record queued, one fsync (group
-                                  commit); Store._apply_round applies them to
-                                  the dict; then each write's callback:
-    KVServer.hand_reply           queues the 200 for the worker, which sends it
+    Journal.pump                  before the worker waits in poll(): every
+                                  record queued by its turns, as one round,
+                                  down the socket pair to the writer process
+    _write_rounds                 the journal's writer (persistence.py), a
+                                  process of its own: every round that has
+                                  arrived, one writev, one fsync (group
+                                  commit); its reply comes back to the worker
+    Journal.on_readable           the worker: Store._apply_round applies the
+                                  round to the dict; then each write's
+                                  callback:
+    KVServer.hand_reply           queues the 200, which the worker sends
                                   (send_replies): status, headers, body in one
                                   send; the socket was re-armed when the write
                                   was handed over
@@ -266,8 +274,9 @@ TEXT_PLAIN = b"text/plain; charset=utf-8"
 def build_head(status, length, connection, headers=(), content_type=TEXT_PLAIN):
     """Status line and headers of a reply, up to its blank line.
 
-    Pure, so the journal's writer thread may build one too: it must not
-    touch the state of a handler that is already on its next request.
+    Pure, so that another thread (the snapshot stream's) may build one too:
+    it must not touch the state of a handler that is already on its next
+    request.
     """
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
             b"Content-Type: %s\r\n" % content_type,
@@ -285,7 +294,7 @@ def build_reply(status, body, connection, headers=()):
 
 # A connection is in one of these states; the worker thread moves it from one
 # to the next (KVHandler.turn); OWED ends when the worker sends the reply that
-# the journal's writer handed back (KVServer.send_replies).
+# a durable write, or the snapshot stream, handed over (KVServer.send_replies).
 HEAD = "head"           # waiting for (the rest of) a request line and headers
 BODY = "body"           # receiving a Content-Length body, straight into its buffer
 CHUNKED = "chunked"     # decoding a chunked body as it arrives
@@ -773,10 +782,11 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """Run a store mutation; its 200 is sent once it is durable.
 
         The worker does not wait for the disk: the connection is OWED to the
-        journal, whose writer thread builds the reply (or the error of a
-        write it could not make durable) and hands it back to the worker
-        (KVServer.hand_reply), which sends it; until then no later request
-        of the connection is read, so replies go out in request order.
+        journal; once the journal's writer has made the write durable (or
+        failed to), the worker, which drives the journal, builds the reply
+        or the error in send_when_durable and sends it (KVServer.hand_reply);
+        until then no later request of the connection is read, so replies go
+        out in request order.
         Sealed gets a 503, a failed condition (`options`: see Store.put) a
         412, and a journal that had already failed an error, all from here
         at once.  `etag` (bytes): the 200's ETag header.
@@ -786,7 +796,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         requestline, command, started = self.requestline, self.command, self.started
         metrics = self.server.metrics
 
-        def send_when_durable(error):          # runs in the journal's writer thread
+        def send_when_durable(error):          # the journal's driver: the worker
             reply, status = ok, 200
             if error:
                 status, message = storage_error(error)
@@ -1140,13 +1150,23 @@ class Poller:
         self._selector = None if use_epoll else selectors.DefaultSelector()
         self._persistent = set()
 
-    def watch(self, fd):
-        """Report `fd` whenever it is readable, not once (the worker's wake-up pipe)."""
-        self._persistent.add(fd)
+    def watch(self, fd, events=IN):
+        """Report `fd` whenever it is ready, not once (the wake-up pipe, the journal's channel).
+
+        Called again for the same fd, it changes the events watched.
+        """
+        mask = (selectors.EVENT_READ if events & IN else 0) | (
+            selectors.EVENT_WRITE if events & OUT else 0)
         if self._epoll:
-            self._epoll.register(fd, IN)
+            if fd in self._persistent:
+                self._epoll.modify(fd, events)
+            else:
+                self._epoll.register(fd, events)
+        elif fd in self._persistent:
+            self._selector.modify(fd, mask)
         else:
-            self._selector.register(fd, selectors.EVENT_READ)
+            self._selector.register(fd, mask)
+        self._persistent.add(fd)
 
     def arm(self, fd, events):
         if self._epoll:
@@ -1171,8 +1191,15 @@ class Poller:
                 self._selector.unregister(fd)           # once, as EPOLLONESHOT
         return ready
 
-    def forget(self, fd):
+    def forget(self, fd, persistent=False):
         """Before the fd closes (a selector would keep it registered)."""
+        if persistent:
+            self._persistent.discard(fd)
+            if self._epoll:
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:
+                    pass                                # closed already
         if self._selector:
             try:
                 self._selector.unregister(fd)
@@ -1187,11 +1214,12 @@ class KVServer(http.server.ThreadingHTTPServer):
     the worker thread, which runs an event loop (_serve_connections): it
     asks the kernel which sockets are ready, gives each a turn
     (KVHandler.turn), and once a second sweeps the connections for passed
-    deadlines.  The journal's writer thread hands each write's reply back
-    once it is durable (hand_reply).  Those threads, the stopper and the
-    storage watch (serve), the store's checkpointer, and at most one
-    snapshot stream and one key-index build, are all the threads there are,
-    whatever the clients do: running out of threads cannot happen.
+    deadlines.  It drives the journal too: before it waits it sends the
+    writes its turns queued, and when the journal's writer replies it
+    sends their replies (_serve_connections).  Those threads, the stopper
+    and the storage watch (serve), the store's checkpointer, and at most
+    one snapshot stream and one key-index build, are all the threads there
+    are, whatever the clients do: running out of threads cannot happen.
 
     ThreadingMixIn gives each connection a thread of its own, which sleeps
     in recv() until the next request: every request then costs a thread
@@ -1225,8 +1253,11 @@ class KVServer(http.server.ThreadingHTTPServer):
         self.ready = collections.deque()        # handlers with work left: a turn each, in order
         self._connections = {}                  # fd -> handler, until it closes
         self._resumed = collections.deque()     # handlers given back by other threads
-        self._replies = collections.deque()     # (handler, a write's reply), from the writer
-        self._replies_wake = False              # the worker has been woken for them
+        self._replies = collections.deque()     # (handler, its reply) for the worker to send
+        self._worker_asleep = False             # the worker waits in poll(): wake it
+        self.journal = store.journal            # the worker drives its rounds, if it may
+        if self.journal.driven:
+            self.journal.wake_driver = self.wake_if_asleep
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)      # a connection ended
         self.connections_refused = 0            # past --max-connections (for /metrics)
@@ -1336,22 +1367,17 @@ class KVServer(http.server.ThreadingHTTPServer):
             self.resume(handler)
 
     def hand_reply(self, handler, reply):
-        """From the journal's writer thread: the worker is to send this write's reply.
+        """The worker is to send this reply (from the snapshot stream's thread, or the worker).
 
-        The writer only queues it, and wakes the worker once per round at
-        most: what it must do with the GIL after each fsync stays short.
-        While the worker is busy, and the GIL with it, a writer that sent
-        each reply itself waited for the GIL after every send; handing them
-        over took PUT at 64 connections from 15.9k to 20.5k/s.
+        The journal's rounds end on the worker, whose callbacks hand the
+        replies to writes over here without a system call; another thread
+        wakes the worker, if it sleeps.
         """
         self._replies.append((handler, reply))
-        if not self._replies_wake:
-            self._replies_wake = True
-            self.wake()
+        self.wake_if_asleep()
 
     def send_replies(self):
-        """Send the replies the journal's writer handed over (worker thread)."""
-        self._replies_wake = False          # first: a reply queued after this wakes again
+        """Send the replies handed over (hand_reply), from the worker thread."""
         replies, ready = self._replies, self.ready
         idle_deadline = self.now + self.limits.idle_timeout
         while replies:
@@ -1369,6 +1395,12 @@ class KVServer(http.server.ThreadingHTTPServer):
         self._resumed.append(handler)
         self.wake()
 
+    def wake_if_asleep(self):
+        """Bring the worker round its loop, if it waits in poll(); else it will look anyway."""
+        if self._worker_asleep:
+            self._worker_asleep = False
+            self.wake()
+
     def wake(self):
         try:
             os.write(self._wake_write, b"!")
@@ -1376,12 +1408,35 @@ class KVServer(http.server.ThreadingHTTPServer):
             pass                                # full: the worker will wake anyway
 
     def _serve_connections(self):
-        """The worker's loop: a turn for each connection that is ready, in order."""
+        """The worker's loop: a turn for each connection that is ready, in order.
+
+        It also drives the journal (persistence.Journal): before it waits,
+        it sends the writes queued by the turns as one round (pump), and
+        when the journal's writer replies, it ends the round: the writes are
+        applied, and their replies sent.
+        """
         connections, ready, poller = self._connections, self.ready, self.poller
+        journal, replies, resumed = self.journal, self._replies, self._resumed
+        driven = journal.driven
+        journal_fd, journal_events = (journal.fileno() if driven else None), IN
+        if driven:
+            poller.watch(journal_fd)
         next_sweep = time.monotonic() + self.SWEEP_INTERVAL
         while True:
+            if replies:
+                self.send_replies()
+            if driven:
+                journal.pump()
+                if journal_fd is not None and journal.sending() != (journal_events != IN):
+                    journal_events = IN | OUT if journal.sending() else IN
+                    poller.watch(journal_fd, journal_events)
             timeout = 0 if ready else max(0.0, next_sweep - self.now)
+            if timeout:
+                self._worker_asleep = True
+                if replies or resumed or (driven and journal.has_work()):   # handed over just now
+                    timeout = 0
             fds = poller.poll(timeout)
+            self._worker_asleep = False
             self.now = now = time.monotonic()
             for fd in fds:
                 handler = connections.get(fd)
@@ -1389,6 +1444,12 @@ class KVServer(http.server.ThreadingHTTPServer):
                     handler.turn(True)
                 elif fd == self._wake_read:
                     self._take_resumed()
+                elif fd == journal_fd:
+                    if not journal.on_readable():       # its writer has gone
+                        poller.forget(journal_fd, persistent=True)
+                        journal_fd = None
+                    if replies:
+                        self.send_replies()
             for _ in range(len(ready)):
                 ready.popleft().turn(False)
             if now >= next_sweep:
@@ -1548,7 +1609,7 @@ class Metrics:
     def request_done(self, method, status, started):
         """Count a request whose reply went out; `started` is its time.monotonic() on arrival.
 
-        No lock, although the worker and the journal's writer both count:
+        No lock, although the worker and the snapshot stream both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
         backward jump, so `row[i] += 1` is never cut in two, and no
         increment is lost (on 3.9 some are).  A
@@ -1973,7 +2034,8 @@ def open_store(args, signal_pipe):
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
-        journal = persistence.Journal(directory, generation, args.fsync)
+        journal = persistence.Journal(directory, generation, args.fsync, writer_process=True,
+                                      driven=True, pass_fds=(lock,))
     except OSError as e:
         raise persistence.DataError("%s: data directory is not usable: %s"
                                     % (e.filename or directory, e.strerror))

@@ -4,12 +4,13 @@
 steps.  (1) Under the lock, the mutation is checked (sealed? its
 condition?) and its record queued in the journal; the queue's order is
 the order of the mutations, under any concurrency.  (2) The journal's
-writer thread writes the queued records to the OS and, as the policy
-says, fsyncs them, together with every other record queued by then (group
-commit), then applies that round's records to the dict, in journal order,
-under the lock, and only then runs their callbacks (the server's 200s).
-No system call is made under the lock, so one slow fsync never blocks
-readers or other writers.
+writer (a process of its own, in the server) writes the queued records
+and, as the policy says, fsyncs them, together with every other record
+queued by then (group commit); then the journal's driver (the server's
+worker thread) applies that round's records to the dict, in journal
+order, under the lock, and only then runs their callbacks (the server's
+200s).  No system call is made under the lock, so one slow fsync never
+blocks readers or other writers.
 
 Readers see only the dict: only durable changes.  A write answered with
 an error was never visible and is never replayed (the journal cuts it
@@ -333,7 +334,7 @@ class Store:
 
         Without `on_durable`, returns once the change is durable and applied
         (raises OSError if it cannot be made durable).  With it, returns at
-        once, and the journal's writer thread calls on_durable(None) once
+        once, and the journal's driver calls on_durable(None) once
         the change is durable and applied, or on_durable(error) if it never
         will be.  With `condition`, the change is made only if
         condition(tag) is true, `tag` being the tag of the key's latest
@@ -362,7 +363,7 @@ class Store:
             waiter.wait()
 
     def _apply_round(self, records):
-        """The journal's writer, once `records` are durable: apply them, in order."""
+        """The journal's driver, once `records` are durable: apply them, in order."""
         data, pending = self._data, self._pending
         with self._lock:
             value_bytes = self.value_bytes
@@ -405,7 +406,7 @@ class Store:
         persistence.apply(self._data, op, key, value)
 
     def _fail_queued(self):
-        """The journal's writer, after a failed round: fail every queued write too.
+        """The journal's driver, after a failed round: fail every queued write too.
 
         Returns their callbacks.  A write queued after the failed ones may
         have been checked against them (_latest), so it cannot stand.

@@ -107,27 +107,45 @@ class BareServer(support.ServerProcess):
 # server.py run with os.fsync under the test's control, through two files in
 # its data directory: while HOLD_FSYNC exists, fsync waits; then, while
 # FAIL_FSYNC exists, it fails with EIO (if FAIL_FSYNC says "once", only the
-# first time: the wrapper removes it).  Nothing else is changed.
-FAULTY_FSYNC = r"""
+# first time: the wrapper removes it).  The journal's writer process, which
+# makes the journal's fsyncs, runs under the same wrapper
+# (persistence.Journal.WRITER_COMMAND).  Nothing else is changed.
+FAULTY_FSYNC_PATCH = r"""
 import errno, os, runpy, sys, time
-directory = sys.argv[sys.argv.index("--working-dir") + 1]
-hold, fail = os.path.join(directory, "HOLD_FSYNC"), os.path.join(directory, "FAIL_FSYNC")
-real_fsync = os.fsync
-def fsync(fd):
-    while os.path.exists(hold):
-        time.sleep(0.01)
-    try:
-        with open(fail) as f:
-            once = f.read() == "once"
-    except FileNotFoundError:
-        return real_fsync(fd)
-    if once:
-        os.unlink(fail)
-    raise OSError(errno.EIO, os.strerror(errno.EIO))
-os.fsync = fsync
+def patch_fsync(directory):
+    hold, fail = os.path.join(directory, "HOLD_FSYNC"), os.path.join(directory, "FAIL_FSYNC")
+    real_fsync = os.fsync
+    def fsync(fd):
+        while os.path.exists(hold):
+            time.sleep(0.01)
+        try:
+            with open(fail) as f:
+                once = f.read() == "once"
+        except FileNotFoundError:
+            return real_fsync(fd)
+        if once:
+            try:
+                os.unlink(fail)
+            except FileNotFoundError:
+                return real_fsync(fd)           # the other process failed it just now
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    os.fsync = fsync
+"""
+
+FAULTY_FSYNC_WRITER = FAULTY_FSYNC_PATCH + r"""
+patch_fsync(sys.argv[3])                # journal-writer FD DIRECTORY POLICY
 sys.argv[0] = %r
 runpy.run_path(sys.argv[0], run_name="__main__")
-""" % support.SERVER
+""" % os.path.join(support.ROOT, "persistence.py")
+
+FAULTY_FSYNC = FAULTY_FSYNC_PATCH + r"""
+patch_fsync(sys.argv[sys.argv.index("--working-dir") + 1])
+sys.path.insert(0, %r)
+import persistence
+persistence.Journal.WRITER_COMMAND = [sys.executable, "-c", %r, "journal-writer"]
+sys.argv[0] = %r
+runpy.run_path(sys.argv[0], run_name="__main__")
+""" % (support.ROOT, FAULTY_FSYNC_WRITER, support.SERVER)
 
 
 class FaultyFsyncServer(support.ServerProcess):

@@ -413,14 +413,15 @@ class StoreConditionTest(unittest.TestCase):
         old, new = os.urandom(BIG), os.urandom(BIG)
         old_tag, new_tag = store_module.value_tag(old), store_module.value_tag(new)
         store.put("k", old, tag=old_tag)
-        release, real_write = threading.Event(), journal._write
+        release, real_write = threading.Event(), persistence._write_group
 
         def held_write(*args):
             release.wait(30)
             return real_write(*args)
 
         done = threading.Event()
-        with mock.patch.object(journal, "_write", held_write):
+        # The journal's writer (a thread here) writes each group of rounds with it.
+        with mock.patch.object(persistence, "_write_group", held_write):
             store.put("k", new, tag=new_tag, on_durable=lambda error: done.set())
             self.assertEqual(store.get_tagged("k"), (old, old_tag))
             with self.assertRaises(store_module.ConditionFailed):

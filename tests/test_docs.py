@@ -238,7 +238,7 @@ class ArchitectureTest(unittest.TestCase):
     def test_the_name_check_can_fail(self):
         modules = _code_modules()
         source = _sources(modules)
-        for name in ("Store.put", "Journal._write_rounds", "os.fsync", "READ_SIZE",
+        for name in ("Store.put", "Journal.pump", "os.fsync", "READ_SIZE",
                      "serve_forever", "Store._lock", "journal-writer",
                      "test_crash.JournalDamageTest.test_flipped_byte_in_the_middle_refuses_to_start"):
             self.assertTrue(resolve(name, modules, source), name)

@@ -1,7 +1,8 @@
 """Black-box storage failures: a full disk, a failed fsync.
 
-- Out of room (a tiny RLIMIT_FSIZE set on the running server with prlimit,
-  which needs no privilege for one's own process; or, as root, a 1 MiB
+- Out of room (a tiny RLIMIT_FSIZE set on the running server and its
+  journal writer with prlimit, which needs no privilege for one's own
+  processes; or, as root, a 1 MiB
   tmpfs filled up): the failing writes get 507 and are never visible,
   reads go on, /health is 503 with the reason; once there is room again,
   /health is 200 and writes succeed without a restart; a SIGKILL then
@@ -69,16 +70,26 @@ class FullDiskTests:
 
 
 class RlimitFullDiskTest(FullDiskTests, support.ServerTestCase):
-    """The journal may not grow past RLIMIT_FSIZE: write() fails with EFBIG."""
+    """The journal may not grow past RLIMIT_FSIZE: write() fails with EFBIG.
+
+    The limit is set on the server and on its children, among them the
+    journal's writer process, which makes the journal's writes.
+    """
+
+    def processes(self, server):
+        pid = server.proc.pid
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [pid] + [int(child) for child in f.read().split()]
 
     def make_full(self, server):
         size = os.path.getsize(journals(self.data_dir)[-1])
-        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
-                         (size, resource.RLIM_INFINITY))
+        for pid in self.processes(server):
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
 
     def make_room(self, server):
-        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE,
-                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        for pid in self.processes(server):
+            resource.prlimit(pid, resource.RLIMIT_FSIZE,
+                             (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
 
 class TmpfsFullDiskTest(FullDiskTests, support.ServerTestCase):

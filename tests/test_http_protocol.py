@@ -802,13 +802,16 @@ class PollerTest(unittest.TestCase):
 
 
 class StorageErrorTest(unittest.TestCase):
-    """A write the disk refuses: a 500 from the journal's writer thread (in-process server)."""
+    """A write the disk refuses: a 500 (in-process server; the journal's writer is a thread).
+
+    The worker drives the journal's rounds, as in the real server (driven=True).
+    """
 
     def setUp(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         data, generation, _ = persistence.load(directory, lambda message: None)
-        store = Store(data, persistence.Journal(directory, generation, "always"),
+        store = Store(data, persistence.Journal(directory, generation, "always", driven=True),
                       1 << 30, lambda message: None)
         self.addCleanup(lambda: (store.seal(), store.save_and_close()))
         self.server = server.KVServer(("127.0.0.1", 0), store, 1 << 20, False)

@@ -285,11 +285,16 @@ class FileDescriptorTest(support.ServerTestCase):
 
 
 def runs_as_nobody(python):
-    """True if `python` can run as user nobody (for the thread limit test)."""
+    """True if `python` can run as user nobody, and start itself again (for the thread limit test).
+
+    The server starts children with sys.executable (its journal writer, its
+    checkpoints), which an interpreter under /root may not be for nobody.
+    """
     try:
         return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
-                               "--clear-groups", python, "-c", "import sys; "
-                               "sys.exit(sys.version_info < (3, 10))"],
+                               "--clear-groups", python, "-c", "import subprocess, sys; "
+                               "sys.exit(sys.version_info < (3, 10) or subprocess.run("
+                               "[sys.executable, '-c', '']).returncode)"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
