@@ -774,15 +774,37 @@ def socket_pair(testcase):
 
 
 class PollerTest(unittest.TestCase):
-    """server.Poller: an armed socket is reported once when ready, then only if armed again (unit)."""
+    """server.Poller (unit): epoll reports a socket on each edge; a selector once per arm()."""
 
-    def check(self, use_epoll):
-        poller = server.Poller(use_epoll)
+    def sockets(self):
         ours, clients = [], []
         for _ in range(3):
             a, b = socket_pair(self)
             ours.append(a)
             clients.append(b)
+        return ours, clients
+
+    def test_epoll(self):
+        if not hasattr(select, "epoll"):
+            self.skipTest("no epoll here")
+        poller = server.Poller(use_epoll=True)
+        ours, clients = self.sockets()
+        for a in ours:
+            poller.register(a.fileno())
+        # Room to send, at once: each reported once, then not again.
+        self.assertEqual(sorted(poller.poll(TIMEOUT)), sorted(a.fileno() for a in ours))
+        self.assertEqual(poller.poll(0), [], "reported twice without a new edge")
+        clients[1].send(b"GET")
+        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
+        poller.arm(ours[1].fileno(), server.IN)     # free: no system call, no new report
+        self.assertEqual(poller.poll(0), [], "its unread bytes reported again")
+        clients[1].send(b" /")                      # more input: a new edge
+        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
+
+    def test_selector(self):
+        poller = server.Poller(use_epoll=False)
+        ours, clients = self.sockets()
+        for a in ours:
             poller.arm(a.fileno(), server.IN)
         clients[1].send(b"GET")
         self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
@@ -791,14 +813,6 @@ class PollerTest(unittest.TestCase):
         self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
         poller.arm(ours[2].fileno(), server.OUT)    # room to send: ready at once
         self.assertEqual(poller.poll(TIMEOUT), [ours[2].fileno()])
-
-    def test_epoll(self):
-        if not hasattr(select, "epoll"):
-            self.skipTest("no epoll here")
-        self.check(use_epoll=True)
-
-    def test_selector(self):
-        self.check(use_epoll=False)
 
 
 class StorageErrorTest(unittest.TestCase):
