@@ -51,8 +51,8 @@ A PUT, from the socket to the disk
                                   callback:
     KVServer.hand_reply           queues the 200, which the worker sends
                                   (send_replies): status, headers, body in one
-                                  send; the socket was re-armed when the write
-                                  was handed over
+                                  send; the socket stayed in the epoll set,
+                                  which reports the next request
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
@@ -839,9 +839,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         no later request of the connection, so replies go out in request
         order; the thread that owes the reply gives the connection back with
         it (KVServer.hand_reply).  The socket is armed for the next request
-        at once, as after any other reply: an event that comes meanwhile is
-        kept for when the reply is sent (`missed`).  If start() raises, the
-        connection is the worker's again, and the exception goes on.
+        at once (with epoll it stays registered): an event that comes
+        meanwhile is kept for when the reply is sent (`missed`).  If start()
+        raises, the connection is the worker's again, and the exception goes
+        on.
         """
         self.body = None
         self.account()
@@ -1412,9 +1413,9 @@ class KVServer(http.server.ThreadingHTTPServer):
             handler.state, handler.deadline, handler.idle = HEAD, idle_deadline, True
             handler.send(reply)
             # The socket was armed when the write was handed over; a turn
-            # only if there is more to do.
-            if (handler.missed or handler.out or handler.inbuf or handler.close_connection
-                    or self.draining):
+            # only if there is more to do, or input left unread.
+            if (handler.missed or handler.unread or handler.out or handler.inbuf
+                    or handler.close_connection or self.draining):
                 ready.append(handler)
 
     def resume(self, handler):

@@ -677,6 +677,21 @@ class ConnectionTests(ProtocolTestCase):
         response = conn.response("GET")
         self.assertEqual((response.status, response.body), (200, b"%04d" % (count - 1)))
 
+    def test_a_write_that_fills_a_read_exactly_then_a_pipelined_read(self):
+        # The PUT is exactly one READ_SIZE read: the GET behind it is still
+        # in the socket, which (edge-triggered) will not be reported again.
+        # The connection must come back for it once the PUT's reply is out.
+        key = self.key()
+        head = request("PUT", "/kv/" + key, [("Content-Length", "00000")], b"")
+        size = server.READ_SIZE - len(head)
+        put = request("PUT", "/kv/" + key, [("Content-Length", "%05d" % size)], b"v" * size)
+        self.assertEqual(len(put), server.READ_SIZE)
+        conn = self.connect()
+        conn.send(put + request("GET", "/kv/" + key))
+        self.assertEqual(conn.response("PUT").status, 200)
+        response = conn.response("GET")
+        self.assertEqual((response.status, response.body), (200, b"v" * size))
+
     def test_head_sends_no_body_on_the_wire(self):
         self.server.put(self.key(), b"a value of 21 bytes!!")
         conn = self.connect()
