@@ -1,4 +1,4 @@
-"""Black-box storage failures: a full disk, a failed fsync.
+"""Black-box storage failures: a full disk, a failed fsync, a killed journal writer.
 
 - Out of room (a tiny RLIMIT_FSIZE set on the running server and its
   journal writer with prlimit, which needs no privilege for one's own
@@ -12,9 +12,11 @@
   the server exits 1 with one line, and the next start has every
   acknowledged write and none that failed.
 """
+import http.client
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,6 +155,45 @@ class FsyncErrorTest(support.ServerTestCase):
         # failed write, is what the next start recovers from.
         error = self.fail_fsync("always")
         self.assertIn("Input/output error", error)
+
+
+
+def journal_writer_pid(server):
+    """The pid of the server's journal writer process (python3 persistence.py journal-writer)."""
+    pid = server.proc.pid
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        children = [int(child) for child in f.read().split()]
+    for child in children:
+        with open("/proc/%d/cmdline" % child, "rb") as f:
+            if b"journal-writer" in f.read().split(b"\0"):
+                return child
+    raise AssertionError("no journal writer among the server's children %s" % children)
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/task"), "needs /proc")
+class JournalWriterDeathTest(support.ServerTestCase):
+    """The journal's writer process killed (by the OOM killer, say): as a failed fsync."""
+
+    def test_a_killed_journal_writer_stops_the_server_and_loses_no_acknowledged_write(self):
+        server = self.start_server()
+        expected = {"acked-%d" % i: b"value %d" % i for i in range(10)}
+        for key, value in expected.items():
+            server.put(key, value)
+        os.kill(journal_writer_pid(server), signal.SIGKILL)
+        try:                            # the server may be gone already: no answer is fine
+            status, _, _ = server.request("PUT", "/kv/late", b"never acknowledged")
+            self.assertGreaterEqual(status, 500, "a write acknowledged without a journal")
+        except (OSError, http.client.HTTPException):
+            pass
+        self.assertEqual(server.wait(30), 1, server.output())
+        output = server.output()
+        self.assertNotIn(TRACEBACK, output)
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        self.assertEqual(len(errors), 1, output)
+        self.assertIn("journal writer process exited", errors[0])
+        again = self.start_server()
+        expected["late"] = None
+        assert_state(self, again, expected)
 
 
 if __name__ == "__main__":
