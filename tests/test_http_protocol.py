@@ -663,9 +663,9 @@ class ConnectionTests(ProtocolTestCase):
         self.assertTrue(conn.is_closed(), "connection left open after the last response")
 
     def test_many_pipelined_writes_then_a_read(self):
-        # Each PUT's 200 is sent by the journal's writer thread, a GET's
-        # value by the connection's own thread: the replies must still come
-        # in request order, and the GET must see the last PUT.
+        # Each PUT's 200 goes out once the journal's writer says it is
+        # durable, a GET's value at once: the replies must still come in
+        # request order, and the GET must see the last PUT.
         count = 300
         requests = [request("PUT", "/kv/" + self.key(), [("Content-Length", "4")], b"%04d" % i)
                     for i in range(count)]
