@@ -713,14 +713,13 @@ class Journal:
             self.size = self._written.get(self.generation, 0)
         return callbacks
 
-    def switch(self, prepared):
+    def switch(self, generation):
         """Checkpoint step b: new records go to the prepared file.  Caller holds the store lock.
 
         Returns the generation of the file left behind.  Its queued records
         and its last fsync are left to the next round: none is lost, and no
         writer waits for the switch.
         """
-        generation, _ = prepared
         with self._lock:
             old, self.generation = self.generation, generation
             self._segments.append([generation, []])
@@ -731,9 +730,9 @@ class Journal:
     # -- store lock NOT held --------------------------------------------------
 
     def prepare_next(self):
-        """Checkpoint step a: create the next journal file."""
+        """Checkpoint step a: create the next journal file; returns its generation, for switch()."""
         _create(self.directory, self.generation + 1)
-        return self.generation + 1, None
+        return self.generation + 1
 
     def when_durable(self, callback):
         """Call callback(None), from the driver, once every record appended so far is durable.
@@ -810,10 +809,6 @@ class Journal:
         segments = self._segments
         return not self._out and bool(
             self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
-
-    def in_flight(self):
-        """True while the writer has rounds not yet answered."""
-        return bool(self._rounds)
 
     def pump(self):
         """Send a round of what is queued, if anything is; send what the channel takes."""
