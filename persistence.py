@@ -806,9 +806,12 @@ class Journal:
 
     def has_work(self):
         """True if pump() would start a round now (callbacks or records wait)."""
+        return not self._out and self._queued()
+
+    def _queued(self):
+        """Callbacks, a sync, a switch or records wait for a round."""
         segments = self._segments
-        return not self._out and bool(
-            self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
+        return bool(self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
 
     def pump(self):
         """Send a round of what is queued, if anything is; send what the channel takes."""
@@ -817,9 +820,9 @@ class Journal:
             if self._out:
                 return                  # the channel is full: the rest when it is writable
         with self._lock:
-            segments = self._segments
-            if not (self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1]):
+            if not self._queued():
                 return
+            segments = self._segments
             if self.failed:
                 callbacks, self._callbacks = self._callbacks, []
                 self._sync_wanted = False

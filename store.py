@@ -210,7 +210,11 @@ class Store:
 
     @property
     def journal(self):
-        """The open journal, for its counters (size, records, fsyncs): read them, nothing more."""
+        """The open journal: its counters (size, records, fsyncs), and its rounds for a driver.
+
+        The server's worker drives a journal opened with driven=True
+        (Journal.pump, Journal.on_readable); nothing else may change it.
+        """
         return self._journal
 
     def write_problem(self):
