@@ -176,6 +176,11 @@ class RequestLineTests(ParserTestCase):
     def test_bare_lf_line_ends_are_accepted(self):
         req = self.parse(b"PUT /kv/a HTTP/1.1\nHost: h\nContent-Length: 2\n\nab")
         self.assertEqual((req.headers["host"], req.body), ("h", b"ab"))
+        for end in (b"\n\n", b"\r\n\n", b"\n\r\n", b"\r\n\r\n"):
+            with self.subTest(end=end):        # the first blank line ends the head
+                got = outcome([b"GET /a HTTP/1.0%s\r\n\nGET /b HTTP/1.0\n\n" % end])
+                self.assertEqual([r[Request.__slots__.index("path")] for r in got],
+                                 ["/a", "/b"])
 
 
 class HeaderTests(ParserTestCase):
