@@ -115,7 +115,8 @@ class RequestLineTests(ParserTestCase):
 
     def test_malformed_request_lines(self):
         for line in (b"hello", b"GET", b"GET /kv/a HTTP/1.1 extra", b"GET  HTTP/1.1 x y",
-                     b"GET /kv/a", b"GET /kv/a HTTP/1", b"GET /kv/a HTTP/1.10", b"GET /kv/a http/1.1",
+                     b"GET /kv/a", b"GET /kv/a HTTP/1", b"GET /kv/a HTTP/1.10",
+                     b"GET /kv/a http/1.1",
                      b"G(T /kv/a HTTP/1.1", b" GET /kv/a HTTP/1.1", b"GET /kv/a HTTP/1.1 "):
             with self.subTest(line=line):
                 self.assertRefused(line + b"\r\nHost: test\r\n\r\n", "bad request line")
@@ -639,7 +640,8 @@ class ConnectionTests(ParserTestCase):
         parser.feed(b"\r\nabc")
         req = parser.next_event()
         self.assertEqual((req.head_bytes, parser.buffered), (51, 3))
-        self.assertEqual((parser.in_head, parser.in_body, parser.body_started), (False, True, True))
+        self.assertEqual((parser.in_head, parser.in_body, parser.body_started),
+                         (False, True, True))
         parser.feed(b"defghij" + b"GET")
         self.assertIs(parser.next_event(), req)
         self.assertEqual((req.body, parser.buffered, parser.in_head), (b"abcdefghij", 3, True))
@@ -787,8 +789,9 @@ class ReplyTests(unittest.TestCase):
     def test_without_content_type_or_with_another(self):
         _, headers, _ = self.split(http11.response_head(200, 1, content_type=None))
         self.assertNotIn(b"Content-Type", [h[0] for h in headers])
-        _, headers, _ = self.split(http11.response_head(200, 1, content_type=b"text/x"))
-        self.assertIn([b"Content-Type", b"text/x"], headers)
+        for content_type in (b"text/x", "text/x"):
+            _, headers, _ = self.split(http11.response_head(200, 1, content_type=content_type))
+            self.assertIn([b"Content-Type", b"text/x"], headers)
 
     def test_error_response(self):
         reply = http11.error_response(503, "server busy", headers=(("Retry-After", 1),))
