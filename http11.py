@@ -207,7 +207,7 @@ class RequestParser:
         self._left = _SIZE          # CHUNKED: where inside the body (module docstring)
         self._framing = 0           # CHUNKED: bytes of size lines and CRLFs so far
         self._trailer = 0           # CHUNKED: bytes of trailer lines so far
-        self._consumed = False      # CHUNKED: some of the body has been decoded
+        self._consumed = False      # CHUNKED: some of this body has been decoded
         self._error = None
 
     def feed(self, data):
@@ -306,7 +306,7 @@ class RequestParser:
                 raise ProtocolError(501, "transfer-encoding not supported")
             request.framed = request.chunked = True
             self._state, self._request, self._body = CHUNKED, request, bytearray()
-            self._left, self._framing, self._trailer, self._consumed = _SIZE, 0, 0, False
+            self._left, self._framing, self._trailer = _SIZE, 0, 0
             return self._next_chunks(True)
         if length is None:
             request.complete = True
@@ -330,7 +330,7 @@ class RequestParser:
 
     def _done(self, request):
         request.complete = True
-        self._state, self._request, self._body = HEAD, None, None
+        self._state, self._request, self._body, self._consumed = HEAD, None, None, False
         return request
 
     def _next_chunks(self, at_head):

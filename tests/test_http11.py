@@ -616,6 +616,18 @@ class ConnectionTests(ParserTestCase):
                                  (False, False, True))
                 self.assertEqual(parser.next_event().method, "GET")
 
+    def test_body_started_is_of_the_current_request(self):
+        for first in (put_chunked(chunked(b"abc")),
+                      request("PUT", "/kv/k", [("Content-Length", "3")], b"abc")):
+            for framing in ("Content-Length: 5", "Transfer-Encoding: chunked"):
+                with self.subTest(first=first[:40], framing=framing):
+                    parser = RequestParser()
+                    parser.feed(first)
+                    self.assertTrue(parser.next_event().complete)
+                    parser.feed(request("PUT", "/kv/k", [framing, "Expect: 100-continue"]))
+                    self.assertFalse(parser.next_event().complete)
+                    self.assertEqual((parser.in_body, parser.body_started), (True, False))
+
     def test_expect_continue_with_the_body_sent_at_once(self):
         parser = RequestParser()
         parser.feed(request("PUT", "/kv/k", [("Content-Length", "4"),
