@@ -345,7 +345,8 @@ class RequestParser:
 
     def _decode_chunks(self):
         """Decode the buffered chunks: True once the body is whole, False if more
-        must come, None if this step's share (chunks_per_step) is spent first."""
+        must come, None if this step's share is spent first: chunks_per_step
+        lines (size or trailer lines), each a few steps of Python."""
         buf, body, left = self._buf, self._body, self._left
         pos, end, budget = 0, len(buf), self.chunks_per_step
         view = memoryview(buf)
@@ -368,26 +369,24 @@ class RequestParser:
                     left = _SIZE
                 else:                                           # a size line or a trailer line
                     newline = buf.find(b"\n", pos)
-                    if left == _TRAILER:
-                        line = (newline if newline >= 0 else end) + 1 - pos
-                        if self._trailer + line > self.max_header_bytes:
+                    line = (newline if newline >= 0 else end) + 1 - pos
+                    if left == _TRAILER and self._trailer + line > self.max_header_bytes:
+                        raise _bad()
+                    if newline < 0:
+                        if left == _SIZE and line > MAX_CHUNK_LINE + 1:
                             raise _bad()
-                        if newline < 0:
-                            break
+                        break
+                    if not budget:                      # this step's share is spent
+                        return None
+                    budget -= 1
+                    if left == _TRAILER:                # trailer fields: skipped
                         self._trailer += line
                         if line == 1 or (line == 2 and buf[pos] == 13):
                             pos = newline + 1
                             return True
-                    elif newline < 0:
-                        if end - pos > MAX_CHUNK_LINE:
-                            raise _bad()
-                        break
-                    elif not budget:
-                        return None
                     else:
-                        budget -= 1
                         left = self._chunk_size(buf, pos, newline, len(body)) or _TRAILER
-                        if 0 < left <= RUN_MAX_SIZE and newline + 3 - pos <= left:
+                        if 0 < left <= RUN_MAX_SIZE and line + 2 <= left:
                             pos, left, budget = self._run(buf, pos, newline + 1, left, budget)
                             continue
                     pos = newline + 1

@@ -546,6 +546,13 @@ class ChunkedTests(ParserTestCase):
         self.assertIs(req2, req)
         self.assertEqual((req.complete, req.body), (True, b"".join(pieces)))
 
+    def test_trailer_lines_count_against_the_budget_too(self):
+        parser = RequestParser(chunks_per_step=3)
+        parser.feed(put_chunked(b"1\r\na\r\n0\r\n" + b"T: 1\r\n" * 5 + b"\r\n"))
+        req = parser.next_event()                   # two size lines, one trailer line
+        self.assertEqual([parser.next_event() for _ in range(2)], [PAUSED, req])
+        self.assertEqual((req.complete, req.body), (True, b"a"))
+
     def test_not_paused_when_the_budget_ends_with_the_input(self):
         parser = RequestParser(chunks_per_step=2)
         parser.feed(put_chunked(b"1\r\na\r\n1\r\nb\r\n"))
