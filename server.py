@@ -1,77 +1,62 @@
-"""HTTP front end and process lifecycle of the key-value server.
+"""The key-value server: its HTTP API, its connections, and the process's life.
 
     python3 server.py [--port 8080] [--working-dir ./data] ...   (--help for all)
 
-The server is an http.server.ThreadingHTTPServer whose threads serve
-requests, not connections, and never wait for a client.  The main thread
-accepts connections; one worker thread watches them all (epoll) and gives
-each a turn when its socket is ready: it reads what has arrived, without
-blocking, into the connection's buffer; serves each whole request found
-there (calls the Store, store.py); sends what the socket takes of the
-reply, keeping the rest for later turns.  A request that has not fully
-arrived costs a buffer, not a thread, so slow or stalled clients hold
-nobody up, and the number of threads is fixed.  The worker also drives
-the journal: it sends the writes of its turns to the journal's writer, a
-process of its own that writes and fsyncs them, and sends each write's
-reply once the writer says it is durable (KVHandler.write).  Every wait
-on a client has a deadline, and everything a client can make the server
-spend has a bound (Limits).  On a host of
-its own, --cpu N adds two changes, each explained where it is made: every
-thread runs on one CPU (pin_to_one_cpu), and a woken thread does not
-preempt the running one (no_wakeup_preemption).  The store is a dict
-behind one lock; persistence.py puts it on disk.
+The standard library's event loop (asyncio) serves every connection on one
+thread: its transports read and write the sockets, buffer, and apply flow
+control; a Connection (an asyncio.Protocol) turns the bytes into requests
+with http11.py, the wire format, which does no I/O; the Api says what each
+request means and calls the Store (store.py), a dict behind one lock;
+persistence.py puts it on disk.  A write is handed to the store, which
+queues it for the journal; once per loop turn the queued writes go to the
+journal's writer, a process of its own, as one round (one write, one
+fsync: group commit); the writes' 200s go out when it says they are
+durable.  Nothing on the loop waits: not for a client, not for the disk.
+Every wait on a client has a deadline and everything a client can make the
+server hold has a bound (Limits).  Threads exist only where a call must
+block: a backup's pickling (SnapshotStream), the checkpointer, the final
+save.
+
+The sections, in order: logging; the API (routes, keys, writes); conditional
+requests; listing; connections (Connection); the server (Server: the
+connections' shared bounds and deadlines; JournalDriver); auth; metrics;
+backup; the lifecycle (flags, start, signals, drain, save).
 
 A PUT, from the socket to the disk
 ----------------------------------
-    KVServer._accept_queued       accepts; process_request arms the socket in
-                                  the worker's epoll set (watch_new)
-    KVServer._serve_connections   the worker thread: the socket is readable,
-                                  so the connection gets a turn:
-    KVHandler.turn                one non-blocking read into its buffer
-    KVHandler.read_head           once the head's blank line is there:
-    KVHandler.parse_request       request line and headers, strictly
-    KVHandler.frame_body          Content-Length or chunked, at most
-                                  --max-value-bytes, 413 before reading more;
-                                  the body from the buffer, or over later turns
-    KVHandler.do_kv               validates the key, then Store.put:
+    asyncio                       accepts, makes a Connection; when the socket
+                                  is readable, reads and calls:
+    Connection.data_received      feeds the bytes to its http11.RequestParser
+    Connection.advance            each whole request the parser gives, at most
+                                  REQUESTS_PER_TURN a turn:
+    Connection.head               its head: auth, room for its body
+    Api.serve                     routes it; a PUT validates the key, then
+    Api.write                     Store.put, with the callback of an Owed reply,
+                                  whose place in the connection's queue keeps
+                                  the replies in request order
     Store._mutate                 under the lock, Journal.append queues the
-                                  record and its callback (send_when_durable);
-                                  the dict waits until it is durable; the
-                                  connection is owed its reply, and the
-                                  worker goes on with the others
-    Journal.pump                  before the worker waits in poll(): every
-                                  record queued by its turns, as one round,
-                                  down the socket pair to the writer process
-    _write_rounds                 the journal's writer (persistence.py), a
-                                  process of its own: every round that has
-                                  arrived, one writev, one fsync (group
-                                  commit); its reply comes back to the worker
-    Journal.on_readable           the worker: Store._apply_round applies the
-                                  round to the dict; then each write's
-                                  callback:
-    KVServer.hand_reply           queues the 200, which the worker sends
-                                  (send_replies): status, headers, body in one
-                                  send; the socket stayed in the epoll set,
-                                  which reports the next request
+                                  record; the dict waits until it is durable
+    JournalDriver.pump            after the loop turn: every record queued in
+                                  it, as one round, to the writer process
+    _write_rounds                 the journal's writer (persistence.py): one
+                                  writev, one fsync for every round that came
+    JournalDriver.readable        its reply: Store._apply_round applies the
+                                  round to the dict, then each write's
+    Owed.durable                  callback: Connection.written builds the 200
+    Connection.flush              in the next turn: every reply that is ready,
+                                  in order, in one transport.write
 
 A SIGTERM, from the signal to exit 0
 ------------------------------------
-    signal.set_wakeup_fd the signal's number goes down a pipe; the Python
-                         handler does nothing (it would interrupt the main
-                         thread, which may hold a lock).
-    stopper              a thread reading that pipe: logs, then calls
-                         server.shutdown(), which waits for serve_forever()
-                         to return, so the main thread cannot call it itself.
-                         A second signal is logged and changes nothing.
-    serve_forever()      returns in the main thread; no more accepts, and
-                         server_close() closes the listening socket.
-    KVServer.drain       closes idle keep-alive connections at once; lets
-                         requests in flight finish (Connection: close), up
-                         to --shutdown-timeout, and drain() logs what it
-                         waits for.
-    Store.seal           any later write gets 503; the dict is frozen.
+    Stopper.on_signal    asyncio runs it on the loop (add_signal_handler);
+                         a second signal is logged and changes nothing
+    serve                stops accepting (listener.close), then
+    drain                closes idle connections at once; lets requests in
+                         flight finish, up to --shutdown-timeout, and logs
+                         what it waits for
+    Store.seal           any later write gets 503; the dict is frozen
     Store.save_and_close the final snapshot, then the journals go; exit 0,
-                         or exit 1 if the save failed (the journal stays).
+                         or exit 1 if the save failed (the journal stays)
 """
 
 import sys
@@ -87,26 +72,22 @@ if sys.version_info < (3, 10):
 
 # The imports wait for the version check (flake8 would say E402).
 import argparse
+import asyncio
 import bisect
 import collections
-import email.utils
-import errno
 import hmac
-import http.server
 import ipaddress
 import os
 import pickle
 import re
 import resource
-import select
-import selectors
 import signal
 import socket
-import socketserver
 import threading
 import time
 import urllib.parse
 
+import http11
 import persistence
 from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 
@@ -143,52 +124,56 @@ def fail(message):
         _write_line(2, "error: " + message)
 
 
-# ---------------------------------------------------------------- HTTP layer --
+# ---------------------------------------------------------------- the API --
+#
+# What each request means.  The wire format is http11.py's; the sockets are
+# asyncio's (Connection, below).  Api.serve() takes a whole request and
+# returns its reply as (status, body, headers, content type), or PENDING
+# when the reply will come later: a write's once the journal has made it
+# durable, a backup's once it is streamed.  Errors are RequestError.
 
-READ_SIZE = 65536           # one recv per turn at most: it bounds the work of a turn
-REQUESTS_PER_TURN = 32      # pipelined requests served in one turn; then the others' turn
-MAX_HEADERS = 100           # as in http.client / http.server
-MAX_CHUNK_LINE = 4096       # a chunk-size line, extensions included
-CHUNKS_PER_TURN = 1024      # chunks decoded in one turn (a few microseconds of Python each)
-FRAMING_ALLOWANCE = 65536   # chunked framing may outweigh the data it frames by this much
-LINGER_SECONDS = 2.0        # after an error that closes: how long unread input is drained
 KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
-TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"                 # an RFC 9110 token
-HEADER_NAME = re.compile(TOKEN)
-# One SP between the three parts, nothing else (RFC 9112 3): a TAB or another
-# Unicode space as separator is an error, not a space.
-REQUEST_LINE = re.compile(r"(%s) ([^\x00-\x20\x7f]+) (HTTP/(\d)\.(\d))" % TOKEN)
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-# In a request head: a NUL or another control byte but TAB, or a CR not
-# followed by LF.  A bare CR ends a line for some parsers and not for others:
-# it can hide a header (a Content-Length) from one and show it to another.
-BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
-CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\x00]*)?\r?")   # no space around the size
-REASONS = {status: phrase.encode() for status, (phrase, _)
-           in http.server.BaseHTTPRequestHandler.responses.items()}
-ALLOWED = {"/kv/": "GET, HEAD, PUT, DELETE", "/kv": "GET, HEAD", "/clear": "DELETE",
-           "/health": "GET, HEAD", "/metrics": "GET, HEAD", "/snapshot": "GET"}
+KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE")
+WRITE_METHODS = ("PUT", "DELETE", "POST")
+PENDING = object()          # Api.serve(): the reply comes later, through the connection
+SMALL_BODY = 16384          # bodies up to this size may use the last quarter of the memory cap
+# The routes other than /kv/{key}: path -> (methods, Allow header, Api method)
+ROUTES = {
+    "/kv": (("GET", "HEAD"), "GET, HEAD", "listing"),
+    "/clear": (("DELETE",), "DELETE", "clear"),
+    "/health": (("GET", "HEAD"), "GET, HEAD", "health"),
+    "/metrics": (("GET", "HEAD"), "GET, HEAD", "metrics_page"),
+    "/snapshot": (("GET",), "GET", "snapshot"),
+}
 
 
 class Limits:
     """Every bound on what a client can make the server spend; each is a flag (parse_args).
 
-    Timeouts are in seconds, measured by the sweep (KVServer), so they are
-    exact to within a second.
+    Timeouts are in seconds, checked by a sweep once a second (Server.sweep),
+    so they are exact to within a second.  Each starts when the connection
+    is accepted.
       header_timeout      a request line and headers must arrive within it,
-                          from the first byte (from the accept for a new
-                          connection); else 408, and the connection closes.
+                          from their first byte (from the accept for a new
+                          connection); else 408 (nothing sent yet: just
+                          closed), and the connection closes.
       body_timeout        a body must keep arriving: a pause longer than it
                           gets 408.
-      send_timeout        a client must keep reading its reply: a pause
+      send_timeout        a client must keep reading its replies: a pause
                           longer than it closes the connection.
       idle_timeout        a keep-alive connection without a request for so
                           long is closed.
       max_connections     past it, a new connection gets a canned 503 and is
                           closed at once.
-      max_inflight_bytes  bodies being received, header blocks and unsent
-                          replies, for all connections together; a request
-                          that would pass it gets 503 with Retry-After.
+      max_inflight_bytes  bytes that clients make the server hold: input not
+                          yet served, bodies being received (reserved from
+                          their Content-Length), writes waiting for the
+                          journal, replies not yet sent.  A body that does
+                          not fit gets 503 with Retry-After; a request
+                          without a body is never refused for it.
+      max_journal_bytes   writes handed to the journal and not yet durable
+                          (a stalled disk); past it new writes get 503 with
+                          Retry-After, and those already handed over wait.
       max_header_bytes    request line and headers; past it, 431 (414 if the
                           request line alone is longer).
       max_value_bytes     the largest body; past it, 413.
@@ -196,11 +181,12 @@ class Limits:
 
     def __init__(self, header_timeout=10.0, body_timeout=30.0, send_timeout=30.0,
                  idle_timeout=60.0, max_connections=16384, max_inflight_bytes=256 << 20,
-                 max_header_bytes=65536, max_value_bytes=10 << 20):
+                 max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20):
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.send_timeout, self.idle_timeout = send_timeout, idle_timeout
         self.max_connections, self.max_inflight_bytes = max_connections, max_inflight_bytes
         self.max_header_bytes, self.max_value_bytes = max_header_bytes, max_value_bytes
+        self.max_journal_bytes = max_journal_bytes
 
 
 class RequestError(Exception):
@@ -232,792 +218,117 @@ def parse_key(raw):
     return raw
 
 
-class _ThisSecond:
-    """What changes only once per second, built once per second instead of once per reply.
+def busy(message="server busy", retry_after=1):
+    return RequestError(503, message, headers=(("Retry-After", str(retry_after)),))
 
-    The Date header; and the 200 of a write, which differs from one to the
-    next only by its Date and Connection headers (building it costs a
-    microsecond, a tenth of a PUT's Python time).
+
+class Api:
+    """The HTTP API over the store: keys, conditions, listing, health, metrics, backup.
+
+    Knows requests (http11.Request) and the store; not sockets.  A write is
+    handed to the store with a callback (Connection.owe) that the journal's
+    driver calls once the write is durable, or has failed; until then the
+    connection holds the write's place in its order of replies.
     """
 
-    def __init__(self):
-        self._second = None
-        self._value = b""
-        self._write_ok = {}         # Connection header -> the 200 of a write
+    def __init__(self, store, metrics, server, auth_token=None):
+        self.store, self.metrics, self.server = store, metrics, server
+        self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
 
-    def date_header(self):
-        now = int(time.time())
-        if now != self._second:
-            value = email.utils.formatdate(now, usegmt=True)
-            self._write_ok = {}
-            self._value, self._second = ("Date: %s\r\n" % value).encode("ascii"), now
-        return self._value
+    def check_head(self, request):
+        """Checks that need only the head, made before the body is read: auth."""
+        check_auth(self.auth_token, request)
 
-    def write_ok(self, connection, etag=None):
-        """The 200 of a write (no body), with this Connection header and ETag (bytes) if any."""
-        self.date_header()              # a new second empties the cache
-        cache = self._write_ok
-        reply = cache.get(connection)
-        if reply is None:
-            reply = cache[connection] = build_reply(200, b"", connection)
-        if etag is None:
-            return reply
-        return b"%sETag: %s\r\n\r\n" % (reply[:-2], etag)     # before the blank line
-
-
-_this_second = _ThisSecond()
-
-
-TEXT_PLAIN = b"text/plain; charset=utf-8"
-
-
-def build_head(status, length, connection, headers=(), content_type=TEXT_PLAIN):
-    """Status line and headers of a reply, up to its blank line.
-
-    Pure, so that another thread (the snapshot stream's) may build one too:
-    it must not touch the state of a handler that is already on its next
-    request.
-    """
-    head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
-            b"Content-Type: %s\r\n" % content_type,
-            b"Content-Length: %d\r\n" % length, _this_second.date_header(), connection]
-    for name, value in headers:
-        head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
-    head.append(b"\r\n")
-    return b"".join(head)
-
-
-def build_reply(status, body, connection, headers=()):
-    """A whole small reply as bytes: head and body."""
-    return build_head(status, len(body), connection, headers) + body
-
-
-# A connection is in one of these states; the worker thread moves it from one
-# to the next (KVHandler.turn); OWED ends when the worker sends the reply that
-# a durable write, or the snapshot stream, handed over (KVServer.send_replies).
-HEAD = "head"           # waiting for (the rest of) a request line and headers
-BODY = "body"           # receiving a Content-Length body, straight into its buffer
-CHUNKED = "chunked"     # decoding a chunked body as it arrives
-OWED = "owed"           # a write is in the journal: its reply comes once durable
-CLOSING = "closing"     # close once the reply is out
-LINGER = "linger"       # after an error: reply out, then read and drop input until EOF
-CLOSED = "closed"
-
-
-class KVHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: its buffers, where it is in a request, its deadline.
-
-    A connection never has a thread of its own, and no thread ever waits
-    for its client.  The worker thread gives it a turn when its socket is
-    ready (KVServer): a turn reads what has arrived, without blocking, into
-    the connection's buffer; serves each whole request found there (route);
-    sends the reply, or as much of it as the socket takes; and hands the
-    socket back to the kernel to watch, for more input or for room to send
-    the rest.  A stalled client costs its buffer, never a thread.
-
-    The request head is parsed once its blank line is in the buffer; a
-    Content-Length body is received straight into a buffer of its size; a
-    chunked one is decoded as it arrives, in bulk (decode_chunks).  route()
-    runs only once the whole request is there, so a handler never waits.
-
-    Overridden hooks of BaseHTTPRequestHandler, and why:
-      __init__            only sets the connection up: it is served in turns,
-                          not by one call to handle();
-      parse_request       a stricter parser of our own, on a head already in
-                          memory (the base one reads lines from a file, and
-                          goes through email.parser);
-      send_error          text/plain bodies, as every reply of ours;
-      log_message         to stdout, and only with --access-log.
-    Replies go out whole (reply): status line, headers and body in one
-    send, so that a reply is one TCP segment when it fits (with Nagle off,
-    two writes would be two segments).
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "kvstore"
-
-    def __init__(self, request, client_address, server):
-        self.request = self.connection = request
-        self.client_address, self.server = client_address, server
-        self.state = HEAD
-        self.inbuf = b""            # bytes received and not yet used
-        self.body = None            # the body being received (bytearray), or received
-        self.body_got = 0           # bytes of a BODY body received so far
-        self.chunk_left = -1        # CHUNKED: data bytes left in the chunk, or a _CHUNK_ step
-        self.trailer_bytes = 0
-        self.out = []               # the unsent rest of replies: memoryviews
-        self.out_bytes = 0
-        self.held = 0               # bytes counted in the server's in-flight total
-        self.idle = False           # between two requests, none begun
-        self.lingering = False      # LINGER: the write side is shut
-        self.yielded = False        # this turn's share of decoding is spent
-        self.missed = False         # OWED: an event came, and was left for later
-        self.unread = True          # the socket may hold input not yet read (Poller)
-        self.handed_off = False     # this request's write is the journal's now
-        self.close_connection = False
-        self.requestline = ""
-        self.command = None
-        self.request_version = "HTTP/1.1"
-        self.deadline = server.now + server.limits.header_timeout
-        self.started = server.now       # when the request began, for the latency metric
-
-    # -- a turn ---------------------------------------------------------------
-
-    def turn(self, readable):
-        """Do what can be done now without waiting; the worker thread calls it.
-
-        `readable`: the kernel reported the socket (more input, or room to
-        send); a turn from the ready queue reads only what is left unread.
-        """
-        if readable:
-            self.unread = True
-        if self.state is OWED:
-            self.missed = True      # its turn comes once its reply is sent (send_replies)
-            return
-        if self.state is CLOSED:
-            return                  # a stale event
-        try:
-            self._turn(readable)
-        except Exception:
-            self.server.handle_error(self.request, self.client_address)
-            self.close()
-
-    def _turn(self, readable):
-        server = self.server
-        if self.out and not self.flush():
-            return self.wait(OUT)
-        if self.state is CLOSING or (self.state is HEAD and self.close_connection):
-            return self.close()      # the last reply said Connection: close
-        if self.state is LINGER:
-            return self.linger()
-        if self.unread and not self.receive():
-            return self.close()
-        for _ in range(REQUESTS_PER_TURN):
-            if not self.advance():
-                if self.yielded:
-                    self.yielded = False
-                    self.account()
-                    server.ready.append(self)   # back of the queue, its input still buffered
-                    return
-                break                           # the rest of a request has yet to come
-            if self.handed_off:
-                return                          # until its reply is sent (send_replies)
-            if self.close_connection or self.state is LINGER:
-                if self.state is not LINGER:
-                    self.state = CLOSING
-                return self._turn(False)
-            if self.out:
-                return self.wait(OUT)
-        else:
-            self.account()
-            server.ready.append(self)           # the others first: back of the queue
-            return
-        if self.state is HEAD and not self.inbuf:
-            if server.draining:
-                return self.close()
-            if not self.idle:
-                self.idle = True
-                self.deadline = server.now + server.limits.idle_timeout
-        self.wait(IN)
-
-    def wait(self, events):
-        """Count what this connection holds, and let the kernel watch its socket.
-
-        Input left unread (a full READ_SIZE read) gives the connection
-        another turn instead: the kernel reports only input that arrives.
-        """
-        self.account()
-        if events == IN and self.unread:
-            self.server.ready.append(self)
-        else:
-            self.server.poller.arm(self.request.fileno(), events)
-
-    def receive(self):
-        """One non-blocking read.  False if the client has gone."""
-        server = self.server
-        try:
-            if self.state is BODY:
-                want = len(self.body) - self.body_got
-                n = self.request.recv_into(memoryview(self.body)[self.body_got:])
-                if not n:
-                    return False
-                self.unread = n == want         # all it asked for: maybe more
-                self.body_got += n
-                self.deadline = server.now + server.limits.body_timeout
-                return True
-            data = self.request.recv(READ_SIZE)
-        except BlockingIOError:
-            self.unread = False
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
-        self.unread = len(data) == READ_SIZE
-        if self.state is HEAD:
-            if not self.inbuf:                  # a request's first bytes: its latency starts
-                self.started = server.now
-            if self.idle:                       # a new request begins: its head has a deadline
-                self.idle = False
-                self.deadline = server.now + server.limits.header_timeout
-            if server.inflight > server.limits.max_inflight_bytes:
-                self.inbuf = b""
-                self.refuse_busy()
-                return True
-        else:
-            self.deadline = server.now + server.limits.body_timeout
-        self.inbuf = self.inbuf + data if self.inbuf else data
-        return True
-
-    def advance(self):
-        """Serve the next request if the buffer holds all of it; False if more must come."""
-        if self.state is LINGER:
-            return True                         # refused: nothing more to serve
-        try:
-            if self.state is HEAD:
-                if not self.inbuf or not self.read_head():
-                    return False
-            if self.state is BODY:
-                if self.body_got < len(self.body):
-                    return False
-                self.body = bytes(self.body)
-            elif self.state is CHUNKED:
-                done = self.decode_chunks()
-                if not done:
-                    if (len(self.body) > READ_SIZE and self.server.inflight
-                            > self.server.limits.max_inflight_bytes):
-                        self.refuse_busy()
-                        return True
-                    if done is None:                # its share spent: the others first
-                        self.yielded = True
-                    return False
-                self.body = bytes(self.body)
-            self.state = HEAD
-            self.handed_off = False
-            self.route()
-        except RequestError as e:
-            self.state = HEAD
-            self.reply(e.status, (e.message + "\n").encode(), close=e.close, headers=e.headers)
-            if e.close:
-                self.state = LINGER             # the client may still be sending
-        self.body = None
-        if not self.handed_off:                 # the next request's head starts now
-            self.started = self.server.now
-            self.deadline = self.server.now + self.server.limits.header_timeout
-        return True
-
-    def refuse_busy(self):
-        """503: the requests in flight already hold all the memory they may."""
-        self.state, self.command = HEAD, None
-        self.reply(503, b"server busy\n", close=True, headers=(("Retry-After", "1"),))
-        self.state = LINGER
-
-    # -- reading a request ----------------------------------------------------
-
-    def read_head(self):
-        """Parse the head if its blank line is in the buffer; then frame the body.
-
-        Returns False if more must come.  Raises RequestError.
-        """
-        buf = self.inbuf
-        if buf[:1] in (b"\r", b"\n"):           # RFC 9112 2.2: ignore stray CRLFs first
-            buf = self.inbuf = buf.lstrip(b"\r\n")
-        limit = self.server.limits.max_header_bytes
-        end = HEAD_END.search(buf, 0, limit + 4)
-        if end is None:
-            if len(buf) <= limit:
-                return False
-            self.close_connection = True
-            if b"\n" not in buf[:limit]:
-                raise RequestError(414, "request line too long", close=True)
-            raise RequestError(431, "header block too large", close=True)
-        self.parse_request(buf[:end.start()])
-        self.inbuf = buf[end.end():]
-        self.head_received()
-        self.frame_body()
-        return True
-
-    def parse_request(self, head):
-        """Parse the request line and headers into command, path, headers.
-
-        As strict as Go's net/http and nginx: anything a second parser on
-        the way (a proxy) could read differently is a 400 that closes the
-        connection.  self.headers is a dict of lower-cased names; repeated
-        headers are joined with ", " (RFC 9110 5.3).  Raises RequestError.
-        """
-        self.close_connection = True            # until the head says otherwise
-        self.command = None
-        text = head.decode("latin-1")
-        bad = BAD_HEAD_BYTE.search(head)
-        lines = text.replace("\r\n", "\n").split("\n")
-        self.requestline = lines[0]
-        line = REQUEST_LINE.fullmatch(lines[0])
-        if not line or (bad and bad.start() < len(lines[0])):
-            raise RequestError(400, "bad request line", close=True)
-        self.command, self.path, self.request_version, major, minor = line.groups()
-        if major != "1":
-            raise RequestError(505, "http version not supported", close=True)
-        if bad:
-            raise RequestError(400, "bad header line", close=True)
-        if len(lines) > MAX_HEADERS + 1:
-            raise RequestError(431, "too many headers", close=True)
-        headers = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not HEADER_NAME.fullmatch(name):
-                raise RequestError(400, "bad header line", close=True)
-            name = name.lower()
-            value = value.strip(" \t")
-            if name in headers:
-                if name == "host":
-                    raise RequestError(400, "repeated host header", close=True)
-                if name == "content-length":
-                    if value != headers[name]:
-                        raise RequestError(400, "ambiguous message length", close=True)
-                    continue
-                headers[name] += ", " + value
-            else:
-                headers[name] = value
-        self.headers = headers
-        self.http_1_0 = minor == "0"
-        if not self.http_1_0 and "host" not in headers:
-            raise RequestError(400, "missing host header", close=True)
-        tokens = headers.get("connection", "").lower()
-        if self.http_1_0:
-            self.close_connection = "keep-alive" not in tokens
-        else:
-            self.close_connection = "close" in tokens
-        return True
-
-    def frame_body(self):
-        """Find how the body is framed; take it whole from the buffer, or set the state to receive it.
-
-        A body over --max-value-bytes is refused from its Content-Length,
-        before a byte of it is read; a request that is ambiguous about its
-        length is refused, because that ambiguity is how requests get
-        smuggled past a proxy.  Both close the connection: we cannot know
-        where the next request would start.
-        """
-        length = self.headers.get("content-length")
-        encoding = self.headers.get("transfer-encoding")
-        self.has_length = length is not None or encoding is not None
-        limits = self.server.limits
-        if encoding is not None:
-            if self.http_1_0:
-                raise RequestError(400, "transfer-encoding on http/1.0", close=True)
-            if length is not None:
-                raise RequestError(400, "ambiguous message length", close=True)
-            if encoding.lower() != "chunked":
-                raise RequestError(501, "transfer-encoding not supported", close=True)
-            self.body, self.chunk_left = bytearray(), _CHUNK_SIZE
-            self.trailer_bytes = self.chunk_framing = 0
-            self.state = CHUNKED
-            if not self.inbuf:
-                self.send_continue()
-            self.deadline = self.server.now + limits.body_timeout
-            return
-        if length is None:
-            self.body = b""
-            return
-        if not (length.isascii() and length.isdigit()):
-            raise RequestError(400, "bad content-length", close=True)
-        length = int(length)
-        if length > limits.max_value_bytes:
-            raise RequestError(413, "value too large", close=True)
-        buf = self.inbuf
-        if len(buf) >= length:
-            self.body, self.inbuf = buf[:length], buf[length:]
-            return
-        if length > READ_SIZE and self.server.inflight + length > limits.max_inflight_bytes:
-            raise RequestError(503, "server busy", close=True, headers=(("Retry-After", "1"),))
-        self.body = bytearray(length)
-        self.body[:len(buf)] = buf
-        self.body_got, self.inbuf = len(buf), b""
-        self.state = BODY
-        if not buf:
-            self.send_continue()
-        self.deadline = self.server.now + limits.body_timeout
-
-    def decode_chunks(self):
-        """Decode the chunks in the buffer onto self.body.
-
-        Returns True once the body is complete, False if more must come,
-        None if this turn's share is spent with more in the buffer.
-
-        Chunk data is copied onto the body in bulk, with no Python object
-        per chunk; but each chunk's size line costs a few steps of Python
-        (about a microsecond), which no bulk copy saves.  So two bounds: a
-        turn decodes at most CHUNKS_PER_TURN chunks, and the others get
-        their turns in between; and the framing (size lines and CRLFs) may
-        not outweigh the data it frames by more than FRAMING_ALLOWANCE, a
-        400 otherwise.  Chunks of 5 bytes or more always pass; ten million
-        1-byte chunks (10 MB of data, 50 MB of framing) would have cost 12 s
-        of CPU, and are refused after the first 16,000 or so.  Raises
-        RequestError.
-        """
-        buf = self.inbuf
-        view = memoryview(buf)
-        pos, end = 0, len(buf)
-        body, left = self.body, self.chunk_left
-        chunks = 0
-        try:
-            while pos < end:
-                if left > 0:                            # chunk data
-                    take = min(left, end - pos)
-                    body += view[pos:pos + take]
-                    pos += take
-                    left -= take
-                    if not left:
-                        left = _CHUNK_END
-                elif left == _CHUNK_END:                # the CRLF after the data
-                    if buf.startswith(b"\r\n", pos):
-                        pos += 2
-                    elif buf.startswith(b"\n", pos):
-                        pos += 1
-                    elif buf[pos:end] == b"\r":
-                        break
-                    else:
-                        raise RequestError(400, "bad chunked body", close=True)
-                    left = _CHUNK_SIZE
-                else:                                   # a size line, or a trailer line
-                    newline = buf.find(b"\n", pos)
-                    if newline < 0:
-                        if end - pos > MAX_CHUNK_LINE:
-                            raise RequestError(400, "bad chunked body", close=True)
-                        break
-                    if left == _CHUNK_SIZE:
-                        if chunks == CHUNKS_PER_TURN:
-                            self.inbuf, self.chunk_left = buf[pos:], left
-                            return None
-                        chunks += 1
-                        size = CHUNK_LINE.fullmatch(buf, pos, newline)
-                        if not size:
-                            raise RequestError(400, "bad chunked body", close=True)
-                        left = int(size.group(1), 16)
-                        if len(body) + left > self.server.limits.max_value_bytes:
-                            raise RequestError(413, "value too large", close=True)
-                        self.chunk_framing += newline + 3 - pos      # with the CRLF after
-                        if self.chunk_framing > len(body) + left + FRAMING_ALLOWANCE:
-                            raise RequestError(400, "chunked framing outweighs its data",
-                                               close=True)
-                        if not left:
-                            left = _TRAILER
-                    else:                               # trailer fields: skipped
-                        self.trailer_bytes += newline + 1 - pos
-                        if self.trailer_bytes > self.server.limits.max_header_bytes:
-                            raise RequestError(400, "bad chunked body", close=True)
-                        if newline == pos or (newline == pos + 1 and buf[pos] == 13):
-                            self.inbuf = buf[newline + 1:]
-                            return True
-                    pos = newline + 1
-        finally:
-            view.release()
-        self.inbuf = buf[pos:] if pos else buf
-        self.chunk_left = left
-        return False
-
-    def send_continue(self):
-        """Honour Expect: 100-continue: the client waits for this before sending the body."""
-        if not self.http_1_0 and self.headers.get("expect", "").lower() == "100-continue":
-            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    # -- routing and the API --------------------------------------------------
-
-    def head_received(self):
-        """The head is parsed, the body not yet received: checks that need no body go here."""
-        path = self.path
-        if not path.startswith("/"):              # absolute form: http://host/path
-            scheme, _, rest = path.partition("://")
-            path = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
-        self.route_path, _, self.route_query = path.partition("?")
-        check_auth(self, self.route_path)
-
-    def route(self):
-        """Serve a request that has arrived whole (self.body), from the worker thread."""
-        path = self.route_path
+    def serve(self, request, connection):
+        """The reply to a whole request: (status, body, headers, content type) or PENDING."""
+        path = request.path
         if path.startswith("/kv/"):
-            self.check_method("/kv/", ("GET", "HEAD", "PUT", "DELETE"))
-            self.do_kv(parse_key(path[4:]), self.body)
-        elif path == "/kv":
-            self.check_method("/kv", ("GET", "HEAD"))
-            self.do_list(self.route_query)
-        elif path == "/clear":
-            self.check_method("/clear", ("DELETE",))
-            self.write(self.server.store.clear)
-        elif path == "/health":
-            self.check_method("/health", ("GET", "HEAD"))
-            problem = self.server.store.write_problem()
-            if problem:
-                raise RequestError(503, problem)
-            self.reply(200, b"ok\n")
-        elif path == "/metrics":
-            self.check_method("/metrics", ("GET", "HEAD"))
-            self.reply(200, self.server.metrics.render(self.server), content_type=METRICS_TYPE)
-        elif path == "/snapshot":
-            self.check_method("/snapshot", ("GET",))
-            SnapshotStream.start(self)
-        else:
+            if request.method not in KEY_METHODS:
+                raise RequestError(405, "method not allowed",
+                                   headers=(("Allow", ", ".join(KEY_METHODS)),))
+            return self.key(request, parse_key(path[4:]), connection)
+        route = ROUTES.get(path)
+        if route is None:
             raise RequestError(404, "not found")
+        methods, allow, name = route
+        if request.method not in methods:
+            raise RequestError(405, "method not allowed", headers=(("Allow", allow),))
+        return getattr(self, name)(request, connection)
 
-    def check_method(self, path, methods):
-        if self.command not in methods:
-            raise RequestError(405, "method not allowed", headers=(("Allow", ALLOWED[path]),))
-
-    def do_kv(self, key, body):
-        store = self.server.store
-        if self.command in ("GET", "HEAD"):
-            value, tag = store.get_tagged(key)
+    def key(self, request, key, connection):
+        method = request.method
+        if method == "GET" or method == "HEAD":
+            value, tag = self.store.get_tagged(key)
             if value is None:
                 raise RequestError(404, "key not found")
-            self.reply(read_status(self.headers, tag), value, headers=(("ETag", '"%s"' % tag),))
-        elif self.command == "PUT":
-            if not self.has_length:
-                raise RequestError(411, "length required")
-            if not body:
-                raise RequestError(400, "value cannot be empty")
-            tag = value_tag(body)
-            self.write(store.put, key, body, tag=tag, condition=write_condition(self.headers),
-                       etag=b'"%s"' % tag.encode())
-        else:
-            self.write(store.delete, key, condition=write_condition(self.headers))
+            return (read_status(request.headers, tag), value, (("ETag", '"%s"' % tag),),
+                    http11.TEXT_PLAIN)
+        if method == "DELETE":
+            return self.write(request, connection, self.store.delete, key,
+                              condition=write_condition(request.headers))
+        if not request.framed:
+            raise RequestError(411, "length required")
+        body = request.body
+        if not body:
+            raise RequestError(400, "value cannot be empty")
+        tag = value_tag(body)
+        return self.write(request, connection, self.store.put, key, body, tag=tag,
+                          condition=write_condition(request.headers),
+                          etag=b'"%s"' % tag.encode())
 
-    def do_list(self, query):
-        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
-        prefix, after, limit = listing_query(query)
-        try:
-            keys, more = self.server.store.keys_page(prefix, after, limit)
-        except KeyIndexBuilding:
-            raise RequestError(503, "key index being built, retry", headers=(("Retry-After", "1"),))
-        keys, cut = within_page_bytes(keys)
-        headers = ()
-        if more or cut:
-            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
-                        % (quote(prefix), limit, quote(keys[-1]))),)
-        body = ("\n".join(keys) + "\n").encode() if keys else b""
-        self.reply(200, body, headers=headers)
+    def write(self, request, connection, mutation, *args, etag=None, **options):
+        """Hand a mutation to the store; its reply is owed until it is durable.
 
-    def write(self, mutation, *args, etag=None, **options):
-        """Run a store mutation; its 200 is sent once it is durable.
-
-        The worker does not wait for the disk: the connection is OWED to the
-        journal; once the journal's writer has made the write durable (or
-        failed to), the worker, which drives the journal, builds the reply
-        or the error in send_when_durable and sends it (KVServer.hand_reply);
-        until then no later request of the connection is read, so replies go
-        out in request order.
-        Sealed gets a 503, a failed condition (`options`: see Store.put) a
-        412, and a journal that had already failed an error, all from here
-        at once.  `etag` (bytes): the 200's ETag header.
+        Refused at once: past the journal's backlog (a stalled disk: the
+        writes already handed over wait, new ones are told to retry),
+        after the store is sealed (503), a failed condition (412), a
+        journal that has failed for good (500/507).
         """
-        connection = self.connection_header()
-        ok = _this_second.write_ok(connection, etag)
-        requestline, command, started = self.requestline, self.command, self.started
-        metrics = self.server.metrics
-
-        def send_when_durable(error):          # the journal's driver: the worker
-            reply, status = ok, 200
-            if error:
-                status, message = storage_error(error)
-                reply = build_reply(status, message.encode() + b"\n", connection)
-            self.server.hand_reply(self, reply)
-            metrics.request_done(command, status, started)
-            self.log_message('"%s" %s %s', requestline, status, 0)
-
+        size = len(request.body)
+        if not self.server.journal_has_room(size):
+            raise busy("journal busy: the disk is slow to take writes")
+        owed = connection.owe(request, size, etag)
         try:
-            self.hand_over(mutation, *args, on_durable=send_when_durable, **options)
+            mutation(*args, on_durable=owed.durable, **options)
         except Sealed:
             raise RequestError(503, "shutting down", close=True)
         except ConditionFailed:
             raise RequestError(412, "precondition failed")
         except OSError as e:
             raise RequestError(*storage_error(e))
+        connection.queue_owed(owed)
+        return PENDING
 
-    def hand_over(self, start, *args, **kwargs):
-        """Make the connection OWED to another thread: call start(*args, **kwargs), then watch it.
+    def clear(self, request, connection):
+        return self.write(request, connection, self.store.clear)
 
-        The body's memory is given back first.  While OWED, the worker reads
-        no later request of the connection, so replies go out in request
-        order; the thread that owes the reply gives the connection back with
-        it (KVServer.hand_reply).  The socket is armed for the next request
-        at once (with epoll it stays registered): an event that comes
-        meanwhile is kept for when the reply is sent (`missed`).  If start()
-        raises, the connection is the worker's again, and the exception goes
-        on.
-        """
-        self.body = None
-        self.account()
-        self.state, self.handed_off, self.missed = OWED, True, False
+    def listing(self, request, connection):
+        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
+        prefix, after, limit = listing_query(request.query)
         try:
-            start(*args, **kwargs)
-        except BaseException:
-            self.state, self.handed_off = HEAD, False
-            raise
-        try:
-            self.server.poller.arm(self.request.fileno(), IN)
-        except OSError:
-            self.missed = True          # a turn after the reply, to try again
+            keys, more = self.store.keys_page(prefix, after, limit)
+        except KeyIndexBuilding:
+            raise busy("key index being built, retry")
+        keys, cut = within_page_bytes(keys)
+        headers = ()
+        if more or cut:
+            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
+                        % (quote(prefix), limit, quote(keys[-1]))),)
+        body = ("\n".join(keys) + "\n").encode() if keys else b""
+        return 200, body, headers, http11.TEXT_PLAIN
 
-    def send_owed(self, reply):
-        """From another thread, for a connection handed over (OWED): send `reply`, then give it back.
+    def health(self, request, connection):
+        problem = self.store.write_problem() or self.server.journal_stalled()
+        if problem:
+            raise RequestError(503, problem)
+        return 200, b"ok\n", (), http11.TEXT_PLAIN
 
-        The worker sends it (KVServer.hand_reply), then gives the connection
-        a turn, which watches it for the next request.
-        """
-        self.missed = True
-        self.server.hand_reply(self, reply)
+    def metrics_page(self, request, connection):
+        return 200, self.metrics.render(self.server), (), METRICS_TYPE
 
-    # -- replies --------------------------------------------------------------
-
-    def connection_header(self, close=False):
-        """The Connection header of this request's reply; decides whether the connection closes."""
-        if close or self.server.draining:
-            self.close_connection = True
-        if self.close_connection:
-            return b"Connection: close\r\n"
-        if self.request_version == "HTTP/1.0":
-            return b"Connection: keep-alive\r\n"
-        return b""
-
-    def reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
-        """Send a whole reply; what the socket does not take now goes out in later turns.
-
-        HEAD, and a 304, get the headers of GET and no body.  A large body that would
-        take the requests in flight past --max-inflight-bytes gets a 503.
-        """
-        if self.command == "HEAD" or status == 304:
-            send = b""
-        else:
-            send = body
-            if (len(body) > READ_SIZE and self.server.inflight + len(body)
-                    > self.server.limits.max_inflight_bytes):
-                status, body = 503, b"server busy\n"
-                send, close, headers = body, True, (("Retry-After", "1"),)
-        head = build_head(status, len(body), self.connection_header(close), headers,
-                          content_type)
-        if len(send) <= READ_SIZE:
-            self.send(head + send)
-        else:
-            self.send(head, send)               # a large value is not copied
-        self.server.metrics.request_done(self.command, status, self.started)
-        if self.server.access_log:
-            self.log_request(status, len(body))
-
-    def send(self, *parts):
-        """Send what the socket takes now, without waiting; keep the rest in self.out."""
-        if not self.out:
-            try:
-                sent = self.request.sendmsg(parts) if len(parts) > 1 else self.request.send(parts[0])
-            except BlockingIOError:
-                sent = 0
-            except OSError:                         # the client is gone
-                self.close_connection = True
-                return
-            for part in parts:
-                if sent >= len(part):
-                    sent -= len(part)
-                    continue
-                self.out.append(memoryview(part)[sent:])
-                self.out_bytes += len(part) - sent
-                sent = 0
-        else:
-            for part in parts:
-                self.out.append(memoryview(part))
-                self.out_bytes += len(part)
-        if self.out:
-            self.deadline = self.server.now + self.server.limits.send_timeout
-
-    def flush(self):
-        """Send more of self.out; True once it is all sent."""
-        out = self.out
-        try:
-            while out:
-                sent = self.request.sendmsg(out[:64])
-                self.deadline = self.server.now + self.server.limits.send_timeout
-                self.out_bytes -= sent
-                while out and sent >= len(out[0]):
-                    sent -= len(out.pop(0))
-                if sent:
-                    out[0] = out[0][sent:]
-                    break                           # the socket took less than offered
-        except BlockingIOError:
-            pass
-        except OSError:                             # the client is gone
-            out.clear()
-            self.out_bytes = 0
-            self.state = CLOSING
-            return True
-        return not out
-
-    # -- the end of a connection ----------------------------------------------
-
-    def linger(self):
-        """Read and drop what the client still sends after an error, so that it reads the error.
-
-        Closing a socket with unread input makes the kernel send a reset,
-        which can destroy the reply before the client reads it.
-        """
-        if not self.lingering:
-            self.lingering = True
-            self.inbuf = b""
-            self.deadline = self.server.now + LINGER_SECONDS
-            try:
-                self.request.shutdown(socket.SHUT_WR)
-            except OSError:
-                return self.close()
-        for _ in range(16):
-            try:
-                if not self.request.recv(READ_SIZE):
-                    return self.close()
-            except BlockingIOError:
-                self.unread = False
-                return self.wait(IN)
-            except OSError:
-                return self.close()
-        self.server.ready.append(self)
-
-    def expire(self):
-        """The deadline passed (the sweep calls it): 408 where a reply can still be made, and close."""
-        if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf) or self.out:
-            self.server.requests_timed_out += 1     # not an idle connection
-        if self.state in (BODY, CHUNKED) or (self.state is HEAD and self.inbuf and not self.out):
-            self.out.clear()
-            self.close_connection = True
-            self.command = None
-            try:
-                self.request.send(build_reply(408, b"request timeout\n", b"Connection: close\r\n"))
-            except OSError:
-                pass
-        self.close()
-
-    def close(self):
-        """Forget the connection and close its socket."""
-        if self.state is CLOSED:
-            return
-        self.state = CLOSED
-        self.inbuf, self.body, self.out, self.out_bytes = b"", None, [], 0
-        self.account()
-        self.server.forget(self)                    # before the fd can be reused
-        self.request.close()
-
-    def account(self):
-        """Update the server's count of the bytes that requests in flight hold."""
-        body = self.body
-        held = len(self.inbuf) + self.out_bytes + (len(body) if body is not None else 0)
-        if held != self.held:
-            self.server.inflight += held - self.held
-            self.held = held
-
-    def send_error(self, code, message=None, explain=None):
-        """The base class's error path (not normally reached): text/plain, and close."""
-        self.reply(code, ("%s\n" % (message or self.responses[code][0])).encode(), close=True)
-
-    def log_message(self, format, *args):
-        # The request line names the key, never the value.
-        if self.server.access_log:
-            log("%s - %s" % (self.address_string(), format % args))
-
-
-_CHUNK_SIZE, _CHUNK_END, _TRAILER = -1, -2, -3     # KVHandler.chunk_left: what comes next
+    def snapshot(self, request, connection):
+        SnapshotStream.start(self.server, connection, request)
+        return PENDING
 
 
 # ----------------------------------------------------- conditional requests --
@@ -1149,397 +460,580 @@ def quote(text):
     return urllib.parse.quote(text, safe="")
 
 
-# -------------------------------------------------------------------- server --
+# ------------------------------------------------------------ connections --
+#
+# asyncio does the socket work: its event loop says when a socket is
+# readable, its transport reads (data_received), buffers what we write and
+# tells us when that buffer is too full (pause_writing) or has drained
+# (resume_writing).  A Connection turns bytes into requests (http11), asks
+# the Api for each reply, and writes the replies back in request order.
+# Nothing here blocks, and nothing here touches a socket.
 
-IN = getattr(select, "EPOLLIN", 1)
-OUT = getattr(select, "EPOLLOUT", 4)
+REQUESTS_PER_TURN = 32      # then the other connections' turn: a pipeline cannot hog the loop
+MAX_OWED = 1024             # replies a connection may have waiting; then it reads no more
+PIPELINE_BYTES = 65536      # unserved input past which a connection reads no more for now
+HEAD_SOFT_BYTES = 8192      # over the memory cap, a head larger than this is refused
+LINGER_SECONDS = 2.0        # after an error that closes: how long unread input is drained
+LARGE_REPLY = 65536         # a reply this large may be refused (503) over the memory cap
+
+# Where a connection is, for its deadline (Connection.deadline).
+HEAD, BODY, IDLE, SENDING, WAITING, LINGERING = "head", "body", "idle", "sending", "waiting", \
+    "lingering"
 
 
-class Poller:
-    """The kernel's watch over connections: poll() reports the sockets that are ready.
+class Owed:
+    """A write's place in its connection's replies, until the journal says it is durable."""
 
-    On Linux an epoll set in which each new socket is registered once, by
-    the accepting thread (register, thread_safe), for input and for room
-    to send, edge-triggered (EPOLLET): it is reported each time more input
-    arrives or room appears, and arm() is free.  Re-arming a one-shot
-    registration after every turn was one epoll_ctl per request (GET at 64
-    connections +8% without it).  So a turn must read until the socket has
-    nothing more, or come back for the rest (KVHandler.unread).  Elsewhere
-    a selectors.DefaultSelector, armed for one event at a time by the
-    worker thread, the only one that may touch it.
+    __slots__ = ("connection", "request", "size", "etag", "reply", "started")
+
+    def __init__(self, connection, request, size, etag):
+        self.connection, self.request, self.size, self.etag = connection, request, size, etag
+        self.reply, self.started = None, connection.started
+
+    def durable(self, error):
+        """The journal's driver: the write is durable (error None), or will never be."""
+        self.connection.written(self, error)
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: bytes to requests to replies, in order, within its limits.
+
+    A turn (advance) serves the whole requests the parser has, at most
+    REQUESTS_PER_TURN of them; a connection with more waits for the next
+    turn behind everyone else (call_soon), and reads no more meanwhile
+    (pause_reading): a pipelining client shares the loop with the others.
+    Writes do not stop the turn: each is handed to the store, which queues
+    it for the journal's next round, and its place in `queue` waits for
+    the journal; the requests pipelined behind it go on, so that they join
+    the same round.  A read pipelined behind this connection's own writes
+    waits for them (`waiting`), so that it sees them, as the client expects.
     """
 
-    def __init__(self, use_epoll=hasattr(select, "epoll")):
-        self.thread_safe = use_epoll
-        self._epoll = select.epoll() if use_epoll else None
-        self._selector = None if use_epoll else selectors.DefaultSelector()
-        self._persistent = set()
+    def __init__(self, server):
+        self.server, self.api, limits = server, server.api, server.limits
+        self.parser = http11.RequestParser(limits.max_header_bytes, limits.max_value_bytes)
+        self.transport = None
+        self.client = "-"
+        self.queue = collections.deque()    # replies in request order: bytes, or Owed
+        self.owed = 0                       # Owed in the queue (writes not yet durable)
+        self.owed_bytes = 0                 # their bodies
+        self.held = 0                       # bytes counted in server.inflight
+        self.reserved = 0                   # body bytes reserved against the memory cap
+        self.checked = None                 # the request whose head was checked
+        self.waiting = None                 # a read that waits for this connection's writes
+        self.busy = False                   # a backup is being streamed into it
+        self.close_after = False            # close once every reply is out
+        self.lingering = False
+        self.reading = True
+        self.write_paused = False
+        self.turn_due = False               # a turn is scheduled (call_soon)
+        self.closed = False
+        self.timed_out = False
+        self.idle = False
+        self.since = server.now()           # when the current state began (its deadline)
+        self.started = self.since           # when the current request began (its latency)
+        self.drained = None                 # a future a backup waits on while write_paused
 
-    def watch(self, fd, events=IN):
-        """Report `fd` whenever it is ready, not once (the wake-up pipe, the journal's channel).
+    # -- asyncio's calls ----------------------------------------------------
 
-        Called again for the same fd, it changes the events watched.
-        """
-        mask = (selectors.EVENT_READ if events & IN else 0) | (
-            selectors.EVENT_WRITE if events & OUT else 0)
-        if self._epoll:
-            if fd in self._persistent:
-                self._epoll.modify(fd, events)
-            else:
-                self._epoll.register(fd, events)
-        elif fd in self._persistent:
-            self._selector.modify(fd, mask)
-        else:
-            self._selector.register(fd, mask)
-        self._persistent.add(fd)
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if peer else "-"
+        if not self.server.admit(self):
+            self.closed = True
 
-    def register(self, fd):
-        """Epoll only, from any thread: watch a new socket, for good."""
-        self._epoll.register(fd, IN | OUT | select.EPOLLET)
+    def data_received(self, data):
+        if self.lingering:
+            return                          # an error was sent: input is dropped
+        now = self.server.now()
+        if self.idle:                       # a new request begins: its head has a deadline
+            self.idle, self.since, self.started = False, now, now
+        elif self.parser.in_body:
+            self.since = now                # a body must keep arriving
+        parser = self.parser
+        parser.feed(data)
+        if parser.in_body and self.checked.chunked and parser.buffered > self.reserved:
+            if not self.server.reserve(parser.buffered - self.reserved):
+                return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
+            self.reserved = parser.buffered       # a chunked body's size shows as it comes
+        elif (parser.in_head and parser.buffered > HEAD_SOFT_BYTES
+              and self.server.over_cap()):
+            return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
+        self.advance()
 
-    def arm(self, fd, events):
-        """Report `fd` once it is ready for `events` (IN or OUT); nothing to do on epoll."""
-        if self._epoll:
+    def eof_received(self):
+        """The client has sent all it will (a half-close): finish what it asked, then close."""
+        self.close_after = True
+        if self.lingering or not (self.queue or self.busy or self.waiting):
+            self.advance()
+            return False                    # asyncio closes once our replies are out
+        return True
+
+    def pause_writing(self):
+        self.write_paused, self.since = True, self.server.now()
+        self.update_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.drained is not None:
+            self.drained.set_result(None)
+            self.drained = None
+        self.since = self.server.now()
+        self.advance()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.parser = None
+        if self.drained is not None:
+            self.drained.set_exception(ConnectionError("connection lost"))
+            self.drained = None
+        self.server.release(self.reserved)
+        self.reserved = 0
+        self.account()
+        self.server.forget(self)
+
+    # -- a turn ---------------------------------------------------------------
+
+    def advance(self):
+        """Serve the whole requests the parser has, within this turn's budget; send what is ready."""
+        if self.closed:
             return
+        try:
+            self.serve_some()
+        except http11.ProtocolError as e:
+            self.refuse(e.status, e.message)
+        except RequestError as e:           # refused from its head: the body is not read
+            self.refuse(e.status, e.message, e.headers)
+        self.flush()
+
+    def serve_some(self):
+        parser = self.parser
+        for _ in range(REQUESTS_PER_TURN):
+            if self.write_paused or self.busy or self.lingering or len(self.queue) >= MAX_OWED:
+                return
+            if self.close_after and not (self.waiting or parser.in_body):
+                return                      # no new request: only the one in flight
+            request = self.waiting or parser.next_event()
+            if request is http11.NEED_DATA:
+                return
+            if request is http11.PAUSED:
+                return self.next_turn()
+            if self.checked is not request:
+                self.checked = request
+                if not self.head(request):
+                    continue                # answered from its head alone
+            if not request.complete:
+                continue
+            if self.owed and request.method not in WRITE_METHODS:
+                self.waiting = request      # a read sees this connection's writes first
+                return
+            self.waiting = None
+            self.serve(request)
+        self.next_turn()
+
+    def next_turn(self):
+        """More to do, but the others first: back of the loop's queue, reading nothing meanwhile."""
+        if not self.turn_due:
+            self.turn_due = True
+            self.server.loop.call_soon(self.take_turn)
+
+    def take_turn(self):
+        self.turn_due = False
+        self.advance()
+
+    def head(self, request):
+        """The head has come (maybe not the body): auth, then room for the body, 100 Continue.
+
+        False if the request is answered already.  RequestError if it is
+        refused with its body unread: the connection then closes.
+        """
+        try:
+            self.api.check_head(request)
+        except RequestError as e:
+            if not request.complete:
+                raise
+            self.send(request, e.status, (e.message + "\n").encode(), e.headers)
+            return False
+        if request.complete:
+            return True
+        length = request.content_length if not request.chunked else max(self.parser.buffered, 1)
+        if not self.server.reserve(length):
+            raise busy()
+        self.reserved = length
+        self.since = self.server.now()
+        if request.expect_continue and not self.parser.body_started:
+            self.transport.write(http11.CONTINUE)
+        return True
+
+    def serve(self, request):
+        """A whole request: its reply, now or (a write) once durable."""
+        self.server.release(self.reserved)
+        self.reserved = 0
+        try:
+            reply = self.api.serve(request, self)
+        except RequestError as e:
+            reply = (e.status, (e.message + "\n").encode(), e.headers, http11.TEXT_PLAIN)
+            if e.close:
+                self.close_after = True
+        if reply is not PENDING:
+            self.send(request, *reply)
+        # The next request's head (and latency) start here.
+        self.since = self.started = self.server.now()
+
+    # -- replies ----------------------------------------------------------------
+
+    def connection_value(self, request):
+        """The Connection header of this request's reply; decides whether the connection closes."""
+        if self.close_after or not request.keep_alive or self.server.draining:
+            self.close_after = True
+            return "close"
+        return "keep-alive" if request.http_1_0 else None
+
+    def send(self, request, status, body, headers=(), content_type=http11.TEXT_PLAIN):
+        """Queue a whole reply: HEAD and 304 get the head of it without the body."""
+        head_only = request.method == "HEAD" or status == 304
+        if (not head_only and len(body) > LARGE_REPLY
+                and self.server.inflight + len(body) > self.server.limits.max_inflight_bytes):
+            status, body, headers = 503, b"server busy\n", (("Retry-After", "1"),)
+            self.close_after = True
+        self.queue.append(http11.response(status, body, headers, content_type,
+                                          self.connection_value(request), head_only))
+        self.server.request_done(self, request, status, len(body), self.started)
+
+    def owe(self, request, size, etag):
+        """A write's reply, owed until it is durable; queue_owed() once the store has taken it."""
+        return Owed(self, request, size, etag)
+
+    def queue_owed(self, owed):
+        self.queue.append(owed)
+        self.owed += 1
+        self.owed_bytes += owed.size
+        self.server.handed(owed.size)
+
+    def written(self, owed, error):
+        """The journal's verdict on a write of ours: build its reply; send what is ready."""
+        self.owed -= 1
+        self.owed_bytes -= owed.size
+        self.server.written(owed.size)
+        status, body, headers = 200, b"", ()
+        if error:
+            status, message = storage_error(error)
+            body = message.encode() + b"\n"
+        elif owed.etag is not None:
+            headers = (("ETag", owed.etag),)
+        if self.closed:
+            return
+        request = owed.request
+        owed.reply = http11.response(status, body, headers, http11.TEXT_PLAIN,
+                                     self.connection_value(request))
+        self.server.request_done(self, request, status, len(body), owed.started)
+        if self.queue[0] is owed or not self.owed:
+            self.next_turn()                # replies of a round go out together, next turn
+
+    def refuse(self, status, message, headers=(), flush=False):
+        """An error after which the stream is unusable: send it, drain input briefly, close."""
+        self.waiting = None
+        self.queue.append(http11.error_response(status, message, "close", headers))
+        self.server.request_done(self, None, status, len(message) + 1, self.started)
+        self.close_after = self.lingering = True
+        self.since = self.server.now()
+        if flush:
+            self.flush()
+
+    def flush(self):
+        """Write the replies that are ready, in order; then decide about reading and closing."""
+        queue, out = self.queue, []
+        while queue:
+            reply = queue[0]
+            if type(reply) is Owed:
+                if reply.reply is None:
+                    break
+                reply = reply.reply
+            out.append(reply)
+            queue.popleft()
+        if out and not self.closed:
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
+        if self.closed:
+            return
+        if not queue and not self.busy and not self.waiting:
+            if self.lingering:
+                self.transport.write_eof()  # the client may still send: read and drop it
+            elif self.close_after:
+                self.transport.close()
+                return
+            elif not (self.idle or self.parser.buffered or self.parser.in_body):
+                self.idle, self.since = True, self.server.now()
+        self.update_reading()
+        self.account()
+
+    def update_reading(self):
+        """Read more only when there is room for it: the transport's flow control, and ours."""
+        want = self.lingering or not (
+            self.write_paused or self.turn_due or self.close_after or self.waiting
+            or len(self.queue) >= MAX_OWED
+            or (self.parser.buffered > PIPELINE_BYTES and not self.parser.in_body))
+        if want != self.reading and not self.closed:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def account(self):
+        """Keep the server's count of the bytes this connection makes it hold."""
+        held = self.owed_bytes
+        if not self.closed:
+            held += self.parser.buffered + self.transport.get_write_buffer_size()
+        if held != self.held:
+            self.server.inflight += held - self.held
+            self.held = held
+
+    # -- a backup stream (SnapshotStream, from its thread through the loop) -----
+
+    async def send_stream(self, parts):
+        """Write parts of a streamed reply; return once the transport has room for more."""
+        if self.closed:
+            raise ConnectionError("the client has gone")
+        self.transport.writelines(parts)
+        if self.write_paused:                   # set by write(), through pause_writing
+            self.drained = self.server.loop.create_future()
+            await self.drained
+
+    def stream_done(self, keep_alive):
+        self.busy = False
+        if not keep_alive:
+            self.close_after = True
+        self.since = self.started = self.server.now()
+        self.advance()
+
+    # -- deadlines and the end ----------------------------------------------------
+
+    def state(self):
+        """Where the connection is, for its deadline."""
+        if self.lingering:
+            return LINGERING
+        if self.write_paused:
+            return SENDING
+        if self.queue or self.busy or self.waiting:
+            return WAITING                  # on us, not the client: no deadline
+        if self.parser.in_body:
+            return BODY
+        return IDLE if self.idle else HEAD
+
+    def deadline(self):
+        limits = self.server.limits
+        timeout = {HEAD: limits.header_timeout, BODY: limits.body_timeout,
+                   IDLE: limits.idle_timeout, SENDING: limits.send_timeout,
+                   LINGERING: LINGER_SECONDS}.get(self.state())
+        return None if timeout is None else self.since + timeout
+
+    def expire(self):
+        """Its deadline passed (Server.sweep): 408 where a reply can still be made, and close."""
+        state = self.state()
+        if state in (BODY, SENDING) or (state == HEAD and self.parser.buffered):
+            self.server.requests_timed_out += 1
+        self.timed_out = True
+        if state == BODY or (state == HEAD and self.parser.buffered):
+            self.transport.write(http11.error_response(408, "request timeout"))
+            self.server.request_done(self, None, 408, 16, self.started)
+            self.transport.close()
         else:
-            mask = selectors.EVENT_READ if events == IN else selectors.EVENT_WRITE
-            try:
-                self._selector.modify(fd, mask)
-            except KeyError:
-                self._selector.register(fd, mask)
+            self.transport.abort()          # idle, lingering, or not reading its replies
 
-    def poll(self, timeout):
-        """The fds that are ready, waiting up to `timeout` seconds for one."""
-        if self._epoll:
-            return [fd for fd, _ in self._epoll.poll(timeout)]
-        ready = [key.fd for key, _ in self._selector.select(timeout)]
-        for fd in ready:
-            if fd not in self._persistent:
-                self._selector.unregister(fd)           # once, as EPOLLONESHOT
-        return ready
-
-    def forget(self, fd, persistent=False):
-        """Before the fd closes (a selector would keep it registered; epoll drops it itself)."""
-        if persistent:
-            self._persistent.discard(fd)
-            if self._epoll:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass                                # closed already
-        if self._selector:
-            try:
-                self._selector.unregister(fd)
-            except KeyError:
-                pass
+    def drain(self):
+        """The server is stopping: close now if no request is in flight, else after its reply."""
+        if self.queue or self.busy or self.waiting or self.parser.in_body:
+            self.close_after = True
+        else:
+            self.transport.close()
 
 
-class KVServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer whose one worker thread serves every connection in turns.
+# ----------------------------------------------------------------- server --
 
-    The main thread accepts (serve_forever); each connection is handed to
-    the worker thread, which runs an event loop (_serve_connections): it
-    asks the kernel which sockets are ready, gives each a turn
-    (KVHandler.turn), and once a second sweeps the connections for passed
-    deadlines.  It drives the journal too: before it waits it sends the
-    writes its turns queued, and when the journal's writer replies it
-    sends their replies (_serve_connections).  Those threads, the stopper
-    and the storage watch (serve), the store's checkpointer, and at most
-    one snapshot stream and one key-index build, are all the threads there
-    are, whatever the clients do: running out of threads cannot happen.
+SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
+STALL_SECONDS = 3.0         # a write older than this waits on a stalled disk (/health: 503)
+BACKLOG = 4096              # listen backlog: the kernel caps it at somaxconn
+TOO_MANY = http11.error_response(503, "too many connections", "close", (("Retry-After", "1"),))
 
-    ThreadingMixIn gives each connection a thread of its own, which sleeps
-    in recv() until the next request: every request then costs a thread
-    switch, a burst of 10,000 connects means 10,000 threads, and each
-    stalled client holds one for as long as it likes.  One worker suffices
-    because one thread runs Python at a time anyway; it serves turns in
-    the order sockets became ready, and a connection that still has work
-    after its turn's budget (REQUESTS_PER_TURN, or one READ_SIZE read) goes
-    to the back of the queue (self.ready): a client that pipelines without
-    pause, or streams tiny chunks, shares the worker with the others.
+
+class Server:
+    """What all connections share: their count, the memory they hold, deadlines, the drain.
+
+    Runs on the loop's thread; the Connections call it.  Deadlines are
+    checked by one sweep a second rather than a timer per connection: a
+    request then costs a float assignment, not a timer handle.
     """
 
-    request_queue_size = 4096   # listen backlog (the stdlib's 5 drops a burst
-                                # of connects; the kernel caps it at somaxconn)
-    SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
-
-    def __init__(self, address, store, max_value_bytes, access_log, auth_token=None,
-                 limits=None):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.store = store
-        self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
-        self.limits = limits or Limits()
-        self.limits.max_value_bytes = self.max_value_bytes = max_value_bytes
-        self.metrics = Metrics()
-        self.snapshot_streams = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
+    def __init__(self, loop, store, limits, metrics, auth_token=None, access_log=False):
+        self.loop, self.store, self.limits, self.metrics = loop, store, limits, metrics
+        self.api = Api(store, metrics, self, auth_token)
         self.access_log = access_log
+        self.now = time.monotonic
+        self.connections = set()
         self.draining = False
-        self.now = time.monotonic()             # the worker's clock, read once per round
-        self.inflight = 0                       # bytes held by requests in flight (worker only)
-        self.ready = collections.deque()        # handlers with work left: a turn each, in order
-        self._connections = {}                  # fd -> handler, until it closes
-        self._resumed = collections.deque()     # handlers given back by other threads
-        self._replies = collections.deque()     # (handler, its reply) for the worker to send
-        self._worker_asleep = False             # the worker waits in poll(): wake it
-        self.journal = store.journal            # the worker drives its rounds, if it may
-        if self.journal.driven:
-            self.journal.wake_driver = self.wake_if_asleep
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)      # a connection ended
-        self.connections_refused = 0            # past --max-connections (for /metrics)
-        self.requests_timed_out = 0             # cut off at a deadline (for /metrics)
-        self._accept_delay = 0                  # the back-off while out of file descriptors
-        self._logged = {}                       # message kind -> when last logged
-        self.poller = Poller()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
-        self.poller.watch(self._wake_read)
-        super().__init__(address, KVHandler)
-        threading.Thread(target=self._serve_connections, name="worker", daemon=True).start()
+        self.inflight = 0           # bytes held for clients (Connection.account)
+        self.reserved = 0           # bytes reserved for bodies being received
+        self.journal_bytes = 0      # bodies of writes handed to the journal, not yet durable
+        self._handed = collections.deque()  # when each of those writes was handed over
+        self.connections_refused = 0
+        self.requests_timed_out = 0
+        self.snapshot_slots = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
+        self._logged = {}           # message kind -> when last logged
+        self._emptied = asyncio.Event()
+        self.on_fatal = None        # called once the store has failed for good
+        loop.call_later(SWEEP_INTERVAL, self.sweep)
 
-    def server_bind(self):
-        # HTTPServer.server_bind() looks up our fully qualified host name,
-        # which can hang for seconds on a machine without DNS; nothing here
-        # uses it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    # -- connections --------------------------------------------------------
 
-    # -- accepting (the main thread) ------------------------------------------
-
-    def server_activate(self):
-        super().server_activate()
-        # Non-blocking, so that _accept_queued() can accept until the
-        # kernel's queue is empty.
-        self.socket.setblocking(False)
-
-    def service_actions(self):
-        # Called by serve_forever() after each accept and every poll_interval.
-        self._accept_queued()
-
-    def _handle_request_noblock(self):
-        # serve_forever() calls it when the listening socket is readable;
-        # service_actions(), which runs right after, accepts them all.
-        pass
-
-    def _accept_queued(self):
-        """Accept every connection already waiting; back off while out of file descriptors.
-
-        Out of descriptors (EMFILE, ENFILE), the connection stays in the
-        kernel's queue and the listening socket stays readable: accepting
-        again at once would spin.  So wait, 5 ms doubling up to 1 s, as Go's
-        net/http does, and log it at most once a second.
-        """
-        for _ in range(self.request_queue_size):
-            try:
-                request, client_address = self.socket.accept()
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    break                       # ECONNABORTED and the like: that one is gone
-                self._accept_delay = min(max(self._accept_delay * 2, 0.005), 1.0)
-                self.log_at_most_once_a_second(
-                    "accept", "Cannot accept connections: %s; retrying in %d ms"
-                    % (e.strerror, self._accept_delay * 1000))
-                time.sleep(self._accept_delay)
-                return
-            self._accept_delay = 0
-            self.process_request(request, client_address)
-
-    def process_request(self, request, client_address):
-        if len(self._connections) >= self.limits.max_connections:
+    def admit(self, connection):
+        """A new connection: counted, or refused past --max-connections (a canned 503)."""
+        if len(self.connections) >= self.limits.max_connections:
             self.connections_refused += 1
             self.log_at_most_once_a_second(
                 "connections", "Refusing connections: %d open (--max-connections)"
-                % len(self._connections))
-            try:
-                request.send(build_reply(503, b"too many connections\n",
-                                         b"Connection: close\r\n", (("Retry-After", "1"),)),
-                             socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            request.close()
-            return
-        try:
-            request.setblocking(False)
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            handler = KVHandler(request, client_address, self)
-            handler.deadline = time.monotonic() + self.limits.header_timeout
-            self._connections[request.fileno()] = handler
-            self.watch_new(handler)
-        except Exception:
-            self.handle_error(request, client_address)
-            self._connections.pop(request.fileno(), None)
-            request.close()
+                % len(self.connections))
+            connection.transport.write(TOO_MANY)
+            connection.transport.close()
+            return False
+        self.connections.add(connection)
+        if self.draining:
+            connection.drain()
+        return True
+
+    def forget(self, connection):
+        self.connections.discard(connection)
+        if not self.connections:
+            self._emptied.set()
 
     def log_at_most_once_a_second(self, kind, message):
-        now = time.monotonic()
+        now = self.now()
         if now - self._logged.get(kind, -2.0) >= 1.0:
             self._logged[kind] = now
             log(message)
 
-    # -- the worker thread ----------------------------------------------------
+    def request_done(self, connection, request, status, size, started):
+        """Count a reply in the metrics, and log it with --access-log (never a value)."""
+        self.metrics.request_done(request.method if request else "other", status, started)
+        if self.access_log:
+            line = ("%s %s %s" % (request.method, request.target, request.version)
+                    if request else "-")
+            log('%s - "%s" %d %d' % (connection.client, line, status, size))
 
-    def watch_new(self, handler):
-        """Hand a new connection to the worker (from the accepting thread).
+    # -- memory ---------------------------------------------------------------
 
-        On Linux its socket is registered in the worker's epoll set, which
-        any thread may do, and the worker need not be woken.  After it is in
-        self._connections: an edge reported before would be lost.
+    def reserve(self, size):
+        """Room for a body of `size` bytes, or False.
+
+        Large bodies may reserve three quarters of --max-inflight-bytes; small
+        ones (SMALL_BODY) all of it, so that slow large uploads cannot keep
+        small writes out.
         """
-        if self.poller.thread_safe:
-            self.poller.register(handler.request.fileno())
-        else:
-            self.resume(handler)
+        cap = self.limits.max_inflight_bytes
+        if size > SMALL_BODY:
+            cap -= cap // 4
+        if self.reserved + size > cap:
+            return False
+        self.reserved += size
+        return True
 
-    def hand_reply(self, handler, reply):
-        """The worker is to send this reply (from the snapshot stream's thread, or the worker).
+    def release(self, size):
+        self.reserved -= size
 
-        The journal's rounds end on the worker, whose callbacks hand the
-        replies to writes over here without a system call; another thread
-        wakes the worker, if it sleeps.
-        """
-        self._replies.append((handler, reply))
-        self.wake_if_asleep()
+    def over_cap(self):
+        return self.inflight + self.reserved > self.limits.max_inflight_bytes
 
-    def send_replies(self):
-        """Send the replies handed over (hand_reply), from the worker thread."""
-        replies, ready = self._replies, self.ready
-        idle_deadline = self.now + self.limits.idle_timeout
-        while replies:
-            handler, reply = replies.popleft()
-            handler.state, handler.deadline, handler.idle = HEAD, idle_deadline, True
-            handler.send(reply)
-            # The socket was armed when the write was handed over; a turn
-            # only if there is more to do, or input left unread.
-            if (handler.missed or handler.unread or handler.out or handler.inbuf
-                    or handler.close_connection or self.draining):
-                ready.append(handler)
+    def journal_has_room(self, size):
+        return self.journal_bytes + size <= self.limits.max_journal_bytes or not self._handed
 
-    def resume(self, handler):
-        """Give a connection to the worker, from another thread: its next turn comes soon."""
-        self._resumed.append(handler)
-        self.wake()
+    def handed(self, size):
+        """A write handed to the journal; its reply waits until it is durable (written)."""
+        self.journal_bytes += size
+        self._handed.append(self.now())
 
-    def wake_if_asleep(self):
-        """Bring the worker round its loop, if it waits in poll(); else it will look anyway."""
-        if self._worker_asleep:
-            self._worker_asleep = False
-            self.wake()
+    def written(self, size):
+        self.journal_bytes -= size
+        self._handed.popleft()      # the journal finishes writes in the order it took them
+
+    def journal_stalled(self):
+        """Why writes cannot be served now, if the disk has stalled; else None."""
+        if self._handed and self.now() - self._handed[0] > STALL_SECONDS:
+            return "journal stalled: a write has waited %d s for the disk" % (
+                self.now() - self._handed[0])
+        return None
+
+    # -- deadlines and the end -----------------------------------------------------
+
+    def sweep(self):
+        """Once a second: connections past their deadline, and a store that failed for good."""
+        now = self.now()
+        for connection in list(self.connections):
+            deadline = connection.deadline()
+            if deadline is not None and deadline <= now:
+                connection.expire()
+        if self.store.fatal.is_set() and self.on_fatal is not None:
+            on_fatal, self.on_fatal = self.on_fatal, None
+            on_fatal()
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def drain(self):
+        """Close idle connections now; the others after the reply in flight."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.drain()
+        if not self.connections:
+            self._emptied.set()
+
+    async def wait_closed(self, timeout):
+        """Wait up to `timeout` s for every connection to close; returns how many are still open."""
+        try:
+            await asyncio.wait_for(self._emptied.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return len(self.connections)
+
+
+class JournalDriver:
+    """The loop drives the journal: a round of the writes queued in a loop turn, sent after it.
+
+    A write's callback asks for a pump (wake); call_soon puts it behind the
+    callbacks of this turn, so that every write queued in the turn joins
+    one round.  The writer's replies are read when its channel is readable.
+    """
+
+    def __init__(self, loop, journal):
+        self.loop, self.journal = loop, journal
+        self.fd = journal.fileno()
+        self.thread = threading.get_ident()
+        self.due = self.writing = False
+        journal.wake_driver = self.wake
+        loop.add_reader(self.fd, self.readable)
 
     def wake(self):
-        try:
-            os.write(self._wake_write, b"!")
-        except BlockingIOError:
-            pass                                # full: the worker will wake anyway
+        if threading.get_ident() != self.thread:
+            self.loop.call_soon_threadsafe(self.wake)   # the checkpointer, the final save
+        elif not self.due:
+            self.due = True
+            self.loop.call_soon(self.pump)
 
-    def _serve_connections(self):
-        """The worker's loop: a turn for each connection that is ready, in order.
+    def pump(self):
+        self.due = False
+        self.journal.pump()
+        if self.journal.sending() != self.writing:
+            self.writing = not self.writing
+            if self.writing:
+                self.loop.add_writer(self.fd, self.pump)
+            else:
+                self.loop.remove_writer(self.fd)
 
-        It also drives the journal (persistence.Journal): before it waits,
-        it sends the writes queued by the turns as one round (pump), and
-        when the journal's writer replies, it ends the round: the writes are
-        applied, and their replies sent.
-        """
-        connections, ready, poller = self._connections, self.ready, self.poller
-        journal, replies, resumed = self.journal, self._replies, self._resumed
-        driven = journal.driven
-        journal_fd, journal_events = (journal.fileno() if driven else None), IN
-        if driven:
-            poller.watch(journal_fd)
-        next_sweep = time.monotonic() + self.SWEEP_INTERVAL
-        while True:
-            if replies:
-                self.send_replies()
-            if driven:
-                journal.pump()
-                if journal_fd is not None and journal.sending() != (journal_events != IN):
-                    journal_events = IN | OUT if journal.sending() else IN
-                    poller.watch(journal_fd, journal_events)
-            timeout = 0 if ready else max(0.0, next_sweep - self.now)
-            if timeout:
-                self._worker_asleep = True
-                if replies or resumed or (driven and journal.has_work()):   # handed over just now
-                    timeout = 0
-            fds = poller.poll(timeout)
-            self._worker_asleep = False
-            self.now = now = time.monotonic()
-            for fd in fds:
-                handler = connections.get(fd)
-                if handler is not None:
-                    handler.turn(True)
-                elif fd == self._wake_read:
-                    self._take_resumed()
-                elif fd == journal_fd:
-                    if not journal.on_readable():       # its writer has gone
-                        poller.forget(journal_fd, persistent=True)
-                        journal_fd = None
-                    if replies:
-                        self.send_replies()
-            for _ in range(len(ready)):
-                ready.popleft().turn(False)
-            if now >= next_sweep:
-                self._sweep(now)
-                next_sweep = now + self.SWEEP_INTERVAL
-
-    def _take_resumed(self):
-        try:
-            while os.read(self._wake_read, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        self.send_replies()
-        resumed = self._resumed
-        while resumed:
-            self.ready.append(resumed.popleft())
-        if self.draining:           # close every connection with no request in flight
-            for handler in list(self._connections.values()):
-                if handler.state is LINGER or (handler.state is HEAD and not handler.out and not (
-                        handler.inbuf and HEAD_END.search(handler.inbuf))):
-                    handler.close()
-
-    def _sweep(self, now):
-        """Close the connections whose deadline has passed (KVHandler.expire)."""
-        for handler in list(self._connections.values()):
-            if handler.deadline <= now and handler.state is not OWED:
-                handler.expire()
-
-    def forget(self, handler):
-        fd = handler.request.fileno()
-        self.poller.forget(fd)
-        if self._connections.get(fd) is handler:
-            del self._connections[fd]
-        if self.draining:
-            with self._lock:
-                self._changed.notify_all()
-
-    def handle_error(self, request, client_address):
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError):
-            return                        # the client went away: nothing to report
-        log("Unexpected error serving %s: %r" % (client_address[0], error))
-
-    def drain(self, timeout):
-        """Close idle connections now; wait up to `timeout` s for the others.
-
-        Guarantees: when it returns, no connection is between requests, and
-        each request that was in flight has finished, unless the deadline
-        passed first; returns how many connections were still open then.
-        It does not stop a request that is still running: Store.seal() is
-        what keeps such a late request from changing the saved state.
-        """
-        deadline = time.monotonic() + timeout
-        self.draining = True
-        self.wake()                     # the worker closes the idle ones
-        with self._lock:
-            while self._connections:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._changed.wait(min(left, 0.1))
-            return len(self._connections)
+    def readable(self):
+        if not self.journal.on_readable():      # its writer has gone
+            self.loop.remove_reader(self.fd)
+            if self.writing:
+                self.loop.remove_writer(self.fd)
 
 
 # --------------------------------------------------------------------- auth --
@@ -1578,31 +1072,27 @@ def read_auth_token(path):
     return token
 
 
-def check_auth(handler, path):
+def check_auth(token, request):
     """Raise a 401 unless the request may go on: no token is set, the path is open, or it has the token."""
-    token = handler.server.auth_token
-    if token is None or handler.command in OPEN_TO_ALL.get(path, ()):
+    if token is None or request.method in OPEN_TO_ALL.get(request.path, ()):
         return
-    scheme, _, credentials = handler.headers.get("authorization", "").partition(" ")
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     # compare_digest takes as long whatever the bytes: no timing tells how
     # much of a guess was right.
     if scheme.lower() == "bearer" and hmac.compare_digest(
             credentials.strip(" ").encode("latin-1"), token):
         return
-    headers = handler.headers
-    unread_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
-    # A body we will not read leaves the stream unusable: close it.
-    raise RequestError(401, "unauthorized", close=unread_body, headers=UNAUTHORIZED_HEADERS)
+    # A body left unread makes the connection close (Connection.head).
+    raise RequestError(401, "unauthorized", headers=UNAUTHORIZED_HEADERS)
 
 
-def warn_if_exposed(server):
+def warn_if_exposed(host, auth_token):
     """One warning line when anyone beyond this machine can reach a server without a token."""
-    host = server.server_address[0]
     try:
         loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         loopback = False
-    if server.auth_token is None and not loopback:
+    if auth_token is None and not loopback:
         log("Warning: listening on %s without --auth-token-file: anyone who can reach "
             "this port can read, change and delete every key" % host)
 
@@ -1697,7 +1187,7 @@ class Metrics:
         metric("request_duration_seconds", "histogram",
                "Time from a request's first bytes to its reply (a write's, after its fsync).",
                latency)
-        one("connections", "gauge", "Client connections open now.", len(server._connections))
+        one("connections", "gauge", "Client connections open now.", len(server.connections))
         one("connections_refused_total", "counter", "Connections refused at the cap "
             "(--max-connections).", server.connections_refused)
         one("requests_timed_out_total", "counter", "Requests cut off at a deadline (a client "
@@ -1734,103 +1224,81 @@ SNAPSHOT_RETRY_AFTER = 5    # seconds, in that 503
 
 
 class SnapshotStream:
-    """One GET /snapshot, sent by a thread of its own, so that the worker never waits for it.
+    """One GET /snapshot, pickled by a thread of its own into the connection.
 
-    The worker, in route(), takes a slot (at most SNAPSHOT_STREAMS at once:
-    each holds a copy of the dict, its references if not its values) and
-    hands the connection over to the thread as a write does
-    (KVHandler.hand_over: the worker reads no later request of it), which
-    starts the thread.  The thread copies the dict
-    (Store.copy), then pickles it straight into the socket: pickle.dump
-    writes frames of about 64 KiB, each sent as an HTTP chunk, so the
-    pickle is never whole in memory.  Chunks also let a client tell a
-    cut-off backup from a whole one (an HTTP/1.0 client, which cannot have
-    them, gets the bytes until the connection closes).  A client that takes
-    nothing for --send-timeout seconds is cut off.  Then the connection goes
-    back to the worker (KVHandler.send_owed), with the last chunk.
+    Pickling a large store takes seconds of CPU: on the loop it would stall
+    every client, so a thread does it (at most SNAPSHOT_STREAMS at once:
+    each holds a copy of the dict, its references if not its values).  The
+    thread copies the dict (Store.copy), then pickle.dump writes frames of
+    about 64 KiB, each sent as an HTTP chunk through the loop
+    (Connection.send_stream), which waits while the transport's buffer is
+    full: the pickle is never whole in memory, and a client that takes
+    nothing for --send-timeout is cut off by the sweep.  Chunks also let a
+    client tell a cut-off backup from a whole one (an HTTP/1.0 client,
+    which cannot have them, gets the bytes until the connection closes).
+    The connection reads no later request until the stream is done (busy).
     """
 
-    def __init__(self, handler):
-        self.handler = handler
-        self.server = handler.server
-        self.sock = handler.request
-        self.chunked = handler.request_version != "HTTP/1.0"
-        self.connection = handler.connection_header(close=not self.chunked)
-        self.started, self.requestline = handler.started, handler.requestline
+    def __init__(self, server, connection, request):
+        self.server, self.connection, self.request = server, connection, request
+        self.chunked = not request.http_1_0
         self.size = 0
-        self._poll = select.poll()
-        self._poll.register(self.sock, select.POLLOUT)
 
     @classmethod
-    def start(cls, handler):
-        """Take a slot, hand the connection over and start the thread; a 503 if no slot is free."""
-        slots = handler.server.snapshot_streams
-        if not slots.acquire(blocking=False):
+    def start(cls, server, connection, request):
+        """Take a slot and start the thread; a 503 if no slot is free."""
+        if not server.snapshot_slots.acquire(blocking=False):
             raise RequestError(503, "a snapshot is already being sent; retry later",
-                               headers=(("Retry-After", SNAPSHOT_RETRY_AFTER),))
-        try:
-            thread = threading.Thread(target=cls(handler).run, name="snapshot", daemon=True)
-            handler.hand_over(thread.start)     # as a write does
-        except BaseException:
-            slots.release()
-            raise
+                               headers=(("Retry-After", str(SNAPSHOT_RETRY_AFTER)),))
+        connection.busy = True
+        stream = cls(server, connection, request)
+        threading.Thread(target=stream.run, name="snapshot", daemon=True).start()
 
     def run(self):
-        handler = self.handler
-        whole = False
+        whole, error = False, None
         try:
             data = self.server.store.copy()
+            connection = "keep-alive" if self.chunked and self.request.keep_alive else "close"
             self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
-                       _this_second.date_header(), self.connection, b"\r\n"])
+                       http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
             pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+            if self.chunked:
+                self.send([http11.LAST_CHUNK])
             whole = True
-        except Exception as e:          # the client gone or too slow, mostly
-            handler.close_connection = True
-            log("Snapshot to %s cut off after %d bytes: %s"
-                % (handler.client_address[0], self.size,
-                   "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
-                   if isinstance(e, TimeoutError) else e))
+        except Exception as e:              # the client gone or too slow, mostly
+            error = e
         finally:
             data = None
-            self.server.snapshot_streams.release()
+            self.server.snapshot_slots.release()
+        self.server.loop.call_soon_threadsafe(self.done, whole, error)
+
+    def done(self, whole, error):
+        """On the loop: log the end, and give the connection back."""
+        connection = self.connection
         if whole:
-            self.server.metrics.request_done("GET", 200, self.started)
-            handler.log_message('"%s" %s %s', self.requestline, 200, self.size)
-        # The last chunk, and the connection back to the worker.
-        handler.send_owed(b"0\r\n\r\n" if whole and self.chunked else b"")
+            self.server.request_done(connection, self.request, 200, self.size,
+                                     connection.started)
+        else:
+            log("Snapshot to %s cut off after %d bytes: %s"
+                % (connection.client, self.size,
+                   "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
+                   if connection.timed_out else error))
+        connection.stream_done(whole and self.chunked and self.request.keep_alive)
 
     def write(self, data):
         """pickle.dump's file: each write, one chunk."""
         size = len(data)
         if size:
             self.size += size
-            if self.chunked:
-                self.send([b"%x\r\n" % size, data, b"\r\n"])
-            else:
-                self.send([data])
+            self.send(http11.chunk(data) if self.chunked else [data])
         return size
 
-    def send(self, buffers):
-        """Send every buffer (without joining them: a frame may be 10 MiB); raise OSError.
-
-        Raises TimeoutError if the client takes nothing for --send-timeout.
-        """
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
-        timeout_ms = self.server.limits.send_timeout * 1000
-        while views:
-            try:
-                sent = self.sock.sendmsg(views)     # the socket is non-blocking
-            except BlockingIOError:
-                sent = 0
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views.pop(0))
-                else:
-                    views[0], sent = views[0][sent:], 0
-            if views and not self._poll.poll(timeout_ms):
-                raise TimeoutError()
+    def send(self, parts):
+        """Send through the loop; return once the transport has room again.  Raises OSError."""
+        asyncio.run_coroutine_threadsafe(self.connection.send_stream(parts),
+                                         self.server.loop).result()
 
 
 # --------------------------------------------------------------- lifecycle --
@@ -1921,8 +1389,8 @@ def parse_args(argv, environ):
                         help="for a host dedicated to this server: run every thread on "
                              "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
                              "normal scheduling; see README, Performance)")
-    parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
-                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
+    parser.add_argument("--auth-token-file", default=environ.get(AUTH_TOKEN_ENV) or None,
+                        metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
                              "but GET /health; the token is the file's content without "
                              "surrounding whitespace (env %s, default: no auth)"
@@ -1953,9 +1421,21 @@ def parse_args(argv, environ):
     limits.add_argument("--max-header-bytes", type=positive_int, default=65536, metavar="N",
                         help="request line and headers together; past it 431, or 414 for "
                              "the request line alone (default 65536)")
+    limits.add_argument("--max-journal-bytes", type=positive_int, default=64 << 20,
+                        metavar="N",
+                        help="writes handed to the journal and not yet durable (a slow or "
+                             "stalled disk); past it new writes get 503 with Retry-After "
+                             "(default 67108864 = 64 MiB)")
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.auth_token = None
+    if args.auth_token_file is not None:
+        try:
+            args.auth_token = read_auth_token(args.auth_token_file)
+        except argparse.ArgumentTypeError as e:
+            parser.error("argument --auth-token-file: %s" % e)
+    return args
 
 
 def raise_open_file_limit():
@@ -2022,13 +1502,18 @@ class StoppedWhileStarting(Exception):
     """A stopping signal came before there was anything to serve or save."""
 
 
-def lock_directory(directory, wait, signal_pipe):
+def stop_while_starting(signum, frame):
+    """Before the loop runs (the lock wait, the load), SIGTERM or SIGINT ends the start."""
+    raise StoppedWhileStarting(signal.Signals(signum).name)
+
+
+def lock_directory(directory, wait):
     """Take the data directory's lock; wait up to `wait` s for a holder to exit.
 
     A harness may restart the server as soon as it has sent SIGKILL to the
     previous one, which holds the lock until it is gone, maybe a moment
-    later (lsfr restarts after 1 s).  A signal (install_signal_handlers)
-    ends the wait: StoppedWhileStarting.
+    later (lsfr restarts after 1 s).  A signal ends the wait
+    (stop_while_starting).
     """
     deadline = time.monotonic() + wait
     waited = False
@@ -2046,19 +1531,18 @@ def lock_directory(directory, wait, signal_pipe):
                 log("%s is in use by another process; waiting up to %g s for it to exit"
                     % (directory, wait))
                 waited = True
-            if select.select([signal_pipe], [], [], min(LOCK_POLL, left))[0]:
-                raise StoppedWhileStarting(read_signal(signal_pipe))
+            time.sleep(min(LOCK_POLL, left))
 
 
 LOCK_POLL = 0.05        # seconds between two tries of a taken lock (--lock-wait)
 
 
-def open_store(args, signal_pipe):
+def open_store(args):
     """Create the data directory, lock it, recover the data, open a new journal."""
     directory = os.path.abspath(args.working_dir)
     try:
         persistence.make_data_directory(directory)
-        lock = lock_directory(directory, args.lock_wait, signal_pipe)
+        lock = lock_directory(directory, args.lock_wait)
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
@@ -2077,115 +1561,108 @@ def open_store(args, signal_pipe):
     return store, lock
 
 
-def install_signal_handlers():
-    """Route SIGTERM, SIGINT and SIGHUP to a pipe; return its read end.
-
-    Python's own C-level handler writes each signal's number to the fd given
-    to signal.set_wakeup_fd(); the stopper thread (serve()) reads it.  The
-    Python-level handler does nothing at all: it runs in the main thread
-    between two bytecodes, perhaps while that thread holds a lock (in
-    log(), or in Event.set()), and a handler that took the same lock would
-    wait for itself forever.
-
-    SIGHUP (the terminal closed) stops the server as SIGTERM does, unless
-    it was ignored when the process started: whoever ran us under `nohup`
-    asked for the server to outlive its terminal.
-    """
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)       # required by set_wakeup_fd()
-    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    stopping = [signal.SIGTERM, signal.SIGINT]
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
-        stopping.append(signal.SIGHUP)
-    for signum in stopping:
-        signal.signal(signum, lambda signum, frame: None)
-    return read_end
-
-
-def read_signal(signal_pipe):
-    """Block until a signal arrives (install_signal_handlers); return its name."""
-    signum = os.read(signal_pipe, 1)[0]
+def listen(host, port):
+    """The listening socket, bound before the data is loaded: a taken port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return "signal %d" % signum
-
-
-def stop_on_signal(server, signal_pipe):
-    """The stopper thread: the first signal shuts the server down; later ones change nothing.
-
-    server.shutdown() waits until serve_forever() has returned, so it must
-    run on a thread other than the main one, which runs serve_forever().
-    (Called before serve_forever() starts, it makes it return at once.)
-    Later signals are logged, at most once a second: a storm of them must
-    not flood the log.
-    """
-    log("Received %s, shutting down" % read_signal(signal_pipe))
-    server.shutdown()
-    last_logged = 0.0
-    while True:
-        name = read_signal(signal_pipe)
-        if time.monotonic() - last_logged >= 1.0:
-            last_logged = time.monotonic()
-            log("Received %s: already shutting down; it changes nothing" % name)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 DRAIN_SETTLE = 0.2          # seconds for idle connections to close before counting
 DRAIN_REPORT_EVERY = 5.0    # seconds between two "Waiting up to" lines
 
 
-def drain(server, timeout):
-    """KVServer.drain, saying what the shutdown waits for and for how long.
+async def drain(server, timeout):
+    """Server.drain, saying what the shutdown waits for and for how long.
 
     Idle connections close at once; those still open after DRAIN_SETTLE
     are in a request.  Returns how many were still open at the deadline.
     """
     deadline = time.monotonic() + timeout
-    still_open = server.drain(min(timeout, DRAIN_SETTLE))
+    server.drain()
+    still_open = await server.wait_closed(min(timeout, DRAIN_SETTLE))
     while still_open:
         left = deadline - time.monotonic()
         if left <= 0:
             break
         log("Waiting up to %.1f s (--shutdown-timeout) for %d connection(s) in a request"
             % (left, still_open))
-        still_open = server.drain(min(left, DRAIN_REPORT_EVERY))
+        still_open = await server.wait_closed(min(left, DRAIN_REPORT_EVERY))
     return still_open
 
 
-def serve(args, store, signal_pipe):
+class Stopper:
+    """SIGTERM and SIGINT stop the server once; later ones are logged and change nothing.
+
+    SIGHUP re-reads the token file.  asyncio's add_signal_handler runs the
+    handlers on the loop, between two callbacks, never inside one.
+    """
+
+    def __init__(self, loop, server, token_file):
+        self.loop, self.server, self.token_file = loop, server, token_file
+        self.stopped = loop.create_future()
+        self._last_logged = 0.0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        server.on_fatal = self.on_fatal
+
+    def on_signal(self, signum):
+        name = signal.Signals(signum).name
+        if not self.stopped.done():
+            log("Received %s, shutting down" % name)
+            self.stopped.set_result(name)
+        elif time.monotonic() - self._last_logged >= 1.0:
+            self._last_logged = time.monotonic()
+            log("Received %s: already shutting down; it changes nothing" % name)
+
+    def on_fatal(self):
+        if not self.stopped.done():
+            log("Storage failed for good (%s); shutting down" % self.server.store.write_problem())
+            self.stopped.set_result("storage failure")
+
+    def reload(self):
+        """SIGHUP: the token file again (rotation without a restart); a bad one keeps the old."""
+        if self.token_file is None:
+            log("Received SIGHUP: no --auth-token-file to reload")
+            return
+        try:
+            self.server.api.auth_token = read_auth_token(self.token_file)
+        except argparse.ArgumentTypeError as e:
+            log("Received SIGHUP: keeping the current token: %s" % e)
+            return
+        log("Received SIGHUP: reloaded the token from %s" % self.token_file)
+
+
+async def serve(args, store, sock):
     """Serve until a signal, then drain, seal and save.  Returns the exit code."""
-    try:
-        limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
-                        args.idle_timeout, args.max_connections, args.max_inflight_bytes,
-                        args.max_header_bytes)
-        server = KVServer((args.host, args.port), store, args.max_value_bytes, args.access_log,
-                          args.auth_token, limits)
-    except (OSError, OverflowError) as e:
-        store.abandon()
-        fail("cannot listen on %s:%s: %s" % (args.host, args.port,
-                                              getattr(e, "strerror", None) or e))
-        return 1
-
-    def stop_on_storage_failure():
-        store.fatal.wait()
-        log("Storage failed for good (%s); shutting down" % store.write_problem())
-        server.shutdown()
-
-    threading.Thread(target=stop_on_signal, args=(server, signal_pipe),
-                     name="stopper", daemon=True).start()
-    threading.Thread(target=stop_on_storage_failure, name="storage-watch", daemon=True).start()
-    host, port = server.server_address[:2]
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_error)
+    limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
+                    args.idle_timeout, args.max_connections, args.max_inflight_bytes,
+                    args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes)
+    server = Server(loop, store, limits, Metrics(), args.auth_token, args.access_log)
+    JournalDriver(loop, store.journal)
+    stopper = Stopper(loop, server, args.auth_token_file)
+    listener = await loop.create_server(lambda: Connection(server), sock=sock, backlog=BACKLOG)
+    host, port = sock.getsockname()[:2]
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
         log("Open file limit %d is below --max-connections %d: past it, connections wait "
             "in the kernel's queue" % (files, args.max_connections))
-    warn_if_exposed(server)
+    warn_if_exposed(host, args.auth_token)
     log("Server listening on %s:%d" % (host, port))
-    # A short poll interval: serve_forever() notices shutdown() within it.
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
-
-    still_open = drain(server, args.shutdown_timeout)
+    await stopper.stopped
+    listener.close()
+    still_open = await drain(server, args.shutdown_timeout)
     if still_open:
         log("Shutdown timeout: %d connection(s) still in a request; their writes are refused"
             % still_open)
@@ -2194,7 +1671,8 @@ def serve(args, store, signal_pipe):
     log("Flushing %d keys to %s" % (len(store), path))
     started = time.monotonic()
     try:
-        size = store.save_and_close()
+        # In a thread: the journal's last rounds need the loop to drive them.
+        size = await loop.run_in_executor(None, store.save_and_close)
     except OSError as e:
         fail("saving %s failed: %s; the journal still holds every write" % (path, e))
         return 1
@@ -2204,6 +1682,26 @@ def serve(args, store, signal_pipe):
         fail("stopped after a storage failure: %s" % store.write_problem())
         return 1
     return 0
+
+
+def log_loop_error(loop, context):
+    """asyncio's reports: out of file descriptors at accept (it retries in 1 s), or a bug."""
+    error = context.get("exception")
+    if context.get("message", "").startswith("socket.accept() out of system resource"):
+        message = "Cannot accept connections: %s; retrying in 1000 ms" % (
+            getattr(error, "strerror", None) or error)
+        kind = "accept"
+    elif isinstance(error, ConnectionError):
+        return                          # a client went away: nothing to report
+    else:
+        message, kind = "Unexpected error: %s: %r" % (context.get("message"), error), "error"
+    now = time.monotonic()
+    if now - _loop_errors.get(kind, -2.0) >= 1.0:
+        _loop_errors[kind] = now
+        log(message)
+
+
+_loop_errors = {}
 
 
 def main(argv=None):
@@ -2218,19 +1716,28 @@ def main(argv=None):
             os._exit(1)
         batch = no_wakeup_preemption()          # every thread shares that CPU
         log("Running on CPU %d%s (--cpu)" % (args.cpu, ", SCHED_BATCH" if batch else ""))
-    signal_pipe = install_signal_handlers()     # before the load, which may be long
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_while_starting)
     try:
-        store, directory_lock = open_store(args, signal_pipe)
+        sock = listen(args.host, args.port)
+        store, directory_lock = open_store(args)
+    except (OSError, OverflowError) as e:
+        fail("cannot listen on %s:%s: %s" % (args.host, args.port,
+                                              getattr(e, "strerror", None) or e))
+        os._exit(1)
     except persistence.DataError as e:
         fail(str(e))
         os._exit(1)
     except StoppedWhileStarting as e:
-        log("Received %s while waiting for the data directory; nothing to save, bye" % e)
+        log("Received %s while waiting for the data directory or loading it; nothing to "
+            "save, bye" % e)
         os._exit(0)
-    code = serve(args, store, signal_pipe)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    code = loop.run_until_complete(serve(args, store, sock))
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer
-    # than saving it did.  Worker threads stalled on slow clients end too.
+    # than saving it did.  A snapshot thread stalled on a slow client ends too.
     os._exit(code)
 
 

@@ -260,7 +260,7 @@ class CpuTest(LifecycleTestCase):
         server = self.start_server()
         server.put("k", b"v")                       # handler threads exist now
         cpus = thread_cpus(server.proc.pid)
-        self.assertGreater(len(cpus), 2)
+        self.assertGreaterEqual(len(cpus), 2)
         self.assertEqual(set(cpus.values()), {frozenset(os.sched_getaffinity(0))})
         self.assertEqual(thread_policies(server.proc.pid), {os.sched_getscheduler(0)})
         self.assertNotIn("Running on CPU", server.output())
@@ -270,7 +270,7 @@ class CpuTest(LifecycleTestCase):
         server = self.start_server("--cpu", str(cpu))
         server.put("k", b"v")
         cpus = thread_cpus(server.proc.pid)
-        self.assertGreater(len(cpus), 2)
+        self.assertGreaterEqual(len(cpus), 2)
         self.assertEqual(set(cpus.values()), {frozenset({cpu})})
         self.assertIn("Running on CPU %d" % cpu, server.output())
         # ... and no woken thread preempts the one holding the GIL.
