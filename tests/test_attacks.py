@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -27,6 +28,29 @@ from tests.test_http_protocol import RawConnection, read_response, request
 from tests.test_limits import rss_bytes
 
 MiB = 1 << 20
+
+
+def group_memory(pgid):
+    """The memory of a process group (the server and its helper processes): the sum of
+    their proportional set sizes (Pss: a page shared by two counts half in each), or of
+    their RSS where the kernel has no /proc/PID/smaps_rollup."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                if int(f.read().rpartition(")")[2].split()[2]) != pgid:
+                    continue
+            try:
+                with open("/proc/%s/smaps_rollup" % name) as f:
+                    total += next(int(line.split()[1]) for line in f
+                                  if line.startswith("Pss:")) * 1024
+            except FileNotFoundError:
+                total += rss_bytes(int(name))
+        except (OSError, ValueError, StopIteration, AssertionError):
+            continue                    # gone meanwhile, or a kernel thread
+    return total
 
 
 def open_fds(pid):
@@ -432,17 +456,196 @@ class PipelineFloodTest(support.ServerTestCase):
         # replies, about 2,000 PUTs, in 6 s), while the other client's GETs
         # stayed within the bounds here (median 0.2-10 ms, p99 34-43 ms).
         server = self.start_server()
-        rss = [rss_bytes(server.proc.pid)]
+        rss = [group_memory(server.proc.pid)]
         bound = 150 * MiB
 
         def sample():
-            rss.append(rss_bytes(server.proc.pid))
+            if time.monotonic() - sampled[0] >= 0.05:
+                rss.append(group_memory(server.proc.pid))
+                sampled[0] = time.monotonic()
+        sampled = [time.monotonic()]
         try:
             report = self.check_fair(server, "put", 10, sample, flood_seconds=6)
         except AssertionError as e:
-            raise AssertionError("%s; the server's RSS reached %.0f MiB" % (e, max(rss) / MiB))
-        self.assertLess(max(rss), bound, "the server's RSS reached %.0f MiB (%.0f MiB before "
-                        "the flood); %s" % (max(rss) / MiB, rss[0] / MiB, report))
+            raise AssertionError("%s; the server's memory reached %.0f MiB" % (e, max(rss) / MiB))
+        self.assertLess(max(rss), bound, "the server's memory reached %.0f MiB (%.0f MiB "
+                        "before the flood); %s" % (max(rss) / MiB, rss[0] / MiB, report))
+
+def run_tool(*command):
+    """Run a system tool; its CompletedProcess (stdout and stderr captured as text)."""
+    return subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+class StalledDiskTest(support.ServerTestCase):
+    """(f) A disk whose fsync does not return: memory stays bounded, reads go on,
+    /health says 503, writes get 503 past the journal's backlog, and no answer lies.
+
+    The data directory is on a loop-mounted ext4 file system, frozen with
+    fsfreeze (every write to it, and every fsync, blocks until the thaw).  The
+    memory measured is the server's with its helper processes (their Pss).
+    main 322ce3d, with --fsync always: its memory went from 20-28 MiB to
+    536-590 MiB while frozen (the brief had 1.3 GB for the same attack),
+    reads went on (slowest 0.1-0.6 s), /health said "200 ok" for the whole 10 s
+    of freeze; 0-43 PUTs got 503 while frozen, the others 200 after the thaw,
+    and every answer was true.
+    """
+
+    CLIENTS = 400
+    VALUE_BYTES = MiB
+    IMAGE_BYTES = 1 << 30       # sparse: only what is written takes room
+    MEMORY_BOUND = 450 * MiB
+    HEALTH_WITHIN = 10.0        # seconds after the freeze (SPEC: "after a few seconds")
+    CLIENT_TIMEOUT = 20.0       # a write handed to the journal waits for the thaw
+
+    def mount_small_file_system(self):
+        """A fresh ext4 file system on a loop device, mounted on a new directory; its path.
+
+        Unmounted (and the loop device freed) at the end of the test, after the
+        server is gone and the file system thawed.
+        """
+        if os.geteuid() != 0:
+            self.skipTest("needs root, to mount a loop file system and freeze it")
+        missing = [t for t in ("truncate", "mkfs.ext4", "mount", "umount", "losetup",
+                               "fsfreeze") if not shutil.which(t)]
+        if missing or not os.path.exists("/dev/loop-control"):
+            self.skipTest("needs loop devices and %s" % ", ".join(missing or ["/dev/loop-control"]))
+        work = tempfile.mkdtemp(prefix="kvtest-disk-")
+        self.addCleanup(shutil.rmtree, work, True)
+        image, mountpoint = os.path.join(work, "fs.img"), os.path.join(work, "mnt")
+        os.mkdir(mountpoint)
+        for command in (("truncate", "-s", str(self.IMAGE_BYTES), image),
+                        ("mkfs.ext4", "-q", "-F", image)):
+            done = run_tool(*command)
+            if done.returncode != 0:
+                self.skipTest("cannot make the file system: %s" % done.stderr.strip())
+        done = run_tool("mount", "-o", "loop", image, mountpoint)
+        if done.returncode != 0:
+            self.skipTest("cannot mount a loop file system here: %s" % done.stderr.strip())
+        self.addCleanup(self.unmount, image, mountpoint)
+        return mountpoint
+
+    def unmount(self, image, mountpoint):
+        run_tool("fsfreeze", "-u", mountpoint)          # in case: an error if not frozen
+        # The server's helper processes may still be exiting (they hold files).
+        support.wait_until(lambda: run_tool("umount", mountpoint).returncode == 0
+                           or not os.path.ismount(mountpoint), 30, interval=0.1,
+                           message="umount %s" % mountpoint)
+        # mount -o loop frees its loop device at umount; any left over goes too.
+        for line in run_tool("losetup", "-j", image).stdout.splitlines():
+            run_tool("losetup", "-d", line.split(":", 1)[0])
+
+    def test_a_frozen_disk(self):
+        mountpoint = self.mount_small_file_system()
+        server = self.start_server("--fsync", "always",
+                                   data_dir=os.path.join(mountpoint, "data"))
+        server.put("before", b"written before the freeze")
+        rss = [group_memory(server.proc.pid)]
+
+        def thaw():
+            done = run_tool("fsfreeze", "-u", mountpoint)
+            return done.returncode == 0 or "Invalid argument" in done.stderr  # not frozen
+        # Registered after the server, so it runs before the server is killed:
+        # a process blocked on a frozen file system cannot die until the thaw.
+        self.addCleanup(thaw)
+        done = run_tool("fsfreeze", "-f", mountpoint)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        frozen = time.monotonic()
+
+        tail = os.urandom(self.VALUE_BYTES - 8)
+        answers = [None] * self.CLIENTS        # a status, or None: no answer
+        no_retry_after = []
+
+        def write(i):
+            try:
+                with socket.create_connection((server.host, server.port),
+                                              timeout=self.CLIENT_TIMEOUT) as sock:
+                    sock.sendall(request("PUT", "/kv/w%03d" % i,
+                                         [("Content-Length", str(self.VALUE_BYTES))]))
+                    sock.sendall(b"%08d" % i)
+                    sock.sendall(tail)
+                    with sock.makefile("rb") as rfile:
+                        response = read_response(rfile, "PUT")
+                    answers[i] = response.status
+                    if response.status == 503 and response.get("Retry-After") is None:
+                        no_retry_after.append(i)
+            except (OSError, AssertionError):
+                pass
+        writers = [threading.Thread(target=write, args=(i,), daemon=True)
+                   for i in range(self.CLIENTS)]
+        for writer in writers:
+            writer.start()
+
+        # While frozen: memory, reads and /health, until /health says 503 (and
+        # a second more), or HEALTH_WITHIN.
+        reads, health, unhealthy_at = [], None, None
+        while time.monotonic() < frozen + self.HEALTH_WITHIN:
+            rss.append(group_memory(server.proc.pid))
+            started = time.monotonic()
+            try:
+                status, _, body = server.request("GET", "/kv/before", timeout=5)
+                reads.append((status == 200 and body == b"written before the freeze",
+                              time.monotonic() - started, status))
+            except OSError as e:
+                reads.append((False, time.monotonic() - started, type(e).__name__))
+            try:
+                status, _, body = server.request("GET", "/health", timeout=5)
+                health = "%d %r" % (status, body)
+            except OSError as e:
+                status, health = None, type(e).__name__
+            if status == 503 and unhealthy_at is None:
+                unhealthy_at = time.monotonic() - frozen
+            if unhealthy_at is not None and time.monotonic() - frozen > unhealthy_at + 1:
+                break
+            time.sleep(0.1)                     # the interval between samples
+        rss.append(group_memory(server.proc.pid))
+        frozen_for = time.monotonic() - frozen
+        answered_while_frozen = sum(a is not None for a in answers)
+        self.assertTrue(thaw(), "fsfreeze -u failed")
+
+        rss_frozen = max(rss)
+        deadline = time.monotonic() + self.CLIENT_TIMEOUT
+        while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+            rss.append(group_memory(server.proc.pid))
+            time.sleep(0.1)                     # the interval between samples
+        rss.append(group_memory(server.proc.pid))
+        thawed_for = time.monotonic() - deadline + self.CLIENT_TIMEOUT
+
+        # Only 200 means applied; an error means not applied; no answer, either.
+        lies = []
+        for i, status in enumerate(answers):
+            got = server.get("w%03d" % i)
+            expected = b"%08d" % i + tail
+            if got is not None and got != expected:
+                lies.append("w%03d: a value of %d bytes, not its own" % (i, len(got)))
+            elif status == 200 and got is None:
+                lies.append("w%03d: answered 200, absent" % i)
+            elif status is not None and status >= 300 and got is not None:
+                lies.append("w%03d: answered %d, present" % (i, status))
+        tally = {}
+        for status in answers:
+            tally[status] = tally.get(status, 0) + 1
+        bad_reads = [r for r in reads if not r[0]]
+        report = ("with the disk frozen for %.1f s: the server's memory went from %.0f MiB to %.0f "
+                  "MiB (%.0f MiB at most in the %.1f s after the thaw); %d reads, %d failed "
+                  "(%s), slowest %.3f s; /health said 503 after %s, last %s; %d of %d PUTs of "
+                  "1 MiB answered while frozen; answers by the end: %s; %d lies: %s"
+                  % (frozen_for, rss[0] / MiB, rss_frozen / MiB, max(rss) / MiB, thawed_for,
+                     len(reads), len(bad_reads),
+                     bad_reads[:1], max(r[1] for r in reads),
+                     "never" if unhealthy_at is None else "%.1f s" % unhealthy_at, health,
+                     answered_while_frozen, self.CLIENTS,
+                     ", ".join("%s: %d" % (k, v) for k, v in sorted(tally.items(), key=str)),
+                     len(lies), lies[:3]))
+        self.assertEqual(lies, [], report)
+        self.assertEqual(no_retry_after, [], "503s without Retry-After; " + report)
+        self.assertLess(max(rss), self.MEMORY_BOUND, report)
+        self.assertEqual(bad_reads, [], report)
+        self.assertIsNotNone(unhealthy_at, report)
+        self.assertEqual(server.request("GET", "/health")[0], 200, "after the thaw; " + report)
+        self.assertNotIn("Traceback", server.output())
+
 
 if __name__ == "__main__":
     unittest.main()
