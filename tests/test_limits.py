@@ -134,23 +134,27 @@ class FairnessTest(support.ServerTestCase):
     FLOOD_SECONDS = 1.5
 
     def check_served_during(self, server, flood):
-        stop = threading.Event()
+        """`flood(stop, busy)` floods until `stop` is set; it sets `busy` once the server
+        is busy with it."""
+        stop, busy = threading.Event(), threading.Event()
         errors = []
 
         def run():
             try:
-                flood(stop)
+                flood(stop, busy)
             except OSError as e:
                 errors.append(e)
+            busy.set()
         flooder = threading.Thread(target=run, daemon=True)
         flooder.start()
-        time.sleep(0.2)                                 # let the flood fill the socket
+        self.assertTrue(busy.wait(10), "the flood did not start")
+        self.assertEqual(errors, [])
         client = Client(server)
         self.addCleanup(client.close)
         ends = time.monotonic() + self.FLOOD_SECONDS
         while time.monotonic() < ends:
             client.get_health()
-            time.sleep(0.02)
+            time.sleep(0.02)                # the client's pace, on purpose: not a wait
         stop.set()
         flooder.join(30)
         self.assertFalse(flooder.is_alive())
@@ -163,23 +167,27 @@ class FairnessTest(support.ServerTestCase):
         # outweigh their data (1-byte ones are refused: ChunkedTests).
         server = self.start_server("--max-value-bytes", str(1 << 30))
 
-        def flood(stop):
+        def flood(stop, busy):
             with socket.create_connection((server.host, server.port)) as sock:
                 sock.sendall(request("PUT", "/kv/flood", [("Transfer-Encoding", "chunked")]))
                 chunks = b"8\r\nxxxxxxxx\r\n" * 10000
+                sent = 0
                 while not stop.is_set():
                     sock.sendall(chunks)
+                    sent += len(chunks)
+                    if sent > 8 << 20:      # past the socket buffers: the server reads it
+                        busy.set()
         self.check_served_during(server, flood)
 
     def test_a_flood_of_pipelined_requests(self):
         server = self.start_server()
 
-        def flood(stop):
+        def flood(stop, busy):
             with socket.create_connection((server.host, server.port)) as sock:
                 def drain():
                     try:
                         while sock.recv(1 << 20):
-                            pass
+                            busy.set()      # replies come: the server is busy with it
                     except OSError:
                         pass
                 threading.Thread(target=drain, daemon=True).start()
