@@ -10,6 +10,7 @@ Every wait here polls with a deadline; nothing sleeps blindly.
 """
 import http.client
 import os
+import random
 import re
 import shutil
 import signal
@@ -256,7 +257,28 @@ def copy_of_server(test):
 
 
 def free_port():
-    """A port that was free a moment ago (for tests that must name a port)."""
+    """A port that was free a moment ago (for tests that must name a port).
+
+    It is taken below the kernel's ephemeral range: there, between this check
+    and the server's bind, no client's connect() and no other server's bind to
+    port 0 (the suite runs several at once, and bursts of 10,000 connections)
+    can take it.  Random, so that parallel workers do not pick the same one.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(100):
+        if ephemeral <= 2048:
+            break
+        port = random.randrange(max(1024, ephemeral - 20000), ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
