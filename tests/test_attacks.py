@@ -5,7 +5,7 @@ own, plays one attack with plain sockets, and asserts what SPEC.md ("Limits
 and timeouts", "Transport") requires while it goes on.  Every failure message
 carries the figures measured, so a failing run says how far off the server is.
 The comment on each test says what the thread-and-epoll server (main 322ce3d)
-did, measured on a quiet 2-CPU machine.
+did, measured on a shared 2-CPU machine (load average 0.2 to 1.6).
 
 Bounds on time are generous (a loaded 2-CPU CI machine must pass them); they
 tell "served" from "stuck" or "starved", they are not speed goals (those are
@@ -643,7 +643,11 @@ class StalledDiskTest(support.ServerTestCase):
         self.assertLess(max(rss), self.MEMORY_BOUND, report)
         self.assertEqual(bad_reads, [], report)
         self.assertIsNotNone(unhealthy_at, report)
-        self.assertEqual(server.request("GET", "/health")[0], 200, "after the thaw; " + report)
+        # After the thaw the server recovers by itself, within seconds.
+        support.wait_until(lambda: server.request("GET", "/health")[0] == 200, 10, interval=0.1,
+                           message="/health 200 after the thaw; " + report)
+        server.put("after", b"written after the thaw")
+        self.assertEqual(server.get("after"), b"written after the thaw")
         self.assertNotIn("Traceback", server.output())
 
 
