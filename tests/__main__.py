@@ -1,31 +1,254 @@
 """Run the whole suite: `python3 -m tests` (what `make test` does).
 
-unittest's own summary ("Ran N tests ... OK") is followed by one plain line,
-"N passed, N failed, N skipped", so that CI can read the count at a glance.
-Arguments are test name patterns passed to unittest's -k, e.g.
-`python3 -m tests shutdown`.
+    python3 -m tests [-j N] [PATTERN ...]
+
+The test modules run in parallel, each in a worker process of its own
+(the longest few, one process per test class), `-j` at a time (default 3,
+or $KV_TEST_JOBS; `-j 1` runs them one after the other), the longest first
+so that the last to finish is a short one.  Every test already has its own
+port and data directory, so they share nothing but the CPUs.  PATTERNs select
+tests as unittest's -k does (a substring of the test's full name, or a glob),
+e.g. `python3 -m tests shutdown`.
+
+Output: one line per module (or class) as it finishes, with its counts and
+time, one line per failing or skipped test under it, then the tracebacks of
+the failures, then the totals.  The last line is always "N passed, N failed, N skipped": CI reads
+it.  The exit status is 0 only if no test failed and at least one ran.
 """
+import argparse
+import concurrent.futures
+import json
 import os
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import traceback
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+# The units of work, each run by a worker process: a module, or for the long
+# modules in SPLIT, each of its test classes.  DURATIONS is what each took
+# alone, in seconds, on the shared 2-CPU machine (tests branch, main 322ce3d's
+# server): units start longest first.  A unit missing here counts as long (it
+# starts early); stale figures only make the schedule a little worse, never a
+# result wrong.
+SPLIT = {"test_attacks", "test_crash", "test_lifecycle", "test_limits"}
+DURATIONS = {
+    "test_attacks.StalledDiskTest": 15, "test_attacks.PipelineFloodTest": 11,
+    "test_attacks.ConnectionDeadlineTest": 10, "test_attacks.HalfCloseTest": 2.5,
+    "test_attacks.InflightMemoryTest": 1.5, "test_attacks.HugeContentLengthTest": 0.5,
+    "test_crash.KillFsyncAlwaysTest": 4.4, "test_crash.KillFsyncEverysecTest": 4.0,
+    "test_crash.KillFsyncNoTest": 3.6, "test_crash.BurstKillTest": 3.5,
+    "test_crash.JournalDamageTest": 1.8, "test_crash.CheckpointUnderLoadTest": 1.7,
+    "test_crash.AllowedStatesTest": 0.1,
+    "test_lifecycle.ShutdownTest": 8.5, "test_lifecycle.CommandLineTest": 4.7,
+    "test_lifecycle.ShutdownUnderLoadTest": 3.1, "test_lifecycle.ProcessFailureTest": 2.5,
+    "test_lifecycle.CpuTest": 0.7,
+    "test_limits.FairnessTest": 3.8, "test_limits.DeadlineTest": 3.2,
+    "test_limits.FileDescriptorTest": 2.4, "test_limits.MemoryCapTest": 1.9,
+    "test_limits.ThreadLimitTest": 0.3, "test_limits.ConnectionCapTest": 0.2,
+    "test_persistence": 11, "test_listing": 9.5, "test_http_api": 7, "test_auth": 6.8,
+    "test_backup": 6.4, "test_metrics": 5.7, "test_http_protocol": 5.7,
+    "test_failures": 5.3, "test_conditional": 5.2, "test_docs": 3.4, "test_deploy": 1.3,
+    "test_bench_persist": 0.4, "test_bench_run": 0.3, "test_bench_goals": 0.2,
+}
+UNKNOWN_DURATION = 30
+# A unit that runs longer than this is stopped and counted as failed: a hung
+# test must not hang CI.
+MODULE_TIMEOUT = 900
+
+
+def load(unit, patterns):
+    """The tests of one unit ("test_limits", "test_limits.DeadlineTest") that match `patterns`."""
+    loader = unittest.TestLoader()
+    if patterns:
+        loader.testNamePatterns = [p if "*" in p else "*%s*" % p for p in patterns]
+    return loader.loadTestsFromName("tests." + unit)
+
+
+def test_classes(suite):
+    """The names of the TestCase classes in a suite, in order, each once."""
+    names = []
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            found = test_classes(item)
+        else:
+            found = [type(item).__name__]
+        names.extend(n for n in found if n not in names)
+    return names
+
+
+def units(patterns):
+    """The units to run, each with at least one test that matches `patterns`."""
+    found = []
+    for module in sorted(name[:-3] for name in os.listdir(TESTS)
+                         if name.startswith("test") and name.endswith(".py")):
+        try:
+            suite = load(module, patterns)
+        except Exception:                               # noqa: BLE001 - its worker reports it
+            found.append(module)
+            continue
+        if not suite.countTestCases():
+            continue
+        classes = test_classes(suite)
+        if module in SPLIT and "_FailedTest" not in classes:
+            found.extend("%s.%s" % (module, name) for name in classes)
+        else:
+            found.append(module)
+    return found
+
+
+# -- the worker: one unit, in a process of its own -----------------------------
+
+class Collector(unittest.TextTestResult):
+    """A result that also keeps, for each test, what happened to it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outcomes = []
+
+    def record(self, test, kind, detail=""):
+        test = getattr(test, "test_case", test)         # a subtest counts as its test
+        self.outcomes.append({"id": test.id(), "kind": kind, "detail": detail})
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self.record(test, "ERROR", self.errors[-1][1])
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self.record(test, "FAIL", self.failures[-1][1])
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            failed = issubclass(err[0], test.failureException)
+            detail = (self.failures if failed else self.errors)[-1][1]
+            self.record(test, "FAIL" if failed else "ERROR", "%s\n%s" % (subtest.id(), detail))
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self.record(test, "skipped", reason)
+
+    def addUnexpectedSuccess(self, test):
+        super().addUnexpectedSuccess(test)
+        self.record(test, "FAIL", "unexpected success")
+
+
+def worker(unit, patterns, result_path):
+    """Run one unit; write what happened to `result_path` (JSON)."""
+    started = time.monotonic()
+    suite = load(unit, patterns)
+    with open(os.devnull, "w") as quiet:
+        # buffer: what a test prints is kept with its failure, dropped if it passes.
+        runner = unittest.TextTestRunner(stream=quiet, verbosity=0, buffer=True,
+                                         resultclass=Collector)
+        result = runner.run(suite)
+    failed = {o["id"] for o in result.outcomes if o["kind"] in ("FAIL", "ERROR")}
+    skipped = {o["id"] for o in result.outcomes if o["kind"] == "skipped"} - failed
+    with open(result_path, "w") as f:
+        json.dump({"ran": result.testsRun, "failed": len(failed), "skipped": len(skipped),
+                   "outcomes": result.outcomes, "seconds": time.monotonic() - started}, f)
+
+
+# -- the parent: schedule the units, report ------------------------------------
+
+def run_unit(unit, patterns, directory):
+    """Run `unit` in a worker process; what it reported (or a failure if it did not)."""
+    result_path = os.path.join(directory, unit + ".json")
+    log_path = os.path.join(directory, unit + ".log")
+    started = time.monotonic()
+    command = [sys.executable, "-m", "tests", "--worker", result_path, unit, *patterns]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(MODULE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "killed after %d s" % MODULE_TIMEOUT
+            proc.wait()
+    try:
+        with open(result_path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        with open(log_path, "rb") as f:
+            output = f.read().decode("utf-8", "replace")
+        report = {"ran": 1, "failed": 1, "skipped": 0, "outcomes": [{
+            "id": "tests." + unit, "kind": "ERROR",
+            "detail": "the worker exited (%s) without a result; its output:\n%s"
+                      % (code, output[-20000:])}]}
+    report["seconds"] = time.monotonic() - started
+    return report
 
 
 def main(argv):
-    loader = unittest.TestLoader()
-    if argv:
-        loader.testNamePatterns = ["*%s*" % a for a in argv]
-    suite = loader.discover(os.path.join(ROOT, "tests"), top_level_dir=ROOT)
-    result = unittest.TextTestRunner(verbosity=2, buffer=False).run(suite)
-    # A failing subtest is listed once per subtest: count each test once.
-    failed = len({getattr(test, "test_case", test).id()
-                  for test, _ in result.failures + result.errors}
-                 | {test.id() for test in result.unexpectedSuccesses})
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__.split("\n")[0])
+    parser.add_argument("-j", "--jobs", type=int,
+                        default=int(os.environ.get("KV_TEST_JOBS", "3")),
+                        help="worker processes at once (default 3, or $KV_TEST_JOBS)")
+    parser.add_argument("--worker", metavar="RESULT", help=argparse.SUPPRESS)
+    parser.add_argument("patterns", nargs="*", metavar="PATTERN",
+                        help="run only the tests whose name matches (unittest -k)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.patterns[0], args.patterns[1:], args.worker)
+        return 0
+
+    started = time.monotonic()
+    planned = sorted(units(args.patterns), key=lambda u: -DURATIONS.get(u, UNKNOWN_DURATION))
+    jobs = max(1, min(args.jobs, len(planned) or 1))
+    print("Running %d module(s) or class(es) in %d worker(s)" % (len(planned), jobs),
+          flush=True)
+
+    totals = {"ran": 0, "failed": 0, "skipped": 0}
+    failures, lock = [], threading.Lock()
+    with tempfile.TemporaryDirectory(prefix="kvtest-run-") as directory, \
+            concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_unit, u, args.patterns, directory): u for u in planned}
+        for future in concurrent.futures.as_completed(futures):
+            unit = futures[future]
+            try:
+                report = future.result()
+            except Exception:                           # noqa: BLE001 - a bug here
+                report = {"ran": 1, "failed": 1, "skipped": 0, "seconds": 0, "outcomes": [
+                    {"id": "tests." + unit, "kind": "ERROR",
+                     "detail": traceback.format_exc()}]}
+            with lock:
+                for key in totals:
+                    totals[key] += report[key]
+                status = "FAIL" if report["failed"] else "ok"
+                print("%-4s %-40s %3d tests, %d failed, %d skipped %6.1f s"
+                      % (status, unit, report["ran"], report["failed"], report["skipped"],
+                         report["seconds"]), flush=True)
+                seen = set()
+                for outcome in report["outcomes"]:
+                    if outcome["kind"] in ("FAIL", "ERROR"):
+                        if outcome["id"] not in seen:
+                            print("     %s: %s" % (outcome["kind"], outcome["id"]), flush=True)
+                            seen.add(outcome["id"])
+                        failures.append(outcome)
+                    elif outcome["kind"] == "skipped":
+                        print("     skipped: %s: %s" % (outcome["id"], outcome["detail"]),
+                              flush=True)
+
+    for outcome in failures:
+        print("=" * 70)
+        print("%s: %s" % (outcome["kind"], outcome["id"]))
+        print("-" * 70)
+        print(outcome["detail"].rstrip("\n"))
+    if failures:
+        print("=" * 70)
+    failed, skipped = totals["failed"], totals["skipped"]
+    passed = totals["ran"] - failed - skipped
+    print("Ran %d tests in %.1f s (%d workers)" % (totals["ran"], time.monotonic() - started,
+                                                  jobs))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped), flush=True)
-    return 0 if failed == 0 and result.testsRun > 0 else 1
+    return 0 if failed == 0 and totals["ran"] > 0 else 1
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def patch_fsync(directory):
     hold, fail = os.path.join(directory, "HOLD_FSYNC"), os.path.join(directory, "FAIL_FSYNC")
     real_fsync = os.fsync
     def fsync(fd):
-        while os.path.exists(hold):
+        while os.path.exists(hold):         # a poll: held until the test lets go
             time.sleep(0.01)
         try:
             with open(fail) as f:

@@ -10,6 +10,7 @@ Every wait here polls with a deadline; nothing sleeps blindly.
 """
 import http.client
 import os
+import random
 import re
 import shutil
 import signal
@@ -44,10 +45,13 @@ class ServerProcess:
     """One run of the server.  Use as a context manager, or call start()/stop()."""
 
     def __init__(self, data_dir, *args, env=None, port=0, host="127.0.0.1", prefix=(),
-                 python=None, preexec_fn=None):
-        """`prefix`: a command that runs the server (prlimit, setpriv); `python`: the interpreter."""
+                 python=None, preexec_fn=None, server=SERVER, cwd=ROOT):
+        """`prefix`: a command that runs the server (prlimit, setpriv); `python`: the
+        interpreter; `server`: the script it runs (a copy of server.py: see
+        copy_of_server), in `cwd`."""
         self.data_dir = data_dir
         self.prefix, self.python, self.preexec_fn = list(prefix), python, preexec_fn
+        self.server, self.cwd = server, cwd
         self.args = list(args)
         self.env = env
         self.host = host
@@ -61,7 +65,7 @@ class ServerProcess:
     # -- lifecycle ---------------------------------------------------------
 
     def command(self):
-        return self.prefix + [self.python or sys.executable, SERVER, "--host", self.host,
+        return self.prefix + [self.python or sys.executable, self.server, "--host", self.host,
                 "--port", str(self.requested_port),
                 "--working-dir", self.data_dir] + self.args
 
@@ -69,7 +73,7 @@ class ServerProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         self.proc = subprocess.Popen(
-            self.command(), cwd=ROOT, env=env,
+            self.command(), cwd=self.cwd, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=self.preexec_fn)
         self._reader = threading.Thread(target=self._read_output, daemon=True)
@@ -227,8 +231,54 @@ def temp_file(test, name, content):
     return path
 
 
+def copy_of_server(test):
+    """A copy of the server's code in a new directory that any user may read; its path.
+
+    For a test that runs the server as another user (nobody): the checkout
+    itself may sit where that user cannot go (a clone in root's 0700 home).
+    The copy holds the project's top-level modules and packages, not its tests,
+    benchmark or data; it is removed after the test.
+    """
+    directory = tempfile.mkdtemp(prefix="kvtest-code-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    for name in os.listdir(ROOT):
+        path = os.path.join(ROOT, name)
+        if name.endswith(".py") and os.path.isfile(path):
+            shutil.copy(path, directory)
+        elif (name not in ("tests", "bench") and not name.startswith(".")
+              and os.path.isfile(os.path.join(path, "__init__.py"))):
+            shutil.copytree(path, os.path.join(directory, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    for parent, directories, files in os.walk(directory):
+        os.chmod(parent, 0o755)
+        for name in files:
+            os.chmod(os.path.join(parent, name), 0o644)
+    return directory
+
+
 def free_port():
-    """A port that was free a moment ago (for tests that must name a port)."""
+    """A port that was free a moment ago (for tests that must name a port).
+
+    It is taken below the kernel's ephemeral range: there, between this check
+    and the server's bind, no client's connect() and no other server's bind to
+    port 0 (the suite runs several at once, and bursts of 10,000 connections)
+    can take it.  Random, so that parallel workers do not pick the same one.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(100):
+        if ephemeral <= 2048:
+            break
+        port = random.randrange(max(1024, ephemeral - 20000), ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

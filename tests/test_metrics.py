@@ -220,7 +220,7 @@ class MetricsTest(support.ServerTestCase):
         before = Scrape(server)
         waited = 0.0
         for i in range(3):
-            time.sleep(0.4)
+            time.sleep(0.4)                 # the server idles: the stimulus, not a wait
             started = time.monotonic()
             self.assertEqual(server.request("GET", "/kv/absent")[0], 404)
             waited += time.monotonic() - started

@@ -577,7 +577,7 @@ class FsyncCounter:
         with self.lock:
             self.started += 1
             number = self.started
-        time.sleep(self.delay)
+        time.sleep(self.delay)              # a slow disk, on purpose: not a wait
         self.real(fd)
         with self.lock:
             self.finished.append(number)
