@@ -94,6 +94,7 @@ import errno
 import hmac
 import http.server
 import ipaddress
+import json
 import os
 import pickle
 import re
@@ -117,8 +118,32 @@ from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 # thread that handles signals, or the final save.  Lines go straight to the
 # file descriptor with os.write: no buffer to hold lines that cannot be
 # written, and nothing left to flush at exit.
+#
+# Every line starts with when it happened, as RFC 3339 in UTC (a log read
+# next to another host's, or after a DST change, needs no guessing), or is
+# one JSON object (--log-format json) for a log shipper that would
+# otherwise have to parse the text.  Events go to stdout, failures to
+# stderr.
+
+LOG_FORMATS = ("text", "json")
 
 _log_lock = threading.Lock()
+_log_json = False               # set_log_format("json")
+
+
+def set_log_format(name):
+    """Choose how every later line is written: "text" (the default) or "json"."""
+    global _log_json
+    if name not in LOG_FORMATS:
+        raise ValueError("unknown log format %r" % name)
+    _log_json = name == "json"
+
+
+def timestamp(now=None):
+    """`now` (default: the time now) as RFC 3339 in UTC, to the millisecond: 2026-01-05T09:30:00.250Z."""
+    now = time.time() if now is None else now
+    millis = int(now % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
 
 
 def _write_line(fd, line):
@@ -131,16 +156,37 @@ def _write_line(fd, line):
         pass                    # EPIPE, EBADF, ENOSPC...: nobody to tell
 
 
+def _emit(fd, level, prefix, message, fields=None):
+    """One event as one line: timestamped text, or a JSON object with the same facts."""
+    if _log_json:
+        record = {"time": timestamp(), "level": level, "message": message}
+        record.update(fields or {})
+        line = json.dumps(record, separators=(",", ":"))
+    else:
+        # A newline would make one event look like two.
+        line = "%s %s%s" % (timestamp(), prefix, message.replace("\n", "\\n"))
+    with _log_lock:
+        _write_line(fd, line)
+
+
 def log(message):
     """One line to stdout, at once (the harnesses read it live)."""
-    with _log_lock:
-        _write_line(1, message)
+    _emit(1, "info", "", message)
+
+
+def warn(message):
+    """One line to stdout about something an operator should change ("Warning: ...")."""
+    _emit(1, "warning", "Warning: ", message)
 
 
 def fail(message):
     """One line to stderr: what failed and why, never a traceback."""
-    with _log_lock:
-        _write_line(2, "error: " + message)
+    _emit(2, "error", "error: ", message)
+
+
+def format_address(host, port):
+    """host:port as a URL writes it: an IPv6 address in brackets ([::1]:8080)."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 # ---------------------------------------------------------------- HTTP layer --
@@ -1603,8 +1649,8 @@ def warn_if_exposed(server):
     except ValueError:
         loopback = False
     if server.auth_token is None and not loopback:
-        log("Warning: listening on %s without --auth-token-file: anyone who can reach "
-            "this port can read, change and delete every key" % host)
+        warn("listening on %s without --auth-token-file: anyone who can reach "
+             "this port can read, change and delete every key" % host)
 
 
 # ------------------------------------------------------------------ metrics --
@@ -1955,6 +2001,9 @@ def parse_args(argv, environ):
                              "the request line alone (default 65536)")
     parser.add_argument("--access-log", action="store_true",
                         help="log one line per request (never a value); off by default")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text: a line per event after an RFC 3339 UTC timestamp; "
+                             "json: a JSON object per line (default text)")
     return parser.parse_args(argv)
 
 
@@ -2162,8 +2211,8 @@ def serve(args, store, signal_pipe):
                           args.auth_token, limits)
     except (OSError, OverflowError) as e:
         store.abandon()
-        fail("cannot listen on %s:%s: %s" % (args.host, args.port,
-                                              getattr(e, "strerror", None) or e))
+        fail("cannot listen on %s: %s" % (format_address(args.host, args.port),
+                                           getattr(e, "strerror", None) or e))
         return 1
 
     def stop_on_storage_failure():
@@ -2180,7 +2229,7 @@ def serve(args, store, signal_pipe):
         log("Open file limit %d is below --max-connections %d: past it, connections wait "
             "in the kernel's queue" % (files, args.max_connections))
     warn_if_exposed(server)
-    log("Server listening on %s:%d" % (host, port))
+    log("Server listening on %s" % format_address(host, port))
     # A short poll interval: serve_forever() notices shutdown() within it.
     server.serve_forever(poll_interval=0.05)
     server.server_close()
@@ -2209,6 +2258,7 @@ def serve(args, store, signal_pipe):
 def main(argv=None):
     open_standard_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    set_log_format(args.log_format)
     raise_open_file_limit()
     if args.cpu is not None:
         try:
