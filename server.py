@@ -123,9 +123,11 @@ from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 # next to another host's, or after a DST change, needs no guessing), or is
 # one JSON object (--log-format json) for a log shipper that would
 # otherwise have to parse the text.  Events go to stdout, failures to
-# stderr.
+# stderr.  No line ever holds a value or the token: log_access takes only
+# what the request line and the reply's status say.
 
 LOG_FORMATS = ("text", "json")
+ACCESS_TARGET_MAX = 1024        # characters of a request target kept in the access log
 
 _log_lock = threading.Lock()
 _log_json = False               # set_log_format("json")
@@ -182,6 +184,29 @@ def warn(message):
 def fail(message):
     """One line to stderr: what failed and why, never a traceback."""
     _emit(2, "error", "error: ", message)
+
+
+def log_access(client, method, target, status, nbytes, seconds):
+    """The access log's line for one request (--access-log): who, what, the outcome, how long.
+
+    `client` is the peer's address, `method` and `target` come from the
+    request line (None if it could not be parsed), `nbytes` is the reply
+    body's length and `seconds` the time from the request's first bytes to
+    its reply.  Text: 127.0.0.1 "GET /kv/a" 200 5 0.000412, as the common
+    log format (request, status, bytes) with nginx's $request_time after.
+    The target is quoted with its own quotes escaped, so that a client
+    cannot forge a field, and cut at ACCESS_TARGET_MAX characters.
+    """
+    method, target = method or "-", target or "-"
+    if len(target) > ACCESS_TARGET_MAX:
+        target = target[:ACCESS_TARGET_MAX] + "..."
+    if _log_json:
+        _emit(1, "info", "", "%s %s %d" % (method, target, status),
+              {"client": client, "method": method, "target": target, "status": status,
+               "bytes": nbytes, "seconds": round(seconds, 6)})
+        return
+    quoted = ("%s %s" % (method, target)).replace("\\", "\\\\").replace('"', '\\"')
+    _emit(1, "info", "", '%s "%s" %d %d %.6f' % (client, quoted, status, nbytes, seconds))
 
 
 def format_address(host, port):
@@ -403,6 +428,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = False
         self.requestline = ""
         self.command = None
+        self.route_path = ""            # the path of the request being served (head_received)
         self.request_version = "HTTP/1.1"
         self.deadline = server.now + server.limits.header_timeout
         self.started = server.now       # when the request began, for the latency metric
@@ -554,7 +580,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
 
     def refuse_busy(self):
         """503: the requests in flight already hold all the memory they may."""
-        self.state, self.command = HEAD, None
+        self.state, self.command, self.route_path = HEAD, None, ""
         self.reply(503, b"server busy\n", close=True, headers=(("Retry-After", "1"),))
         self.state = LINGER
 
@@ -592,7 +618,7 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         headers are joined with ", " (RFC 9110 5.3).  Raises RequestError.
         """
         self.close_connection = True            # until the head says otherwise
-        self.command = None
+        self.command, self.route_path = None, ""
         text = head.decode("latin-1")
         bad = BAD_HEAD_BYTE.search(head)
         lines = text.replace("\r\n", "\n").split("\n")
@@ -857,17 +883,16 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         """
         connection = self.connection_header()
         ok = _this_second.write_ok(connection, etag)
-        requestline, command, started = self.requestline, self.command, self.started
-        metrics = self.server.metrics
+        request = (self.command, self.path, self.route_path, self.started)
 
         def send_when_durable(error):          # the journal's driver: the worker
-            reply, status = ok, 200
+            reply, status, body = ok, 200, b""
             if error:
                 status, message = storage_error(error)
-                reply = build_reply(status, message.encode() + b"\n", connection)
+                body = message.encode() + b"\n"
+                reply = build_reply(status, body, connection)
             self.server.hand_reply(self, reply)
-            metrics.request_done(command, status, started)
-            self.log_message('"%s" %s %s', requestline, status, 0)
+            self.request_done(*request, status, len(body))
 
         try:
             self.hand_over(mutation, *args, on_durable=send_when_durable, **options)
@@ -944,9 +969,20 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             self.send(head + send)
         else:
             self.send(head, send)               # a large value is not copied
-        self.server.metrics.request_done(self.command, status, self.started)
+        self.request_done(self.command, self.path if self.command else None, self.route_path,
+                          self.started, status, len(send))
+
+    def request_done(self, method, target, path, started, status, nbytes):
+        """A reply went out: count it in the metrics, and log it with --access-log.
+
+        The request's method, target, path and start time (time.monotonic())
+        are passed, not read from self: a write's reply goes out later, from
+        the journal's callback, and the snapshot's from its own thread.
+        """
+        seconds = time.monotonic() - started
+        self.server.metrics.request_done(method, route_label(path), status, seconds)
         if self.server.access_log:
-            self.log_request(status, len(body))
+            log_access(self.client_address[0], method, target, status, nbytes, seconds)
 
     def send(self, *parts):
         """Send what the socket takes now, without waiting; keep the rest in self.out."""
@@ -1664,6 +1700,18 @@ METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 10.0)       # seconds; a reply waits for its fsync, a few ms on SSD
+# The route label of the latency histogram: what a request asked for, in a
+# bounded set (a label per key would be a series per key).
+ROUTES = ("key", "listing", "health", "metrics", "snapshot", "export", "batch", "other")
+ROUTE_OF_PATH = {"/kv": "listing", "/health": "health", "/metrics": "metrics",
+                 "/snapshot": "snapshot", "/export": "export", "/batch": "batch"}
+
+
+def route_label(path):
+    """The route of a request's path (without its query), one of ROUTES: /kv/a is "key"."""
+    if path.startswith("/kv/"):
+        return "key"
+    return ROUTE_OF_PATH.get(path, "other")
 
 
 class Metrics:
@@ -1675,13 +1723,18 @@ class Metrics:
 
     def __init__(self):
         self._lock = threading.Lock()   # guards adding to _rows, and reading it whole
-        # (method label, status) -> [seconds in all, then a count per
+        # (method label, route, status) -> [seconds in all, then a count per
         # latency bucket, the last one +Inf]: the request counters and the
         # histogram in one row, so that a request costs one lookup.
         self._rows = {}
 
-    def request_done(self, method, status, started):
-        """Count a request whose reply went out; `started` is its time.monotonic() on arrival.
+    def request_done(self, method, route, status, seconds):
+        """Count a request whose reply went out.
+
+        `method` is the request's (any other than METHOD_LABELS counts as
+        "other"), `route` one of ROUTES (route_label), `status` the reply's
+        code, `seconds` the time from the request's first bytes to the
+        reply's hand-over to the kernel.
 
         No lock, although the worker and the snapshot stream both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
@@ -1691,80 +1744,97 @@ class Metrics:
         which Prometheus would read as a restart.  The lock cost a third
         of this method.
         """
-        seconds = time.monotonic() - started
-        row = self._rows.get((method, status))
+        row = self._rows.get((method, route, status))
         if row is None:
-            row = self._new_row(method, status)
+            row = self._new_row(method, route, status)
         bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1    # le is inclusive
         row[0] += seconds
         row[bucket] += 1
 
-    def _new_row(self, method, status):
+    def _new_row(self, method, route, status):
         if method not in METHOD_LABELS:
             method = "other"            # rare, and bounded: each costs the lock once more
+        if route not in ROUTES:
+            route = "other"
         with self._lock:
-            return self._rows.setdefault((method, status),
+            return self._rows.setdefault((method, route, status),
                                          [0.0] + [0] * (len(LATENCY_BUCKETS) + 1))
+
+    def _requests(self):
+        """({(method, code): count}, {(route, method): histogram row}) of the requests so far."""
+        requests, latency = {}, {}
+        with self._lock:
+            for (method, route, status), row in self._rows.items():
+                row = row[:]            # one read of it (a copy is one step)
+                requests[method, status] = requests.get((method, status), 0) + sum(row[1:])
+                total = latency.get((route, method))
+                latency[route, method] = row if total is None else [
+                    a + b for a, b in zip(total, row)]
+        return requests, latency
 
     def render(self, server):
         """The text of /metrics, as bytes."""
-        store = server.store
-        journal = store.journal
-        rows = {m: [0.0] + [0] * (len(LATENCY_BUCKETS) + 1) for m in METHOD_LABELS}
-        requests = {}
-        with self._lock:
-            for (method, status), row in self._rows.items():
-                row = row[:]            # one read of it (a copy is one step)
-                requests[method, status] = sum(row[1:])
-                rows[method] = [a + b for a, b in zip(rows[method], row)]
         out = []
-
-        def metric(name, kind, text, samples):
-            out.append("# HELP kvstore_%s %s\n# TYPE kvstore_%s %s\n" % (name, text, name, kind))
-            for suffix, labels, value in samples:
-                label_text = ",".join('%s="%s"' % pair for pair in labels)
-                out.append("kvstore_%s%s%s %s\n" % (name, suffix,
-                                                    "{%s}" % label_text if labels else "",
-                                                    value))
-
-        def one(name, kind, text, value):
-            metric(name, kind, text, [("", (), value)])
-
-        metric("requests_total", "counter", "Requests answered, by method and status code.",
+        requests, latency = self._requests()
+        family(out, "kvstore_requests_total", "counter",
+               "Requests answered, by method and status code.",
                [("", (("method", m), ("code", c)), n) for (m, c), n in sorted(requests.items())])
-        latency = []
-        for method, (seconds, *counts) in rows.items():
-            total = 0
+        # By route and method: a key's GET and its PUT, which waits for an
+        # fsync, differ tenfold; /snapshot and /metrics mix with neither.
+        samples = []
+        for (route, method), (seconds, *counts) in sorted(latency.items()):
+            labels, total = (("route", route), ("method", method)), 0
             for le, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
                 total += count
-                latency.append(("_bucket", (("method", method), ("le", le)), total))
-            latency.append(("_sum", (("method", method),), repr(seconds)))
-            latency.append(("_count", (("method", method),), total))
-        metric("request_duration_seconds", "histogram",
-               "Time from a request's first bytes to its reply (a write's, after its fsync).",
-               latency)
-        one("connections", "gauge", "Client connections open now.", len(server._connections))
-        one("connections_refused_total", "counter", "Connections refused at the cap "
-            "(--max-connections).", server.connections_refused)
-        one("requests_timed_out_total", "counter", "Requests cut off at a deadline (a client "
-            "too slow to send or to read).", server.requests_timed_out)
-        one("keys", "gauge", "Keys in the store.", len(store))
-        one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
-        one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
-            "them (see /health).", 0 if store.write_problem() else 1)
-        one("journal_bytes", "gauge", "Bytes in the current journal file (a checkpoint "
-            "starts a new one).", journal.size)
-        one("journal_records_total", "counter", "Records appended to the journal.",
-            journal.records)
-        one("journal_fsyncs_total", "counter", "Journal fsyncs (each may cover many writes).",
-            journal.fsyncs)
-        one("journal_fsync_seconds_total", "counter", "Seconds spent in journal rounds that "
-            "fsynced (their write and their fsync).", repr(journal.fsync_seconds))
-        one("checkpoints_total", "counter", "Checkpoints written (snapshot, new journal).",
-            store.checkpoints)
-        one("checkpoint_failures_total", "counter", "Checkpoints that failed (the journal "
-            "was kept).", store.checkpoint_failures)
+                samples.append(("_bucket", labels + (("le", le),), total))
+            samples.append(("_sum", labels, repr(seconds)))
+            samples.append(("_count", labels, total))
+        family(out, "kvstore_request_duration_seconds", "histogram",
+               "Time from a request's first bytes to its reply (a write's, after its fsync), "
+               "by route and method.", samples)
+        single(out, "kvstore_connections", "gauge", "Client connections open now.",
+               len(server._connections))
+        single(out, "kvstore_connections_refused_total", "counter", "Connections refused at the "
+               "cap (--max-connections).", server.connections_refused)
+        single(out, "kvstore_requests_timed_out_total", "counter", "Requests cut off at a "
+               "deadline (a client too slow to send or to read).", server.requests_timed_out)
+        store_metrics(out, server.store)
         return "".join(out).encode("utf-8")
+
+
+def family(out, name, kind, text, samples):
+    """Append a metric family to `out`: HELP and TYPE, then each (suffix, labels, value)."""
+    out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+    for suffix, labels, value in samples:
+        label_text = ",".join('%s="%s"' % pair for pair in labels)
+        out.append("%s%s%s %s\n" % (name, suffix, "{%s}" % label_text if labels else "", value))
+
+
+def single(out, name, kind, text, value):
+    """Append a metric family of one sample without labels."""
+    family(out, name, kind, text, [("", (), value)])
+
+
+def store_metrics(out, store):
+    """The store's and its journal's families, read from where they live."""
+    journal = store.journal
+    single(out, "kvstore_keys", "gauge", "Keys in the store.", len(store))
+    single(out, "kvstore_value_bytes", "gauge", "Bytes of all values in the store.",
+           store.value_bytes)
+    single(out, "kvstore_storage_writable", "gauge", "1 if writes can be served, 0 if the "
+           "storage refuses them (see /health).", 0 if store.write_problem() else 1)
+    single(out, "kvstore_journal_bytes", "gauge", "Bytes in the current journal file (a "
+           "checkpoint starts a new one).", journal.size)
+    single(out, "kvstore_journal_records_total", "counter", "Records appended to the journal.",
+           journal.records)
+    single(out, "kvstore_journal_fsyncs_total", "counter", "Journal fsyncs (each may cover "
+           "many writes).", journal.fsyncs)
+    single(out, "kvstore_journal_fsync_seconds_total", "counter", "Seconds spent in journal "
+           "rounds that fsynced (their write and their fsync).", repr(journal.fsync_seconds))
+    single(out, "kvstore_checkpoints_total", "counter", "Checkpoints written (snapshot, new "
+           "journal).", store.checkpoints)
+    single(out, "kvstore_checkpoint_failures_total", "counter", "Checkpoints that failed (the "
+           "journal was kept).", store.checkpoint_failures)
 
 
 # ------------------------------------------------------------------- backup --
@@ -1802,7 +1872,7 @@ class SnapshotStream:
         self.sock = handler.request
         self.chunked = handler.request_version != "HTTP/1.0"
         self.connection = handler.connection_header(close=not self.chunked)
-        self.started, self.requestline = handler.started, handler.requestline
+        self.target, self.started = handler.path, handler.started
         self.size = 0
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLOUT)
@@ -1842,8 +1912,7 @@ class SnapshotStream:
             data = None
             self.server.snapshot_streams.release()
         if whole:
-            self.server.metrics.request_done("GET", 200, self.started)
-            handler.log_message('"%s" %s %s', self.requestline, 200, self.size)
+            handler.request_done("GET", self.target, "/snapshot", self.started, 200, self.size)
         # The last chunk, and the connection back to the worker.
         handler.send_owed(b"0\r\n\r\n" if whole and self.chunked else b"")
 
@@ -2000,7 +2069,8 @@ def parse_args(argv, environ):
                         help="request line and headers together; past it 431, or 414 for "
                              "the request line alone (default 65536)")
     parser.add_argument("--access-log", action="store_true",
-                        help="log one line per request (never a value); off by default")
+                        help="log one line per request: client, request line, status, "
+                             "bytes, seconds (never a value); off by default")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text: a line per event after an RFC 3339 UTC timestamp; "
                              "json: a JSON object per line (default text)")

@@ -4,6 +4,7 @@
 line it does not understand, so that what it accepts, Prometheus does too.
 (promtool check metrics was run on the output by hand; it needs no test.)
 """
+import collections
 import http.client
 import math
 import os
@@ -201,8 +202,10 @@ class MetricsTest(support.ServerTestCase):
         self.assertEqual(moved(requests, method="PUT", code="400"), 1)
         self.assertEqual(moved(requests, method="GET", code="200"), 2)     # key1, /metrics
         self.assertNotIn("BREW", after.text)
-        self.assertEqual(moved("kvstore_request_duration_seconds_count", method="PUT"), 5)
-        self.assertGreater(moved("kvstore_request_duration_seconds_sum", method="PUT"), 0)
+        self.assertEqual(moved("kvstore_request_duration_seconds_count", route="key",
+                               method="PUT"), 5)
+        self.assertGreater(moved("kvstore_request_duration_seconds_sum", route="key",
+                                 method="PUT"), 0)
         self.assertEqual(after.value("kvstore_keys"), 2)
         self.assertEqual(after.value("kvstore_value_bytes"), 5 + 11)
         self.assertEqual(moved("kvstore_journal_records_total"), 5)
@@ -224,10 +227,33 @@ class MetricsTest(support.ServerTestCase):
             started = time.monotonic()
             self.assertEqual(server.request("GET", "/kv/absent")[0], 404)
             waited += time.monotonic() - started
-        measured = (Scrape(server).value("kvstore_request_duration_seconds_sum", method="GET")
-                    - before.value("kvstore_request_duration_seconds_sum", method="GET"))
-        # The scrape `before` is counted too, once its reply was out: a few ms at most.
+        labels = {"route": "key", "method": "GET"}
+        measured = (Scrape(server).value("kvstore_request_duration_seconds_sum", **labels)
+                    - before.value("kvstore_request_duration_seconds_sum", **labels))
         self.assertLess(measured, waited + 0.05)
+
+    def test_latency_by_route(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        requests = [("GET", "/kv/k", "key"), ("GET", "/kv/absent", "key"),
+                    ("GET", "/kv?prefix=k", "listing"), ("GET", "/health", "health"),
+                    ("GET", "/metrics", "metrics"), ("GET", "/snapshot", "snapshot"),
+                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other")]
+        before = Scrape(server)
+        for method, path, _ in requests:
+            self.assertLess(server.request(method, path)[0], 500, path)
+        after = Scrape(server)
+        expected = collections.Counter((route, method) for method, _, route in requests)
+        expected["metrics", "GET"] += 1                 # the scrape `before`
+        name = "kvstore_request_duration_seconds_count"
+        for (route, method), count in expected.items():
+            with self.subTest(route=route, method=method):
+                self.assertEqual(after.value(name, route=route, method=method)
+                                 - before.value(name, route=route, method=method), count)
+        routes = {dict(labels)["route"] for (sample, labels) in
+                  after.families["kvstore_request_duration_seconds"]["samples"]}
+        self.assertLessEqual(routes, {"key", "listing", "health", "metrics", "snapshot",
+                                      "export", "batch", "other"})
 
     def test_value_bytes_survive_a_restart(self):
         server = self.start_server()

@@ -67,7 +67,7 @@ class TimestampTest(support.ServerTestCase):
 class JsonLogTest(support.ServerTestCase):
 
     def test_json_writes_one_object_per_line(self):
-        server = self.start_server("--log-format", "json", host="0.0.0.0")
+        server = self.start_server("--log-format", "json", "--access-log", host="0.0.0.0")
         server.host = "127.0.0.1"
         server.put("k", b"s3cret-value")
         self.assertEqual(server.request("GET", "/kv/k")[0], 200)
@@ -84,6 +84,13 @@ class JsonLogTest(support.ServerTestCase):
         warnings = [r for r in records if r["level"] == "warning"]
         self.assertEqual(len(warnings), 1, records)     # no token on 0.0.0.0
         self.assertIn("without --auth-token-file", warnings[0]["message"])
+        access = [r for r in records if "status" in r]
+        self.assertEqual([(r["method"], r["target"], r["status"], r["bytes"]) for r in access],
+                         [("PUT", "/kv/k", 200, 0), ("GET", "/kv/k", 200, 12)], records)
+        for record in access:
+            self.assertEqual(record["client"], "127.0.0.1")
+            self.assertGreaterEqual(record["seconds"], 0)
+            self.assertLess(record["seconds"], 30)
         self.assertNotIn("s3cret", server.output())         # no value in the log
         result = run_cli(["--log-format", "xml", "--port", "0", "--working-dir", self.data_dir])
         self.assertEqual(result.code, 2, result)
