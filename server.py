@@ -76,6 +76,8 @@ A SIGTERM, from the signal to exit 0
 
 import sys
 
+__version__ = "1.0.0"     # --version, and kvstore_build_info in /metrics
+
 # Before anything an older Python cannot import or run.  Python compiles
 # the whole file before this line runs, so all of it must parse under 3.6
 # (no walrus, no positional-only parameters, no f"{x=}", no match):
@@ -1694,7 +1696,10 @@ def warn_if_exposed(server):
 # GET /metrics: the Prometheus text format, version 0.0.4.  Requests are
 # counted as their reply goes out (Metrics.request_done: a lookup, a bisect,
 # two increments); everything else is read at scrape time from where it
-# already lives: the Store, its Journal, the KVServer.
+# already lives: the Store, its Journal, the KVServer, /proc/self.  Besides
+# the kvstore_ families, the process_ ones that Prometheus's own client
+# libraries export under these very names, so that the usual dashboards and
+# alerts (memory, file descriptors, restarts, CPU) work unchanged.
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
@@ -1799,6 +1804,10 @@ class Metrics:
         single(out, "kvstore_requests_timed_out_total", "counter", "Requests cut off at a "
                "deadline (a client too slow to send or to read).", server.requests_timed_out)
         store_metrics(out, server.store)
+        family(out, "kvstore_build_info", "gauge", "Always 1; the labels say which kvstore and "
+               "which Python this is.", [("", (("version", __version__),
+                                               ("python", sys.version.split()[0])), 1)])
+        process_metrics(out)
         return "".join(out).encode("utf-8")
 
 
@@ -1835,6 +1844,62 @@ def store_metrics(out, store):
            "journal).", store.checkpoints)
     single(out, "kvstore_checkpoint_failures_total", "counter", "Checkpoints that failed (the "
            "journal was kept).", store.checkpoint_failures)
+    single(out, "kvstore_last_checkpoint_timestamp_seconds", "gauge", "When the snapshot was "
+           "last written (a checkpoint or a clean stop), in Unix time; 0 if never.",
+           repr(last_checkpoint_time(store)))
+
+
+def last_checkpoint_time(store):
+    """The Unix time of the last snapshot written: this run's, else the snapshot file's, else 0.0."""
+    if store.last_checkpoint_time is not None:
+        return store.last_checkpoint_time
+    try:
+        return os.stat(persistence.snapshot_path(store.directory)).st_mtime
+    except OSError:
+        return 0.0                      # no snapshot yet: a store that was never saved
+
+
+_process_start_time = None      # process_start_time_seconds: read once, it cannot change
+
+
+def process_metrics(out):
+    """The standard process_ families, read from /proc/self; none where there is no /proc.
+
+    CPU counts this process only: the journal's writer and a checkpoint's
+    child are processes of their own.
+    """
+    global _process_start_time
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # Fields after the command name, which is in parentheses and
+            # may hold anything, spaces and parentheses included.
+            fields = f.read().rpartition(b")")[2].split()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        if _process_start_time is None:
+            _process_start_time = boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return
+    cpu = os.times()
+    single(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in "
+           "seconds.", repr(cpu.user + cpu.system))
+    single(out, "process_open_fds", "gauge", "Open file descriptors.", open_fds)
+    single(out, "process_max_fds", "gauge", "The limit of open file descriptors.",
+           resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    single(out, "process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.",
+           int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
+    single(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size, in bytes.",
+           int(fields[20]))
+    single(out, "process_start_time_seconds", "gauge", "When the process started, in Unix "
+           "time.", repr(round(_process_start_time, 2)))
+
+
+def boot_time():
+    """When the machine booted, in Unix time (/proc/stat's btime): process start times count from it."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return int(line.split()[1])
+    raise ValueError("no btime in /proc/stat")
 
 
 # ------------------------------------------------------------------- backup --
@@ -2006,6 +2071,7 @@ def parse_args(argv, environ):
                "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
                "under nohup) shut the server down cleanly. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
+    parser.add_argument("--version", action="version", version="kvstore " + __version__)
     parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
                         help="address to bind (env HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),

@@ -162,6 +162,14 @@ class CommandLineTest(LifecycleTestCase):
                     result, "stderr" if result.stderr.strip() else "stdout")
                 self.assertIn(value, line)
 
+    def test_version(self):
+        with open(support.SERVER, encoding="utf-8") as f:
+            version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
+        result = run_cli(["--version"])
+        self.assertEqual((result.code, result.stdout, result.stderr),
+                         (0, "kvstore %s\n" % version, ""))
+        self.assertRegex(version, r"^\d+\.\d+\.\d+$")
+
     def test_port_in_use_exits_1_naming_the_port(self):
         with socket.socket() as blocker:
             blocker.bind(("127.0.0.1", 0))
