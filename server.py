@@ -1641,24 +1641,28 @@ OPEN_TO_ALL = {"/health": ("GET", "HEAD")}      # probes need no token
 UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="kvstore"'),)
 
 
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message names the file, never the token."""
+
+
 def read_auth_token(path):
     """The token in the file at `path`: its content without surrounding whitespace, as bytes.
 
-    An argparse type, so a file that cannot be used is bad usage (exit 2),
-    reported in one line that names the file and never shows the token.
+    Raises TokenFileError, in one line that names the file and never shows
+    the token: at start that is bad usage (exit 2, parse_args), on a reload
+    a reason to keep the current token (reload_auth_token).
     """
     try:
         with open(path, "rb") as f:
             token = f.read(MAX_TOKEN_BYTES + 1).strip()
     except OSError as e:
-        raise argparse.ArgumentTypeError("cannot read %s: %s" % (path, e.strerror or e))
+        raise TokenFileError("cannot read %s: %s" % (path, e.strerror or e))
     if not token:
-        raise argparse.ArgumentTypeError("%s holds no token (it is empty)" % path)
+        raise TokenFileError("%s holds no token (it is empty)" % path)
     if len(token) > MAX_TOKEN_BYTES:
-        raise argparse.ArgumentTypeError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
+        raise TokenFileError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
     if not all(0x21 <= byte <= 0x7e for byte in token):
-        raise argparse.ArgumentTypeError("%s: the token must be one word of printable ASCII"
-                                         % path)
+        raise TokenFileError("%s: the token must be one word of printable ASCII" % path)
     return token
 
 
@@ -2050,11 +2054,55 @@ def cpu_number(text):
     return value
 
 
+# A host name as RFC 1123 allows it: dot-separated labels of letters, digits
+# and inner hyphens; the last one not all digits (999.1.1.1 is a bad address,
+# not a name).
+HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOST_NAME = re.compile(r"(%s\.)*(?=[0-9-]*[A-Za-z])%s\.?" % (HOST_LABEL, HOST_LABEL))
+
+
+def host_address(text):
+    """An address to bind: an IP address ([::1] as in a URL, or ::1) or a host name.
+
+    A syntax check only: a name is resolved when the server binds, and a
+    name that does not resolve then is a runtime failure (exit 1; DNS may
+    be down for a moment), where a malformed address is bad usage (exit 2).
+    """
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        ipaddress.IPv6Address(text)         # brackets hold an IPv6 address, nothing else
+        return text
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if len(text) > 253 or not HOST_NAME.fullmatch(text):
+        raise ValueError(text)
+    return text
+
+
+def not_empty(text):
+    """A path given on the command line: an empty one would mean the current directory."""
+    if not text:
+        raise ValueError(text)
+    return text
+
+
 positive_int.__name__ = "positive integer"
 cpu_number.__name__ = "CPU number"
 non_negative_float.__name__ = "non-negative number"
 positive_float.__name__ = "positive number"
 port_number.__name__ = "port (0-65535)"
+host_address.__name__ = "address (an IP address, [IPv6] or a host name)"
+not_empty.__name__ = "path (it is empty)"
+
+# Environment variables that stand for a flag when the flag is not given.
+# Set to the empty string, each would silently mean something else (HOST=
+# binding every address, DATA_DIR= the current directory, KV_AUTH_TOKEN_FILE=
+# no auth at all), so an empty one is refused like any other bad value.
+ENVIRONMENT = {"HOST": "--host", "PORT": "--port", "DATA_DIR": "--working-dir",
+               AUTH_TOKEN_ENV: "--auth-token-file"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2064,20 +2112,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv, environ):
+    """The command line and the environment, as argparse's namespace; exit 2 on bad usage.
+
+    Besides the flags: args.auth_token, the token (bytes) read from
+    args.auth_token_file, or None when no token file is given.
+    """
     parser = ArgumentParser(
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
         epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
-               "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
+               "flag is not given; set to the empty string, each is bad usage. "
+               "SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
                "under nohup) shut the server down cleanly. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--version", action="version", version="kvstore " + __version__)
-    parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
-                        help="address to bind (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
+    parser.add_argument("--host", type=host_address, default=environ.get("HOST") or "0.0.0.0",
+                        help="address to bind: an IP address ([::1] or ::1 for IPv6) or a "
+                             "host name (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=port_number, default=environ.get("PORT") or "8080",
                         help="TCP port; 0 picks a free one (env PORT, default 8080)")
-    parser.add_argument("--working-dir", default=environ.get("DATA_DIR", "./data"),
-                        metavar="DIR",
+    parser.add_argument("--working-dir", type=not_empty,
+                        default=environ.get("DATA_DIR") or "./data", metavar="DIR",
                         help="data directory, created if missing "
                              "(env DATA_DIR, default ./data)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=15.0,
@@ -2102,8 +2157,8 @@ def parse_args(argv, environ):
                         help="for a host dedicated to this server: run every thread on "
                              "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
                              "normal scheduling; see README, Performance)")
-    parser.add_argument("--auth-token-file", dest="auth_token", type=read_auth_token,
-                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
+    parser.add_argument("--auth-token-file", type=not_empty, default=environ.get(AUTH_TOKEN_ENV) or None,
+                        metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
                              "but GET /health; the token is the file's content without "
                              "surrounding whitespace (env %s, default: no auth)"
@@ -2140,7 +2195,20 @@ def parse_args(argv, environ):
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text: a line per event after an RFC 3339 UTC timestamp; "
                              "json: a JSON object per line (default text)")
-    return parser.parse_args(argv)
+    # An empty variable counts as unset while parsing (the defaults above),
+    # so that --help still works; then it is refused.
+    args = parser.parse_args(argv)          # --help and --version exit here
+    for name, flag in ENVIRONMENT.items():
+        if environ.get(name) == "":
+            parser.error("%s is set but empty: unset it, or set it to a value (it stands "
+                         "for %s)" % (name, flag))
+    args.auth_token = None
+    if args.auth_token_file is not None:
+        try:
+            args.auth_token = read_auth_token(args.auth_token_file)
+        except TokenFileError as e:
+            parser.error("--auth-token-file: %s" % e)
+    return args
 
 
 def raise_open_file_limit():

@@ -162,6 +162,55 @@ class CommandLineTest(LifecycleTestCase):
                     result, "stderr" if result.stderr.strip() else "stdout")
                 self.assertIn(value, line)
 
+    def test_an_empty_variable_is_bad_usage_never_a_default(self):
+        # Set but empty, HOST would bind every address, DATA_DIR put the
+        # store, its lock and journal in the current directory, and
+        # KV_AUTH_TOKEN_FILE switch auth off.  Run from an empty directory:
+        # nothing may appear in it.
+        cwd = tempfile.mkdtemp(prefix="kvtest-cwd-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        flags = {"HOST": ["--host", "127.0.0.1"], "PORT": ["--port", "0"],
+                 "DATA_DIR": ["--working-dir", self.data_dir], "KV_AUTH_TOKEN_FILE": []}
+        for name in flags:
+            with self.subTest(variable=name):
+                args = [arg for other, pair in flags.items() if other != name for arg in pair]
+                result = run_cli(args, env={name: ""}, cwd=cwd)
+                self.assertEqual(result.code, 2, result)
+                self.assert_one_line(result, contains=[name])
+                self.assertEqual(os.listdir(cwd), [], "an empty %s wrote there" % name)
+
+    def test_an_empty_path_or_a_malformed_host_is_bad_usage(self):
+        cwd = tempfile.mkdtemp(prefix="kvtest-cwd-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        base = {"--host": "127.0.0.1", "--port": "0", "--working-dir": self.data_dir}
+        cases = [("--working-dir", ""), ("--auth-token-file", ""), ("--host", ""),
+                 ("--host", "999.1.1.1"), ("--host", "[::1"), ("--host", "[127.0.0.1]"),
+                 ("--host", "bad host"), ("--host", "-bad.example"), ("--host", "::1::2")]
+        for flag, value in cases:
+            with self.subTest(flag=flag, value=value):
+                args = dict(base, **{flag: value})
+                result = run_cli([word for pair in args.items() for word in pair], cwd=cwd)
+                self.assertEqual(result.code, 2, result)
+                self.assert_one_line(result, contains=[flag])
+                self.assertEqual(os.listdir(cwd), [])
+
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_ipv6_with_or_without_brackets_is_logged_in_brackets(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as e:
+            self.skipTest("no IPv6 loopback here: %s" % e)
+        for i, host in enumerate(("[::1]", "::1")):
+            with self.subTest(host=host):
+                server = self.start_bare("--host", host, "--port", "0",
+                                         "--working-dir", self.sub_dir(str(i)))
+                self.assertEqual(server.listening.group(1), "[::1]", server.output())
+                server.host = "::1"
+                server.put("k", b"v")
+                self.assertEqual(server.get("k"), b"v")
+                self.assertEqual(stop_within(server)[0], 0, server.output())
+
     def test_version(self):
         with open(support.SERVER, encoding="utf-8") as f:
             version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
