@@ -1666,6 +1666,50 @@ def read_auth_token(path):
     return token
 
 
+def token_file_exposure(path):
+    """Why the token file at `path` is open to more users than its owner, or None.
+
+    Not refused: a file shared with a group can be deliberate, and a
+    refusal at a reload would be worse than a warning.  But a token that
+    other accounts of the host can read is a token they have.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None                         # read_auth_token reports it
+    if not mode & 0o066:
+        return None
+    return ("token file %s can be read or changed by users other than its owner "
+            "(mode %04o): chmod 600 %s" % (path, mode & 0o7777, path))
+
+
+def reload_auth_token(server, path):
+    """Read the token file `path` again (SIGHUP) and put its token in `server.auth_token`.
+
+    A file that cannot be used now (missing, empty, unreadable) keeps the
+    current token, and the line logged says why: a rotation that went wrong
+    must not lock every client out, nor open the server to all.  Without a
+    token file at start there is nothing to read: auth is not switched on
+    by a signal.  One line is logged either way.  Returns True if the token
+    was read.
+    """
+    if path is None:
+        log("No --auth-token-file: there is no token to reload")
+        return False
+    try:
+        token = read_auth_token(path)
+    except TokenFileError as e:
+        warn("Keeping the current token: %s" % e)
+        return False
+    changed = not hmac.compare_digest(token, server.auth_token or b"")
+    server.auth_token = token               # one assignment: check_auth sees old or new
+    log("Reloaded the token from %s (%s)" % (path, "changed" if changed else "unchanged"))
+    exposure = token_file_exposure(path)
+    if exposure:
+        warn(exposure)
+    return True
+
+
 def check_auth(handler, path):
     """Raise a 401 unless the request may go on: no token is set, the path is open, or it has the token."""
     token = handler.server.auth_token
@@ -1683,8 +1727,12 @@ def check_auth(handler, path):
     raise RequestError(401, "unauthorized", close=unread_body, headers=UNAUTHORIZED_HEADERS)
 
 
-def warn_if_exposed(server):
-    """One warning line when anyone beyond this machine can reach a server without a token."""
+def warn_if_exposed(server, token_file=None):
+    """At start: a warning line for each way the server is more open than it looks.
+
+    No token on an address beyond loopback; a token file (`token_file`, the
+    --auth-token-file path) that other users of the host can read.
+    """
     host = server.server_address[0]
     try:
         loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
@@ -1693,6 +1741,9 @@ def warn_if_exposed(server):
     if server.auth_token is None and not loopback:
         warn("listening on %s without --auth-token-file: anyone who can reach "
              "this port can read, change and delete every key" % host)
+    exposure = token_file and token_file_exposure(token_file)
+    if exposure:
+        warn(exposure)
 
 
 # ------------------------------------------------------------------ metrics --
@@ -2122,8 +2173,8 @@ def parse_args(argv, environ):
                     "through clean shutdowns and crashes.",
         epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
                "flag is not given; set to the empty string, each is bad usage. "
-               "SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
-               "under nohup) shut the server down cleanly. "
+               "SIGTERM and SIGINT shut the server down cleanly; SIGHUP reads the token "
+               "file again (a bad one keeps the current token) and never stops it. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
     parser.add_argument("--version", action="version", version="kvstore " + __version__)
     parser.add_argument("--host", type=host_address, default=environ.get("HOST") or "0.0.0.0",
@@ -2161,8 +2212,8 @@ def parse_args(argv, environ):
                         metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
                              "but GET /health; the token is the file's content without "
-                             "surrounding whitespace (env %s, default: no auth)"
-                             % AUTH_TOKEN_ENV)
+                             "surrounding whitespace; SIGHUP reads it again (env %s, "
+                             "default: no auth)" % AUTH_TOKEN_ENV)
     limits = parser.add_argument_group(
         "limits and timeouts", "what one client can make the server spend; each bound keeps "
         "the server available to the others (see README, Limits and timeouts)")
@@ -2432,7 +2483,7 @@ def serve(args, store, signal_pipe):
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
         log("Open file limit %d is below --max-connections %d: past it, connections wait "
             "in the kernel's queue" % (files, args.max_connections))
-    warn_if_exposed(server)
+    warn_if_exposed(server, args.auth_token_file)
     log("Server listening on %s" % format_address(host, port))
     # A short poll interval: serve_forever() notices shutdown() within it.
     server.serve_forever(poll_interval=0.05)
