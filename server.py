@@ -342,20 +342,31 @@ _this_second = _ThisSecond()
 
 
 TEXT_PLAIN = b"text/plain; charset=utf-8"
+# Every reply says how the store is now, and may be stale a moment later.
+# Without a Cache-Control header a cache may reuse a reply (a 404 too) for
+# a while of its own choosing (RFC 9111 4.2.2).  A value says
+# "no-cache" (do_kv): keep it, but ask again before using it, with its ETag
+# in If-None-Match.  Every other reply has no validator to ask with, so it
+# says "no-store".
+VALUE_CACHING = ("Cache-Control", "no-cache")
+NO_STORE = b"Cache-Control: no-store\r\n"
 
 
 def build_head(status, length, connection, headers=(), content_type=TEXT_PLAIN):
     """Status line and headers of a reply, up to its blank line.
 
-    Pure, so that another thread (the snapshot stream's) may build one too:
-    it must not touch the state of a handler that is already on its next
-    request.
+    `content_type` None: no Content-Type header (a 304, which describes the
+    200 it stands for without a body of its own).  Pure, so that another
+    thread (the snapshot stream's) may build one too: it must not touch
+    the state of a handler that is already on its next request.
     """
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]),
-            b"Content-Type: %s\r\n" % content_type,
+            b"Content-Type: %s\r\n" % content_type if content_type else b"",
             b"Content-Length: %d\r\n" % length, _this_second.date_header(), connection]
     for name, value in headers:
         head.append(("%s: %s\r\n" % (name, value)).encode("latin-1"))
+    if VALUE_CACHING not in headers:
+        head.append(NO_STORE)
     head.append(b"\r\n")
     return b"".join(head)
 
@@ -843,7 +854,8 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
             value, tag = store.get_tagged(key)
             if value is None:
                 raise RequestError(404, "key not found")
-            self.reply(read_status(self.headers, tag), value, headers=(("ETag", '"%s"' % tag),))
+            self.reply(read_status(self.headers, tag), value,
+                       headers=(("ETag", '"%s"' % tag), VALUE_CACHING))
         elif self.command == "PUT":
             if not self.has_length:
                 raise RequestError(411, "length required")
@@ -954,10 +966,14 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, body=b"", close=False, headers=(), content_type=TEXT_PLAIN):
         """Send a whole reply; what the socket does not take now goes out in later turns.
 
-        HEAD, and a 304, get the headers of GET and no body.  A large body that would
-        take the requests in flight past --max-inflight-bytes gets a 503.
+        HEAD, and a 304, get the headers of GET and no body (a 304 no
+        Content-Type either: RFC 9110 15.4.5 lists what it carries, and the
+        type is not in the list).  A large body that would take the requests
+        in flight past --max-inflight-bytes gets a 503.
         """
-        if self.command == "HEAD" or status == 304:
+        if status == 304:
+            send, content_type = b"", None
+        elif self.command == "HEAD":
             send = b""
         else:
             send = body
@@ -2017,6 +2033,7 @@ class SnapshotStream:
         try:
             data = self.server.store.copy()
             self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                       b"Cache-Control: no-store\r\n",          # a backup: not for caches
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        _this_second.date_header(), self.connection, b"\r\n"])

@@ -374,6 +374,34 @@ class MethodRoutingTests(SharedServerTestCase):
                     self.assertError(method, path, 404, "not found\n", body)
 
 
+class CachingTests(SharedServerTestCase):
+    """What a cache between client and server may do with a reply (RFC 9111).
+
+    With no Cache-Control, a cache may reuse a reply for a time of its own
+    choosing (heuristic freshness): a stale value, or a 404 after the PUT.
+    """
+
+    def test_a_value_may_be_kept_but_is_revalidated_with_its_etag(self):
+        path = "/kv/" + self.key()
+        self.put_ok(path, b"v")
+        for method in ("GET", "HEAD"):
+            with self.subTest(method=method):
+                headers = self.assertResponse(method, path, 200, b"v" if method == "GET" else b"")
+                self.assertEqual(headers.get_all("Cache-Control"), ["no-cache"])
+                self.assertIsNotNone(headers.get("ETag"))
+
+    def test_replies_without_a_validator_are_not_stored(self):
+        self.put_ok("/kv/" + self.key(), b"v")
+        for method, path in (("GET", "/kv?prefix=" + self.key()), ("GET", "/health"),
+                             ("GET", "/metrics"), ("GET", "/kv/" + self.key("-absent")),
+                             ("PUT", "/kv/" + self.key()), ("DELETE", "/kv/" + self.key()),
+                             ("GET", "/no/such/path"), ("POST", "/kv/x")):
+            with self.subTest(method=method, path=path):
+                _, headers, _ = self.server.request(method, path,
+                                                    b"v" if method == "PUT" else None)
+                self.assertEqual(headers.get_all("Cache-Control"), ["no-store"])
+
+
 class ClearTests(SharedServerTestCase):
     """DELETE /clear empties the store, so it gets a server of its own."""
 
