@@ -877,7 +877,10 @@ class KVHandler(http.server.BaseHTTPRequestHandler):
         keys, cut = within_page_bytes(keys)
         headers = ()
         if more or cut:
-            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
+            # A relative reference (RFC 3986 4.2): the same path, this
+            # query.  Behind a proxy that serves us under /store/, the
+            # client resolves it to /store/kv?..., where /kv?... would 404.
+            headers = (("Link", '<?prefix=%s&limit=%d&after=%s>; rel="next"'
                         % (quote(prefix), limit, quote(keys[-1]))),)
         body = ("\n".join(keys) + "\n").encode() if keys else b""
         self.reply(200, body, headers=headers)
