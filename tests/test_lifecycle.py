@@ -280,6 +280,23 @@ class CommandLineTest(LifecycleTestCase):
         self.assertEqual(server.wait(30), 0, server.output())
         self.assertTrue(os.path.exists(os.path.join(data, SNAPSHOT)), os.listdir(data))
 
+    def test_run_sh_runs_the_python_that_PYTHON_names(self):
+        # As `make test PYTHON=...` does: a host whose python3 is too old
+        # runs the server with another interpreter.
+        bin_dir = tempfile.mkdtemp(prefix="kvtest-bin-")
+        self.addCleanup(shutil.rmtree, bin_dir, True)
+        python = os.path.join(bin_dir, "python-for-kvstore")
+        os.symlink(sys.executable, python)
+        server = self.start_bare("--port=0", "--host=127.0.0.1",
+                                 "--working-dir=" + self.sub_dir("data"), executable=RUN_SH,
+                                 env={"PYTHON": python})
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[0], python.encode(), argv)
+        self.assertTrue(argv[1].endswith(b"server.py"), argv)
+        server.put("k", b"v")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+
     def test_files_are_private(self):
         old = os.umask(0o022)           # a permissive umask must not make them readable
         try:
