@@ -125,7 +125,9 @@ class DockerfileTest(unittest.TestCase):
     def test_healthcheck_needs_no_curl(self):
         argv = self.healthcheck()
         self.assertNotIn(argv[0], ("curl", "wget"))
-        self.assertIn("/health", " ".join(argv))
+        self.assertEqual(argv[:2], ["python", "healthcheck.py"])
+        with open(os.path.join(support.ROOT, "deploy", "healthcheck.py"), encoding="utf-8") as f:
+            self.assertIn("/health", f.read())
 
     def test_copied_files_exist_and_are_in_the_build_context(self):
         with open(DOCKERIGNORE, encoding="utf-8") as f:
@@ -147,32 +149,63 @@ class DockerfileTest(unittest.TestCase):
                                 "%s would be sent to the Docker daemon" % kept_out)
 
     def test_cmd_and_healthcheck_run_as_in_the_container(self):
-        # /app of the image: only the files it COPYs.
-        app = tempfile.mkdtemp(prefix="kvtest-app-")
-        self.addCleanup(shutil.rmtree, app, True)
-        for instruction, args in self.instructions:
-            if instruction == "COPY":
-                for source in args.split()[:-1]:
-                    shutil.copy(os.path.join(support.ROOT, source), app)
+        app = self.image_files()
         env = {"DATA_DIR": os.path.join(app, "data"), "PORT": str(support.free_port()),
                "HOST": "127.0.0.1", "PYTHONDONTWRITEBYTECODE": "1"}
         cmd, check = self.cmd(), self.healthcheck()
         self.assertEqual((cmd[0], check[0]), ("python", "python"))
 
-        def healthcheck():
-            return subprocess.run([sys.executable] + check[1:], env=clean_env(env), cwd=app,
-                                  timeout=10, stdin=subprocess.DEVNULL,
-                                  capture_output=True).returncode
-
         server = BareServer(*cmd[1:], env=env, cwd=app, executable=sys.executable)
         self.addCleanup(server.__exit__, None, None, None)
         server.start()
+        healthcheck = self.healthcheck_of(app, server, env)
         self.assertEqual(healthcheck(), 0, server.output())
         server.put("k", b"v")
         server.signal(signal.SIGTERM)                   # docker stop
         self.assertEqual(server.wait(DOCKER_STOP_TIMEOUT), 0, server.output())
         self.assertTrue(os.path.exists(os.path.join(app, "data", "store.pickle")))
         self.assertEqual(healthcheck(), 1, "the healthcheck passed with no server")
+
+    def image_files(self):
+        """A directory like the image's /app: only the files the Dockerfile COPYs."""
+        app = tempfile.mkdtemp(prefix="kvtest-app-")
+        self.addCleanup(shutil.rmtree, app, True)
+        for instruction, args in self.instructions:
+            if instruction == "COPY":
+                for source in args.split()[:-1]:
+                    shutil.copy(os.path.join(support.ROOT, source), app)
+        return app
+
+    def healthcheck_of(self, app, server, env):
+        """A function running the HEALTHCHECK's command as Docker would; its exit code.
+
+        The server is not PID 1 here: its PID is passed to the check.
+        """
+        check = self.healthcheck()
+
+        def run():
+            return subprocess.run([sys.executable] + check[1:] + [str(server.proc.pid)],
+                                  env=clean_env(env), cwd=app, timeout=10,
+                                  stdin=subprocess.DEVNULL, capture_output=True).returncode
+        return run
+
+    def test_healthcheck_follows_a_port_given_as_a_flag(self):
+        # The image sets PORT; `docker run kvstore python server.py --port N`
+        # overrides it, and the check must ask N (nothing listens on PORT).
+        app = self.image_files()
+        port = support.free_port()
+        env = {"DATA_DIR": os.path.join(app, "data"), "PORT": str(support.free_port()),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        for form in (["--port", str(port)], ["--port=%d" % port]):
+            with self.subTest(form=form):
+                server = BareServer(*self.cmd()[1:] + form + ["--host", "127.0.0.1"], env=env,
+                                    cwd=app, executable=sys.executable)
+                self.addCleanup(server.__exit__, None, None, None)
+                server.start()
+                self.assertEqual(server.port, port)
+                self.assertEqual(self.healthcheck_of(app, server, env)(), 0, server.output())
+                server.signal(signal.SIGTERM)
+                self.assertEqual(server.wait(DOCKER_STOP_TIMEOUT), 0, server.output())
 
 
 @unittest.skipUnless(shutil.which("systemd-analyze"), "needs systemd-analyze")
