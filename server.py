@@ -144,7 +144,7 @@ def set_log_format(name):
 
 
 def timestamp(now=None):
-    """`now` (default: the time now) as RFC 3339 in UTC, to the millisecond: 2026-01-05T09:30:00.250Z."""
+    """`now` (default: now) as RFC 3339 in UTC, to the millisecond: 2026-01-05T09:30:00.250Z."""
     now = time.time() if now is None else now
     millis = int(now % 1 * 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
@@ -1924,7 +1924,7 @@ def store_metrics(out, store):
 
 
 def last_checkpoint_time(store):
-    """The Unix time of the last snapshot written: this run's, else the snapshot file's, else 0.0."""
+    """The Unix time of the last snapshot written: this run's, else the file's, else 0.0."""
     if store.last_checkpoint_time is not None:
         return store.last_checkpoint_time
     try:
@@ -1968,7 +1968,7 @@ def process_metrics(out):
 
 
 def boot_time():
-    """When the machine booted, in Unix time (/proc/stat's btime): process start times count from it."""
+    """When the machine booted, in Unix time (/proc/stat's btime): start times count from it."""
     with open("/proc/stat", "rb") as f:
         for line in f:
             if line.startswith(b"btime "):
@@ -2228,8 +2228,8 @@ def parse_args(argv, environ):
                         help="for a host dedicated to this server: run every thread on "
                              "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
                              "normal scheduling; see README, Performance)")
-    parser.add_argument("--auth-token-file", type=not_empty, default=environ.get(AUTH_TOKEN_ENV) or None,
-                        metavar="FILE",
+    parser.add_argument("--auth-token-file", type=not_empty,
+                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
                              "but GET /health; the token is the file's content without "
                              "surrounding whitespace; SIGHUP reads it again (env %s, "
