@@ -211,15 +211,19 @@ class DockerfileTest(unittest.TestCase):
 @unittest.skipUnless(shutil.which("systemd-analyze"), "needs systemd-analyze")
 class SystemdUnitTest(unittest.TestCase):
 
-    def analyze(self, *args):
-        return subprocess.run(["systemd-analyze"] + list(args) + [UNIT], capture_output=True,
+    def analyze(self, *args, unit=UNIT):
+        return subprocess.run(["systemd-analyze"] + list(args) + [unit], capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     def test_verify_is_clean(self):
-        exec_start = unit_settings()["ExecStart"][0].split()[0]
-        if not os.access(exec_start, os.X_OK):
-            self.skipTest("%s (the unit's ExecStart) is not here" % exec_start)
-        result = self.analyze("verify")
+        # verify checks that ExecStart's program exists: the unit as it would
+        # be with /opt/kvstore holding this checkout's files.
+        directory = tempfile.mkdtemp(prefix="kvtest-unit-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        unit = os.path.join(directory, "kvstore.service")
+        with open(UNIT, encoding="utf-8") as f, open(unit, "w", encoding="utf-8") as copy:
+            copy.write(f.read().replace("/opt/kvstore/", support.ROOT + "/"))
+        result = self.analyze("verify", unit=unit)
         output = result.stdout + result.stderr
         # Only what is about the unit: a host's own units may draw warnings.
         about_unit = [l for l in output.splitlines() if "kvstore" in l]
@@ -243,6 +247,22 @@ def unit_settings():
                 key, value = line.strip().split("=", 1)
                 settings.setdefault(key, []).append(value)
     return settings
+
+
+class UnitTest(unittest.TestCase):
+
+    def test_reload_is_sighup_to_the_server(self):
+        # run.sh execs the interpreter, so $MAINPID is the server itself.
+        settings = unit_settings()
+        self.assertEqual(settings["ExecReload"], ["/bin/kill -HUP $MAINPID"])
+        self.assertEqual(settings["Type"], ["exec"])
+
+    def test_the_interpreter_is_a_setting_not_a_path_in_exec_start(self):
+        settings = unit_settings()
+        self.assertEqual([shlex.split(line)[0] for line in settings["ExecStart"]],
+                         ["/opt/kvstore/run.sh"])
+        self.assertIn("PYTHON=/usr/bin/python3", settings.get("Environment", []))
+        self.assertNotIn("python3", settings["ExecStart"][0])
 
 
 class StopTimeoutsTest(unittest.TestCase):
