@@ -1955,7 +1955,7 @@ def process_metrics(out):
         return
     cpu = os.times()
     single(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in "
-           "seconds.", repr(cpu.user + cpu.system))
+           "seconds.", repr(round(cpu.user + cpu.system, 2)))     # counted in clock ticks
     single(out, "process_open_fds", "gauge", "Open file descriptors.", open_fds)
     single(out, "process_max_fds", "gauge", "The limit of open file descriptors.",
            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
