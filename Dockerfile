@@ -4,6 +4,14 @@
 #   docker build -t kvstore .
 #   docker run -d --name kv -p 8080:8080 -v kvdata:/app/data kvstore
 #
+# A TOKEN: the container runs as UID 10001, which must be able to read the
+# file; mode 0400, or the server warns that others can read it:
+#   sudo chown 10001 /etc/kvstore/token && sudo chmod 400 /etc/kvstore/token
+#   docker run -d --name kv -p 8080:8080 -v kvdata:/app/data \
+#     -v /etc/kvstore/token:/run/secrets/kvstore-token:ro \
+#     -e KV_AUTH_TOKEN_FILE=/run/secrets/kvstore-token kvstore
+# `docker kill -s HUP kv` makes the server read it again after a rotation.
+#
 # STOPPING: `docker stop` sends SIGTERM and, 10 s later by default, SIGKILL.
 # The server drains for up to --shutdown-timeout (5 s here, not the 15 s
 # default) and then writes its snapshot, which must fit in what is left:
@@ -30,18 +38,19 @@ RUN groupadd --system --gid 10001 kvstore \
  && chmod 0700 /app/data
 
 WORKDIR /app
-COPY server.py store.py persistence.py ./
+COPY server.py http11.py store.py persistence.py deploy/healthcheck.py ./
 
 USER 10001:10001
 VOLUME ["/app/data"]
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 
-# No curl in the slim image: Python asks /health itself (any error or a
-# status other than 2xx exits 1).  --start-period covers loading a large
+# No curl in the slim image: healthcheck.py asks /health itself (any error
+# or a status other than 2xx exits 1), on the port the server (PID 1) was
+# given, as a flag or as PORT.  --start-period covers loading a large
 # snapshot.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=2)"]
+    CMD ["python", "healthcheck.py"]
 
 # Exec form: the server is PID 1 and gets the SIGTERM itself.
 CMD ["python", "server.py", "--shutdown-timeout", "5"]

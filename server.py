@@ -61,6 +61,8 @@ A SIGTERM, from the signal to exit 0
 
 import sys
 
+__version__ = "1.0.0"     # --version, and kvstore_build_info in /metrics
+
 # Before anything an older Python cannot import or run.  Python compiles
 # the whole file before this line runs, so all of it must parse under 3.6
 # (no walrus, no positional-only parameters, no f"{x=}", no match):
@@ -77,6 +79,7 @@ import bisect
 import collections
 import hmac
 import ipaddress
+import json
 import os
 import pickle
 import re
@@ -98,8 +101,34 @@ from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
 # thread that handles signals, or the final save.  Lines go straight to the
 # file descriptor with os.write: no buffer to hold lines that cannot be
 # written, and nothing left to flush at exit.
+#
+# Every line starts with when it happened, as RFC 3339 in UTC (a log read
+# next to another host's, or after a DST change, needs no guessing), or is
+# one JSON object (--log-format json) for a log shipper that would
+# otherwise have to parse the text.  Events go to stdout, failures to
+# stderr.  No line ever holds a value or the token: log_access takes only
+# what the request line and the reply's status say.
+
+LOG_FORMATS = ("text", "json")
+ACCESS_TARGET_MAX = 1024        # characters of a request target kept in the access log
 
 _log_lock = threading.Lock()
+_log_json = False               # set_log_format("json")
+
+
+def set_log_format(name):
+    """Choose how every later line is written: "text" (the default) or "json"."""
+    global _log_json
+    if name not in LOG_FORMATS:
+        raise ValueError("unknown log format %r" % name)
+    _log_json = name == "json"
+
+
+def timestamp(now=None):
+    """`now` (default: now) as RFC 3339 in UTC, to the millisecond: 2026-01-05T09:30:00.250Z."""
+    now = time.time() if now is None else now
+    millis = int(now % 1 * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % millis
 
 
 def _write_line(fd, line):
@@ -112,16 +141,60 @@ def _write_line(fd, line):
         pass                    # EPIPE, EBADF, ENOSPC...: nobody to tell
 
 
+def _emit(fd, level, prefix, message, fields=None):
+    """One event as one line: timestamped text, or a JSON object with the same facts."""
+    if _log_json:
+        record = {"time": timestamp(), "level": level, "message": message}
+        record.update(fields or {})
+        line = json.dumps(record, separators=(",", ":"))
+    else:
+        # A newline would make one event look like two.
+        line = "%s %s%s" % (timestamp(), prefix, message.replace("\n", "\\n"))
+    with _log_lock:
+        _write_line(fd, line)
+
+
 def log(message):
     """One line to stdout, at once (the harnesses read it live)."""
-    with _log_lock:
-        _write_line(1, message)
+    _emit(1, "info", "", message)
+
+
+def warn(message):
+    """One line to stdout about something an operator should change ("Warning: ...")."""
+    _emit(1, "warning", "Warning: ", message)
 
 
 def fail(message):
     """One line to stderr: what failed and why, never a traceback."""
-    with _log_lock:
-        _write_line(2, "error: " + message)
+    _emit(2, "error", "error: ", message)
+
+
+def log_access(client, method, target, status, nbytes, seconds):
+    """The access log's line for one request (--access-log): who, what, the outcome, how long.
+
+    `client` is the peer's address, `method` and `target` come from the
+    request line (None if it could not be parsed), `nbytes` is the reply
+    body's length and `seconds` the time from the request's first bytes to
+    its reply.  Text: 127.0.0.1 "GET /kv/a" 200 5 0.000412, as the common
+    log format (request, status, bytes) with nginx's $request_time after.
+    The target is quoted with its own quotes escaped, so that a client
+    cannot forge a field, and cut at ACCESS_TARGET_MAX characters.
+    """
+    method, target = method or "-", target or "-"
+    if len(target) > ACCESS_TARGET_MAX:
+        target = target[:ACCESS_TARGET_MAX] + "..."
+    if _log_json:
+        _emit(1, "info", "", "%s %s %d" % (method, target, status),
+              {"client": client, "method": method, "target": target, "status": status,
+               "bytes": nbytes, "seconds": round(seconds, 6)})
+        return
+    quoted = ("%s %s" % (method, target)).replace("\\", "\\\\").replace('"', '\\"')
+    _emit(1, "info", "", '%s "%s" %d %d %.6f' % (client, quoted, status, nbytes, seconds))
+
+
+def format_address(host, port):
+    """host:port as a URL writes it: an IPv6 address in brackets ([::1]:8080)."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 # ---------------------------------------------------------------- the API --
@@ -138,7 +211,7 @@ WRITE_METHODS = ("PUT", "DELETE", "POST")
 PENDING = object()          # Api.serve(): the reply comes later, through the connection
 SMALL_BODY = 16384          # bodies up to this size may use the last quarter of the memory cap
 # The routes other than /kv/{key}: path -> (methods, Allow header, Api method)
-ROUTES = {
+ROUTE_TABLE = {
     "/kv": (("GET", "HEAD"), "GET, HEAD", "listing"),
     "/clear": (("DELETE",), "DELETE", "clear"),
     "/health": (("GET", "HEAD"), "GET, HEAD", "health"),
@@ -218,6 +291,19 @@ def parse_key(raw):
     return raw
 
 
+# Without a Cache-Control header a cache may reuse a reply (a 404 too) for
+# as long as its heuristics like.  A value may be kept but must be checked
+# again with its ETag before each use ("no-cache"); every other reply, a
+# write's, an error, a listing, /health, says "no-store".
+VALUE_CACHING = ("Cache-Control", "no-cache")
+NO_STORE = (("Cache-Control", "no-store"),)
+
+
+def caching(headers):
+    """`headers` with the Cache-Control a reply needs: no-store unless it says otherwise."""
+    return headers if VALUE_CACHING in headers else headers + NO_STORE
+
+
 def busy(message="server busy", retry_after=1):
     return RequestError(503, message, headers=(("Retry-After", str(retry_after)),))
 
@@ -247,7 +333,7 @@ class Api:
                 raise RequestError(405, "method not allowed",
                                    headers=(("Allow", ", ".join(KEY_METHODS)),))
             return self.key(request, parse_key(path[4:]), connection)
-        route = ROUTES.get(path)
+        route = ROUTE_TABLE.get(path)
         if route is None:
             raise RequestError(404, "not found")
         methods, allow, name = route
@@ -261,8 +347,8 @@ class Api:
             value, tag = self.store.get_tagged(key)
             if value is None:
                 raise RequestError(404, "key not found")
-            return (read_status(request.headers, tag), value, (("ETag", '"%s"' % tag),),
-                    http11.TEXT_PLAIN)
+            return (read_status(request.headers, tag), value,
+                    (("ETag", '"%s"' % tag), VALUE_CACHING), http11.TEXT_PLAIN)
         if method == "DELETE":
             return self.write(request, connection, self.store.delete, key,
                               condition=write_condition(request.headers))
@@ -312,7 +398,10 @@ class Api:
         keys, cut = within_page_bytes(keys)
         headers = ()
         if more or cut:
-            headers = (("Link", '</kv?prefix=%s&limit=%d&after=%s>; rel="next"'
+            # A relative reference (RFC 3986 4.2): the same path, this
+            # query.  Behind a proxy that serves us under /store/, the
+            # client resolves it to /store/kv?..., where /kv?... would 404.
+            headers = (("Link", '<?prefix=%s&limit=%d&after=%s>; rel="next"'
                         % (quote(prefix), limit, quote(keys[-1]))),)
         body = ("\n".join(keys) + "\n").encode() if keys else b""
         return 200, body, headers, http11.TEXT_PLAIN
@@ -697,7 +786,7 @@ class Connection(asyncio.Protocol):
                 and self.server.inflight + len(body) > self.server.limits.max_inflight_bytes):
             status, body, headers = 503, b"server busy\n", (("Retry-After", "1"),)
             self.close_after = True
-        self.queue.append(http11.response(status, body, headers, content_type,
+        self.queue.append(http11.response(status, body, caching(headers), content_type,
                                           self.connection_value(request), head_only))
         self.server.request_done(self, request, status, len(body), self.started)
 
@@ -725,7 +814,7 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         request = owed.request
-        owed.reply = http11.response(status, body, headers, http11.TEXT_PLAIN,
+        owed.reply = http11.response(status, body, headers + NO_STORE, http11.TEXT_PLAIN,
                                      self.connection_value(request))
         self.server.request_done(self, request, status, len(body), owed.started)
         if self.queue[0] is owed or not self.owed:
@@ -734,7 +823,7 @@ class Connection(asyncio.Protocol):
     def refuse(self, status, message, headers=(), flush=False):
         """An error after which the stream is unusable: send it, drain input briefly, close."""
         self.waiting = None
-        self.queue.append(http11.error_response(status, message, "close", headers))
+        self.queue.append(http11.error_response(status, message, "close", headers + NO_STORE))
         self.server.request_done(self, None, status, len(message) + 1, self.started)
         self.close_after = self.lingering = True
         self.since = self.server.now()
@@ -838,7 +927,7 @@ class Connection(asyncio.Protocol):
             self.server.requests_timed_out += 1
         self.timed_out = True
         if state == BODY or (state == HEAD and self.parser.buffered):
-            self.transport.write(http11.error_response(408, "request timeout"))
+            self.transport.write(http11.error_response(408, "request timeout", "close", NO_STORE))
             self.server.request_done(self, None, 408, 16, self.started)
             self.transport.close()
         else:
@@ -857,7 +946,8 @@ class Connection(asyncio.Protocol):
 SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
 STALL_SECONDS = 3.0         # a write older than this waits on a stalled disk (/health: 503)
 BACKLOG = 4096              # listen backlog: the kernel caps it at somaxconn
-TOO_MANY = http11.error_response(503, "too many connections", "close", (("Retry-After", "1"),))
+TOO_MANY = http11.error_response(503, "too many connections", "close",
+                                 (("Retry-After", "1"),) + NO_STORE)
 
 
 class Server:
@@ -916,12 +1006,17 @@ class Server:
             log(message)
 
     def request_done(self, connection, request, status, size, started):
-        """Count a reply in the metrics, and log it with --access-log (never a value)."""
-        self.metrics.request_done(request.method if request else "other", status, started)
+        """Count a reply in the metrics, and log it with --access-log (never a value).
+
+        `request` is None for one that could not be parsed; `size` is the
+        reply body's length, `started` when the request's first bytes came.
+        """
+        seconds = self.now() - started
+        method, target, path = (request.method, request.target, request.path) if request \
+            else (None, None, "")
+        self.metrics.request_done(method or "other", route_label(path), status, seconds)
         if self.access_log:
-            line = ("%s %s %s" % (request.method, request.target, request.version)
-                    if request else "-")
-            log('%s - "%s" %d %d' % (connection.client, line, status, size))
+            log_access(connection.client, method, target, status, size, seconds)
 
     # -- memory ---------------------------------------------------------------
 
@@ -1051,25 +1146,73 @@ OPEN_TO_ALL = {"/health": ("GET", "HEAD")}      # probes need no token
 UNAUTHORIZED_HEADERS = (("WWW-Authenticate", 'Bearer realm="kvstore"'),)
 
 
+class TokenFileError(ValueError):
+    """A token file that cannot be used; the message names the file, never the token."""
+
+
 def read_auth_token(path):
     """The token in the file at `path`: its content without surrounding whitespace, as bytes.
 
-    An argparse type, so a file that cannot be used is bad usage (exit 2),
-    reported in one line that names the file and never shows the token.
+    Raises TokenFileError, in one line that names the file and never shows
+    the token: at start that is bad usage (exit 2, parse_args), on a reload
+    a reason to keep the current token (reload_auth_token).
     """
     try:
         with open(path, "rb") as f:
             token = f.read(MAX_TOKEN_BYTES + 1).strip()
     except OSError as e:
-        raise argparse.ArgumentTypeError("cannot read %s: %s" % (path, e.strerror or e))
+        raise TokenFileError("cannot read %s: %s" % (path, e.strerror or e))
     if not token:
-        raise argparse.ArgumentTypeError("%s holds no token (it is empty)" % path)
+        raise TokenFileError("%s holds no token (it is empty)" % path)
     if len(token) > MAX_TOKEN_BYTES:
-        raise argparse.ArgumentTypeError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
+        raise TokenFileError("%s is longer than %d bytes" % (path, MAX_TOKEN_BYTES))
     if not all(0x21 <= byte <= 0x7e for byte in token):
-        raise argparse.ArgumentTypeError("%s: the token must be one word of printable ASCII"
-                                         % path)
+        raise TokenFileError("%s: the token must be one word of printable ASCII" % path)
     return token
+
+
+def token_file_exposure(path):
+    """Why the token file at `path` is open to more users than its owner, or None.
+
+    Not refused: a file shared with a group can be deliberate, and a
+    refusal at a reload would be worse than a warning.  But a token that
+    other accounts of the host can read is a token they have.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None                         # read_auth_token reports it
+    if not mode & 0o066:
+        return None
+    return ("token file %s can be read or changed by users other than its owner "
+            "(mode %04o): chmod 600 %s" % (path, mode & 0o7777, path))
+
+
+def reload_auth_token(server, path):
+    """Read the token file `path` again (SIGHUP) and put its token in `server.auth_token`.
+
+    A file that cannot be used now (missing, empty, unreadable) keeps the
+    current token, and the line logged says why: a rotation that went wrong
+    must not lock every client out, nor open the server to all.  Without a
+    token file at start there is nothing to read: auth is not switched on
+    by a signal.  One line is logged either way.  Returns True if the token
+    was read.
+    """
+    if path is None:
+        log("No --auth-token-file: there is no token to reload")
+        return False
+    try:
+        token = read_auth_token(path)
+    except TokenFileError as e:
+        warn("Keeping the current token: %s" % e)
+        return False
+    changed = not hmac.compare_digest(token, server.auth_token or b"")
+    server.auth_token = token               # one assignment: check_auth sees old or new
+    log("Reloaded the token from %s (%s)" % (path, "changed" if changed else "unchanged"))
+    exposure = token_file_exposure(path)
+    if exposure:
+        warn(exposure)
+    return True
 
 
 def check_auth(token, request):
@@ -1086,15 +1229,22 @@ def check_auth(token, request):
     raise RequestError(401, "unauthorized", headers=UNAUTHORIZED_HEADERS)
 
 
-def warn_if_exposed(host, auth_token):
-    """One warning line when anyone beyond this machine can reach a server without a token."""
+def warn_if_exposed(host, auth_token, token_file=None):
+    """At start: a warning line for each way the server is more open than it looks.
+
+    No token on an address beyond loopback; a token file (`token_file`, the
+    --auth-token-file path) that other users of the host can read.
+    """
     try:
         loopback = ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         loopback = False
     if auth_token is None and not loopback:
-        log("Warning: listening on %s without --auth-token-file: anyone who can reach "
-            "this port can read, change and delete every key" % host)
+        warn("listening on %s without --auth-token-file: anyone who can reach "
+             "this port can read, change and delete every key" % host)
+    exposure = token_file and token_file_exposure(token_file)
+    if exposure:
+        warn(exposure)
 
 
 # ------------------------------------------------------------------ metrics --
@@ -1102,12 +1252,27 @@ def warn_if_exposed(host, auth_token):
 # GET /metrics: the Prometheus text format, version 0.0.4.  Requests are
 # counted as their reply goes out (Metrics.request_done: a lookup, a bisect,
 # two increments); everything else is read at scrape time from where it
-# already lives: the Store, its Journal, the KVServer.
+# already lives: the Store, its Journal, the KVServer, /proc/self.  Besides
+# the kvstore_ families, the process_ ones that Prometheus's own client
+# libraries export under these very names, so that the usual dashboards and
+# alerts (memory, file descriptors, restarts, CPU) work unchanged.
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 10.0)       # seconds; a reply waits for its fsync, a few ms on SSD
+# The route label of the latency histogram: what a request asked for, in a
+# bounded set (a label per key would be a series per key).
+ROUTES = ("key", "listing", "health", "metrics", "snapshot", "export", "batch", "other")
+ROUTE_OF_PATH = {"/kv": "listing", "/health": "health", "/metrics": "metrics",
+                 "/snapshot": "snapshot", "/export": "export", "/batch": "batch"}
+
+
+def route_label(path):
+    """The route of a request's path (without its query), one of ROUTES: /kv/a is "key"."""
+    if path.startswith("/kv/"):
+        return "key"
+    return ROUTE_OF_PATH.get(path, "other")
 
 
 class Metrics:
@@ -1119,13 +1284,18 @@ class Metrics:
 
     def __init__(self):
         self._lock = threading.Lock()   # guards adding to _rows, and reading it whole
-        # (method label, status) -> [seconds in all, then a count per
+        # (method label, route, status) -> [seconds in all, then a count per
         # latency bucket, the last one +Inf]: the request counters and the
         # histogram in one row, so that a request costs one lookup.
         self._rows = {}
 
-    def request_done(self, method, status, started):
-        """Count a request whose reply went out; `started` is its time.monotonic() on arrival.
+    def request_done(self, method, route, status, seconds):
+        """Count a request whose reply went out.
+
+        `method` is the request's (any other than METHOD_LABELS counts as
+        "other"), `route` one of ROUTES (route_label), `status` the reply's
+        code, `seconds` the time from the request's first bytes to the
+        reply's hand-over to the kernel.
 
         No lock, although the worker and the snapshot stream both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
@@ -1135,80 +1305,157 @@ class Metrics:
         which Prometheus would read as a restart.  The lock cost a third
         of this method.
         """
-        seconds = time.monotonic() - started
-        row = self._rows.get((method, status))
+        row = self._rows.get((method, route, status))
         if row is None:
-            row = self._new_row(method, status)
+            row = self._new_row(method, route, status)
         bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds) + 1    # le is inclusive
         row[0] += seconds
         row[bucket] += 1
 
-    def _new_row(self, method, status):
+    def _new_row(self, method, route, status):
         if method not in METHOD_LABELS:
             method = "other"            # rare, and bounded: each costs the lock once more
+        if route not in ROUTES:
+            route = "other"
         with self._lock:
-            return self._rows.setdefault((method, status),
+            return self._rows.setdefault((method, route, status),
                                          [0.0] + [0] * (len(LATENCY_BUCKETS) + 1))
+
+    def _requests(self):
+        """({(method, code): count}, {(route, method): histogram row}) of the requests so far."""
+        requests, latency = {}, {}
+        with self._lock:
+            for (method, route, status), row in self._rows.items():
+                row = row[:]            # one read of it (a copy is one step)
+                requests[method, status] = requests.get((method, status), 0) + sum(row[1:])
+                total = latency.get((route, method))
+                latency[route, method] = row if total is None else [
+                    a + b for a, b in zip(total, row)]
+        return requests, latency
 
     def render(self, server):
         """The text of /metrics, as bytes."""
-        store = server.store
-        journal = store.journal
-        rows = {m: [0.0] + [0] * (len(LATENCY_BUCKETS) + 1) for m in METHOD_LABELS}
-        requests = {}
-        with self._lock:
-            for (method, status), row in self._rows.items():
-                row = row[:]            # one read of it (a copy is one step)
-                requests[method, status] = sum(row[1:])
-                rows[method] = [a + b for a, b in zip(rows[method], row)]
         out = []
-
-        def metric(name, kind, text, samples):
-            out.append("# HELP kvstore_%s %s\n# TYPE kvstore_%s %s\n" % (name, text, name, kind))
-            for suffix, labels, value in samples:
-                label_text = ",".join('%s="%s"' % pair for pair in labels)
-                out.append("kvstore_%s%s%s %s\n" % (name, suffix,
-                                                    "{%s}" % label_text if labels else "",
-                                                    value))
-
-        def one(name, kind, text, value):
-            metric(name, kind, text, [("", (), value)])
-
-        metric("requests_total", "counter", "Requests answered, by method and status code.",
+        requests, latency = self._requests()
+        family(out, "kvstore_requests_total", "counter",
+               "Requests answered, by method and status code.",
                [("", (("method", m), ("code", c)), n) for (m, c), n in sorted(requests.items())])
-        latency = []
-        for method, (seconds, *counts) in rows.items():
-            total = 0
+        # By route and method: a key's GET and its PUT, which waits for an
+        # fsync, differ tenfold; /snapshot and /metrics mix with neither.
+        samples = []
+        for (route, method), (seconds, *counts) in sorted(latency.items()):
+            labels, total = (("route", route), ("method", method)), 0
             for le, count in zip(LATENCY_BUCKETS + ("+Inf",), counts):
                 total += count
-                latency.append(("_bucket", (("method", method), ("le", le)), total))
-            latency.append(("_sum", (("method", method),), repr(seconds)))
-            latency.append(("_count", (("method", method),), total))
-        metric("request_duration_seconds", "histogram",
-               "Time from a request's first bytes to its reply (a write's, after its fsync).",
-               latency)
-        one("connections", "gauge", "Client connections open now.", len(server.connections))
-        one("connections_refused_total", "counter", "Connections refused at the cap "
-            "(--max-connections).", server.connections_refused)
-        one("requests_timed_out_total", "counter", "Requests cut off at a deadline (a client "
-            "too slow to send or to read).", server.requests_timed_out)
-        one("keys", "gauge", "Keys in the store.", len(store))
-        one("value_bytes", "gauge", "Bytes of all values in the store.", store.value_bytes)
-        one("storage_writable", "gauge", "1 if writes can be served, 0 if the storage refuses "
-            "them (see /health).", 0 if store.write_problem() else 1)
-        one("journal_bytes", "gauge", "Bytes in the current journal file (a checkpoint "
-            "starts a new one).", journal.size)
-        one("journal_records_total", "counter", "Records appended to the journal.",
-            journal.records)
-        one("journal_fsyncs_total", "counter", "Journal fsyncs (each may cover many writes).",
-            journal.fsyncs)
-        one("journal_fsync_seconds_total", "counter", "Seconds spent in journal rounds that "
-            "fsynced (their write and their fsync).", repr(journal.fsync_seconds))
-        one("checkpoints_total", "counter", "Checkpoints written (snapshot, new journal).",
-            store.checkpoints)
-        one("checkpoint_failures_total", "counter", "Checkpoints that failed (the journal "
-            "was kept).", store.checkpoint_failures)
+                samples.append(("_bucket", labels + (("le", le),), total))
+            samples.append(("_sum", labels, repr(seconds)))
+            samples.append(("_count", labels, total))
+        family(out, "kvstore_request_duration_seconds", "histogram",
+               "Time from a request's first bytes to its reply (a write's, after its fsync), "
+               "by route and method.", samples)
+        single(out, "kvstore_connections", "gauge", "Client connections open now.",
+               len(server.connections))
+        single(out, "kvstore_connections_refused_total", "counter", "Connections refused at the "
+               "cap (--max-connections).", server.connections_refused)
+        single(out, "kvstore_requests_timed_out_total", "counter", "Requests cut off at a "
+               "deadline (a client too slow to send or to read).", server.requests_timed_out)
+        store_metrics(out, server.store)
+        family(out, "kvstore_build_info", "gauge", "Always 1; the labels say which kvstore and "
+               "which Python this is.", [("", (("version", __version__),
+                                               ("python", sys.version.split()[0])), 1)])
+        process_metrics(out)
         return "".join(out).encode("utf-8")
+
+
+def family(out, name, kind, text, samples):
+    """Append a metric family to `out`: HELP and TYPE, then each (suffix, labels, value)."""
+    out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, text, name, kind))
+    for suffix, labels, value in samples:
+        label_text = ",".join('%s="%s"' % pair for pair in labels)
+        out.append("%s%s%s %s\n" % (name, suffix, "{%s}" % label_text if labels else "", value))
+
+
+def single(out, name, kind, text, value):
+    """Append a metric family of one sample without labels."""
+    family(out, name, kind, text, [("", (), value)])
+
+
+def store_metrics(out, store):
+    """The store's and its journal's families, read from where they live."""
+    journal = store.journal
+    single(out, "kvstore_keys", "gauge", "Keys in the store.", len(store))
+    single(out, "kvstore_value_bytes", "gauge", "Bytes of all values in the store.",
+           store.value_bytes)
+    single(out, "kvstore_storage_writable", "gauge", "1 if writes can be served, 0 if the "
+           "storage refuses them (see /health).", 0 if store.write_problem() else 1)
+    single(out, "kvstore_journal_bytes", "gauge", "Bytes in the current journal file (a "
+           "checkpoint starts a new one).", journal.size)
+    single(out, "kvstore_journal_records_total", "counter", "Records appended to the journal.",
+           journal.records)
+    single(out, "kvstore_journal_fsyncs_total", "counter", "Journal fsyncs (each may cover "
+           "many writes).", journal.fsyncs)
+    single(out, "kvstore_journal_fsync_seconds_total", "counter", "Seconds spent in journal "
+           "rounds that fsynced (their write and their fsync).", repr(journal.fsync_seconds))
+    single(out, "kvstore_checkpoints_total", "counter", "Checkpoints written (snapshot, new "
+           "journal).", store.checkpoints)
+    single(out, "kvstore_checkpoint_failures_total", "counter", "Checkpoints that failed (the "
+           "journal was kept).", store.checkpoint_failures)
+    single(out, "kvstore_last_checkpoint_timestamp_seconds", "gauge", "When the snapshot was "
+           "last written (a checkpoint or a clean stop), in Unix time; 0 if never.",
+           repr(last_checkpoint_time(store)))
+
+
+def last_checkpoint_time(store):
+    """The Unix time of the last snapshot written: this run's, else the file's, else 0.0."""
+    if store.last_checkpoint_time is not None:
+        return store.last_checkpoint_time
+    try:
+        return os.stat(persistence.snapshot_path(store.directory)).st_mtime
+    except OSError:
+        return 0.0                      # no snapshot yet: a store that was never saved
+
+
+_process_start_time = None      # process_start_time_seconds: read once, it cannot change
+
+
+def process_metrics(out):
+    """The standard process_ families, read from /proc/self; none where there is no /proc.
+
+    CPU counts this process only: the journal's writer and a checkpoint's
+    child are processes of their own.
+    """
+    global _process_start_time
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # Fields after the command name, which is in parentheses and
+            # may hold anything, spaces and parentheses included.
+            fields = f.read().rpartition(b")")[2].split()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        if _process_start_time is None:
+            _process_start_time = boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return
+    cpu = os.times()
+    single(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in "
+           "seconds.", repr(round(cpu.user + cpu.system, 2)))     # counted in clock ticks
+    single(out, "process_open_fds", "gauge", "Open file descriptors.", open_fds)
+    single(out, "process_max_fds", "gauge", "The limit of open file descriptors.",
+           resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    single(out, "process_resident_memory_bytes", "gauge", "Resident memory size, in bytes.",
+           int(fields[21]) * os.sysconf("SC_PAGE_SIZE"))
+    single(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size, in bytes.",
+           int(fields[20]))
+    single(out, "process_start_time_seconds", "gauge", "When the process started, in Unix "
+           "time.", repr(round(_process_start_time, 2)))
+
+
+def boot_time():
+    """When the machine booted, in Unix time (/proc/stat's btime): start times count from it."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return int(line.split()[1])
+    raise ValueError("no btime in /proc/stat")
 
 
 # ------------------------------------------------------------------- backup --
@@ -1260,6 +1507,7 @@ class SnapshotStream:
             data = self.server.store.copy()
             connection = "keep-alive" if self.chunked and self.request.keep_alive else "close"
             self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
+                       b"Cache-Control: no-store\r\n",          # a backup: not for caches
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
@@ -1338,11 +1586,55 @@ def cpu_number(text):
     return value
 
 
+# A host name as RFC 1123 allows it: dot-separated labels of letters, digits
+# and inner hyphens; the last one not all digits (999.1.1.1 is a bad address,
+# not a name).
+HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOST_NAME = re.compile(r"(%s\.)*(?=[0-9-]*[A-Za-z])%s\.?" % (HOST_LABEL, HOST_LABEL))
+
+
+def host_address(text):
+    """An address to bind: an IP address ([::1] as in a URL, or ::1) or a host name.
+
+    A syntax check only: a name is resolved when the server binds, and a
+    name that does not resolve then is a runtime failure (exit 1; DNS may
+    be down for a moment), where a malformed address is bad usage (exit 2).
+    """
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        ipaddress.IPv6Address(text)         # brackets hold an IPv6 address, nothing else
+        return text
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if len(text) > 253 or not HOST_NAME.fullmatch(text):
+        raise ValueError(text)
+    return text
+
+
+def not_empty(text):
+    """A path given on the command line: an empty one would mean the current directory."""
+    if not text:
+        raise ValueError(text)
+    return text
+
+
 positive_int.__name__ = "positive integer"
 cpu_number.__name__ = "CPU number"
 non_negative_float.__name__ = "non-negative number"
 positive_float.__name__ = "positive number"
 port_number.__name__ = "port (0-65535)"
+host_address.__name__ = "address (an IP address, [IPv6] or a host name)"
+not_empty.__name__ = "path (it is empty)"
+
+# Environment variables that stand for a flag when the flag is not given.
+# Set to the empty string, each would silently mean something else (HOST=
+# binding every address, DATA_DIR= the current directory, KV_AUTH_TOKEN_FILE=
+# no auth at all), so an empty one is refused like any other bad value.
+ENVIRONMENT = {"HOST": "--host", "PORT": "--port", "DATA_DIR": "--working-dir",
+               AUTH_TOKEN_ENV: "--auth-token-file"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1352,19 +1644,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv, environ):
+    """The command line and the environment, as argparse's namespace; exit 2 on bad usage.
+
+    Besides the flags: args.auth_token, the token (bytes) read from
+    args.auth_token_file, or None when no token file is given.
+    """
     parser = ArgumentParser(
         description="An HTTP key-value store that keeps every acknowledged write "
                     "through clean shutdowns and crashes.",
         epilog="Environment: HOST, PORT, DATA_DIR and KV_AUTH_TOKEN_FILE are used when the "
-               "flag is not given. SIGTERM, SIGINT and SIGHUP (unless ignored at start, as "
-               "under nohup) shut the server down cleanly. "
+               "flag is not given; set to the empty string, each is bad usage. "
+               "SIGTERM and SIGINT shut the server down cleanly; SIGHUP reads the token "
+               "file again (a bad one keeps the current token) and never stops it. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
-    parser.add_argument("--host", default=environ.get("HOST", "0.0.0.0"),
-                        help="address to bind (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=port_number, default=environ.get("PORT", "8080"),
+    parser.add_argument("--version", action="version", version="kvstore " + __version__)
+    parser.add_argument("--host", type=host_address, default=environ.get("HOST") or "0.0.0.0",
+                        help="address to bind: an IP address ([::1] or ::1 for IPv6) or a "
+                             "host name (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=port_number, default=environ.get("PORT") or "8080",
                         help="TCP port; 0 picks a free one (env PORT, default 8080)")
-    parser.add_argument("--working-dir", default=environ.get("DATA_DIR", "./data"),
-                        metavar="DIR",
+    parser.add_argument("--working-dir", type=not_empty,
+                        default=environ.get("DATA_DIR") or "./data", metavar="DIR",
                         help="data directory, created if missing "
                              "(env DATA_DIR, default ./data)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=15.0,
@@ -1389,12 +1689,12 @@ def parse_args(argv, environ):
                         help="for a host dedicated to this server: run every thread on "
                              "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
                              "normal scheduling; see README, Performance)")
-    parser.add_argument("--auth-token-file", default=environ.get(AUTH_TOKEN_ENV) or None,
-                        metavar="FILE",
+    parser.add_argument("--auth-token-file", type=not_empty,
+                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
                         help="require 'Authorization: Bearer <token>' on every request "
                              "but GET /health; the token is the file's content without "
-                             "surrounding whitespace (env %s, default: no auth)"
-                             % AUTH_TOKEN_ENV)
+                             "surrounding whitespace; SIGHUP reads it again (env %s, "
+                             "default: no auth)" % AUTH_TOKEN_ENV)
     limits = parser.add_argument_group(
         "limits and timeouts", "what one client can make the server spend; each bound keeps "
         "the server available to the others (see README, Limits and timeouts)")
@@ -1427,14 +1727,24 @@ def parse_args(argv, environ):
                              "stalled disk); past it new writes get 503 with Retry-After "
                              "(default 67108864 = 64 MiB)")
     parser.add_argument("--access-log", action="store_true",
-                        help="log one line per request (never a value); off by default")
-    args = parser.parse_args(argv)
+                        help="log one line per request: client, request line, status, "
+                             "bytes, seconds (never a value); off by default")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text: a line per event after an RFC 3339 UTC timestamp; "
+                             "json: a JSON object per line (default text)")
+    # An empty variable counts as unset while parsing (the defaults above),
+    # so that --help still works; then it is refused.
+    args = parser.parse_args(argv)          # --help and --version exit here
+    for name, flag in ENVIRONMENT.items():
+        if environ.get(name) == "":
+            parser.error("%s is set but empty: unset it, or set it to a value (it stands "
+                         "for %s)" % (name, flag))
     args.auth_token = None
     if args.auth_token_file is not None:
         try:
             args.auth_token = read_auth_token(args.auth_token_file)
-        except argparse.ArgumentTypeError as e:
-            parser.error("argument --auth-token-file: %s" % e)
+        except TokenFileError as e:
+            parser.error("--auth-token-file: %s" % e)
     return args
 
 
@@ -1602,7 +1912,9 @@ async def drain(server, timeout):
 class Stopper:
     """SIGTERM and SIGINT stop the server once; later ones are logged and change nothing.
 
-    SIGHUP re-reads the token file.  asyncio's add_signal_handler runs the
+    SIGHUP re-reads the token file (reload_auth_token), as nginx, Consul and
+    Prometheus reload theirs, and never stops the server: a logrotate
+    `kill -HUP` must not end the service.  asyncio's add_signal_handler runs the
     handlers on the loop, between two callbacks, never inside one.
     """
 
@@ -1612,7 +1924,9 @@ class Stopper:
         self._last_logged = 0.0
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.on_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # Under nohup SIGHUP was ignored at start: whoever ran us asked for that.
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         server.on_fatal = self.on_fatal
 
     def on_signal(self, signum):
@@ -1631,15 +1945,7 @@ class Stopper:
 
     def reload(self):
         """SIGHUP: the token file again (rotation without a restart); a bad one keeps the old."""
-        if self.token_file is None:
-            log("Received SIGHUP: no --auth-token-file to reload")
-            return
-        try:
-            self.server.api.auth_token = read_auth_token(self.token_file)
-        except argparse.ArgumentTypeError as e:
-            log("Received SIGHUP: keeping the current token: %s" % e)
-            return
-        log("Received SIGHUP: reloaded the token from %s" % self.token_file)
+        reload_auth_token(self.server.api, self.token_file)
 
 
 async def serve(args, store, sock):
@@ -1658,8 +1964,8 @@ async def serve(args, store, sock):
     if files != resource.RLIM_INFINITY and files < args.max_connections + 64:
         log("Open file limit %d is below --max-connections %d: past it, connections wait "
             "in the kernel's queue" % (files, args.max_connections))
-    warn_if_exposed(host, args.auth_token)
-    log("Server listening on %s:%d" % (host, port))
+    warn_if_exposed(host, args.auth_token, args.auth_token_file)
+    log("Server listening on %s" % format_address(host, port))
     await stopper.stopped
     listener.close()
     still_open = await drain(server, args.shutdown_timeout)
@@ -1707,6 +2013,7 @@ _loop_errors = {}
 def main(argv=None):
     open_standard_fds()
     args = parse_args(sys.argv[1:] if argv is None else argv, os.environ)
+    set_log_format(args.log_format)
     raise_open_file_limit()
     if args.cpu is not None:
         try:
@@ -1722,8 +2029,8 @@ def main(argv=None):
         sock = listen(args.host, args.port)
         store, directory_lock = open_store(args)
     except (OSError, OverflowError) as e:
-        fail("cannot listen on %s:%s: %s" % (args.host, args.port,
-                                              getattr(e, "strerror", None) or e))
+        fail("cannot listen on %s: %s" % (format_address(args.host, args.port),
+                                           getattr(e, "strerror", None) or e))
         os._exit(1)
     except persistence.DataError as e:
         fail(str(e))

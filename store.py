@@ -196,6 +196,7 @@ class Store:
         self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
         self.checkpoints = 0            # written since start, for /metrics
         self.checkpoint_failures = 0
+        self.last_checkpoint_time = None    # time.time() of this run's last snapshot written
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
         self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
         journal.apply_round = self._apply_round
@@ -479,6 +480,7 @@ class Store:
                 self.directory, covered, self.keep_open_in_child)
             persistence.remove_journals(self.directory, covered)          # d.
             self.checkpoints += 1
+            self.last_checkpoint_time = time.time()
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (keys, size, time.monotonic() - started, covered))
 
@@ -517,6 +519,7 @@ class Store:
         with self._checkpoint_lock:
             self._journal.close()       # what is queued reaches the disk, or fails
             size = persistence.write_snapshot(self.directory, self._data)
+            self.last_checkpoint_time = time.time()
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))

@@ -31,6 +31,9 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
 
 LISTENING = re.compile(r"Server listening on (\S+):(\d+)")
+# Every log line starts with an RFC 3339 UTC timestamp (--log-format text).
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+LOG_LINE = re.compile(r"(%s) (.*)" % TIMESTAMP)
 
 # The servers started here must get SIGHUP as under a terminal, even when
 # this runner was started with it ignored (under nohup, or by a service
@@ -207,6 +210,12 @@ def read_until_quiet(sock, timeout=10, quiet=0.5):
             break
         chunks.append(data)
     return b"".join(chunks)
+
+
+def error_lines(output):
+    """The lines of `output` that report a failure ("<timestamp> error: ..."), each without its timestamp."""
+    messages = [LOG_LINE.fullmatch(line) for line in output.splitlines()]
+    return [m.group(2) for m in messages if m and m.group(2).startswith("error: ")]
 
 
 def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):

@@ -4,9 +4,13 @@ Every endpoint is tried four ways (no Authorization header, another scheme,
 a wrong token, the right token); a refused request must change nothing.
 """
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import unittest
 
 from tests import support
@@ -41,8 +45,10 @@ ENDPOINTS = [
 ]
 
 
-def token_file(test, content):
-    return support.temp_file(test, "token", content)
+def token_file(test, content, mode=0o600):
+    path = support.temp_file(test, "token", content)
+    os.chmod(path, mode)
+    return path
 
 
 class AuthTest(support.ServerTestCase):
@@ -109,7 +115,7 @@ class AuthTest(support.ServerTestCase):
         for headers in (RIGHT, {"Authorization": "Bearer " + WRONG}):
             for method, path, body, _ in ENDPOINTS:
                 self.server.request(method, path, body, headers)
-        self.assertIn('"GET /kv/guarded HTTP/1.1" 401', self.server.output())   # it logs
+        self.assertIn('"GET /kv/guarded" 401', self.server.output())   # it logs
         self.assertEqual(self.server.stop(), 0)
         output = self.server.output()
         self.assertNotIn(TOKEN, output)
@@ -171,6 +177,104 @@ class AuthStartTest(support.ServerTestCase):
                 server = self.start_server(*args, host=host)
                 self.assertNotIn(warning, server.output())
                 server.stop()
+
+
+    def test_a_warning_when_others_can_read_the_token_file(self):
+        for mode in (0o644, 0o640, 0o606, 0o600, 0o400):
+            with self.subTest(mode=oct(mode)):
+                path = token_file(self, TOKEN.encode(), mode)
+                server = self.start_server("--auth-token-file", path,
+                                           data_dir=tempfile.mkdtemp(dir=self.data_dir))
+                warnings = [line for line in server.output().splitlines()
+                            if "Warning:" in line]
+                if mode & 0o066:
+                    self.assertEqual(len(warnings), 1, server.output())
+                    self.assertIn(path, warnings[0])
+                    self.assertIn("chmod 600", warnings[0])
+                else:
+                    self.assertEqual(warnings, [])
+                self.assertEqual(server.stop(), 0)
+                self.assertNotIn(TOKEN, server.output())
+
+
+# reload_auth_token, which SIGHUP calls, run in a process of its own (its
+# lines go to fd 1): argv[1] is the token file, the holder starts with OLD.
+RELOAD = """
+import sys, types
+import server
+holder = types.SimpleNamespace(auth_token=b"OLD")
+done = server.reload_auth_token(holder, sys.argv[1] if sys.argv[1] != "-" else None)
+print("result", done, holder.auth_token.decode())
+"""
+
+
+class ReloadTest(unittest.TestCase):
+    """reload_auth_token: the new token, or the old one kept and why; never the token logged."""
+
+    def reload(self, path):
+        run = subprocess.run([sys.executable, "-c", RELOAD, path], cwd=support.ROOT,
+                             capture_output=True, text=True, timeout=60)
+        self.assertEqual((run.returncode, run.stderr), (0, ""), run.stdout + run.stderr)
+        lines = run.stdout.splitlines()
+        self.assertNotIn("NEW-" + TOKEN, "\n".join(lines[:-1]))
+        return lines[:-1], lines[-1]
+
+    def test_a_good_file_replaces_the_token_in_one_line(self):
+        path = token_file(self, b"NEW-" + TOKEN.encode() + b"\n")
+        lines, result = self.reload(path)
+        self.assertEqual(result, "result True NEW-" + TOKEN)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"^%s Reloaded the token from %s \(changed\)$"
+                         % (support.TIMESTAMP, re.escape(path)))
+
+    def test_a_bad_file_keeps_the_old_token_and_says_why(self):
+        directory = tempfile.mkdtemp(prefix="kvtest-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        cases = {"missing": os.path.join(directory, "gone"),
+                 "empty": token_file(self, b"\n"),
+                 "two words": token_file(self, b"two words")}
+        for what, path in cases.items():
+            with self.subTest(what):
+                lines, result = self.reload(path)
+                self.assertEqual(result, "result False OLD")
+                self.assertEqual(len(lines), 1, lines)
+                self.assertIn("Keeping the current token", lines[0])
+                self.assertIn(path, lines[0])
+
+    def test_a_readable_file_is_read_and_warned_about(self):
+        path = token_file(self, b"NEW-" + TOKEN.encode(), 0o644)
+        lines, result = self.reload(path)
+        self.assertEqual(result, "result True NEW-" + TOKEN)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("Warning: token file %s" % path, lines[1])
+
+    def test_without_a_token_file_there_is_nothing_to_reload(self):
+        lines, result = self.reload("-")
+        self.assertEqual(result, "result False OLD")
+        self.assertEqual(len(lines), 1, lines)
+
+
+class SighupTest(support.ServerTestCase):
+
+    def test_sighup_reloads_the_token_and_never_stops_the_server(self):
+        path = token_file(self, TOKEN.encode())
+        server = self.start_server("--auth-token-file", path)
+        self.assertEqual(server.request("PUT", "/kv/k", b"v", RIGHT)[0], 200)
+        with open(path, "w") as f:
+            f.write(WRONG + "\n")                   # the rotated token
+        server.signal(signal.SIGHUP)
+        server.wait_for_line(r"Reloaded the token from %s" % re.escape(path), 10)
+        self.assertEqual(server.request("GET", "/kv/k", None, RIGHT)[0], 401)
+        self.assertEqual(server.request("GET", "/kv/k", None,
+                                        {"Authorization": "Bearer " + WRONG})[0], 200)
+        os.unlink(path)                             # a rotation gone wrong
+        server.signal(signal.SIGHUP)
+        server.wait_for_line(r"Keeping the current token: cannot read %s" % re.escape(path), 10)
+        self.assertEqual(server.request("GET", "/kv/k", None,
+                                        {"Authorization": "Bearer " + WRONG})[0], 200)
+        self.assertIsNone(server.proc.poll(), "SIGHUP stopped the server")
+        self.assertEqual(server.stop(), 0)
+        self.assertNotIn(WRONG, server.output())
 
 
 if __name__ == "__main__":

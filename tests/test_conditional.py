@@ -234,6 +234,10 @@ class ConditionalReadTests(ConditionalTestCase):
                 self.assertEqual(headers["ETag"], tag)
                 # RFC 9110 8.6: a 304's Content-Length, if any, is the 200's.
                 self.assertEqual(headers["Content-Length"], str(len(value)))
+                # 15.4.5: a 304 has no content, so nothing has a type; a
+                # cache updates the stored 200's headers from it.
+                self.assertNotIn("Content-Type", headers)
+                self.assertEqual(headers.get_all("Cache-Control"), ["no-cache"])
         # Had the 304 carried a body, this reply would be garbled.
         self.assertEqual(self.request_on(conn, "GET", path)[::2], (200, value))
 

@@ -1,4 +1,4 @@
-"""Checks of the deployment files: Dockerfile, .dockerignore, deploy/kvstore.service.
+"""Checks of the deployment files: Dockerfile, .dockerignore, deploy/kvstore.service, deploy/nginx.conf.
 
 No Docker engine is needed (there is none where this was written): the
 Dockerfile is parsed for what the clstr harness and `docker stop` rely on,
@@ -6,18 +6,25 @@ and its CMD and HEALTHCHECK are run here as the container would run them,
 from a directory holding only the files the image COPYs, against a real
 server.  The systemd unit goes through `systemd-analyze verify` and
 `systemd-analyze security --offline=yes` when systemd-analyze is installed.
+deploy/nginx.conf runs in a real nginx, in front of a real server (.ci/run
+installs nginx and openssl; elsewhere the test is skipped without them).
 """
 import fnmatch
+import gzip
+import http.client
 import json
 import os
+import pickle
 import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import unittest
+import urllib.parse
 
 from tests import support
 from tests.durability_support import BareServer, clean_env
@@ -118,7 +125,9 @@ class DockerfileTest(unittest.TestCase):
     def test_healthcheck_needs_no_curl(self):
         argv = self.healthcheck()
         self.assertNotIn(argv[0], ("curl", "wget"))
-        self.assertIn("/health", " ".join(argv))
+        self.assertEqual(argv[:2], ["python", "healthcheck.py"])
+        with open(os.path.join(support.ROOT, "deploy", "healthcheck.py"), encoding="utf-8") as f:
+            self.assertIn("/health", f.read())
 
     def test_copied_files_exist_and_are_in_the_build_context(self):
         with open(DOCKERIGNORE, encoding="utf-8") as f:
@@ -140,26 +149,16 @@ class DockerfileTest(unittest.TestCase):
                                 "%s would be sent to the Docker daemon" % kept_out)
 
     def test_cmd_and_healthcheck_run_as_in_the_container(self):
-        # /app of the image: only the files it COPYs.
-        app = tempfile.mkdtemp(prefix="kvtest-app-")
-        self.addCleanup(shutil.rmtree, app, True)
-        for instruction, args in self.instructions:
-            if instruction == "COPY":
-                for source in args.split()[:-1]:
-                    shutil.copy(os.path.join(support.ROOT, source), app)
+        app = self.image_files()
         env = {"DATA_DIR": os.path.join(app, "data"), "PORT": str(support.free_port()),
                "HOST": "127.0.0.1", "PYTHONDONTWRITEBYTECODE": "1"}
         cmd, check = self.cmd(), self.healthcheck()
         self.assertEqual((cmd[0], check[0]), ("python", "python"))
 
-        def healthcheck():
-            return subprocess.run([sys.executable] + check[1:], env=clean_env(env), cwd=app,
-                                  timeout=10, stdin=subprocess.DEVNULL,
-                                  capture_output=True).returncode
-
         server = BareServer(*cmd[1:], env=env, cwd=app, executable=sys.executable)
         self.addCleanup(server.__exit__, None, None, None)
         server.start()
+        healthcheck = self.healthcheck_of(app, server, env)
         self.assertEqual(healthcheck(), 0, server.output())
         server.put("k", b"v")
         server.signal(signal.SIGTERM)                   # docker stop
@@ -167,19 +166,64 @@ class DockerfileTest(unittest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(app, "data", "store.pickle")))
         self.assertEqual(healthcheck(), 1, "the healthcheck passed with no server")
 
+    def image_files(self):
+        """A directory like the image's /app: only the files the Dockerfile COPYs."""
+        app = tempfile.mkdtemp(prefix="kvtest-app-")
+        self.addCleanup(shutil.rmtree, app, True)
+        for instruction, args in self.instructions:
+            if instruction == "COPY":
+                for source in args.split()[:-1]:
+                    shutil.copy(os.path.join(support.ROOT, source), app)
+        return app
+
+    def healthcheck_of(self, app, server, env):
+        """A function running the HEALTHCHECK's command as Docker would; its exit code.
+
+        The server is not PID 1 here: its PID is passed to the check.
+        """
+        check = self.healthcheck()
+
+        def run():
+            return subprocess.run([sys.executable] + check[1:] + [str(server.proc.pid)],
+                                  env=clean_env(env), cwd=app, timeout=10,
+                                  stdin=subprocess.DEVNULL, capture_output=True).returncode
+        return run
+
+    def test_healthcheck_follows_a_port_given_as_a_flag(self):
+        # The image sets PORT; `docker run kvstore python server.py --port N`
+        # overrides it, and the check must ask N (nothing listens on PORT).
+        app = self.image_files()
+        port = support.free_port()
+        env = {"DATA_DIR": os.path.join(app, "data"), "PORT": str(support.free_port()),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        for form in (["--port", str(port)], ["--port=%d" % port]):
+            with self.subTest(form=form):
+                server = BareServer(*self.cmd()[1:] + form + ["--host", "127.0.0.1"], env=env,
+                                    cwd=app, executable=sys.executable)
+                self.addCleanup(server.__exit__, None, None, None)
+                server.start()
+                self.assertEqual(server.port, port)
+                self.assertEqual(self.healthcheck_of(app, server, env)(), 0, server.output())
+                server.signal(signal.SIGTERM)
+                self.assertEqual(server.wait(DOCKER_STOP_TIMEOUT), 0, server.output())
+
 
 @unittest.skipUnless(shutil.which("systemd-analyze"), "needs systemd-analyze")
 class SystemdUnitTest(unittest.TestCase):
 
-    def analyze(self, *args):
-        return subprocess.run(["systemd-analyze"] + list(args) + [UNIT], capture_output=True,
+    def analyze(self, *args, unit=UNIT):
+        return subprocess.run(["systemd-analyze"] + list(args) + [unit], capture_output=True,
                               text=True, timeout=60, stdin=subprocess.DEVNULL)
 
     def test_verify_is_clean(self):
-        exec_start = unit_settings()["ExecStart"][0].split()[0]
-        if not os.access(exec_start, os.X_OK):
-            self.skipTest("%s (the unit's ExecStart) is not here" % exec_start)
-        result = self.analyze("verify")
+        # verify checks that ExecStart's program exists: the unit as it would
+        # be with /opt/kvstore holding this checkout's files.
+        directory = tempfile.mkdtemp(prefix="kvtest-unit-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        unit = os.path.join(directory, "kvstore.service")
+        with open(UNIT, encoding="utf-8") as f, open(unit, "w", encoding="utf-8") as copy:
+            copy.write(f.read().replace("/opt/kvstore/", support.ROOT + "/"))
+        result = self.analyze("verify", unit=unit)
         output = result.stdout + result.stderr
         # Only what is about the unit: a host's own units may draw warnings.
         about_unit = [l for l in output.splitlines() if "kvstore" in l]
@@ -205,6 +249,22 @@ def unit_settings():
     return settings
 
 
+class UnitTest(unittest.TestCase):
+
+    def test_reload_is_sighup_to_the_server(self):
+        # run.sh execs the interpreter, so $MAINPID is the server itself.
+        settings = unit_settings()
+        self.assertEqual(settings["ExecReload"], ["/bin/kill -HUP $MAINPID"])
+        self.assertEqual(settings["Type"], ["exec"])
+
+    def test_the_interpreter_is_a_setting_not_a_path_in_exec_start(self):
+        settings = unit_settings()
+        self.assertEqual([shlex.split(line)[0] for line in settings["ExecStart"]],
+                         ["/opt/kvstore/run.sh"])
+        self.assertIn("PYTHON=/usr/bin/python3", settings.get("Environment", []))
+        self.assertNotIn("python3", settings["ExecStart"][0])
+
+
 class StopTimeoutsTest(unittest.TestCase):
 
     def test_systemd_waits_longer_than_the_drain_and_the_save(self):
@@ -212,6 +272,199 @@ class StopTimeoutsTest(unittest.TestCase):
         drain = shutdown_timeout(shlex.split(settings["ExecStart"][0]))
         self.assertEqual(settings["KillSignal"], ["SIGTERM"])
         self.assertGreaterEqual(float(settings["TimeoutStopSec"][0]), drain + 2 * SAVE_MARGIN)
+
+
+NGINX_CONF = os.path.join(support.ROOT, "deploy", "nginx.conf")
+MAX_VALUE_BYTES = 10485760      # the server's default --max-value-bytes
+# The http {} around deploy/nginx.conf: Debian's nginx.conf with its gzip
+# lines uncommented, a common setup, and the one that made every If-Match a
+# 412 (it compresses text/plain, and turns a strong ETag weak doing so).
+NGINX_MAIN = """
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    gzip on;
+    gzip_vary on;
+    gzip_proxied any;
+    gzip_comp_level 6;
+    gzip_min_length 1;
+    gzip_types text/plain text/css application/json application/javascript text/xml;
+    include {dir}/kvstore.conf;
+}}
+"""
+
+
+def substitute(test, text, pattern, replacement):
+    """`text` with the one match of `pattern` replaced; the test fails if there is not exactly one."""
+    new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+    test.assertEqual(count, 1, "deploy/nginx.conf: %r matched %d times" % (pattern, count))
+    return new
+
+
+class NginxTest(support.ServerTestCase):
+    """deploy/nginx.conf in a real nginx: TLS, the body size, compare-and-set, a sub-path."""
+
+    def setUp(self):
+        super().setUp()
+        missing = [tool for tool in ("nginx", "openssl") if not shutil.which(tool)]
+        if missing:
+            what = " and ".join(missing)
+            if os.environ.get("CI"):                # it must run there: never a silent skip
+                self.fail("%s not installed: .ci/run installs it with apt-get" % what)
+            self.skipTest("needs %s (apt-get install nginx openssl)" % what)
+        token = support.temp_file(self, "token", b"nginx-test-token")
+        os.chmod(token, 0o600)
+        self.auth = {"Authorization": "Bearer nginx-test-token"}
+        self.server = self.start_server("--auth-token-file", token)
+        self.dir = tempfile.mkdtemp(prefix="kvtest-nginx-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        os.chmod(self.dir, 0o755)               # nginx's workers run as another user under root
+        self.certificate = self.make_certificate()
+        self.port = support.free_port()
+        self.start_nginx()
+
+    def make_certificate(self):
+        """A self-signed certificate for localhost and 127.0.0.1; the path of its PEM."""
+        cert, key = os.path.join(self.dir, "tls.crt"), os.path.join(self.dir, "tls.key")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-keyout", key, "-out", cert,
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        return cert
+
+    def kvstore_conf(self):
+        """deploy/nginx.conf pointed at this test's server, port and certificate, plus a sub-path."""
+        with open(NGINX_CONF, encoding="utf-8") as f:
+            conf = f.read()
+        conf = substitute(self, conf, r"^(\s*)server 127\.0\.0\.1:8080;",
+                          r"\g<1>server 127.0.0.1:%d;" % self.server.port)
+        conf = substitute(self, conf, r"^(\s*)listen 443 ssl;", r"\g<1>listen 127.0.0.1:%d ssl;"
+                          % self.port)
+        conf = substitute(self, conf, r"^\s*listen \[::\]:443 ssl;\n", "")
+        conf = substitute(self, conf, r"^(\s*ssl_certificate)\s.*;", r"\1 %s;" % self.certificate)
+        conf = substitute(self, conf, r"^(\s*ssl_certificate_key)\s.*;",
+                          r"\1 %s;" % self.certificate.replace(".crt", ".key"))
+        # The same location again, under a sub-path, as its comment says.
+        root = re.search(r"^    location / \{.*?^    \}\n", conf, re.MULTILINE | re.DOTALL)
+        self.assertIsNotNone(root, "no `location / {` block in deploy/nginx.conf")
+        sub = root.group(0).replace("location / {", "location /kv-store/ {").replace(
+            "proxy_pass http://kvstore;", "proxy_pass http://kvstore/;")
+        return conf[:root.end()] + sub + conf[root.end():]
+
+    def start_nginx(self):
+        with open(os.path.join(self.dir, "kvstore.conf"), "w") as f:
+            f.write(self.kvstore_conf())
+        main = os.path.join(self.dir, "nginx.conf")
+        with open(main, "w") as f:
+            f.write(NGINX_MAIN.format(dir=self.dir))
+        nginx = subprocess.Popen(
+            ["nginx", "-p", self.dir, "-e", os.path.join(self.dir, "error.log"), "-c", main],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.addCleanup(self.stop_nginx, nginx)
+
+        def ready():
+            if nginx.poll() is not None:
+                self.fail("nginx exited %s: %s" % (nginx.returncode, self.nginx_log(nginx)))
+            try:
+                return self.request("GET", "/health")[0] == 200
+            except OSError:
+                return False
+        support.wait_until(ready, 30, 0.05, "nginx to serve /health")
+
+    def nginx_log(self, nginx):
+        output = nginx.stdout.read().decode("utf-8", "replace") if nginx.poll() is not None else ""
+        try:
+            with open(os.path.join(self.dir, "error.log"), encoding="utf-8") as f:
+                return output + f.read()
+        except OSError:
+            return output
+
+    def stop_nginx(self, nginx):
+        if nginx.poll() is None:
+            os.killpg(nginx.pid, signal.SIGTERM)        # fast shutdown, workers included
+            try:
+                nginx.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(nginx.pid, signal.SIGKILL)
+                nginx.wait(30)
+        nginx.stdout.close()
+
+    def request(self, method, path, body=None, headers=None):
+        """One request through nginx, over TLS checked against the test's certificate."""
+        context = ssl.create_default_context(cafile=self.certificate)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            body = response.read()
+            if response.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)     # as a browser or curl --compressed would
+            return response.status, response.headers, body
+        finally:
+            conn.close()
+
+    def test_compare_and_set_works_through_gzip(self):
+        value = b"a value that gzip would gladly compress " * 8
+        compressed = dict(self.auth, **{"Accept-Encoding": "gzip"})
+        status, headers, _ = self.request("PUT", "/kv/cas", value, compressed)
+        self.assertEqual(status, 200)
+        tag = headers["ETag"]
+        status, headers, body = self.request("GET", "/kv/cas", None, compressed)
+        self.assertEqual((status, body), (200, value))
+        self.assertEqual(headers["ETag"], tag, "nginx changed the ETag (gzip makes it weak)")
+        self.assertIsNone(headers.get("Content-Encoding"))
+        if_match = dict(compressed, **{"If-Match": tag})
+        status, _, _ = self.request("PUT", "/kv/cas", b"second", if_match)
+        self.assertEqual(status, 200, "If-Match with the tag just read failed")
+        status, _, _ = self.request("PUT", "/kv/cas", b"third", if_match)
+        self.assertEqual(status, 412, "If-Match with a stale tag")
+        status, _, body = self.request("GET", "/kv/cas", None, compressed)
+        self.assertEqual((status, body), (200, b"second"))
+
+    def test_the_largest_value_the_server_takes_passes(self):
+        biggest = os.urandom(MAX_VALUE_BYTES)
+        self.assertEqual(self.request("PUT", "/kv/big", biggest, self.auth)[0], 200)
+        self.assertEqual(self.request("GET", "/kv/big", None, self.auth)[2], biggest)
+        status, headers, body = self.request("PUT", "/kv/big", biggest + b"x", self.auth)
+        self.assertEqual((status, body), (413, b"value too large\n"))
+        self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+
+    def test_the_token_and_the_listing_pass_and_links_resolve_under_a_sub_path(self):
+        status, headers, _ = self.request("GET", "/kv/x")
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["WWW-Authenticate"], 'Bearer realm="kvstore"')
+        for key in ("a", "b", "c"):
+            self.assertEqual(self.request("PUT", "/kv-store/kv/" + key, b"v", self.auth)[0], 200)
+        target, keys, pages = "/kv-store/kv?limit=2", [], 0
+        while target:
+            status, headers, body = self.request("GET", target, None, self.auth)
+            self.assertEqual(status, 200, target)
+            keys, pages = keys + body.decode().split(), pages + 1
+            link = headers.get("Link")
+            if link:            # resolved against the URL asked, as a client does
+                reference = re.fullmatch(r'<([^>]*)>; rel="next"', link).group(1)
+                target = urllib.parse.urljoin(target, reference)
+                self.assertTrue(target.startswith("/kv-store/kv?"), target)
+            else:
+                target = None
+        self.assertEqual((keys, pages), (["a", "b", "c"], 2))
+
+    def test_a_backup_streams_through(self):
+        self.assertEqual(self.request("PUT", "/kv/k", b"v", self.auth)[0], 200)
+        status, headers, body = self.request("GET", "/snapshot", None, self.auth)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/octet-stream")
+        self.assertEqual(pickle.loads(body), {"k": b"v"})
 
 
 if __name__ == "__main__":

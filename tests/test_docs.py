@@ -4,8 +4,8 @@ and every name ARCHITECTURE.md gives in backticks exists in the code.
 The curl examples are read from README.md, in order, and sent to a running
 server: interpreted with http.client (so the test needs nothing but Python),
 and also run with the real curl when it is installed.  Examples that send
-the bearer token ("$(cat token)", as the README writes it) go to a server
-started with --auth-token-file.  Each must get 200, or the status its
+the bearer token ("$(cat ~/kvstore.token)", as the README writes it) go to
+a server started with --auth-token-file.  Each must get 200, or the status its
 trailing comment starts with (`curl ...   # 412: why`).
 """
 import importlib
@@ -24,7 +24,8 @@ from tests import support
 README = os.path.join(support.ROOT, "README.md")
 ARCHITECTURE = os.path.join(support.ROOT, "ARCHITECTURE.md")
 TOKEN = "docs-example-token"
-TOKEN_IN_README = "$(cat token)"
+TOKEN_IN_README = "$(cat ~/kvstore.token)"
+MAX_WORDS = 1600
 
 
 def readme():
@@ -110,6 +111,35 @@ class ReadmeTest(support.ServerTestCase):
                 self.assertTrue(any(re.fullmatch(pattern, p) for p in printed),
                                 "%r not in the output:\n%s" % (line, server.output()))
 
+    def test_it_stays_short_and_its_operating_section_covers_reload_logs_and_the_proxy(self):
+        text = readme()
+        self.assertLessEqual(len(text.split()), MAX_WORDS)
+        self.assertLess(text.index("## Quick start"), text.index("## Operating it"))
+        operating = text[text.index("## Operating it"):]
+        operating = operating[:operating.index("\n## ", 1)]
+        for topic in ("SIGHUP", "token file again", "never stops", "`--log-format json`",
+                      "RFC 3339", "`--access-log`", "`deploy/nginx.conf`", "gzip",
+                      "`systemctl reload`"):
+            with self.subTest(topic=topic):
+                self.assertIn(topic, operating)
+        self.assertNotIn("SIGHUP (unless ignored", text)        # it no longer stops the server
+
+    @unittest.skipUnless(shutil.which("git") and os.path.exists(os.path.join(support.ROOT, ".git")),
+                         "needs git and a checkout")
+    def test_secrets_and_backups_stay_out_of_git(self):
+        # The README's commands write outside the repository; files of these
+        # names written inside it anyway stay out of commits.
+        for path in ("token", "kv.token", "backup.pickle", "restored/store.pickle",
+                     "data/store.pickle"):
+            with self.subTest(path=path):
+                run = subprocess.run(["git", "-C", support.ROOT, "check-ignore", "--no-index",
+                                      "-q", path], capture_output=True, timeout=30)
+                self.assertEqual(run.returncode, 0, "%s is not git-ignored" % path)
+        commands = [line for line in readme().splitlines() if line.startswith("    ")]
+        for command in commands:
+            with self.subTest(command=command.strip()):
+                self.assertNotRegex(command, r"(>|-o|cp \S+) +(token|backup\.pickle)\b")
+
     def servers(self):
         """A server without a token, and one whose token is TOKEN; `pick(command)` chooses."""
         plain = self.start_server()
@@ -140,7 +170,8 @@ class ReadmeTest(support.ServerTestCase):
         for command in curl_examples(readme()):
             with self.subTest(command=command):
                 words = shlex.split(with_token(command).replace(
-                    "localhost:8080", "127.0.0.1:%d" % pick(command).port), comments=True)
+                    "localhost:8080", "127.0.0.1:%d" % pick(command).port).replace(
+                    "~/", workdir + "/"), comments=True)
                 if "-o" not in words:
                     words += ["-o", os.devnull]
                 run = subprocess.run(words + ["-s", "-w", "%{http_code}", "--max-time", "30"],

@@ -138,7 +138,7 @@ class FsyncErrorTest(support.ServerTestCase):
         self.assertEqual(server.wait(30), 1, server.output())
         output = server.output()
         self.assertNotIn(TRACEBACK, output)
-        errors = [l for l in output.splitlines() if l.startswith("error:")]
+        errors = support.error_lines(output)
         self.assertEqual(len(errors), 1, output)
         server.heal_fsync()
         again = self.start_server()
@@ -188,7 +188,7 @@ class JournalWriterDeathTest(support.ServerTestCase):
         self.assertEqual(server.wait(30), 1, server.output())
         output = server.output()
         self.assertNotIn(TRACEBACK, output)
-        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        errors = support.error_lines(output)
         self.assertEqual(len(errors), 1, output)
         self.assertIn("journal writer process exited", errors[0])
         again = self.start_server()

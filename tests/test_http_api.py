@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import unittest
 import uuid
 
@@ -373,6 +374,34 @@ class MethodRoutingTests(SharedServerTestCase):
                     self.assertError(method, path, 404, "not found\n", body)
 
 
+class CachingTests(SharedServerTestCase):
+    """What a cache between client and server may do with a reply (RFC 9111).
+
+    With no Cache-Control, a cache may reuse a reply for a time of its own
+    choosing (heuristic freshness): a stale value, or a 404 after the PUT.
+    """
+
+    def test_a_value_may_be_kept_but_is_revalidated_with_its_etag(self):
+        path = "/kv/" + self.key()
+        self.put_ok(path, b"v")
+        for method in ("GET", "HEAD"):
+            with self.subTest(method=method):
+                headers = self.assertResponse(method, path, 200, b"v" if method == "GET" else b"")
+                self.assertEqual(headers.get_all("Cache-Control"), ["no-cache"])
+                self.assertIsNotNone(headers.get("ETag"))
+
+    def test_replies_without_a_validator_are_not_stored(self):
+        self.put_ok("/kv/" + self.key(), b"v")
+        for method, path in (("GET", "/kv?prefix=" + self.key()), ("GET", "/health"),
+                             ("GET", "/metrics"), ("GET", "/kv/" + self.key("-absent")),
+                             ("PUT", "/kv/" + self.key()), ("DELETE", "/kv/" + self.key()),
+                             ("GET", "/no/such/path"), ("POST", "/kv/x")):
+            with self.subTest(method=method, path=path):
+                _, headers, _ = self.server.request(method, path,
+                                                    b"v" if method == "PUT" else None)
+                self.assertEqual(headers.get_all("Cache-Control"), ["no-store"])
+
+
 class ClearTests(SharedServerTestCase):
     """DELETE /clear empties the store, so it gets a server of its own."""
 
@@ -540,6 +569,40 @@ class AccessLogTests(support.ServerTestCase):
         lines = [l for l in server.output().splitlines() if key in l]
         self.assertEqual(len(lines), 5, "access log lines for %s:\n%s" % (key, "\n".join(lines)))
         self.assertNotIn(marker[::-1], server.output(), "a value was logged")
+
+    def test_each_line_says_who_what_the_outcome_and_how_long(self):
+        server = self.start_server("--access-log")
+        marker = uuid.uuid4().hex
+        key, value = "timed-" + marker, b"0123456789"
+        waited = {}
+        for method, body in (("PUT", value), ("GET", None), ("DELETE", None), ("GET", None)):
+            started = time.monotonic()
+            server.request(method, "/kv/" + key, body)
+            waited.setdefault(method, []).append(time.monotonic() - started)
+        server.wait_for_line('"GET /kv/%s" 404' % key, 10)
+        line = re.compile(r'(%s) (\S+) "(\S+) (\S+)" (\d{3}) (\d+) (\d+\.\d{6})'
+                          % support.TIMESTAMP)
+        logged = [line.fullmatch(l) for l in server.output().splitlines() if key in l]
+        self.assertTrue(all(logged), "\n".join(server.output().splitlines()[-4:]))
+        self.assertEqual([m.group(2, 3, 4, 5, 6) for m in logged],
+                         [("127.0.0.1", "PUT", "/kv/" + key, "200", "0"),
+                          ("127.0.0.1", "GET", "/kv/" + key, "200", "10"),
+                          ("127.0.0.1", "DELETE", "/kv/" + key, "200", "0"),
+                          ("127.0.0.1", "GET", "/kv/" + key, "404", "14")])
+        seconds = [float(m.group(7)) for m in logged]
+        client = waited["PUT"] + waited["GET"][:1] + waited["DELETE"] + waited["GET"][1:]
+        for server_side, client_side in zip(seconds, client):
+            self.assertLessEqual(server_side, client_side + 0.001)
+        self.assertGreater(seconds[0], 0, "a PUT waits for its fsync")
+
+    def test_a_quote_in_the_target_cannot_forge_a_field(self):
+        server = self.start_server("--access-log")
+        marker = uuid.uuid4().hex
+        reply = server.raw(('GET /kv/x"%s"_200_0 HTTP/1.1\r\nHost: x\r\nConnection: close'
+                            '\r\n\r\n' % marker).encode())
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), reply)
+        line = server.wait_for_line(marker, 10).string
+        self.assertIn('"GET /kv/x\\"%s\\"_200_0" 400 ' % marker, line)
 
     def test_logging_does_not_break_keep_alive_or_errors(self):
         server = self.start_server("--access-log")

@@ -11,24 +11,17 @@ still hold the sentinel key written when the class started.
 import http.client
 import os
 import re
-import shutil
-import select
 import socket
 import sys
-import tempfile
 import threading
 import time
 import unittest
-from unittest import mock
 
 from tests import support
 from tests.test_http_api import CONTENT_TYPE, SharedServerTestCase
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
-import persistence                                   # noqa: E402
-import server                                        # noqa: E402
-from store import Store                              # noqa: E402
 
 TIMEOUT = 10          # seconds to wait for any response; a bound, not a goal
 MAX_LINE = 65536
@@ -678,14 +671,14 @@ class ConnectionTests(ProtocolTestCase):
         self.assertEqual((response.status, response.body), (200, b"%04d" % (count - 1)))
 
     def test_a_write_that_fills_a_read_exactly_then_a_pipelined_read(self):
-        # The PUT is exactly one READ_SIZE read: the GET behind it is still
-        # in the socket, which (edge-triggered) will not be reported again.
-        # The connection must come back for it once the PUT's reply is out.
+        # The PUT fills one 64 KiB read exactly, the GET behind it waits in
+        # the socket (the old epoll loop, edge-triggered, once lost it), and
+        # it must see the PUT: a read pipelined behind a write waits for it.
         key = self.key()
         head = request("PUT", "/kv/" + key, [("Content-Length", "00000")], b"")
-        size = server.READ_SIZE - len(head)
+        size = 65536 - len(head)
         put = request("PUT", "/kv/" + key, [("Content-Length", "%05d" % size)], b"v" * size)
-        self.assertEqual(len(put), server.READ_SIZE)
+        self.assertEqual(len(put), 65536)
         conn = self.connect()
         conn.send(put + request("GET", "/kv/" + key))
         self.assertEqual(conn.response("PUT").status, 200)
@@ -786,89 +779,6 @@ def socket_pair(testcase):
     testcase.addCleanup(theirs.close)
     theirs.settimeout(TIMEOUT)
     return ours, theirs
-
-
-class PollerTest(unittest.TestCase):
-    """server.Poller (unit): epoll reports a socket on each edge; a selector once per arm()."""
-
-    def sockets(self):
-        ours, clients = [], []
-        for _ in range(3):
-            a, b = socket_pair(self)
-            ours.append(a)
-            clients.append(b)
-        return ours, clients
-
-    def test_epoll(self):
-        if not hasattr(select, "epoll"):
-            self.skipTest("no epoll here")
-        poller = server.Poller(use_epoll=True)
-        ours, clients = self.sockets()
-        for a in ours:
-            poller.register(a.fileno())
-        # Room to send, at once: each reported once, then not again.
-        self.assertEqual(sorted(poller.poll(TIMEOUT)), sorted(a.fileno() for a in ours))
-        self.assertEqual(poller.poll(0), [], "reported twice without a new edge")
-        clients[1].send(b"GET")
-        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
-        poller.arm(ours[1].fileno(), server.IN)     # free: no system call, no new report
-        self.assertEqual(poller.poll(0), [], "its unread bytes reported again")
-        clients[1].send(b" /")                      # more input: a new edge
-        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
-
-    def test_selector(self):
-        poller = server.Poller(use_epoll=False)
-        ours, clients = self.sockets()
-        for a in ours:
-            poller.arm(a.fileno(), server.IN)
-        clients[1].send(b"GET")
-        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
-        self.assertEqual(poller.poll(0), [], "reported twice without being armed again")
-        poller.arm(ours[1].fileno(), server.IN)     # its bytes are still unread: ready again
-        self.assertEqual(poller.poll(TIMEOUT), [ours[1].fileno()])
-        poller.arm(ours[2].fileno(), server.OUT)    # room to send: ready at once
-        self.assertEqual(poller.poll(TIMEOUT), [ours[2].fileno()])
-
-
-class StorageErrorTest(unittest.TestCase):
-    """A write the disk refuses: a 500 (in-process server; the journal's writer is a thread).
-
-    The worker drives the journal's rounds, as in the real server (driven=True).
-    """
-
-    def setUp(self):
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, True)
-        data, generation, _ = persistence.load(directory, lambda message: None)
-        store = Store(data, persistence.Journal(directory, generation, "always", driven=True),
-                      1 << 30, lambda message: None)
-        self.addCleanup(lambda: (store.seal(), store.save_and_close()))
-        self.server = server.KVServer(("127.0.0.1", 0), store, 1 << 20, False)
-        self.addCleanup(self.server.server_close)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.addCleanup(self.server.shutdown)
-        self.host, self.port = self.server.server_address[:2]
-
-    def test_a_failed_fsync_answers_500_and_refuses_later_writes(self):
-        connection = RawConnection(self)
-        self.addCleanup(connection.close)
-        put = request("PUT", "/kv/k", [("Content-Length", "1")], b"v")
-        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")), \
-                mock.patch("server.log"):
-            connection.send(put)
-            failed = connection.response("PUT")
-            connection.send(put)                # the journal refuses it at once
-            refused = connection.response("PUT")
-        for response in (failed, refused):
-            self.assertEqual((response.status, response.body), (500, b"storage error\n"))
-            self.assertEqual(response.get("Content-Type"), CONTENT_TYPE)
-            self.assertIsNone(response.get("Connection"))
-        connection.send(request("GET", "/kv/k"))        # the connection still serves,
-        self.assertEqual(connection.response().status, 404)     # the write is not applied
-        connection.send(request("GET", "/health"))      # and /health tells why writes fail
-        health = connection.response()
-        self.assertEqual((health.status, health.body),
-                         (503, b"journal fsync failed: Input/output error\n"))
 
 
 if __name__ == "__main__":

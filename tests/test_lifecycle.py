@@ -162,6 +162,63 @@ class CommandLineTest(LifecycleTestCase):
                     result, "stderr" if result.stderr.strip() else "stdout")
                 self.assertIn(value, line)
 
+    def test_an_empty_variable_is_bad_usage_never_a_default(self):
+        # Set but empty, HOST would bind every address, DATA_DIR put the
+        # store, its lock and journal in the current directory, and
+        # KV_AUTH_TOKEN_FILE switch auth off.  Run from an empty directory:
+        # nothing may appear in it.
+        cwd = tempfile.mkdtemp(prefix="kvtest-cwd-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        flags = {"HOST": ["--host", "127.0.0.1"], "PORT": ["--port", "0"],
+                 "DATA_DIR": ["--working-dir", self.data_dir], "KV_AUTH_TOKEN_FILE": []}
+        for name in flags:
+            with self.subTest(variable=name):
+                args = [arg for other, pair in flags.items() if other != name for arg in pair]
+                result = run_cli(args, env={name: ""}, cwd=cwd)
+                self.assertEqual(result.code, 2, result)
+                self.assert_one_line(result, contains=[name])
+                self.assertEqual(os.listdir(cwd), [], "an empty %s wrote there" % name)
+
+    def test_an_empty_path_or_a_malformed_host_is_bad_usage(self):
+        cwd = tempfile.mkdtemp(prefix="kvtest-cwd-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        base = {"--host": "127.0.0.1", "--port": "0", "--working-dir": self.data_dir}
+        cases = [("--working-dir", ""), ("--auth-token-file", ""), ("--host", ""),
+                 ("--host", "999.1.1.1"), ("--host", "[::1"), ("--host", "[127.0.0.1]"),
+                 ("--host", "bad host"), ("--host", "-bad.example"), ("--host", "::1::2")]
+        for flag, value in cases:
+            with self.subTest(flag=flag, value=value):
+                args = dict(base, **{flag: value})
+                result = run_cli([word for pair in args.items() for word in pair], cwd=cwd)
+                self.assertEqual(result.code, 2, result)
+                self.assert_one_line(result, contains=[flag])
+                self.assertEqual(os.listdir(cwd), [])
+
+    @unittest.skipUnless(socket.has_ipv6, "needs IPv6")
+    def test_ipv6_with_or_without_brackets_is_logged_in_brackets(self):
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError as e:
+            self.skipTest("no IPv6 loopback here: %s" % e)
+        for i, host in enumerate(("[::1]", "::1")):
+            with self.subTest(host=host):
+                server = self.start_bare("--host", host, "--port", "0",
+                                         "--working-dir", self.sub_dir(str(i)))
+                self.assertEqual(server.listening.group(1), "[::1]", server.output())
+                server.host = "::1"
+                server.put("k", b"v")
+                self.assertEqual(server.get("k"), b"v")
+                self.assertEqual(stop_within(server)[0], 0, server.output())
+
+    def test_version(self):
+        with open(support.SERVER, encoding="utf-8") as f:
+            version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.MULTILINE).group(1)
+        result = run_cli(["--version"])
+        self.assertEqual((result.code, result.stdout, result.stderr),
+                         (0, "kvstore %s\n" % version, ""))
+        self.assertRegex(version, r"^\d+\.\d+\.\d+$")
+
     def test_port_in_use_exits_1_naming_the_port(self):
         with socket.socket() as blocker:
             blocker.bind(("127.0.0.1", 0))
@@ -222,6 +279,23 @@ class CommandLineTest(LifecycleTestCase):
         os.kill(server.proc.pid, signal.SIGTERM)
         self.assertEqual(server.wait(30), 0, server.output())
         self.assertTrue(os.path.exists(os.path.join(data, SNAPSHOT)), os.listdir(data))
+
+    def test_run_sh_runs_the_python_that_PYTHON_names(self):
+        # As `make test PYTHON=...` does: a host whose python3 is too old
+        # runs the server with another interpreter.
+        bin_dir = tempfile.mkdtemp(prefix="kvtest-bin-")
+        self.addCleanup(shutil.rmtree, bin_dir, True)
+        python = os.path.join(bin_dir, "python-for-kvstore")
+        os.symlink(sys.executable, python)
+        server = self.start_bare("--port=0", "--host=127.0.0.1",
+                                 "--working-dir=" + self.sub_dir("data"), executable=RUN_SH,
+                                 env={"PYTHON": python})
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[0], python.encode(), argv)
+        self.assertTrue(argv[1].endswith(b"server.py"), argv)
+        server.put("k", b"v")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
 
     def test_files_are_private(self):
         old = os.umask(0o022)           # a permissive umask must not make them readable
@@ -286,10 +360,10 @@ class CpuTest(LifecycleTestCase):
 
 class ShutdownTest(LifecycleTestCase):
 
-    def test_sigterm_sigint_and_sighup_save_everything(self):
+    def test_sigterm_and_sigint_save_everything(self):
         values = {"plain": b"hello", "binary": bytes(range(256)) * 4, "over": b"new",
                   "gone": None}
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT):     # SIGHUP reloads: test_auth
             with self.subTest(signal=signum.name):
                 data = self.sub_dir(signum.name)
                 server = self.start_server(data_dir=data)

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from unittest import mock
 
 import persistence
@@ -20,7 +21,17 @@ import store as store_module
 from tests import support
 from tests.test_http_api import SharedServerTestCase
 
-LINK = re.compile(r'<(/kv\?[^>]*)>; rel="next"\Z')
+# A relative reference: the query alone, which the client resolves against
+# the URL it asked (so that it works under a proxy's sub-path too).
+LINK = re.compile(r'<(\?[^>]*)>; rel="next"\Z')
+
+
+def next_page(target, link):
+    """The target of the next page: `link`, a Link header, resolved against `target`."""
+    match = LINK.fullmatch(link)
+    if match is None:
+        raise AssertionError("Link header: %r" % link)
+    return urllib.parse.urljoin(target, match.group(1))
 
 
 def put_many(server, keys, value=b"v", batch=200):
@@ -54,9 +65,7 @@ class ListingTestCase(SharedServerTestCase):
         link = headers.get("Link")
         if link is None:
             return keys, None
-        match = LINK.fullmatch(link)
-        self.assertIsNotNone(match, "Link header: %r" % link)
-        return keys, match.group(1)
+        return keys, next_page(target, link)
 
     def all_pages(self, target):
         """Every key, following Link headers from `target`; and the number of pages."""
@@ -114,6 +123,19 @@ class ListingTests(ListingTestCase):
         # Exactly `limit` left: no Link on the page that takes the last of them.
         self.assertEqual(self.listing("/kv?prefix=%s&limit=5&after=%s" % (prefix, keys[19])),
                          (keys[20:], None))
+
+    def test_the_link_resolves_under_a_proxys_sub_path(self):
+        # nginx serving the store under /store/ passes /store/kv?... on as
+        # /kv?...; the client follows the Link from the URL it asked.
+        prefix = self.prefix()
+        for key in ("a", "b"):
+            self.put_ok("/kv/%s%s" % (prefix, key), b"v")
+        _, headers, _ = self.call("GET", "/kv?prefix=%s&limit=1" % prefix)
+        asked = "https://example.com/store/kv?prefix=%s&limit=1" % prefix
+        self.assertEqual(next_page(asked, headers["Link"]),
+                         "https://example.com/store/kv?prefix=%s&limit=1&after=%s"
+                         % (urllib.parse.quote(prefix, safe=""),
+                            urllib.parse.quote(prefix + "a", safe="")))
 
     def test_default_limit_is_1000(self):
         prefix = self.prefix()
@@ -239,7 +261,7 @@ class LargeStoreListingTests(support.ServerTestCase):
             self.assertEqual(status, 200)
             got += body.decode().splitlines()
             link = headers.get("Link")
-            target = LINK.fullmatch(link).group(1) if link else None
+            target = next_page(target, link) if link else None
         self.assertEqual(got, expected)
 
 

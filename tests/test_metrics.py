@@ -3,7 +3,10 @@
 `parse()` is a small strict reader of the format: it fails the test on any
 line it does not understand, so that what it accepts, Prometheus does too.
 (promtool check metrics was run on the output by hand; it needs no test.)
+Families are named kvstore_..., but for the standard process_ ones, which
+keep the names Prometheus's client libraries give them.
 """
+import collections
 import http.client
 import math
 import os
@@ -11,6 +14,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import unittest
@@ -24,6 +28,9 @@ SAMPLE = re.compile(r"(%s)(?:\{(.*)\})? (\S+)\Z" % NAME)
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|\Z)')
 HELP_OR_TYPE = re.compile(r"# (HELP|TYPE) (%s) (.*)\Z" % NAME)
 SUFFIXES = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+PROCESS = {"process_cpu_seconds_total": "counter", "process_open_fds": "gauge",
+           "process_max_fds": "gauge", "process_resident_memory_bytes": "gauge",
+           "process_virtual_memory_bytes": "gauge", "process_start_time_seconds": "gauge"}
 
 
 def parse_labels(text):
@@ -71,7 +78,7 @@ def parse(text):
             raise AssertionError("series %s%s twice" % (name, labels))
         family["samples"][key] = float(value)           # "+Inf", "1e-05" too
     for name, family in families.items():
-        if not name.startswith("kvstore_"):
+        if not name.startswith("kvstore_") and name not in PROCESS:
             raise AssertionError("%s lacks the kvstore_ prefix" % name)
         if family.get("type") not in SUFFIXES:
             raise AssertionError("%s has type %s" % (name, family.get("type")))
@@ -145,7 +152,9 @@ class MetricsTest(support.ServerTestCase):
                            ("kvstore_value_bytes", "gauge"), ("kvstore_journal_bytes", "gauge"),
                            ("kvstore_journal_fsync_seconds_total", "counter"),
                            ("kvstore_checkpoints_total", "counter"),
-                           ("kvstore_checkpoint_failures_total", "counter")]:
+                           ("kvstore_checkpoint_failures_total", "counter"),
+                           ("kvstore_last_checkpoint_timestamp_seconds", "gauge"),
+                           ("kvstore_build_info", "gauge")] + sorted(PROCESS.items()):
             with self.subTest(name):
                 self.assertEqual(scrape.families[name]["type"], kind)
         self.assertEqual(scrape.value("kvstore_storage_writable"), 1)
@@ -201,8 +210,10 @@ class MetricsTest(support.ServerTestCase):
         self.assertEqual(moved(requests, method="PUT", code="400"), 1)
         self.assertEqual(moved(requests, method="GET", code="200"), 2)     # key1, /metrics
         self.assertNotIn("BREW", after.text)
-        self.assertEqual(moved("kvstore_request_duration_seconds_count", method="PUT"), 5)
-        self.assertGreater(moved("kvstore_request_duration_seconds_sum", method="PUT"), 0)
+        self.assertEqual(moved("kvstore_request_duration_seconds_count", route="key",
+                               method="PUT"), 5)
+        self.assertGreater(moved("kvstore_request_duration_seconds_sum", route="key",
+                                 method="PUT"), 0)
         self.assertEqual(after.value("kvstore_keys"), 2)
         self.assertEqual(after.value("kvstore_value_bytes"), 5 + 11)
         self.assertEqual(moved("kvstore_journal_records_total"), 5)
@@ -224,10 +235,81 @@ class MetricsTest(support.ServerTestCase):
             started = time.monotonic()
             self.assertEqual(server.request("GET", "/kv/absent")[0], 404)
             waited += time.monotonic() - started
-        measured = (Scrape(server).value("kvstore_request_duration_seconds_sum", method="GET")
-                    - before.value("kvstore_request_duration_seconds_sum", method="GET"))
-        # The scrape `before` is counted too, once its reply was out: a few ms at most.
+        labels = {"route": "key", "method": "GET"}
+        measured = (Scrape(server).value("kvstore_request_duration_seconds_sum", **labels)
+                    - before.value("kvstore_request_duration_seconds_sum", **labels))
         self.assertLess(measured, waited + 0.05)
+
+    def test_latency_by_route(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        requests = [("GET", "/kv/k", "key"), ("GET", "/kv/absent", "key"),
+                    ("GET", "/kv?prefix=k", "listing"), ("GET", "/health", "health"),
+                    ("GET", "/metrics", "metrics"), ("GET", "/snapshot", "snapshot"),
+                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other")]
+        before = Scrape(server)
+        for method, path, _ in requests:
+            self.assertLess(server.request(method, path)[0], 500, path)
+        after = Scrape(server)
+        expected = collections.Counter((route, method) for method, _, route in requests)
+        expected["metrics", "GET"] += 1                 # the scrape `before`
+        name = "kvstore_request_duration_seconds_count"
+        for (route, method), count in expected.items():
+            with self.subTest(route=route, method=method):
+                self.assertEqual(after.value(name, route=route, method=method)
+                                 - before.value(name, route=route, method=method), count)
+        routes = {dict(labels)["route"] for (sample, labels) in
+                  after.families["kvstore_request_duration_seconds"]["samples"]}
+        self.assertLessEqual(routes, {"key", "listing", "health", "metrics", "snapshot",
+                                      "export", "batch", "other"})
+
+    def test_process_metrics(self):
+        started = time.time()
+        server = self.start_server()
+        scrape = Scrape(server)
+        pid = server.proc.pid
+        self.assertGreater(scrape.value("process_resident_memory_bytes"), 1 << 20)
+        self.assertGreater(scrape.value("process_virtual_memory_bytes"),
+                           scrape.value("process_resident_memory_bytes"))
+        open_fds = scrape.value("process_open_fds")
+        self.assertGreaterEqual(open_fds, 4)            # stdio, the listening socket...
+        self.assertLessEqual(abs(open_fds - len(os.listdir("/proc/%d/fd" % pid))), 3)
+        self.assertGreaterEqual(scrape.value("process_max_fds"), open_fds)
+        # A scrape's precision (a clock tick) from when the process began.
+        self.assertGreaterEqual(scrape.value("process_start_time_seconds"), started - 2)
+        self.assertLessEqual(scrape.value("process_start_time_seconds"), time.time())
+        self.assertGreater(scrape.value("process_cpu_seconds_total"), 0)
+        self.assertEqual(Scrape(server).value("process_start_time_seconds"),
+                         scrape.value("process_start_time_seconds"))
+
+    def test_build_info_names_the_version(self):
+        server = self.start_server()
+        version = subprocess.run([sys.executable, support.SERVER, "--version"],
+                                 capture_output=True, text=True, check=True).stdout.split()[1]
+        samples = Scrape(server).families["kvstore_build_info"]["samples"]
+        self.assertEqual(len(samples), 1, samples)
+        (name, labels), value = next(iter(samples.items()))
+        self.assertEqual((name, value), ("kvstore_build_info", 1))
+        self.assertEqual(dict(labels)["version"], version)
+        self.assertRegex(dict(labels)["python"], r"^3\.\d+\.\d+")
+
+    def test_last_checkpoint_time(self):
+        server = self.start_server("--checkpoint-bytes", "1000")
+        self.assertEqual(Scrape(server).value("kvstore_last_checkpoint_timestamp_seconds"), 0)
+        before = time.time()
+        server.put("a", b"x" * 2000)
+        support.wait_until(lambda: Scrape(server).value("kvstore_checkpoints_total") >= 1,
+                           message="a checkpoint")
+        checkpoint = Scrape(server).value("kvstore_last_checkpoint_timestamp_seconds")
+        self.assertGreaterEqual(checkpoint, before - 1)
+        self.assertLessEqual(checkpoint, time.time() + 1)
+        self.assertEqual(server.stop(), 0)
+        # The next run starts from the snapshot the clean stop wrote.
+        snapshot = os.stat(os.path.join(self.data_dir, "store.pickle")).st_mtime
+        again = self.restart(server)
+        self.assertAlmostEqual(
+            Scrape(again).value("kvstore_last_checkpoint_timestamp_seconds"), snapshot, 2)
+        self.assertGreaterEqual(snapshot, checkpoint)
 
     def test_value_bytes_survive_a_restart(self):
         server = self.start_server()
