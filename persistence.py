@@ -8,7 +8,8 @@ Files in the data directory
 ---------------------------
 
     store.pickle          the snapshot: the whole dict {str: bytes}, pickled
-                          with protocol 5, replaced atomically.
+                          with protocol 5, then a checksum trailer; replaced
+                          atomically.
     store.pickle.tmp      a snapshot being written; ignored by load(),
                           removed (unlink) and created anew (O_EXCL) by the
                           next save.
@@ -22,6 +23,22 @@ Files in the data directory
 Every file here is opened with O_NOFOLLOW and must be a regular file
 (open_data_file): a symbolic link or a device planted in the directory is
 refused, never followed.  Files are created 0600.
+
+The snapshot
+------------
+
+    +--------------------------+---------------------------------------+
+    | pickle (protocol 5)      | trailer: magic 8 | length u64 | crc u32 |
+    +--------------------------+---------------------------------------+
+
+The trailer (dump_snapshot) gives the pickle's length and its CRC32, so a
+flipped bit anywhere is refused at start instead of served.  A file that
+does not end in a trailer is a snapshot written before there were
+checksums: it still loads, and the next save writes a trailer.  The same
+bytes are what GET /snapshot streams, so a backup carries its checksum and
+`python3 persistence.py verify FILE` checks one without a server
+(check_snapshot).  The file stays a pickle: pickle.load() reads it and
+ignores the trailer.
 
 A snapshot is written atomically: a temporary file in the same directory,
 flush, fsync, os.replace() over the old one, fsync of the directory.  After
@@ -45,7 +62,8 @@ Recovery rules (load())
 
 1. Load the snapshot, if there is one.  It is unpickled with an Unpickler
    that refuses every global: a dict of str to bytes needs none, so a
-   tampered file cannot make us import or call anything.
+   tampered file cannot make us import or call anything.  With a trailer,
+   its checksum must match: else the start is refused.
 2. Replay every journal on top of it, in generation order.  Replaying a
    journal that the snapshot already contains is harmless: every record
    *sets* a state (key=value, key absent, everything absent), so applying
@@ -131,11 +149,14 @@ SNAPSHOT_NAME = "store.pickle"
 PICKLE_PROTOCOL = 5
 _JOURNAL_NAME = re.compile(r"journal-(\d{8,})\.log\Z")
 _NONZERO = re.compile(rb"[^\0]")
+_CHUNK = 1 << 20                    # bytes read at once when only their checksum is wanted
 
 PUT, DELETE, CLEAR = 1, 2, 3
 _HEADER = struct.Struct("<III")     # payload length, payload crc32, header crc32
 _LENGTH_CRC = struct.Struct("<II")  # the part of the header its crc covers
 _OP_KEY = struct.Struct("<BI")      # op, key length
+_TRAILER = struct.Struct("<8sQI")   # a snapshot's last bytes: magic, pickle length, its crc32
+_TRAILER_MAGIC = b"kvsnap\x00\x01"
 
 
 class DataError(Exception):
@@ -251,6 +272,103 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing to load global %s.%s" % (module, name))
 
 
+class _Checksummed:
+    """A file wrapper that counts and checksums (CRC32) the bytes passing through it.
+
+    pickle.dump's file when writing (write); the unpickler's when reading
+    (read, readinto, readline), and then it reads at most `limit` bytes, so
+    that the unpickler never sees the trailer.
+    """
+
+    def __init__(self, file, limit=0):
+        self.file, self.crc, self.size, self.left = file, 0, 0, limit
+
+    def _count(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.left -= len(data)
+
+    def write(self, data):
+        self._count(data)
+        return self.file.write(data)
+
+    def read(self, n=-1):
+        data = self.file.read(self.left if n is None or n < 0 else min(n, self.left))
+        self._count(data)
+        return data
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")[:self.left]
+        n = self.file.readinto(view) or 0
+        self._count(view[:n])
+        return n
+
+    def readline(self, size=-1):
+        line = self.file.readline(self.left if size is None or size < 0 else min(size, self.left))
+        self._count(line)
+        return line
+
+    def drain(self):
+        """Read (and checksum) what is left."""
+        while self.read(_CHUNK):
+            pass
+
+
+def dump_snapshot(data, file):
+    """Pickle `data` (protocol 5) into file.write, frame by frame, then the checksum trailer.
+
+    The bytes of store.pickle, and of a backup (GET /snapshot streams them
+    into its socket): a checked snapshot.  Returns the number of bytes written.
+    """
+    out = _Checksummed(file)
+    pickle.dump(data, out, protocol=PICKLE_PROTOCOL)
+    file.write(_TRAILER.pack(_TRAILER_MAGIC, out.size, out.crc))
+    return out.size + _TRAILER.size
+
+
+def _read_trailer(f, size, path):
+    """The CRC32 a snapshot's trailer gives, or None if it has none (written before checksums)."""
+    if size < _TRAILER.size:
+        return None
+    f.seek(size - _TRAILER.size)
+    magic, length, crc = _TRAILER.unpack(f.read(_TRAILER.size))
+    f.seek(0)
+    if magic != _TRAILER_MAGIC:
+        return None
+    if length != size - _TRAILER.size:
+        raise DataError("%s: snapshot is damaged: its trailer says %d bytes of pickle, "
+                        "the file holds %d" % (path, length, size - _TRAILER.size))
+    return crc
+
+
+def _read_snapshot(f, path):
+    """(the dict in the open snapshot file `f`, whether a checksum vouched for it).  Raises DataError.
+
+    One pass: the checksum is computed as the unpickler reads.  If the
+    unpickling fails, the rest is read too, so that a damaged file is
+    reported as such (its checksum) rather than by the unpickler's symptom.
+    """
+    size = os.fstat(f.fileno()).st_size
+    crc = _read_trailer(f, size, path)
+    reader = _Checksummed(f, size if crc is None else size - _TRAILER.size)
+    try:
+        data = _NoGlobalsUnpickler(reader).load()
+        error = "unexpected data after the end" if reader.left else None
+    except Exception as e:          # any damage surfaces as some exception
+        data, error = None, str(e) or type(e).__name__
+    if crc is not None:
+        reader.drain()
+        if reader.crc != crc:
+            raise DataError("%s: snapshot is damaged: its checksum does not match its content"
+                            % path)
+    if error:
+        raise DataError("%s: snapshot is corrupt: %s" % (path, error))
+    if type(data) is not dict or not all(
+            type(k) is str and type(v) is bytes for k, v in data.items()):
+        raise DataError("%s: snapshot is not a dict of str to bytes" % path)
+    return data, crc is not None
+
+
 def load_snapshot(path):
     """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
     try:
@@ -261,16 +379,23 @@ def load_snapshot(path):
         raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
     with f:
         try:
-            data = _NoGlobalsUnpickler(f).load()
-            trailing = f.read(1)
-        except Exception as e:      # any damage surfaces as some exception
-            raise DataError("%s: snapshot is corrupt: %s" % (path, e or type(e).__name__))
-    if trailing:
-        raise DataError("%s: snapshot is corrupt: unexpected data after the end" % path)
-    if type(data) is not dict or not all(
-            type(k) is str and type(v) is bytes for k, v in data.items()):
-        raise DataError("%s: snapshot is not a dict of str to bytes" % path)
-    return data
+            return _read_snapshot(f, path)[0]
+        except OSError as e:
+            raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
+
+
+def check_snapshot(path):
+    """Check a snapshot or a backup without a server: (keys, bytes, checksummed).  Raises DataError.
+
+    `checksummed` is False for a file written before snapshots carried a
+    checksum: it loads, but damage that still unpickles cannot be ruled out.
+    """
+    try:
+        with open(path, "rb") as f:
+            data, checksummed = _read_snapshot(f, path)
+            return len(data), os.fstat(f.fileno()).st_size, checksummed
+    except OSError as e:
+        raise DataError("%s: cannot read: %s" % (path, e.strerror or e))
 
 
 def write_snapshot(directory, data):
@@ -289,10 +414,9 @@ def write_snapshot(directory, data):
     fd = open_data_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
-            pickle.dump(data, f, protocol=PICKLE_PROTOCOL)
+            size = dump_snapshot(data, f)
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -534,7 +658,6 @@ _REPLY = struct.Struct("<BBiQdQI")
 DONE, FULL, FAILED = 0, 1, 2        # replies to a round: its outcome
 ROOM, SYNCED, BROKEN = 3, 4, 5      # news: room again; a late fsync done, or failed
 _PHASES = ("write", "fsync")
-_CHUNK = 1 << 20                    # bytes the writer reads at once
 
 
 def _create(directory, generation):
@@ -1226,10 +1349,30 @@ def _writer_main(fd, directory, policy):
     return 0
 
 
+def _verify_main(path):
+    """python3 persistence.py verify FILE: check a snapshot or a backup; exit 0, or 1 and why."""
+    try:
+        keys, size, checksummed = check_snapshot(path)
+    except DataError as e:
+        sys.stderr.write("%s\n" % e)
+        return 1
+    if checksummed:
+        print("%s: sound: %d keys, %d bytes, checksum matches" % (path, keys, size))
+    else:
+        print("%s: loads: %d keys, %d bytes; no checksum (written before snapshots had one), "
+              "so damage that still unpickles cannot be ruled out" % (path, keys, size))
+    return 0
+
+
+USAGE = """usage: python3 persistence.py verify FILE
+       python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION
+       python3 persistence.py journal-writer FD DIRECTORY POLICY"""
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "verify":
+        sys.exit(_verify_main(sys.argv[2]))
     if len(sys.argv) == 4 and sys.argv[1] == "checkpoint":
-        sys.exit(_checkpoint_main(sys.argv[2], sys.argv[3]))
+        sys.exit(_checkpoint_main(*sys.argv[2:]))
     if len(sys.argv) == 5 and sys.argv[1] == "journal-writer":
         sys.exit(_writer_main(*sys.argv[2:]))
-    sys.exit("usage: python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION\n"
-             "       python3 persistence.py journal-writer FD DIRECTORY POLICY")
+    sys.exit(USAGE)

@@ -131,6 +131,67 @@ class BadSnapshotTest(TempDirTestCase):
         self.assertEqual(persistence.load_snapshot(self.path("absent.pickle")), {})
 
 
+class SnapshotChecksumTest(TempDirTestCase):
+    """The snapshot's trailer: its pickle's length and CRC32 (persistence.dump_snapshot)."""
+
+    DATA = {"a": b"1" * 100, "bin": bytes(range(256)), "empty-ish": b"\0"}
+
+    def saved(self):
+        persistence.write_snapshot(self.dir, self.DATA)
+        path = self.path(persistence.SNAPSHOT_NAME)
+        with open(path, "rb") as f:
+            return path, f.read()
+
+    def test_a_snapshot_is_still_a_pickle_with_a_checksum_after_it(self):
+        path, content = self.saved()
+        self.assertEqual(pickle.loads(content), self.DATA)
+        self.assertEqual(persistence.check_snapshot(path), (3, len(content), True))
+
+    def test_every_flipped_bit_is_refused(self):
+        path, content = self.saved()
+        for position in range(len(content)):
+            with self.subTest(position=position):
+                damaged = bytearray(content)
+                damaged[position] ^= 1 << position % 8
+                self.write(persistence.SNAPSHOT_NAME, damaged)
+                with self.assertRaises(persistence.DataError) as caught:
+                    persistence.load_snapshot(path)
+                self.assertIn(path, str(caught.exception))
+
+    def test_a_snapshot_cut_short_is_refused(self):
+        path, content = self.saved()
+        whole_pickle = len(content) - 20             # the trailer: 20 bytes
+        for cut in range(len(content)):
+            with self.subTest(cut=cut):
+                self.write(persistence.SNAPSHOT_NAME, content[:cut])
+                if cut == whole_pickle:             # the pickle whole, as before checksums
+                    self.assertEqual(persistence.load_snapshot(path), self.DATA)
+                    continue
+                with self.assertRaises(persistence.DataError):
+                    persistence.load_snapshot(path)
+
+    def test_a_snapshot_without_a_checksum_still_loads(self):
+        path = self.write(persistence.SNAPSHOT_NAME, pickle.dumps(self.DATA, protocol=5))
+        self.assertEqual(persistence.load_snapshot(path), self.DATA)
+        self.assertEqual(persistence.check_snapshot(path)[2], False)
+
+    def test_dump_snapshot_streams_frame_by_frame(self):
+        writes = []
+
+        class Stream:                   # as GET /snapshot's stream: write() only
+            def write(self, data):
+                writes.append(bytes(data))
+                return len(data)
+
+        data = {"k%d" % i: bytes([i % 256]) * 1000 for i in range(3000)}
+        size = persistence.dump_snapshot(data, Stream())
+        self.assertGreater(len(writes), 10, "the pickle was not written frame by frame")
+        self.assertEqual(size, sum(map(len, writes)))
+        path = self.write("backup.pickle", b"".join(writes))
+        self.assertEqual(persistence.check_snapshot(path), (3000, size, True))
+        self.assertEqual(persistence.load_snapshot(path), data)
+
+
 # --------------------------------------- links and modes in the data dir, black-box --
 
 class DataDirectorySafetyTest(TempDirTestCase):
