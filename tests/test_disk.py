@@ -1,5 +1,8 @@
 """Black-box: nothing the disk does goes unnoticed (issue 25).
 
+- A torn last write: a power cut tore the journal's last group write out of
+  order (its first sector or page lost, later ones there).  The start cuts
+  it off and serves every acknowledged write.
 - Checked snapshots: a snapshot with one bit flipped is refused at start
   (exit 1, one line naming it, the file untouched); `python3 persistence.py
   verify FILE` checks one without a server.
@@ -19,6 +22,68 @@ from tests.durability_support import (
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
 import persistence                                   # noqa: E402
+
+PAGE, SECTOR = 4096, 512
+
+
+class TornLastWriteTest(support.ServerTestCase):
+    """The last group write of the journal, torn by a power cut with its pages out of order."""
+
+    def setUp(self):
+        super().setUp()
+        server = self.start_server()
+        self.expected = {"key-%d" % i: b"value %d " % i * 50 for i in range(10)}
+        for key, value in self.expected.items():
+            server.put(key, value)
+        server.kill()
+        [self.journal] = journals(self.data_dir)
+        with open(self.journal, "rb") as f:
+            self.before = f.read()
+
+    def last_write(self):
+        """One group write of ten records (7 KB) as the writer appends it to this journal."""
+        records = [b"".join(persistence.encode_record(persistence.PUT, "torn-%d" % i,
+                                                      bytes([65 + i]) * 700))
+                   for i in range(10)]
+        magic = getattr(persistence, "JOURNAL_MAGIC", None)
+        if magic and self.before.startswith(magic):
+            start = len(self.before)
+            return b"".join(persistence.encode_round(start, start, records))
+        return b"".join(records)            # a journal without rounds: the records alone
+
+    def start_on_torn_copy(self, lose):
+        """A copy of the data directory whose last write lost the byte ranges lose(start, end)."""
+        directory = tempfile.mkdtemp(prefix="kvtest-torn-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        os.rmdir(directory)
+        shutil.copytree(self.data_dir, directory)
+        write = bytearray(self.last_write())
+        start, end = len(self.before), len(self.before) + len(write)
+        for a, b in lose(start, end):
+            write[a - start:b - start] = bytes(b - a)        # never reached the disk: zeros
+        with open(os.path.join(directory, os.path.basename(self.journal)), "ab") as f:
+            f.write(write)
+        return self.start_server(data_dir=directory)
+
+    def test_a_last_write_torn_in_any_page_order_is_cut_and_the_start_serves(self):
+        def page_after(offset):
+            return (offset // PAGE + 1) * PAGE
+        cases = {
+            "its first sector lost": lambda s, e: [(s, s + SECTOR)],
+            "its first page lost": lambda s, e: [(s, page_after(s))],
+            "only its last page landed": lambda s, e: [(s, page_after(e) - PAGE)],
+            "a page in its middle lost": lambda s, e: [(page_after(s), page_after(s) + PAGE)],
+            "its last sector lost": lambda s, e: [(e - SECTOR, e)],
+        }
+        expected = dict(self.expected, **{"torn-%d" % i: None for i in range(10)})
+        for name, lose in cases.items():
+            with self.subTest(name):
+                server = self.start_on_torn_copy(lose)
+                assert_state(self, server, expected)
+                cut = [l for l in server.output().splitlines()
+                       if os.path.basename(self.journal) in l and str(len(self.before)) in l]
+                self.assertEqual(len(cut), 1, server.output())
+                server.kill()
 
 
 class SnapshotChecksumTest(support.ServerTestCase):
