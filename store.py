@@ -221,6 +221,13 @@ class Store:
         """None while writes can be served, else why not (for /health and metrics)."""
         return self._journal.problem
 
+    def storage_failure(self):
+        """None, or why the storage failed for good: a stop then exits 1, saved or not.
+
+        An fsync error, a dead journal writer.
+        """
+        return self._journal.problem if self._journal.failed else None
+
     # -- reads --------------------------------------------------------------
 
     def get(self, key):
@@ -509,15 +516,24 @@ class Store:
 
         Waits for a checkpoint in progress, then for the journal's last
         round: once it is closed the dict holds exactly the writes that were
-        acknowledged.  Returns the snapshot's size.  If writing fails
-        (OSError), the previous snapshot and the journals are left as they
-        were, so the next start still recovers everything.
+        acknowledged.  Returns the snapshot's size.  Raises OSError, its
+        text saying what is kept, if the snapshot cannot be written: the
+        previous snapshot and the journals are then left as they were, so
+        the next start still recovers everything.
         """
         assert self._sealed
         with self._checkpoint_lock:
             self._journal.close()       # what is queued reaches the disk, or fails
-            size = persistence.write_snapshot(self.directory, self._data)
+            size = self._write_snapshot()
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))
         return size
+
+    def _write_snapshot(self):
+        """The final snapshot; OSError, saying what the journal still holds, if it fails."""
+        try:
+            return persistence.write_snapshot(self.directory, self._data)
+        except OSError as e:
+            raise OSError(e.errno, "%s; the journal still holds every acknowledged write: "
+                          "the next start recovers them" % (e.strerror or e)) from e
