@@ -2196,12 +2196,13 @@ def serve(args, store, signal_pipe):
     try:
         size = store.save_and_close()
     except OSError as e:
-        fail("saving %s failed: %s; the journal still holds every write" % (path, e))
+        fail("saving %s failed: %s" % (path, e))    # e says what the journal still holds
         return 1
     log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
-    if store.fatal.is_set():
+    failure = store.storage_failure()
+    if failure:
         # The snapshot holds every acknowledged write and none that failed.
-        fail("stopped after a storage failure: %s" % store.write_problem())
+        fail("stopped after a storage failure: %s" % failure)
         return 1
     return 0
 
