@@ -131,6 +131,17 @@ Recovery rules (load())
    (fsynced), and journal files left without a record are removed, so
    that failed starts do not pile empty journals up.
 
+The data directory under the server's feet
+------------------------------------------
+
+The writer checks, once a second, that the directory at the path is still
+the one it opened (same device and inode) and that its journal files are
+still there under their names; and, after every group write, that each
+file it wrote still has a name (st_nlink).  If not, it answers GONE: the
+journal refuses every write from then on (`failed`, `problem`), but reads
+go on, and the store writes no snapshot into a directory that is no longer
+its own (Store.save_and_close).
+
 Checkpoints (Store.checkpoint() drives these steps)
 ---------------------------------------------------
 
@@ -254,6 +265,24 @@ def fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def directory_identity(directory):
+    """(device, inode) of `directory`: what tells it from another directory put at its path."""
+    st = os.stat(directory)
+    return st.st_dev, st.st_ino
+
+
+def directory_replaced(directory, identity):
+    """None while `directory` is the one whose directory_identity() was `identity`, else why not."""
+    try:
+        if directory_identity(directory) == identity:
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return None                     # cannot tell (EACCES, say): not proof of a change
+    return "the data directory %s was removed or replaced" % directory
 
 
 class DirectoryInUse(DataError):
@@ -864,6 +893,7 @@ _SEGMENT = struct.Struct("<QQ")
 _REPLY = struct.Struct("<BBiQdQI")
 DONE, FULL, FAILED = 0, 1, 2        # replies to a round: its outcome
 ROOM, SYNCED, BROKEN = 3, 4, 5      # news: room again; a late fsync done, or failed
+GONE = 6                            # the directory or a journal file removed or replaced
 _PHASES = ("write", "fsync")
 
 
@@ -946,7 +976,10 @@ class Journal:
         retried.  `on_fatal` is called once, from the driver.
     A writer process that dies is fatal too.  It ignores the signals that
     stop the server, and exits when its end of the channel closes (when the
-    journal is closed, or the server dies), after the round in hand.
+    journal is closed, or the server dies), after the round in hand.  A
+    writer that finds the data directory, or a journal file, removed or
+    replaced (GONE) fails the journal for good too, `vanished` saying why,
+    but on_fatal is not called: reads go on.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -965,6 +998,7 @@ class Journal:
         self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal for good, if any
         self.problem = None             # why writes fail for now (a full disk), if they do
+        self.vanished = None            # why, if the files were removed or replaced under us
         self.fsyncs = 0                 # rounds fsynced (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self.apply_round = None         # apply_round(records) after a round is durable
@@ -1221,6 +1255,8 @@ class Journal:
             return                          # its news is in the counters
         if kind == BROKEN:                  # everysec: the late fsync of a round done
             return self._fail(error, phase, True, detail)
+        if kind == GONE:
+            return self._gone(error, detail)
         rounds = self._rounds
         if kind != DONE:
             if rounds and rounds[0][0] == last:     # else a round failed already
@@ -1266,6 +1302,20 @@ class Journal:
         self._run(callbacks + self.fail_queued(), self.failed or error)
         if fatal and self.on_fatal:
             self.on_fatal(error)
+
+    def _gone(self, error, detail):
+        """The writer found the directory, or a journal file, removed or replaced (`detail`).
+
+        Failed for good, as after an fsync error, but reads go on: on_fatal
+        is not called.  `vanished` tells the store why, so that it writes
+        no snapshot into a directory that is no longer this server's.
+        """
+        if self.failed:
+            return
+        self.failed = error
+        self.problem = self.vanished = detail
+        self.log("%s; no more writes are taken, reads go on" % detail)
+        self._fail(error, "write", False, "")
 
     def _writer_gone(self):
         """The channel closed: expected once the journal is closed, fatal before."""
@@ -1349,7 +1399,9 @@ def _write_rounds(channel, directory, policy):
     dropped unwritten (the journal has failed them already); after a
     FAILED, every later round gets FAILED.  Files are opened by generation
     as rounds name them; a file older than the newest is retired: fsynced
-    and closed, whatever the policy.
+    and closed, whatever the policy.  If the directory or a file vanishes
+    (see "The data directory under the server's feet"), it replies GONE,
+    and FAILED to every later round.
     """
     _Writer(channel, directory, policy).run()
 
@@ -1357,12 +1409,19 @@ def _write_rounds(channel, directory, policy):
 class _Writer:
     """The writer's state between groups of rounds, and its loop (_write_rounds)."""
 
+    CHECK_INTERVAL = 1.0        # seconds between two checks that the files are still ours
+
     def __init__(self, channel, directory, policy):
         self.channel, self.directory, self.policy = channel, directory, policy
+        try:
+            self.identity = directory_identity(directory)
+        except OSError:
+            self.identity = None        # gone already: the first check says so
         self.files = {}                 # generation -> _JournalFile
         self.counters = [0, 0.0]        # fsyncs, their seconds
         self.fsync_due = None           # "everysec": when the oldest unsynced write must be fsynced
         self.probe_due = None           # after a full disk: when to look for room again
+        self.check_due = time.monotonic()   # when to check that the files are still ours
         self.broken = None              # (phase, errno) once the journal has failed for good
         self.void_epoch = None          # the epoch of the last FULL: its later rounds are dropped
 
@@ -1370,6 +1429,8 @@ class _Writer:
         self.channel.setblocking(True)
         try:
             while True:
+                if not self.broken and time.monotonic() >= self.check_due:
+                    self._check_files()
                 if not select.select([self.channel], [], [], self._timeout())[0]:
                     self._timers()
                     continue
@@ -1392,7 +1453,8 @@ class _Writer:
 
     def _timeout(self):
         """Seconds until the next timer is due; None if none is set."""
-        dues = [due for due in (self.fsync_due, self.probe_due) if due is not None]
+        dues = [due for due in (self.fsync_due, self.probe_due,
+                                None if self.broken else self.check_due) if due is not None]
         return max(0.0, min(dues) - time.monotonic()) if dues else None
 
     def _timers(self):
@@ -1413,6 +1475,18 @@ class _Writer:
                     self.reply(ROOM)
             else:
                 self.probe_due = now + Journal.PROBE_INTERVAL
+
+    def _check_files(self):
+        """Once a second: the directory is still the one opened, each open file still in it."""
+        self.check_due = time.monotonic() + self.CHECK_INTERVAL
+        gone = _vanished(self.directory, self.identity, self.files)
+        if gone:
+            self._gone(gone, 0)
+
+    def _gone(self, detail, last):
+        self.broken = ("write", errno.ENOENT)
+        self.fsync_due = self.probe_due = None
+        self.reply(GONE, "write", errno.ENOENT, last, detail)
 
     def _take_group(self):
         """The rounds that have arrived, less those to drop; None once the channel has closed."""
@@ -1436,6 +1510,10 @@ class _Writer:
         segments = [segment for round in group for segment in round[3]]
         kind, phase, number, detail = _write_group(self.directory, self.files, segments, fsync,
                                                    self.counters)
+        if kind not in (DONE, GONE):        # a failure may be the sign of a vanished directory
+            gone = _vanished(self.directory, self.identity, self.files)
+            if gone:
+                kind, detail = GONE, gone
         if kind == DONE:
             if fsync:
                 self.fsync_due = None
@@ -1444,6 +1522,8 @@ class _Writer:
                 self.fsync_due = time.monotonic() + 1.0
             self.probe_due = None
             return self.reply(DONE, last=group[-1][1])
+        if kind == GONE:
+            return self._gone(detail, group[0][1])
         if kind == FULL:
             self.probe_due = time.monotonic() + Journal.PROBE_INTERVAL
             self.void_epoch = group[0][2]
@@ -1480,6 +1560,27 @@ class _JournalFile:
         self.size, self.synced = end, min(self.synced, end)
 
 
+def _vanished(directory, identity, files):
+    """Why the journal's files are no longer where a restart reads them, or None.
+
+    The directory at the path is another one (removed; moved and replaced),
+    or an open journal file has lost its name there (removed, renamed over).
+    """
+    gone = directory_replaced(directory, identity)
+    if gone:
+        return gone
+    for journal in files.values():
+        try:
+            named, opened = os.stat(journal.path), os.fstat(journal.fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return "the journal file %s was removed or replaced" % journal.path
+        except OSError:
+            continue                            # cannot tell: not proof of a change
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            return "the journal file %s was removed or replaced" % journal.path
+    return None
+
+
 def _recv_round(channel):
     """(sync, number, epoch, [(generation, bytes)]) of the next round; None at the channel's end."""
     head = _recv_exactly(channel, _ROUND.size)
@@ -1498,7 +1599,9 @@ def _write_group(directory, files, segments, fsync, counters):
     """One group's I/O; returns (reply kind, phase, errno, detail).
 
     The group's segments for one file become one round on disk, written
-    with one writev (_append_rounds).
+    with one writev (_append_rounds).  A file that lost its name meanwhile
+    (st_nlink 0: removed) makes the group GONE: its writes are in no file
+    that a restart will read.
     """
     started, error, phase = {}, None, "write"  # started: each file's size before the group
     began = time.monotonic()
@@ -1523,10 +1626,13 @@ def _write_group(directory, files, segments, fsync, counters):
             error = e
     if error is not None:
         kind, detail = _cut_failed(files, started, error, phase)
+    else:
+        detail = _unlinked(files, started)
+        kind = GONE if detail else DONE
     for generation in retired:
         os.close(files.pop(generation).fd)
     if error is None:
-        return DONE, "write", 0, ""
+        return kind, "write", errno.ENOENT if detail else 0, detail or ""
     return kind, phase, error.errno or errno.EIO, detail
 
 
@@ -1574,6 +1680,14 @@ def _cut_failed(files, started, error, phase):
     except OSError as e:
         return FAILED, "cannot cut off a failed write: %s" % e
     return (FAILED if fatal else FULL), ""
+
+
+def _unlinked(files, generations):
+    """Why a file the group wrote is gone (it has no name left), or None."""
+    for generation in generations:
+        if os.fstat(files[generation].fd).st_nlink == 0:
+            return "the journal file %s was removed or replaced" % files[generation].path
+    return None
 
 
 def _timed_fsync(journal, counters):

@@ -56,6 +56,7 @@ is held only to switch journal files; the dict is never copied.
 """
 
 import bisect
+import errno
 import hashlib
 import heapq
 import threading
@@ -198,6 +199,7 @@ class Store:
         self.checkpoint_failures = 0
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
         self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
+        self._identity = persistence.directory_identity(self.directory)
         journal.apply_round = self._apply_round
         journal.fail_queued = self._fail_queued
         journal.on_fatal = lambda error: self.fatal.set()
@@ -224,7 +226,8 @@ class Store:
     def storage_failure(self):
         """None, or why the storage failed for good: a stop then exits 1, saved or not.
 
-        An fsync error, a dead journal writer.
+        An fsync error, a dead journal writer, the data directory or a
+        journal file removed or replaced under the server.
         """
         return self._journal.problem if self._journal.failed else None
 
@@ -482,12 +485,20 @@ class Store:
             # cut off), its fsync, and is closed: it is complete on disk.
             self._journal.sync()
             started = time.monotonic()
+            self._check_directory()
             keys, size = persistence.snapshot_in_child(                   # c.
                 self.directory, covered, self.keep_open_in_child)
+            self._check_directory()
             persistence.remove_journals(self.directory, covered)          # d.
             self.checkpoints += 1
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (keys, size, time.monotonic() - started, covered))
+
+    def _check_directory(self):
+        """Raise OSError if the data directory is no longer this server's: write nothing there."""
+        gone = persistence.directory_replaced(self.directory, self._identity)
+        if gone:
+            raise OSError(errno.ENOENT, gone)
 
     def _checkpoint_loop(self):
         while True:
@@ -519,11 +530,19 @@ class Store:
         acknowledged.  Returns the snapshot's size.  Raises OSError, its
         text saying what is kept, if the snapshot cannot be written: the
         previous snapshot and the journals are then left as they were, so
-        the next start still recovers everything.
+        the next start still recovers everything; or, if the data directory
+        is no longer this server's (removed or replaced), without writing
+        anything anywhere.
         """
         assert self._sealed
         with self._checkpoint_lock:
             self._journal.close()       # what is queued reaches the disk, or fails
+            gone = persistence.directory_replaced(self.directory, self._identity)
+            if gone:
+                raise OSError(errno.ENOENT, "nothing was saved: %s while the server ran, and "
+                              "the %d keys in memory are lost with this process; the writes "
+                              "acknowledged before that are in the files it had (deleted, or "
+                              "moved with it), none after it was noticed" % (gone, len(self)))
             size = self._write_snapshot()
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
@@ -535,5 +554,8 @@ class Store:
         try:
             return persistence.write_snapshot(self.directory, self._data)
         except OSError as e:
-            raise OSError(e.errno, "%s; the journal still holds every acknowledged write: "
-                          "the next start recovers them" % (e.strerror or e)) from e
+            vanished = self._journal.vanished
+            kept = ("but %s while the server ran: the writes it held are lost" % vanished
+                    if vanished else "the journal still holds every acknowledged write: "
+                    "the next start recovers them")
+            raise OSError(e.errno, "%s; %s" % (e.strerror or e, kept)) from e

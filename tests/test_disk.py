@@ -6,6 +6,10 @@
 - Checked snapshots: a snapshot with one bit flipped is refused at start
   (exit 1, one line naming it, the file untouched); `python3 persistence.py
   verify FILE` checks one without a server.
+- The data directory under the server's feet: removed, replaced, or its
+  journal removed while serving.  Writes get 500 from then on, /health
+  503 with the reason, reads go on, and the stop says what was saved and
+  exits 1.
 """
 import os
 import shutil
@@ -24,6 +28,15 @@ if support.ROOT not in sys.path:
 import persistence                                   # noqa: E402
 
 PAGE, SECTOR = 4096, 512
+
+
+def error_lines(server):
+    return [line for line in server.output().splitlines() if line.startswith("error:")]
+
+
+def health(server):
+    status, _, body = server.request("GET", "/health")
+    return status, body
 
 
 class TornLastWriteTest(support.ServerTestCase):
@@ -146,6 +159,67 @@ class SnapshotChecksumTest(support.ServerTestCase):
         result = self.verify(old)
         self.assertEqual(result.returncode, 0, result)
         self.assertIn("no checksum", result.stdout)
+
+
+class VanishedDirectoryTest(support.ServerTestCase):
+    """The data directory, or its journal, removed or replaced while the server serves."""
+
+    def start_with_writes(self):
+        server = self.start_server()
+        self.expected = {"acked-%d" % i: b"value %d" % i for i in range(5)}
+        for key, value in self.expected.items():
+            server.put(key, value)
+        return server
+
+    def assert_writes_refused_reads_served(self, server, reason):
+        support.wait_until(lambda: health(server)[0] == 503, 5, 0.05,
+                           message="/health 503 once the files are gone")
+        self.assertIn(reason, health(server)[1])
+        status, _, body = server.request("PUT", "/kv/late", b"never acknowledged")
+        self.assertEqual((status, body), (500, b"storage error\n"))
+        self.assertIsNone(server.get("late"), "a write answered 500 is visible")
+        assert_state(self, server, self.expected, "reads after the files vanished")
+
+    def assert_stopped_with_one_error(self, server, *said):
+        self.assertEqual(stop_within(server)[0], 1, server.output())
+        self.assertNotIn(TRACEBACK, server.output())
+        errors = error_lines(server)
+        self.assertEqual(len(errors), 1, server.output())
+        for words in said:
+            self.assertIn(words, errors[0])
+        self.assertNotIn("still holds every", errors[0])
+
+    def test_a_removed_data_directory(self):
+        server = self.start_with_writes()
+        shutil.rmtree(self.data_dir)
+        self.assert_writes_refused_reads_served(server, b"removed")
+        self.assert_stopped_with_one_error(server, "nothing was saved", "removed or replaced")
+        self.assertFalse(os.path.exists(self.data_dir), "the stop wrote into a new directory")
+
+    def test_a_replaced_data_directory(self):
+        server = self.start_with_writes()
+        moved = self.data_dir + ".moved"
+        self.addCleanup(shutil.rmtree, moved, True)
+        os.rename(self.data_dir, moved)
+        os.mkdir(self.data_dir)
+        self.assert_writes_refused_reads_served(server, b"replaced")
+        self.assert_stopped_with_one_error(server, "nothing was saved")
+        self.assertEqual(os.listdir(self.data_dir), [], "the stop wrote into another directory")
+        # Every acknowledged write went with the directory that was moved away.
+        again = self.start_server(data_dir=moved)
+        assert_state(self, again, dict(self.expected, late=None))
+
+    def test_a_removed_journal_file(self):
+        server = self.start_with_writes()
+        for journal in journals(self.data_dir):
+            os.unlink(journal)
+        self.assert_writes_refused_reads_served(server, b"journal file")
+        # The directory is still this server's: the snapshot saves every
+        # acknowledged write, and the stop says what failed.
+        self.assert_stopped_with_one_error(server, "storage failure", "journal file")
+        self.assertIn("Saved", server.output())
+        again = self.restart(server)
+        assert_state(self, again, dict(self.expected, late=None))
 
 
 if __name__ == "__main__":

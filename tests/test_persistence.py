@@ -677,6 +677,42 @@ class RoundsTest(TempDirTestCase):
         self.assertIn("Removed 2 journal file(s)", "\n".join(self.log_lines))
 
 
+class VanishedFilesTest(TempDirTestCase):
+    """The directory or the journal file removed under a journal: writes fail, reads go on."""
+
+    def setUp(self):
+        super().setUp()
+        self.journal = persistence.Journal(self.dir, 1, "always")
+        self.store = store_module.Store({}, self.journal, NO_CHECKPOINT, self.log)
+        self.store.put("a", b"1")
+
+    def test_a_removed_directory_fails_writes_but_not_the_store(self):
+        shutil.rmtree(self.dir)
+        support.wait_until(self.store.write_problem, 5, message="the writer's check")
+        self.assertIn("removed or replaced", self.store.write_problem())
+        self.assertEqual(self.store.storage_failure(), self.store.write_problem())
+        self.assertFalse(self.store.fatal.is_set(), "reads must go on: no shutdown")
+        with self.assertRaises(OSError):
+            self.store.put("b", b"2")
+        self.assertEqual((self.store.get("a"), self.store.get("b")), (b"1", None))
+        self.store.seal()
+        with self.assertRaises(OSError) as caught:
+            self.store.save_and_close()
+        self.assertIn("nothing was saved", str(caught.exception))
+        self.assertFalse(os.path.exists(self.dir))
+
+    def test_a_write_into_a_removed_journal_file_is_never_acknowledged(self):
+        os.unlink(persistence.journal_path(self.dir, 1))
+        with self.assertRaises(OSError):            # at once: its group finds the file gone
+            self.store.put("b", b"2")
+        self.assertIsNone(self.store.get("b"))
+        self.assertIn("journal file", self.store.storage_failure())
+        self.assertFalse(self.store.fatal.is_set())
+        self.store.seal()
+        self.store.save_and_close()                 # the directory is still ours
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1"})
+
+
 # ---------------------------------------------------------------- load(), unit --
 
 class LoadTest(TempDirTestCase):
