@@ -10,9 +10,13 @@
   journal removed while serving.  Writes get 500 from then on, /health
   503 with the reason, reads go on, and the stop says what was saved and
   exits 1.
+- Children and the lock: the server killed alone (its checkpoint child or
+  journal writer frozen, as a long checkpoint or a stalled disk holds
+  them): a restart at once gets the lock.
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -220,6 +224,96 @@ class VanishedDirectoryTest(support.ServerTestCase):
         self.assertIn("Saved", server.output())
         again = self.restart(server)
         assert_state(self, again, dict(self.expected, late=None))
+
+
+def children(pid):
+    """The child processes of `pid`, whichever of its threads started them."""
+    found = []
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                found += [int(child) for child in f.read().split()]
+        except OSError:
+            pass                        # the thread has ended
+    return found
+
+
+def command_line(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def has_open(pid, name):
+    try:
+        return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith(name)
+                   for fd in os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return False
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/task"), "needs /proc")
+class ChildrenDieWithTheServerTest(support.ServerTestCase):
+    """SIGKILL of the server's own process alone, while a child of it is frozen (SIGSTOP).
+
+    A frozen child stands for one that takes long: a checkpoint of a big
+    store, a writer in a stalled fsync.  It holds the directory's LOCK; the
+    restart must not wait for it.
+    """
+
+    def freeze(self, pid):
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.kill_quietly, pid)
+
+    def kill_quietly(self, pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def kill_alone_and_restart(self, server):
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.wait()
+        return self.start_server("--lock-wait", "3")
+
+    def test_a_restart_right_after_a_kill_during_a_long_checkpoint_starts(self):
+        # Enough keys that a checkpoint's child runs for a moment.
+        persistence.write_snapshot(self.data_dir, {"old-%d" % i: b"o" for i in range(300000)})
+        server = self.start_server("--checkpoint-bytes", "1000")
+        snapshot = os.path.join(os.path.realpath(self.data_dir), persistence.SNAPSHOT_NAME)
+        frozen, acked = None, {}
+
+        def checkpoint_child_at_work():
+            for child in children(server.proc.pid):
+                if b"checkpoint" in command_line(child) and has_open(child, snapshot):
+                    return child            # reading or writing: past its start
+            return None
+
+        for attempt in range(10):
+            server.put("k%d" % attempt, b"x" * 2000)    # past --checkpoint-bytes
+            acked["k%d" % attempt] = b"x" * 2000
+            try:
+                frozen = support.wait_until(checkpoint_child_at_work, 5, 0.002)
+                break
+            except AssertionError:
+                continue
+        self.assertIsNotNone(frozen, "no checkpoint child caught at work")
+        self.freeze(frozen)
+        again = self.kill_alone_and_restart(server)
+        assert_state(self, again, dict(acked, **{"old-1": b"o"}))
+
+    def test_a_restart_right_after_a_kill_with_the_journal_writer_stuck_starts(self):
+        server = self.start_server()
+        acked = {"acked-%d" % i: b"value %d" % i for i in range(5)}
+        for key, value in acked.items():
+            server.put(key, value)
+        [writer] = [child for child in children(server.proc.pid)
+                    if b"journal-writer" in command_line(child)]
+        self.freeze(writer)
+        again = self.kill_alone_and_restart(server)
+        assert_state(self, again, acked)
 
 
 if __name__ == "__main__":
