@@ -290,6 +290,14 @@ def directory_replaced(directory, identity):
     return "the data directory %s was removed or replaced" % directory
 
 
+def free_bytes(directory):
+    """Bytes this process may still write on `directory`'s file system; None if it does not say."""
+    st = os.statvfs(directory)
+    if not st.f_blocks:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
 class DirectoryInUse(DataError):
     """Another process holds the data directory's lock (it may be exiting)."""
 
@@ -853,23 +861,29 @@ def snapshot_in_child(directory, through, pass_fds=()):
     `pass_fds`: the directory's LOCK, so that no server can start while the
     child writes; the child dies with this process (_die_with_parent).
     Call it from a thread that lives as long as the server.  Raises
-    OSError if the child fails.
+    OSError, with the child's errno if it had one, if the child fails.
     """
     child = subprocess.run(
         [sys.executable, "-I", os.path.abspath(__file__), "checkpoint", directory, str(through),
          str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         pass_fds=pass_fds)
+    out = child.stdout.split()
     if child.returncode != 0:
         reason = child.stderr.decode("utf-8", "replace").strip().splitlines() or [
             "exit status %d" % child.returncode]
-        raise OSError("checkpoint process failed: %s" % reason[-1])
-    keys, size = child.stdout.split()
+        number = int(out[1]) if len(out) == 2 and out[0] == b"errno" else None
+        raise OSError(number, "checkpoint process failed: %s" % reason[-1])
+    keys, size = out
     return int(keys), int(size)
 
 
 def _checkpoint_main(directory, through, parent):
-    """The child's entry point (python3 persistence.py checkpoint DIR N PID): exit 0, or 1 and a line."""
+    """The child's entry point (python3 persistence.py checkpoint DIR N PID): exit 0, or 1 and a line.
+
+    On failure stdout says `errno N` (when there is one: the server tells a
+    full disk from other failures by it), stderr why.
+    """
     if not _die_with_parent(int(parent)):
         return 1
     try:
@@ -880,6 +894,8 @@ def _checkpoint_main(directory, through, parent):
     try:
         keys, size = build_snapshot(directory, int(through))
     except (DataError, OSError) as e:
+        if getattr(e, "errno", None):
+            sys.stdout.write("errno %d\n" % e.errno)
         sys.stderr.write("%s\n" % e)
         return 1
     sys.stdout.write("%d %d\n" % (keys, size))

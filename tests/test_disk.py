@@ -13,6 +13,9 @@
 - Children and the lock: the server killed alone (its checkpoint child or
   journal writer frozen, as a long checkpoint or a stalled disk holds
   them): a restart at once gets the lock.
+- A full disk: checkpoints that cannot fit are reported (/health), a stop
+  that cannot save exits 1 with every acknowledged write in the journal,
+  and restarts neither need room nor leave empty journals behind.
 """
 import os
 import shutil
@@ -314,6 +317,74 @@ class ChildrenDieWithTheServerTest(support.ServerTestCase):
         self.freeze(writer)
         again = self.kill_alone_and_restart(server)
         assert_state(self, again, acked)
+
+
+@unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"),
+                     "needs root to mount a small tmpfs (a full disk)")
+class FullDiskRestartTest(support.ServerTestCase):
+    """Journals that outgrow the free space: no checkpoint fits, no stop can save."""
+
+    VALUE = 100 << 10
+
+    def setUp(self):
+        super().setUp()
+        self.data_dir = tempfile.mkdtemp(prefix="kvtest-tmpfs-")
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", self.data_dir],
+                                 capture_output=True)
+        if mounted.returncode != 0:
+            os.rmdir(self.data_dir)
+            self.skipTest("cannot mount a tmpfs: %s" % mounted.stderr.decode().strip())
+        self.addCleanup(os.rmdir, self.data_dir)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.data_dir])
+        self.filler = os.path.join(self.data_dir, "filler")
+
+    def fill(self, leave):
+        """Fill the file system, then give `leave` bytes back."""
+        with open(self.filler, "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+            f.truncate(max(0, f.tell() - leave))
+
+    def put_values(self, server, prefix, count):
+        for i in range(count):
+            server.put("%s-%d" % (prefix, i), bytes([i]) * self.VALUE)
+            self.expected["%s-%d" % (prefix, i)] = bytes([i]) * self.VALUE
+
+    def stop_that_cannot_save(self, server):
+        self.assertEqual(stop_within(server)[0], 1, server.output())
+        errors = error_lines(server)
+        self.assertEqual(len(errors), 1, server.output())
+        self.assertIn("still holds every acknowledged write", errors[0])
+        return len(journals(self.data_dir))
+
+    def test_checkpoints_that_cannot_fit_are_reported_and_restarts_serve(self):
+        self.expected = {}
+        server = self.start_server("--checkpoint-bytes", str(256 << 10))
+        self.put_values(server, "before", 30)                 # a 3 MiB snapshot
+        self.fill(leave=1 << 20)
+        self.put_values(server, "after", 5)                   # past --checkpoint-bytes
+        support.wait_until(lambda: health(server)[0] == 503, 20,
+                           message="/health 503: no room for a checkpoint")
+        self.assertIn(b"no room for a checkpoint", health(server)[1])
+        self.assertIn("a new snapshot needs about", server.output())
+        self.stop_that_cannot_save(server)
+        self.fill(leave=0)                                    # not a byte left
+        files = []
+        for restart in range(3):
+            server = self.restart(server)
+            assert_state(self, server, self.expected, "restart %d on a full disk" % restart)
+            files.append(self.stop_that_cannot_save(server))
+        # Each start opens a journal; the next one removes it if it stayed empty.
+        self.assertEqual(files[1:], files[:-1], "each start left a journal file behind")
+        os.unlink(self.filler)
+        server = self.restart(server)
+        support.wait_until(lambda: health(server)[0] == 200, 30,
+                           message="/health 200 once a checkpoint fits again")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+        self.assertEqual(journals(self.data_dir), [])
 
 
 if __name__ == "__main__":
