@@ -834,6 +834,11 @@ def _remove_empty(directory, journals, log):
     log("Removed %d journal file(s) that held no record" % len(journals))
 
 
+def journal_is_empty(path):
+    """True if the journal file at `path` holds no record (at most its header)."""
+    return os.stat(path).st_size <= len(JOURNAL_MAGIC)
+
+
 # ------------------------------------------------------------- checkpoints --
 
 def build_snapshot(directory, through):

@@ -62,6 +62,7 @@ import bisect
 import errno
 import hashlib
 import heapq
+import os
 import threading
 import time
 
@@ -580,8 +581,9 @@ class Store:
 
         Waits for a checkpoint in progress, then for the journal's last
         round: once it is closed the dict holds exactly the writes that were
-        acknowledged.  Returns the snapshot's size.  Raises OSError, its
-        text saying what is kept, if the snapshot cannot be written: the
+        acknowledged.  Returns the snapshot's size.  If nothing was written
+        since the snapshot was saved, it is not rewritten.  Raises OSError,
+        its text saying what is kept, if the snapshot cannot be written: the
         previous snapshot and the journals are then left as they were, so
         the next start still recovers everything; or, if the data directory
         is no longer this server's (removed or replaced), without writing
@@ -596,11 +598,27 @@ class Store:
                               "the %d keys in memory are lost with this process; the writes "
                               "acknowledged before that are in the files it had (deleted, or "
                               "moved with it), none after it was noticed" % (gone, len(self)))
-            size = self._write_snapshot()
+            if self._unchanged():
+                size = self._keep_snapshot()
+            else:
+                size = self._write_snapshot()
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))
         return size
+
+    def _unchanged(self):
+        """True if the snapshot on disk holds the dict: no record since, in any journal."""
+        directory = self.directory
+        return (self._journal.records == 0
+                and (not self._data or os.path.exists(persistence.snapshot_path(directory)))
+                and all(persistence.journal_is_empty(persistence.journal_path(directory, g))
+                        for g in persistence.journal_generations(directory)))
+
+    def _keep_snapshot(self):
+        path = persistence.snapshot_path(self.directory)
+        self._log("Snapshot %s unchanged: nothing was written since it was saved" % path)
+        return os.path.getsize(path) if os.path.exists(path) else 0
 
     def _write_snapshot(self):
         """The final snapshot; OSError, saying what the journal still holds, if it fails."""

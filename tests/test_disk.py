@@ -16,6 +16,7 @@
 - A full disk: checkpoints that cannot fit are reported (/health), a stop
   that cannot save exits 1 with every acknowledged write in the journal,
   and restarts neither need room nor leave empty journals behind.
+- A clean stop with nothing written since the snapshot does not rewrite it.
 """
 import os
 import shutil
@@ -385,6 +386,30 @@ class FullDiskRestartTest(support.ServerTestCase):
                            message="/health 200 once a checkpoint fits again")
         self.assertEqual(stop_within(server)[0], 0, server.output())
         self.assertEqual(journals(self.data_dir), [])
+
+
+class UnchangedSnapshotTest(support.ServerTestCase):
+
+    def test_a_clean_stop_with_nothing_written_does_not_rewrite_the_snapshot(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+        snapshot = os.path.join(self.data_dir, persistence.SNAPSHOT_NAME)
+        past = time.time() - 3600
+        os.utime(snapshot, (past, past))                # a rewrite would show
+        before = file_state(snapshot), os.stat(snapshot).st_ino
+        server = self.restart(server)
+        self.assertEqual(server.get("k"), b"v")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+        self.assertEqual((file_state(snapshot), os.stat(snapshot).st_ino), before,
+                         "the snapshot was rewritten")
+        self.assertEqual(journals(self.data_dir), [])
+        # A write since: the stop saves it.
+        server = self.restart(server)
+        server.put("k", b"changed")
+        self.assertEqual(stop_within(server)[0], 0, server.output())
+        self.assertNotEqual(file_state(snapshot), before[0])
+        self.assertEqual(persistence.load_snapshot(snapshot), {"k": b"changed"})
 
 
 if __name__ == "__main__":
