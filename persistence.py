@@ -181,7 +181,6 @@ instead of waiting for a long checkpoint to end.
 """
 
 import collections
-import ctypes
 import errno
 import fcntl
 import os
@@ -279,7 +278,7 @@ def directory_identity(directory):
 
 
 def directory_replaced(directory, identity):
-    """None while `directory` is the one whose directory_identity() was `identity`, else why not."""
+    """None while `directory` is the one whose directory_identity() was `identity`; else why."""
     try:
         if directory_identity(directory) == identity:
             return None
@@ -428,7 +427,7 @@ def _read_trailer(f, size, path):
 
 
 def _read_snapshot(f, path):
-    """(the dict in the open snapshot file `f`, whether a checksum vouched for it).  Raises DataError.
+    """(the dict in the open snapshot file `f`, whether a checksum vouched for it); DataError.
 
     One pass: the checksum is computed as the unpickler reads.  If the
     unpickling fails, the rest is read too, so that a damaged file is
@@ -471,7 +470,7 @@ def load_snapshot(path):
 
 
 def check_snapshot(path):
-    """Check a snapshot or a backup without a server: (keys, bytes, checksummed).  Raises DataError.
+    """Check a snapshot or a backup without a server: (keys, bytes, checksummed); DataError.
 
     `checksummed` is False for a file written before snapshots carried a
     checksum: it loads, but damage that still unpickles cannot be ruled out.
@@ -884,7 +883,7 @@ def snapshot_in_child(directory, through, pass_fds=()):
 
 
 def _checkpoint_main(directory, through, parent):
-    """The child's entry point (python3 persistence.py checkpoint DIR N PID): exit 0, or 1 and a line.
+    """The child's entry point (python3 persistence.py checkpoint DIR N PID): exit 0, or 1.
 
     On failure stdout says `errno N` (when there is one: the server tells a
     full disk from other failures by it), stderr why.
@@ -923,10 +922,11 @@ def _die_with_parent(parent):
     """
     if sys.platform.startswith("linux"):
         try:
+            import ctypes               # here: only the children need it
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
                        ctypes.c_ulong(0), ctypes.c_ulong(0))
-        except (OSError, AttributeError):
+        except (ImportError, OSError, AttributeError):
             pass
     return os.getppid() == parent
 
@@ -1475,7 +1475,7 @@ class _Writer:
             self.identity = None        # gone already: the first check says so
         self.files = {}                 # generation -> _JournalFile
         self.counters = [0, 0.0]        # fsyncs, their seconds
-        self.fsync_due = None           # "everysec": when the oldest unsynced write must be fsynced
+        self.fsync_due = None           # everysec: when the oldest unsynced write must be fsynced
         self.probe_due = None           # after a full disk: when to look for room again
         self.check_due = time.monotonic()   # when to check that the files are still ours
         self.broken = None              # (phase, errno) once the journal has failed for good
