@@ -8,7 +8,8 @@ Files in the data directory
 ---------------------------
 
     store.pickle          the snapshot: the whole dict {str: bytes}, pickled
-                          with protocol 5, replaced atomically.
+                          with protocol 5, then a checksum trailer; replaced
+                          atomically.
     store.pickle.tmp      a snapshot being written; ignored by load(),
                           removed (unlink) and created anew (O_EXCL) by the
                           next save.
@@ -22,6 +23,22 @@ Files in the data directory
 Every file here is opened with O_NOFOLLOW and must be a regular file
 (open_data_file): a symbolic link or a device planted in the directory is
 refused, never followed.  Files are created 0600.
+
+The snapshot
+------------
+
+    +--------------------------+---------------------------------------+
+    | pickle (protocol 5)      | trailer: magic 8 | length u64 | crc u32 |
+    +--------------------------+---------------------------------------+
+
+The trailer (dump_snapshot) gives the pickle's length and its CRC32, so a
+flipped bit anywhere is refused at start instead of served.  A file that
+does not end in a trailer is a snapshot written before there were
+checksums: it still loads, and the next save writes a trailer.  The same
+bytes are what GET /snapshot streams, so a backup carries its checksum and
+`python3 persistence.py verify FILE` checks one without a server
+(check_snapshot).  The file stays a pickle: pickle.load() reads it and
+ignores the trailer.
 
 A snapshot is written atomically: a temporary file in the same directory,
 flush, fsync, os.replace() over the old one, fsync of the directory.  After
@@ -40,41 +57,90 @@ the first 8 bytes, so that a damaged length is recognised as damage instead
 of being trusted to say where the next record starts.  op is PUT, DELETE or
 CLEAR; DELETE has an empty value, CLEAR an empty key and value.
 
+Journal files: a header, then rounds
+------------------------------------
+
+    | "kvjournal rounds" | marker | records ... | marker | records ... |
+      16 bytes             \___ round _________/  \___ round _________/
+
+A round on disk is what one group write of the writer appends to one file
+(_write_group): one writev of a marker and the records of every request
+round in the group.  The marker is a record (same framing, its own CRCs)
+of op ROUND whose value is (offset, length, synced, crc): the file offset
+the marker itself starts at, the length of the round's records, how many
+bytes of the file were known fsynced when the round was written, and the
+CRC32 of the round's records.  The header is written and fsynced alone
+when the writer first opens the file, before any round: a power cut can
+tear the first round but not the header, which says which rules apply.
+A journal file without the header was written before there were rounds
+(or is a header torn at creation): it is read record by record with the
+old rules below.
+
 Recovery rules (load())
 -----------------------
 
 1. Load the snapshot, if there is one.  It is unpickled with an Unpickler
    that refuses every global: a dict of str to bytes needs none, so a
-   tampered file cannot make us import or call anything.
+   tampered file cannot make us import or call anything.  With a trailer,
+   its checksum must match: else the start is refused.
 2. Replay every journal on top of it, in generation order.  Replaying a
    journal that the snapshot already contains is harmless: every record
    *sets* a state (key=value, key absent, everything absent), so applying
    the same sequence twice gives the same dict as applying it once.  That
    is what makes a crash in the middle of a checkpoint safe (see below).
-3. Each journal is checked on its own.  A power cut may tear the last
-   write out of page order: any of its pages may be missing (zeros, or the
-   blocks' old bytes) while later ones made it.  The rule, as in RocksDB,
-   LevelDB, SQLite and PostgreSQL: a damaged record after which no valid
-   record follows is a torn tail, the normal trace of a crash: it is logged
-   and the file is truncated there.  Damage followed by a valid record is
-   corruption.  Damaged means:
-     - fewer than 12 bytes left                      (a torn header)
-     - the header checksum fails                     (its length is not
-                                                      trusted: the search
-                                                      for a valid record
-                                                      starts at the next byte)
-     - the record runs past the end of the file      (cut short)
-     - the payload checksum fails                    (the search starts where
-                                                      the sound header says
-                                                      the record ends)
+3. Each journal is checked on its own.  A power cut may tear every write
+   that was not yet fsynced, in any order of its pages: any of them may be
+   missing (zeros, or the blocks' old bytes) while later ones made it.
+   With rounds: a round whose marker is damaged, whose records run past
+   the end of the file, or whose checksum fails is damaged.  Damage is a
+   torn tail, the normal trace of a crash, unless a valid round that
+   follows it says the damaged bytes had been fsynced when it was written
+   (its `synced` is past them).  A torn tail is logged and cut off, with
+   every round after it; damage that a later round says was fsynced is
+   corruption.  What that means for each policy:
+     always    a round is written only after the one before it was
+               fsynced, so only the last round can be torn, and damage
+               followed by any valid round is corruption.  The last round
+               was never acknowledged: its fsync had not returned.
+     everysec  the rounds since the last fsync (about a second of them)
+               may all be torn: damage in them is cut off, with the
+               valid rounds after it, written but never fsynced (the
+               "last second" that everysec may lose in a power cut).
+     no        nothing of the open journal is known fsynced, so damage
+               anywhere in it is a torn tail: a power cut under `no` may
+               lose any part of the journal, and recovery keeps what
+               comes before the first damage.
+   A round whose checksum matches but whose records do not parse was
+   written wrong, not torn: corruption too.
+   Without rounds (the old rules, as in RocksDB, LevelDB, SQLite and
+   PostgreSQL): a damaged record after which no valid record follows is a
+   torn tail; damage followed by a valid record is corruption.  Damaged
+   means: fewer than 12 bytes left (a torn header); the header checksum
+   fails (its length is not trusted: the search for a valid record starts
+   at the next byte); the record runs past the end of the file; the
+   payload checksum fails (the search starts where the sound header says
+   the record ends).  So a torn last write of several records whose first
+   page was lost reads as corruption there: rounds were made for that.
    The search (find_valid_record) looks at every byte offset for a header
-   and a payload whose checksums both match.  A record whose checksums
-   match but whose op or key length is impossible was written wrong, not
-   torn: corruption too.  Corruption refuses to start (DataError names the
-   file and the offset) and leaves every file untouched.  The rule cannot
-   tell one case apart: a value that itself holds journal records, whose
-   record lost its header to a power cut, reads as corruption (a sound
-   header is trusted, so a record merely cut short never does).
+   and a payload whose checksums both match (a marker must also name the
+   offset it is found at).  Corruption refuses to start (DataError names
+   the file and the offset) and leaves every file untouched.  Neither rule
+   can tell one case apart: a value that itself holds a journal, at the
+   very offsets it had there, inside a torn round, reads as corruption.
+4. Once every file was read and found sound: torn tails are cut off
+   (fsynced), and journal files left without a record are removed, so
+   that failed starts do not pile empty journals up.
+
+The data directory under the server's feet
+------------------------------------------
+
+The writer checks, once a second, that the directory at the path is still
+the one it opened (same device and inode) and that its journal files are
+still there under their names; and, after every group write, that each
+file it wrote still has a name (st_nlink).  If not, it answers GONE: the
+journal refuses every write from then on (`failed`, `problem`), but reads
+go on, and the store writes no snapshot into a directory that is no longer
+its own (Store.save_and_close).
 
 Checkpoints (Store.checkpoint() drives these steps)
 ---------------------------------------------------
@@ -97,17 +163,21 @@ and replaying N again changes nothing (rule 2).  After d: the clean state.
 
 Step c builds the snapshot from the files, not from the live dict: the old
 snapshot plus journals <= N is exactly the state at the switch, as load()
-would rebuild it.  It runs as `python3 persistence.py checkpoint DIR N`, a
-new interpreter (never a fork of this threaded process), so the server
+would rebuild it.  It runs as `python3 persistence.py checkpoint DIR N PID`,
+a new interpreter (never a fork of this threaded process), so the server
 neither copies its dict under the lock nor shares its GIL with the
 unpickling and pickling: requests go on at their usual latency while it
 runs (a copy and a pickling thread had taken PUT p99 at 64 connections
 from 4.6 to 107 ms during 1,000,000-key checkpoints).  The price: the child
 holds a second copy of the data while it runs, and reads the journals back.
-The child inherits the directory's LOCK, so that if the server is killed
-alone, a new one waits for the orphan to finish rather than race it for
-store.pickle.tmp.  The final save at shutdown writes the sealed dict
-directly (write_snapshot).
+The final save at shutdown writes the sealed dict directly (write_snapshot).
+
+The children and the lock: both children (the checkpoint's, and the
+journal's writer) inherit the directory's LOCK, so that no new server can
+race one for store.pickle.tmp or a journal; and both die with the server
+(_die_with_parent: Linux's parent-death signal, SIGKILL), so that a new
+server started after a kill of the server alone gets the lock at once
+instead of waiting for a long checkpoint to end.
 """
 
 import collections
@@ -131,11 +201,21 @@ SNAPSHOT_NAME = "store.pickle"
 PICKLE_PROTOCOL = 5
 _JOURNAL_NAME = re.compile(r"journal-(\d{8,})\.log\Z")
 _NONZERO = re.compile(rb"[^\0]")
+_CHUNK = 1 << 20                    # bytes read at once when only their checksum is wanted
 
 PUT, DELETE, CLEAR = 1, 2, 3
+ROUND = 4                           # a round's marker: not a mutation (see "Journal files")
 _HEADER = struct.Struct("<III")     # payload length, payload crc32, header crc32
 _LENGTH_CRC = struct.Struct("<II")  # the part of the header its crc covers
 _OP_KEY = struct.Struct("<BI")      # op, key length
+_LENGTH = struct.Struct("<I")       # a record's first field: its payload's length
+JOURNAL_MAGIC = b"kvjournal rounds"  # a journal file's header: its records come in rounds
+_MARKER = struct.Struct("<QQQI")    # a marker's value: its offset, the round's length,
+                                    # bytes fsynced when written, the round's crc32
+MARKER_SIZE = _HEADER.size + _OP_KEY.size + _MARKER.size
+_MARKER_RECORD = struct.Struct("<IIIBIQQQI")    # a whole marker: _HEADER, _OP_KEY, _MARKER
+_TRAILER = struct.Struct("<8sQI")   # a snapshot's last bytes: magic, pickle length, its crc32
+_TRAILER_MAGIC = b"kvsnap\x00\x01"
 
 
 class DataError(Exception):
@@ -189,6 +269,32 @@ def fsync_directory(directory):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def directory_identity(directory):
+    """(device, inode) of `directory`: what tells it from another directory put at its path."""
+    st = os.stat(directory)
+    return st.st_dev, st.st_ino
+
+
+def directory_replaced(directory, identity):
+    """None while `directory` is the one whose directory_identity() was `identity`; else why."""
+    try:
+        if directory_identity(directory) == identity:
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError:
+        return None                     # cannot tell (EACCES, say): not proof of a change
+    return "the data directory %s was removed or replaced" % directory
+
+
+def free_bytes(directory):
+    """Bytes this process may still write on `directory`'s file system; None if it does not say."""
+    st = os.statvfs(directory)
+    if not st.f_blocks:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 class DirectoryInUse(DataError):
@@ -251,6 +357,103 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refusing to load global %s.%s" % (module, name))
 
 
+class _Checksummed:
+    """A file wrapper that counts and checksums (CRC32) the bytes passing through it.
+
+    pickle.dump's file when writing (write); the unpickler's when reading
+    (read, readinto, readline), and then it reads at most `limit` bytes, so
+    that the unpickler never sees the trailer.
+    """
+
+    def __init__(self, file, limit=0):
+        self.file, self.crc, self.size, self.left = file, 0, 0, limit
+
+    def _count(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.left -= len(data)
+
+    def write(self, data):
+        self._count(data)
+        return self.file.write(data)
+
+    def read(self, n=-1):
+        data = self.file.read(self.left if n is None or n < 0 else min(n, self.left))
+        self._count(data)
+        return data
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")[:self.left]
+        n = self.file.readinto(view) or 0
+        self._count(view[:n])
+        return n
+
+    def readline(self, size=-1):
+        line = self.file.readline(self.left if size is None or size < 0 else min(size, self.left))
+        self._count(line)
+        return line
+
+    def drain(self):
+        """Read (and checksum) what is left."""
+        while self.read(_CHUNK):
+            pass
+
+
+def dump_snapshot(data, file):
+    """Pickle `data` (protocol 5) into file.write, frame by frame, then the checksum trailer.
+
+    The bytes of store.pickle, and of a backup (GET /snapshot streams them
+    into its socket): a checked snapshot.  Returns the number of bytes written.
+    """
+    out = _Checksummed(file)
+    pickle.dump(data, out, protocol=PICKLE_PROTOCOL)
+    file.write(_TRAILER.pack(_TRAILER_MAGIC, out.size, out.crc))
+    return out.size + _TRAILER.size
+
+
+def _read_trailer(f, size, path):
+    """The CRC32 a snapshot's trailer gives, or None if it has none (written before checksums)."""
+    if size < _TRAILER.size:
+        return None
+    f.seek(size - _TRAILER.size)
+    magic, length, crc = _TRAILER.unpack(f.read(_TRAILER.size))
+    f.seek(0)
+    if magic != _TRAILER_MAGIC:
+        return None
+    if length != size - _TRAILER.size:
+        raise DataError("%s: snapshot is damaged: its trailer says %d bytes of pickle, "
+                        "the file holds %d" % (path, length, size - _TRAILER.size))
+    return crc
+
+
+def _read_snapshot(f, path):
+    """(the dict in the open snapshot file `f`, whether a checksum vouched for it); DataError.
+
+    One pass: the checksum is computed as the unpickler reads.  If the
+    unpickling fails, the rest is read too, so that a damaged file is
+    reported as such (its checksum) rather than by the unpickler's symptom.
+    """
+    size = os.fstat(f.fileno()).st_size
+    crc = _read_trailer(f, size, path)
+    reader = _Checksummed(f, size if crc is None else size - _TRAILER.size)
+    try:
+        data = _NoGlobalsUnpickler(reader).load()
+        error = "unexpected data after the end" if reader.left else None
+    except Exception as e:          # any damage surfaces as some exception
+        data, error = None, str(e) or type(e).__name__
+    if crc is not None:
+        reader.drain()
+        if reader.crc != crc:
+            raise DataError("%s: snapshot is damaged: its checksum does not match its content"
+                            % path)
+    if error:
+        raise DataError("%s: snapshot is corrupt: %s" % (path, error))
+    if type(data) is not dict or not all(
+            type(k) is str and type(v) is bytes for k, v in data.items()):
+        raise DataError("%s: snapshot is not a dict of str to bytes" % path)
+    return data, crc is not None
+
+
 def load_snapshot(path):
     """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
     try:
@@ -261,16 +464,23 @@ def load_snapshot(path):
         raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
     with f:
         try:
-            data = _NoGlobalsUnpickler(f).load()
-            trailing = f.read(1)
-        except Exception as e:      # any damage surfaces as some exception
-            raise DataError("%s: snapshot is corrupt: %s" % (path, e or type(e).__name__))
-    if trailing:
-        raise DataError("%s: snapshot is corrupt: unexpected data after the end" % path)
-    if type(data) is not dict or not all(
-            type(k) is str and type(v) is bytes for k, v in data.items()):
-        raise DataError("%s: snapshot is not a dict of str to bytes" % path)
-    return data
+            return _read_snapshot(f, path)[0]
+        except OSError as e:
+            raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
+
+
+def check_snapshot(path):
+    """Check a snapshot or a backup without a server: (keys, bytes, checksummed); DataError.
+
+    `checksummed` is False for a file written before snapshots carried a
+    checksum: it loads, but damage that still unpickles cannot be ruled out.
+    """
+    try:
+        with open(path, "rb") as f:
+            data, checksummed = _read_snapshot(f, path)
+            return len(data), os.fstat(f.fileno()).st_size, checksummed
+    except OSError as e:
+        raise DataError("%s: cannot read: %s" % (path, e.strerror or e))
 
 
 def write_snapshot(directory, data):
@@ -289,10 +499,9 @@ def write_snapshot(directory, data):
     fd = open_data_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
-            pickle.dump(data, f, protocol=PICKLE_PROTOCOL)
+            size = dump_snapshot(data, f)
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -324,15 +533,146 @@ def encode_record(op, key, value):
     return [header, op_key, value] if value else [header + op_key]
 
 
+def encode_round(offset, synced, buffers):
+    """One round on disk, as buffers for os.writev: its marker, then `buffers` (the records).
+
+    `offset`: where the marker will start in the file; `synced`: how many
+    bytes of the file are known fsynced (see "Journal files" above).
+    """
+    crc = length = 0
+    for buffer in buffers:
+        crc = zlib.crc32(buffer, crc)
+        length += len(buffer)
+    marker = b"".join(encode_record(ROUND, "", _MARKER.pack(offset, length, synced, crc)))
+    return [marker] + list(buffers)
+
+
 def scan_journal(buf, data, path):
     """Apply every record of the journal bytes `buf` to `data`.
 
-    Returns (records applied, end offset of the last valid record).  If the
-    end offset is less than len(buf), what follows is a torn tail.  Raises
-    DataError for corruption: a damaged record that a valid one follows
-    (see the recovery rules above).
-    This loop is the replay speed: keep it free of calls it does not need.
+    Returns (records applied, end offset of the last sound round, or record
+    in a journal without rounds).  If the end offset is less than len(buf),
+    what follows is a torn tail.  Raises DataError for corruption (see the
+    recovery rules above).
     """
+    if buf[:len(JOURNAL_MAGIC)] == JOURNAL_MAGIC:
+        return _scan_rounds(buf, data, path)
+    return _scan_records(buf, data, path)
+
+
+def _scan_rounds(buf, data, path):
+    """scan_journal() of a journal with rounds: each round is checked whole, then applied."""
+    view = memoryview(buf)
+    size = len(buf)
+    offset, count = len(JOURNAL_MAGIC), 0
+    while offset < size:
+        marker = _read_marker(buf, offset)
+        if marker is None:
+            _check_torn_round(buf, offset, offset + 1, path, "damaged round marker")
+            break
+        length, _, crc = marker
+        start = offset + MARKER_SIZE
+        end = start + length
+        if end > size:
+            break               # torn: cut short, and no round can start before its end
+        if zlib.crc32(view[start:end]) != crc:
+            # The marker is sound, so its length says where the next round starts.
+            _check_torn_round(buf, offset, end, path, "checksum mismatch in round")
+            break
+        count += _apply_records(buf, start, end, data, path)
+        offset = end
+    return count, offset
+
+
+def _read_marker(buf, offset):
+    """(length, synced, crc) of the round whose marker starts at `offset`; None if there is none.
+
+    A marker is a valid record of op ROUND that names the offset it is at.
+    """
+    if len(buf) - offset < MARKER_SIZE:
+        return None
+    (length, payload_crc, header_crc, op, key_length,
+     at, round_length, synced, crc) = _MARKER_RECORD.unpack_from(buf, offset)
+    view = memoryview(buf)
+    if (at != offset or length != MARKER_SIZE - _HEADER.size or op != ROUND or key_length
+            or zlib.crc32(view[offset:offset + 8]) != header_crc
+            or zlib.crc32(view[offset + _HEADER.size:offset + MARKER_SIZE]) != payload_crc):
+        return None
+    return round_length, synced, crc
+
+
+def _apply_records(buf, start, end, data, path):
+    """Apply the records of a round whose checksum matched; DataError if they do not parse.
+
+    The round's CRC covers every byte of them, so theirs are not checked
+    again.  This loop is the replay speed: keep it free of calls it does
+    not need.
+    """
+    unpack_length = _LENGTH.unpack_from
+    unpack_op_key = _OP_KEY.unpack_from
+    offset, count = start, 0
+    try:
+        while offset < end:
+            record = offset + _HEADER.size
+            if record + _OP_KEY.size > end:
+                break
+            record_end = record + unpack_length(buf, offset)[0]
+            op, key_length = unpack_op_key(buf, record)
+            key_start = record + _OP_KEY.size
+            value_start = key_start + key_length
+            if record_end > end or op not in (PUT, DELETE, CLEAR) or value_start > record_end:
+                break
+            apply(data, op, buf[key_start:value_start].decode("utf-8"),
+                  buf[value_start:record_end])
+            count += 1
+            offset = record_end
+    except UnicodeDecodeError:
+        pass
+    if offset != end:
+        raise DataError("%s: malformed record at offset %d, in a round whose checksum matches: "
+                        "written wrong, not torn" % (path, offset))
+    return count
+
+
+def _check_torn_round(buf, damaged, search_from, path, what):
+    """Damage at `damaged`: return if it is a torn tail, else raise DataError.
+
+    Torn, unless a valid round after it says that the damaged bytes had
+    been fsynced when it was written (its `synced` is past them).
+    """
+    for found, synced, _ in _later_rounds(buf, search_from):
+        if synced > damaged:
+            raise DataError("%s: %s at offset %d, and a valid round written after it was "
+                            "fsynced follows at offset %d: the journal is corrupt, not torn"
+                            % (path, what, damaged, found))
+
+
+def _later_rounds(buf, start):
+    """(offset, synced, whole) of each valid marker at or after `start`, found at any byte.
+
+    `whole`: its round's checksum matches too; the search goes on after
+    that round, or after any other valid record, so no byte is searched
+    twice.
+    """
+    view = memoryview(buf)
+    offset = start
+    while True:
+        found = find_valid_record(buf, offset)
+        if found is None:
+            return
+        offset = found + _HEADER.size + _LENGTH.unpack_from(buf, found)[0]
+        marker = _read_marker(buf, found)
+        if marker is not None:
+            length, synced, crc = marker
+            whole = offset + length <= len(buf) and zlib.crc32(
+                view[offset:offset + length]) == crc
+            yield found, synced, whole
+            if whole:
+                offset += length
+
+
+def _scan_records(buf, data, path):
+    """scan_journal() of a journal without rounds (written before them): record by record."""
     view = memoryview(buf)
     size = len(buf)
     crc32 = zlib.crc32
@@ -427,20 +767,32 @@ def truncate_journal(path, end):
         raise DataError("%s: cannot truncate torn tail: %s" % (path, e.strerror))
 
 
+def describe_tail(buf, end):
+    """What load() logs about the torn tail of the journal bytes `buf`, which starts at `end`."""
+    size = len(buf) - end
+    if buf[:len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
+        return "incomplete record at offset %d (%d bytes, the trace of a crash)" % (end, size)
+    later = sum(whole for _, _, whole in _later_rounds(buf, end + 1))
+    return ("torn round at offset %d (%d bytes to the end, never fsynced: the trace of a crash%s)"
+            % (end, size, "; %d whole round(s) after it, written but not yet fsynced, go with it"
+               % later if later else ""))
+
+
 def load(directory, log):
     """Recover the dict from `directory`: the snapshot, then every journal.
 
     Returns (data, next journal generation, replayed record count).  Raises
     DataError, having modified nothing, if a file is unreadable or corrupt.
-    Torn tails are truncated only once every file has been read and found
-    sound: that is recovery, and it never happens on a refusal to start.
+    Torn tails are truncated, and journals without a record removed, only
+    once every file has been read and found sound: that is recovery, and it
+    never happens on a refusal to start.  None of it needs free space.
     """
     path = snapshot_path(directory)
     started = time.monotonic()
     data = load_snapshot(path)
     log("Loaded %d keys from %s in %.2f s" % (len(data), path, time.monotonic() - started))
     generations = journal_generations(directory)
-    replayed, torn = 0, []
+    replayed, torn, empty = 0, [], []
     started = time.monotonic()
     for generation in generations:
         journal = journal_path(directory, generation)
@@ -448,17 +800,42 @@ def load(directory, log):
         count, end = scan_journal(buf, data, journal)
         replayed += count
         if end < len(buf):
-            torn.append((journal, end, len(buf) - end))
-    for journal, end, size in torn:
-        log("Journal %s: incomplete record at offset %d (%d bytes, the trace of a crash); "
-            "truncating it" % (journal, end, size))
-        truncate_journal(journal, end)
+            torn.append((journal, end, describe_tail(buf, end)))
+        if count == 0:
+            empty.append(journal)
+    for journal, end, description in torn:
+        log("Journal %s: %s; cutting it off" % (journal, description))
+        if journal not in empty:
+            truncate_journal(journal, end)
+    _remove_empty(directory, empty, log)
     if generations:
         seconds = time.monotonic() - started
         log("Replayed %d journal records from %d file(s) in %.2f s (%d records/s); %d keys"
             % (replayed, len(generations), seconds, replayed / max(seconds, 1e-9), len(data)))
     next_generation = generations[-1] + 1 if generations else 1
     return data, next_generation, replayed
+
+
+def _remove_empty(directory, journals, log):
+    """Remove journal files that hold no record (each start that failed left one).
+
+    Cleanup, not recovery: if it fails, the files stay, and the start goes on.
+    """
+    if not journals:
+        return
+    try:
+        for journal in journals:
+            os.unlink(journal)
+        fsync_directory(directory)
+    except OSError as e:
+        log("Could not remove a journal that holds no record: %s" % e)
+        return
+    log("Removed %d journal file(s) that held no record" % len(journals))
+
+
+def journal_is_empty(path):
+    """True if the journal file at `path` holds no record (at most its header)."""
+    return os.stat(path).st_size <= len(JOURNAL_MAGIC)
 
 
 # ------------------------------------------------------------- checkpoints --
@@ -485,24 +862,34 @@ def snapshot_in_child(directory, through, pass_fds=()):
     A child of its own, started afresh (never a fork of this threaded
     process): the live dict is never copied, and the unpickling and
     pickling do not compete with the request threads for the GIL.
-    `pass_fds`: the directory's LOCK, so that a server started while an
-    orphaned child still writes (after a kill of this process alone)
-    waits for it.  Raises OSError if the child fails.
+    `pass_fds`: the directory's LOCK, so that no server can start while the
+    child writes; the child dies with this process (_die_with_parent).
+    Call it from a thread that lives as long as the server.  Raises
+    OSError, with the child's errno if it had one, if the child fails.
     """
     child = subprocess.run(
-        [sys.executable, "-I", os.path.abspath(__file__), "checkpoint", directory, str(through)],
+        [sys.executable, "-I", os.path.abspath(__file__), "checkpoint", directory, str(through),
+         str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         pass_fds=pass_fds)
+    out = child.stdout.split()
     if child.returncode != 0:
         reason = child.stderr.decode("utf-8", "replace").strip().splitlines() or [
             "exit status %d" % child.returncode]
-        raise OSError("checkpoint process failed: %s" % reason[-1])
-    keys, size = child.stdout.split()
+        number = int(out[1]) if len(out) == 2 and out[0] == b"errno" else None
+        raise OSError(number, "checkpoint process failed: %s" % reason[-1])
+    keys, size = out
     return int(keys), int(size)
 
 
-def _checkpoint_main(directory, through):
-    """The child's entry point (python3 persistence.py checkpoint DIR N): exit 0, or 1 and a line."""
+def _checkpoint_main(directory, through, parent):
+    """The child's entry point (python3 persistence.py checkpoint DIR N PID): exit 0, or 1.
+
+    On failure stdout says `errno N` (when there is one: the server tells a
+    full disk from other failures by it), stderr why.
+    """
+    if not _die_with_parent(int(parent)):
+        return 1
     try:
         # The parent may be pinned to one CPU (--cpu): this work belongs on another.
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
@@ -511,10 +898,37 @@ def _checkpoint_main(directory, through):
     try:
         keys, size = build_snapshot(directory, int(through))
     except (DataError, OSError) as e:
+        if getattr(e, "errno", None):
+            sys.stdout.write("errno %d\n" % e.errno)
         sys.stderr.write("%s\n" % e)
         return 1
     sys.stdout.write("%d %d\n" % (keys, size))
     return 0
+
+
+_PR_SET_PDEATHSIG = 1           # linux/prctl.h
+
+
+def _die_with_parent(parent):
+    """In a child: SIGKILL this process when the server dies.  False if it has died already.
+
+    A child that outlived a server killed alone (kill -9 of its pid, the
+    OOM killer) would hold the LOCK it inherited: the next start would
+    wait for it, or give up "in use".  Linux sends the signal when the
+    *thread* that started the child ends, so children are started only by
+    threads that live as long as the server.  The getppid() check closes
+    the race with a parent that died before the prctl() call.  Where there
+    is no prctl, only that check is made.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes               # here: only the children need it
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0))
+        except (ImportError, OSError, AttributeError):
+            pass
+    return os.getppid() == parent
 
 
 # ---------------------------------------------------------------- journal --
@@ -533,8 +947,8 @@ _SEGMENT = struct.Struct("<QQ")
 _REPLY = struct.Struct("<BBiQdQI")
 DONE, FULL, FAILED = 0, 1, 2        # replies to a round: its outcome
 ROOM, SYNCED, BROKEN = 3, 4, 5      # news: room again; a late fsync done, or failed
+GONE = 6                            # the directory or a journal file removed or replaced
 _PHASES = ("write", "fsync")
-_CHUNK = 1 << 20                    # bytes the writer reads at once
 
 
 def _create(directory, generation):
@@ -616,7 +1030,11 @@ class Journal:
         retried.  `on_fatal` is called once, from the driver.
     A writer process that dies is fatal too.  It ignores the signals that
     stop the server, and exits when its end of the channel closes (when the
-    journal is closed, or the server dies), after the round in hand.
+    journal is closed), after the round in hand; it dies with the server
+    (_die_with_parent), so create the journal on a thread that lives as long
+    as the server does.  A writer that finds the data directory, or a
+    journal file, removed or replaced (GONE) fails the journal for good
+    too, `vanished` saying why, but on_fatal is not called: reads go on.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -635,6 +1053,7 @@ class Journal:
         self.records = 0                # appended since this object was opened
         self.failed = None              # the OSError that broke the journal for good, if any
         self.problem = None             # why writes fail for now (a full disk), if they do
+        self.vanished = None            # why, if the files were removed or replaced under us
         self.fsyncs = 0                 # rounds fsynced (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self.apply_round = None         # apply_round(records) after a round is durable
@@ -661,7 +1080,8 @@ class Journal:
         try:
             if writer_process:
                 self._process = subprocess.Popen(
-                    self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy],
+                    self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy,
+                                           str(os.getpid())],
                     stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
                     start_new_session=True)
                 writer_end.close()
@@ -891,6 +1311,8 @@ class Journal:
             return                          # its news is in the counters
         if kind == BROKEN:                  # everysec: the late fsync of a round done
             return self._fail(error, phase, True, detail)
+        if kind == GONE:
+            return self._gone(error, detail)
         rounds = self._rounds
         if kind != DONE:
             if rounds and rounds[0][0] == last:     # else a round failed already
@@ -936,6 +1358,20 @@ class Journal:
         self._run(callbacks + self.fail_queued(), self.failed or error)
         if fatal and self.on_fatal:
             self.on_fatal(error)
+
+    def _gone(self, error, detail):
+        """The writer found the directory, or a journal file, removed or replaced (`detail`).
+
+        Failed for good, as after an fsync error, but reads go on: on_fatal
+        is not called.  `vanished` tells the store why, so that it writes
+        no snapshot into a directory that is no longer this server's.
+        """
+        if self.failed:
+            return
+        self.failed = error
+        self.problem = self.vanished = detail
+        self.log("%s; no more writes are taken, reads go on" % detail)
+        self._fail(error, "write", False, "")
 
     def _writer_gone(self):
         """The channel closed: expected once the journal is closed, fatal before."""
@@ -1011,90 +1447,194 @@ def _write_rounds(channel, directory, policy):
 
     Runs in a process of its own (_writer_main) or in a thread; it returns
     when the channel closes.  It takes every round that has arrived (a
-    group), writes them in order, fsyncs once for them all as the policy
-    says, and replies DONE for the group's last round; or, if a write or an
-    fsync failed, FULL or FAILED for its first round, after cutting every
-    file back to where the group found it.  After a FULL, the rounds of the
-    same epoch that follow are dropped unwritten (the journal has failed
-    them already); after a FAILED, every later round gets FAILED.  Files
-    are opened by generation as rounds name them; a file older than the
-    newest is retired: fsynced and closed, whatever the policy.
+    group), writes them in order (a round on disk per file: _write_group),
+    fsyncs once for them all as the policy says, and replies DONE for the
+    group's last round; or, if a write or an fsync failed, FULL or FAILED
+    for its first round, after cutting every file back to where the group
+    found it.  After a FULL, the rounds of the same epoch that follow are
+    dropped unwritten (the journal has failed them already); after a
+    FAILED, every later round gets FAILED.  Files are opened by generation
+    as rounds name them; a file older than the newest is retired: fsynced
+    and closed, whatever the policy.  If the directory or a file vanishes
+    (see "The data directory under the server's feet"), it replies GONE,
+    and FAILED to every later round.
     """
-    channel.setblocking(True)
-    files = {}                  # generation -> [fd, bytes written]
-    counters = [0, 0.0]         # fsyncs, their seconds
-    fsync_due = None            # "everysec": when the oldest unsynced write must be fsynced
-    probe_due = None            # after a full disk: when to look for room again
-    broken = None               # (phase, errno) once the journal has failed for good
-    void_epoch = None           # the epoch of the last FULL: its later rounds are dropped
+    _Writer(channel, directory, policy).run()
 
-    def reply(kind, phase="write", number=0, last=0, detail=""):
-        detail = detail.encode("utf-8", "replace")
-        channel.sendall(_REPLY.pack(kind, _PHASES.index(phase), number, counters[0],
-                                    counters[1], last, len(detail)) + detail)
 
-    try:
-        while True:
-            due = min((t for t in (fsync_due, probe_due) if t is not None), default=None)
-            timeout = None if due is None else max(0.0, due - time.monotonic())
-            if timeout is not None and not select.select([channel], [], [], timeout)[0]:
-                now = time.monotonic()
-                if fsync_due is not None and now >= fsync_due:
-                    fsync_due = None
-                    error = _timed_fsync(files[max(files)][0], counters)
-                    if error is None:
-                        reply(SYNCED)
-                    else:
-                        broken = ("fsync", error.errno)
-                        reply(BROKEN, "fsync", error.errno)
-                if probe_due is not None and now >= probe_due:
-                    if broken or not files or _probe(*files[max(files)]):
-                        probe_due = None
-                        if not broken:
-                            reply(ROOM)
-                    else:
-                        probe_due = now + Journal.PROBE_INTERVAL
-                continue
-            group = []
+class _Writer:
+    """The writer's state between groups of rounds, and its loop (_write_rounds)."""
+
+    CHECK_INTERVAL = 1.0        # seconds between two checks that the files are still ours
+
+    def __init__(self, channel, directory, policy):
+        self.channel, self.directory, self.policy = channel, directory, policy
+        try:
+            self.identity = directory_identity(directory)
+        except OSError:
+            self.identity = None        # gone already: the first check says so
+        self.files = {}                 # generation -> _JournalFile
+        self.counters = [0, 0.0]        # fsyncs, their seconds
+        self.fsync_due = None           # everysec: when the oldest unsynced write must be fsynced
+        self.probe_due = None           # after a full disk: when to look for room again
+        self.check_due = time.monotonic()   # when to check that the files are still ours
+        self.broken = None              # (phase, errno) once the journal has failed for good
+        self.void_epoch = None          # the epoch of the last FULL: its later rounds are dropped
+
+    def run(self):
+        self.channel.setblocking(True)
+        try:
             while True:
-                round = _recv_round(channel)
-                if round is None:
+                if not self.broken and time.monotonic() >= self.check_due:
+                    self._check_files()
+                if not select.select([self.channel], [], [], self._timeout())[0]:
+                    self._timers()
+                    continue
+                group = self._take_group()
+                if group is None:
                     return                      # the journal is closed
-                sync, number, epoch, segments = round
-                if broken:
-                    reply(FAILED, broken[0], broken[1], number)
-                elif epoch != void_epoch:
-                    group.append(round)
-                if not select.select([channel], [], [], 0)[0]:
-                    break                       # no more rounds have arrived
-            if not group:
-                continue
-            fsync = (policy == "always" or any(round[0] for round in group)
-                     or (fsync_due is not None and time.monotonic() >= fsync_due))
-            segments = [segment for round in group for segment in round[3]]
-            kind, phase, number, detail = _write_group(directory, files, segments, fsync,
-                                                       counters)
-            if kind == DONE:
-                if fsync:
-                    fsync_due = None
-                elif policy == "everysec" and fsync_due is None and any(d for _, d in segments):
-                    fsync_due = time.monotonic() + 1.0
-                probe_due = None
-                reply(DONE, last=group[-1][1])
-                continue
-            if kind == FULL:
-                probe_due = time.monotonic() + Journal.PROBE_INTERVAL
-                void_epoch = group[0][2]
+                if group:
+                    self._write(group)
+        except (ConnectionError, EOFError):
+            return                              # the server is gone
+        finally:
+            for journal in self.files.values():
+                os.close(journal.fd)
+            self.channel.close()
+
+    def reply(self, kind, phase="write", number=0, last=0, detail=""):
+        detail = detail.encode("utf-8", "replace")
+        self.channel.sendall(_REPLY.pack(kind, _PHASES.index(phase), number, self.counters[0],
+                                         self.counters[1], last, len(detail)) + detail)
+
+    def _timeout(self):
+        """Seconds until the next timer is due; None if none is set."""
+        dues = [due for due in (self.fsync_due, self.probe_due,
+                                None if self.broken else self.check_due) if due is not None]
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
+
+    def _timers(self):
+        """Nothing arrived before a timer was due: an fsync owed (everysec), a probe for room."""
+        now = time.monotonic()
+        if self.fsync_due is not None and now >= self.fsync_due:
+            self.fsync_due = None
+            error = _timed_fsync(self.files[max(self.files)], self.counters)
+            if error is None:
+                self.reply(SYNCED)
             else:
-                broken = (phase, number)
-                fsync_due = probe_due = None
-            reply(kind, phase, number, group[0][1], detail)
-    except (ConnectionError, EOFError):
-        return                                  # the server is gone
-    finally:
-        for fd, _ in files.values():
-            os.close(fd)
-        channel.close()
+                self.broken = ("fsync", error.errno)
+                self.reply(BROKEN, "fsync", error.errno)
+        if self.probe_due is not None and now >= self.probe_due:
+            if self.broken or not self.files or _probe(self.files[max(self.files)]):
+                self.probe_due = None
+                if not self.broken:
+                    self.reply(ROOM)
+            else:
+                self.probe_due = now + Journal.PROBE_INTERVAL
+
+    def _check_files(self):
+        """Once a second: the directory is still the one opened, each open file still in it."""
+        self.check_due = time.monotonic() + self.CHECK_INTERVAL
+        gone = _vanished(self.directory, self.identity, self.files)
+        if gone:
+            self._gone(gone, 0)
+
+    def _gone(self, detail, last):
+        self.broken = ("write", errno.ENOENT)
+        self.fsync_due = self.probe_due = None
+        self.reply(GONE, "write", errno.ENOENT, last, detail)
+
+    def _take_group(self):
+        """The rounds that have arrived, less those to drop; None once the channel has closed."""
+        group = []
+        while True:
+            round = _recv_round(self.channel)
+            if round is None:
+                return None
+            sync, number, epoch, segments = round
+            if self.broken:
+                self.reply(FAILED, self.broken[0], self.broken[1], number)
+            elif epoch != self.void_epoch:
+                group.append(round)
+            if not select.select([self.channel], [], [], 0)[0]:
+                return group                    # no more rounds have arrived
+
+    def _write(self, group):
+        """Write a group of rounds, fsync as the policy says, and reply."""
+        fsync = (self.policy == "always" or any(round[0] for round in group)
+                 or (self.fsync_due is not None and time.monotonic() >= self.fsync_due))
+        segments = [segment for round in group for segment in round[3]]
+        kind, phase, number, detail = _write_group(self.directory, self.files, segments, fsync,
+                                                   self.counters)
+        if kind not in (DONE, GONE):        # a failure may be the sign of a vanished directory
+            gone = _vanished(self.directory, self.identity, self.files)
+            if gone:
+                kind, detail = GONE, gone
+        if kind == DONE:
+            if fsync:
+                self.fsync_due = None
+            elif self.policy == "everysec" and self.fsync_due is None and any(
+                    data for _, data in segments):
+                self.fsync_due = time.monotonic() + 1.0
+            self.probe_due = None
+            return self.reply(DONE, last=group[-1][1])
+        if kind == GONE:
+            return self._gone(detail, group[0][1])
+        if kind == FULL:
+            self.probe_due = time.monotonic() + Journal.PROBE_INTERVAL
+            self.void_epoch = group[0][2]
+        else:
+            self.broken = (phase, number)
+            self.fsync_due = self.probe_due = None
+        self.reply(kind, phase, number, group[0][1], detail)
+
+
+class _JournalFile:
+    """A journal file open in the writer: its fd, its size, and how much of it is known fsynced."""
+
+    __slots__ = ("fd", "path", "size", "synced")
+
+    def __init__(self, directory, generation):
+        self.path = journal_path(directory, generation)
+        self.fd = open_data_file(self.path, os.O_WRONLY | os.O_APPEND)
+        # A new file, made empty by _create (which fsynced the directory).
+        self.size = self.synced = os.fstat(self.fd).st_size
+
+    def start(self):
+        """Write the header, fsynced before any round: a torn first round cannot take it along."""
+        _write_all(self.fd, [JOURNAL_MAGIC])
+        self.size = len(JOURNAL_MAGIC)
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise _FsyncFailed(e.errno, e.strerror) from None
+        self.synced = self.size
+
+    def cut(self, end):
+        """Truncate the file back to `end` (a failed write's bytes)."""
+        os.ftruncate(self.fd, end)
+        self.size, self.synced = end, min(self.synced, end)
+
+
+def _vanished(directory, identity, files):
+    """Why the journal's files are no longer where a restart reads them, or None.
+
+    The directory at the path is another one (removed; moved and replaced),
+    or an open journal file has lost its name there (removed, renamed over).
+    """
+    gone = directory_replaced(directory, identity)
+    if gone:
+        return gone
+    for journal in files.values():
+        try:
+            named, opened = os.stat(journal.path), os.fstat(journal.fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return "the journal file %s was removed or replaced" % journal.path
+        except OSError:
+            continue                            # cannot tell: not proof of a change
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            return "the journal file %s was removed or replaced" % journal.path
+    return None
 
 
 def _recv_round(channel):
@@ -1112,19 +1652,19 @@ def _recv_round(channel):
 
 
 def _write_group(directory, files, segments, fsync, counters):
-    """One group's I/O; returns (reply kind, phase, errno, detail)."""
-    started, error, phase = {}, None, "write"
+    """One group's I/O; returns (reply kind, phase, errno, detail).
+
+    The group's segments for one file become one round on disk, written
+    with one writev (_append_rounds).  A file that lost its name meanwhile
+    (st_nlink 0: removed) makes the group GONE: its writes are in no file
+    that a restart will read.
+    """
+    started, error, phase = {}, None, "write"  # started: each file's size before the group
     began = time.monotonic()
     try:
-        for generation, data in segments:
-            if generation not in files:
-                files[generation] = [open_data_file(journal_path(directory, generation),
-                                                    os.O_WRONLY | os.O_APPEND), 0]
-            entry = files[generation]
-            started.setdefault(generation, entry[1])
-            if data:
-                _write_all(entry[0], [data])
-                entry[1] += len(data)
+        _append_rounds(directory, files, segments, started)
+    except _FsyncFailed as e:
+        error, phase = e, "fsync"
     except OSError as e:
         error = e
     newest = max(generation for generation, _ in segments)
@@ -1133,53 +1673,101 @@ def _write_group(directory, files, segments, fsync, counters):
         phase = "fsync"
         try:
             for generation in retired + ([newest] if fsync else []):
-                os.fsync(files[generation][0])  # a retired file always gets its last fsync
+                os.fsync(files[generation].fd)  # a retired file always gets its last fsync
+                files[generation].synced = files[generation].size
             if fsync:
                 counters[0] += 1
                 counters[1] += time.monotonic() - began
         except OSError as e:
             error = e
-    detail = ""
-    fatal = error is not None and (phase == "fsync" or error.errno not in STORAGE_FULL)
     if error is not None:
-        try:
-            for generation, end in started.items():
-                os.ftruncate(files[generation][0], end)
-                files[generation][1] = end
-            if not fatal:
-                for generation in started:
-                    os.fsync(files[generation][0])  # the cut is durable before the next write
-        except OSError as e:
-            fatal = True
-            detail = "cannot cut off a failed write: %s" % e
+        kind, detail = _cut_failed(files, started, error, phase)
+    else:
+        detail = _unlinked(files, started)
+        kind = GONE if detail else DONE
     for generation in retired:
-        os.close(files.pop(generation)[0])
+        os.close(files.pop(generation).fd)
     if error is None:
-        return DONE, "write", 0, ""
-    return (FAILED if fatal else FULL), phase, error.errno or errno.EIO, detail
+        return kind, "write", errno.ENOENT if detail else 0, detail or ""
+    return kind, phase, error.errno or errno.EIO, detail
 
 
-def _timed_fsync(fd, counters):
+class _FsyncFailed(OSError):
+    """A failed fsync of a new file's header: fatal, as every failed fsync."""
+
+
+def _append_rounds(directory, files, segments, started):
+    """Append the group: a round on disk per file, its marker first; a new file's header before.
+
+    `started` gets each file's size before the group, where a failure cuts
+    it back to.  Raises OSError (_FsyncFailed for the header's fsync).
+    """
+    rounds = {}                                 # generation -> its segments' bytes, in order
+    for generation, data in segments:
+        rounds.setdefault(generation, [])
+        if data:
+            rounds[generation].append(data)
+    for generation, buffers in rounds.items():
+        journal = files.get(generation)
+        if journal is None:
+            journal = files[generation] = _JournalFile(directory, generation)
+        started.setdefault(generation, journal.size)
+        if journal.size == 0:
+            journal.start()
+        if buffers:
+            round = encode_round(journal.size, journal.synced, buffers)
+            _write_all(journal.fd, round)
+            journal.size += sum(map(len, round))
+
+
+def _cut_failed(files, started, error, phase):
+    """Cut a failed group's bytes off every file it wrote: (FULL, or FAILED if fatal; detail).
+
+    Fatal: a failed fsync, or a write that failed for another reason than
+    a lack of room, or a cut that failed.
+    """
+    fatal = phase == "fsync" or error.errno not in STORAGE_FULL
+    try:
+        for generation, end in started.items():
+            files[generation].cut(end)
+        if not fatal:
+            for generation in started:
+                os.fsync(files[generation].fd)  # the cut is durable before the next write
+    except OSError as e:
+        return FAILED, "cannot cut off a failed write: %s" % e
+    return (FAILED if fatal else FULL), ""
+
+
+def _unlinked(files, generations):
+    """Why a file the group wrote is gone (it has no name left), or None."""
+    for generation in generations:
+        if os.fstat(files[generation].fd).st_nlink == 0:
+            return "the journal file %s was removed or replaced" % files[generation].path
+    return None
+
+
+def _timed_fsync(journal, counters):
     """everysec: the fsync a round left owed; returns the OSError, if any."""
     began = time.monotonic()
     try:
-        os.fsync(fd)
+        os.fsync(journal.fd)
     except OSError as e:
         return e
+    journal.synced = journal.size
     counters[0] += 1
     counters[1] += time.monotonic() - began
     return None
 
 
-def _probe(fd, end):
+def _probe(journal):
     """After a full disk: is there room for a page of records again?"""
     try:
-        os.posix_fallocate(fd, end, 1 << 16)
+        os.posix_fallocate(journal.fd, journal.size, 1 << 16)
     except OSError as e:
         return e.errno not in STORAGE_FULL      # unsupported here: the writes will tell
     finally:
         try:
-            os.ftruncate(fd, end)   # a crash before this leaves zeros: a torn tail
+            os.ftruncate(journal.fd, journal.size)  # a crash before this leaves zeros: torn
         except OSError:
             pass
     return True
@@ -1213,23 +1801,47 @@ def _write_all(fd, buffers):
                 data = data[os.write(fd, data):]
 
 
-def _writer_main(fd, directory, policy):
-    """The writer process's entry point (python3 persistence.py journal-writer FD DIR POLICY).
+def _writer_main(fd, directory, policy, parent):
+    """The writer process's entry point (python3 persistence.py journal-writer FD DIR POLICY PID).
 
-    It ignores the signals that stop the server (the server finishes its
-    rounds first, then closes the channel), and SIGXFSZ, so that a write
-    past RLIMIT_FSIZE fails with EFBIG, a full disk, instead of killing it.
+    It dies with the server (PID: _die_with_parent).  It ignores the
+    signals that stop the server (the server finishes its rounds first,
+    then closes the channel), and SIGXFSZ, so that a write past
+    RLIMIT_FSIZE fails with EFBIG, a full disk, instead of killing it.
     """
+    channel = socket.socket(fileno=int(fd))
+    if not _die_with_parent(int(parent)):
+        return 1
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGXFSZ):
         signal.signal(signum, signal.SIG_IGN)
-    _write_rounds(socket.socket(fileno=int(fd)), directory, policy)
+    _write_rounds(channel, directory, policy)
     return 0
 
 
+def _verify_main(path):
+    """python3 persistence.py verify FILE: check a snapshot or a backup; exit 0, or 1 and why."""
+    try:
+        keys, size, checksummed = check_snapshot(path)
+    except DataError as e:
+        sys.stderr.write("%s\n" % e)
+        return 1
+    if checksummed:
+        print("%s: sound: %d keys, %d bytes, checksum matches" % (path, keys, size))
+    else:
+        print("%s: loads: %d keys, %d bytes; no checksum (written before snapshots had one), "
+              "so damage that still unpickles cannot be ruled out" % (path, keys, size))
+    return 0
+
+
+USAGE = """usage: python3 persistence.py verify FILE
+       python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION SERVER_PID
+       python3 persistence.py journal-writer FD DIRECTORY POLICY SERVER_PID"""
+
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "checkpoint":
-        sys.exit(_checkpoint_main(sys.argv[2], sys.argv[3]))
-    if len(sys.argv) == 5 and sys.argv[1] == "journal-writer":
+    if len(sys.argv) == 3 and sys.argv[1] == "verify":
+        sys.exit(_verify_main(sys.argv[2]))
+    if len(sys.argv) == 5 and sys.argv[1] == "checkpoint":
+        sys.exit(_checkpoint_main(*sys.argv[2:]))
+    if len(sys.argv) == 6 and sys.argv[1] == "journal-writer":
         sys.exit(_writer_main(*sys.argv[2:]))
-    sys.exit("usage: python3 persistence.py checkpoint DIRECTORY THROUGH_GENERATION\n"
-             "       python3 persistence.py journal-writer FD DIRECTORY POLICY")
+    sys.exit(USAGE)

@@ -81,7 +81,6 @@ import hmac
 import ipaddress
 import json
 import os
-import pickle
 import re
 import resource
 import signal
@@ -1511,7 +1510,7 @@ class SnapshotStream:
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
-            pickle.dump(data, self, protocol=persistence.PICKLE_PROTOCOL)
+            persistence.dump_snapshot(data, self)      # the pickle, then its checksum
             if self.chunked:
                 self.send([http11.LAST_CHUNK])
             whole = True
@@ -1980,12 +1979,13 @@ async def serve(args, store, sock):
         # In a thread: the journal's last rounds need the loop to drive them.
         size = await loop.run_in_executor(None, store.save_and_close)
     except OSError as e:
-        fail("saving %s failed: %s; the journal still holds every write" % (path, e))
+        fail("saving %s failed: %s" % (path, e))    # e says what the journal still holds
         return 1
     log("Saved %d bytes in %.2f s; bye" % (size, time.monotonic() - started))
-    if store.fatal.is_set():
+    failure = store.storage_failure()
+    if failure:
         # The snapshot holds every acknowledged write and none that failed.
-        fail("stopped after a storage failure: %s" % store.write_problem())
+        fail("stopped after a storage failure: %s" % failure)
         return 1
     return 0
 

@@ -52,12 +52,17 @@ Checkpoints
 When the journal passes `checkpoint_bytes`, a background thread has a child
 process write a new snapshot from the files and drops the old journals,
 following the steps (and the crash analysis) in persistence.py.  The lock
-is held only to switch journal files; the dict is never copied.
+is held only to switch journal files; the dict is never copied.  If the
+file system has no room for a new snapshot, none is tried: write_problem()
+says so (a stop could not save either), and the thread looks again every
+few seconds.
 """
 
 import bisect
+import errno
 import hashlib
 import heapq
+import os
 import threading
 import time
 
@@ -71,6 +76,10 @@ class Sealed(Exception):
 
 class ConditionFailed(Exception):
     """A conditional write whose condition does not hold: nothing was changed."""
+
+
+class NoRoom(OSError):
+    """No room for a new snapshot: a checkpoint not even tried (Store._check_room)."""
 
 
 class KeyIndexBuilding(Exception):
@@ -199,6 +208,8 @@ class Store:
         self.last_checkpoint_time = None    # time.time() of this run's last snapshot written
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
         self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
+        self._identity = persistence.directory_identity(self.directory)
+        self._room_problem = None       # why checkpoints fail for lack of room, if they do
         journal.apply_round = self._apply_round
         journal.fail_queued = self._fail_queued
         journal.on_fatal = lambda error: self.fatal.set()
@@ -219,8 +230,21 @@ class Store:
         return self._journal
 
     def write_problem(self):
-        """None while writes can be served, else why not (for /health and metrics)."""
-        return self._journal.problem
+        """None while the storage is sound, else why not (for /health and metrics).
+
+        Why writes fail (a full disk, a failed journal), or why checkpoints
+        do: no room for a new snapshot, so that a stop could not save
+        either, and the journals grow until there is room.
+        """
+        return self._journal.problem or self._room_problem
+
+    def storage_failure(self):
+        """None, or why the storage failed for good: a stop then exits 1, saved or not.
+
+        An fsync error, a dead journal writer, the data directory or a
+        journal file removed or replaced under the server.
+        """
+        return self._journal.problem if self._journal.failed else None
 
     # -- reads --------------------------------------------------------------
 
@@ -465,10 +489,12 @@ class Store:
         that builds the new snapshot from the previous one and the journals
         <= N, never from the live dict.  Raises OSError if the snapshot
         cannot be written; the journals then stay, so nothing is lost.
+        NoRoom, before any file is made, if the snapshot cannot fit.
         """
         with self._checkpoint_lock:
             if self._sealed or self._journal.failed:
                 return
+            self._check_room()
             prepared = self._journal.prepare_next()               # a.
             with self._lock:
                 covered = self._journal.switch(prepared)          # b. new writes -> new file
@@ -476,15 +502,41 @@ class Store:
             # cut off), its fsync, and is closed: it is complete on disk.
             self._journal.sync()
             started = time.monotonic()
+            self._check_directory()
             keys, size = persistence.snapshot_in_child(                   # c.
                 self.directory, covered, self.keep_open_in_child)
+            self._check_directory()
             persistence.remove_journals(self.directory, covered)          # d.
             self.checkpoints += 1
             self.last_checkpoint_time = time.time()
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (keys, size, time.monotonic() - started, covered))
 
+    def _check_room(self):
+        """Raise NoRoom unless the file system has room for a new snapshot (as far as it says).
+
+        The estimate is low (the values, and a few bytes a key): a
+        checkpoint that is sure to fail makes no journal file and starts no
+        child, and does not fill the disk that the journal writes to.
+        """
+        needed = self.value_bytes + 8 * len(self._data)
+        free = persistence.free_bytes(self.directory)
+        if free is not None and free < needed:
+            raise NoRoom(errno.ENOSPC, "a new snapshot needs about %d bytes, %d are free"
+                         % (needed, free))
+
+    def _check_directory(self):
+        """Raise OSError if the data directory is no longer this server's: write nothing there."""
+        gone = persistence.directory_replaced(self.directory, self._identity)
+        if gone:
+            raise OSError(errno.ENOENT, gone)
+
+    # Seconds before a checkpoint that failed for lack of room is tried
+    # again: doubled after each one that got as far as writing, up to the max.
+    ROOM_RETRY, ROOM_RETRY_MAX = 5.0, 300.0
+
     def _checkpoint_loop(self):
+        pause = self.ROOM_RETRY
         while True:
             self._checkpoint_wanted.wait()
             self._checkpoint_wanted.clear()
@@ -494,7 +546,27 @@ class Store:
                 self.checkpoint()
             except OSError as e:
                 self.checkpoint_failures += 1
-                self._log("Checkpoint failed, journal kept: %s" % e)
+                if e.errno not in persistence.STORAGE_FULL:
+                    self._log("Checkpoint failed, journal kept: %s" % e)
+                    continue                    # again when the next journal is full
+                self._no_room(e)
+                time.sleep(pause)
+                if not isinstance(e, NoRoom):
+                    pause = min(2 * pause, self.ROOM_RETRY_MAX)
+                self._checkpoint_wanted.set()   # try again, writes or not: /health waits
+            else:
+                pause = self.ROOM_RETRY
+                if self._room_problem and not self._journal.failed:
+                    self._room_problem = None
+                    self._log("Checkpoints have room again")
+
+    def _no_room(self, error):
+        """A checkpoint failed for lack of room: say so once (log, /health), until one succeeds."""
+        if self._room_problem is None:
+            self._log("Checkpoint failed, journal kept: %s; the journals keep every write, but "
+                      "until there is room a stop cannot save either" % error)
+        self._room_problem = ("no room for a checkpoint (%s): the journals grow, and a stop "
+                              "cannot save" % (error.strerror or error))
 
     def abandon(self):
         """Give up before serving (the port was taken): leave the files as they were."""
@@ -511,16 +583,53 @@ class Store:
 
         Waits for a checkpoint in progress, then for the journal's last
         round: once it is closed the dict holds exactly the writes that were
-        acknowledged.  Returns the snapshot's size.  If writing fails
-        (OSError), the previous snapshot and the journals are left as they
-        were, so the next start still recovers everything.
+        acknowledged.  Returns the snapshot's size.  If nothing was written
+        since the snapshot was saved, it is not rewritten.  Raises OSError,
+        its text saying what is kept, if the snapshot cannot be written: the
+        previous snapshot and the journals are then left as they were, so
+        the next start still recovers everything; or, if the data directory
+        is no longer this server's (removed or replaced), without writing
+        anything anywhere.
         """
         assert self._sealed
         with self._checkpoint_lock:
             self._journal.close()       # what is queued reaches the disk, or fails
-            size = persistence.write_snapshot(self.directory, self._data)
-            self.last_checkpoint_time = time.time()
+            gone = persistence.directory_replaced(self.directory, self._identity)
+            if gone:
+                raise OSError(errno.ENOENT, "nothing was saved: %s while the server ran, and "
+                              "the %d keys in memory are lost with this process; the writes "
+                              "acknowledged before that are in the files it had (deleted, or "
+                              "moved with it), none after it was noticed" % (gone, len(self)))
+            if self._unchanged():
+                size = self._keep_snapshot()
+            else:
+                size = self._write_snapshot()
+                self.last_checkpoint_time = time.time()
             persistence.remove_journals(self.directory, self._journal.generation)
         self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
                   % (self._journal.records, self._journal.fsyncs, self._journal.policy))
         return size
+
+    def _unchanged(self):
+        """True if the snapshot on disk holds the dict: no record since, in any journal."""
+        directory = self.directory
+        return (self._journal.records == 0
+                and (not self._data or os.path.exists(persistence.snapshot_path(directory)))
+                and all(persistence.journal_is_empty(persistence.journal_path(directory, g))
+                        for g in persistence.journal_generations(directory)))
+
+    def _keep_snapshot(self):
+        path = persistence.snapshot_path(self.directory)
+        self._log("Snapshot %s unchanged: nothing was written since it was saved" % path)
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    def _write_snapshot(self):
+        """The final snapshot; OSError, saying what the journal still holds, if it fails."""
+        try:
+            return persistence.write_snapshot(self.directory, self._data)
+        except OSError as e:
+            vanished = self._journal.vanished
+            kept = ("but %s while the server ran: the writes it held are lost" % vanished
+                    if vanished else "the journal still holds every acknowledged write: "
+                    "the next start recovers them")
+            raise OSError(e.errno, "%s; %s" % (e.strerror or e, kept)) from e

@@ -28,6 +28,10 @@ import time
 
 from tests import support
 
+if support.ROOT not in sys.path:
+    sys.path.insert(0, support.ROOT)
+import persistence                                   # noqa: E402
+
 ENV_VARS = ("HOST", "PORT", "DATA_DIR")
 JOURNAL_NAME = re.compile(r"journal-(\d+)\.log\Z")
 TRACEBACK = "Traceback"
@@ -339,9 +343,26 @@ def file_state(path):
 
 
 def record_offsets(buf):
-    """Start offsets of the journal records in `buf` (12-byte header, length u32 first)."""
+    """Start offsets of the journal records in `buf` (12-byte header, length u32 first).
+
+    In a journal with rounds (its header first), only the records of
+    mutations: each round's marker is left out (round_offset() finds it).
+    """
     offsets, offset = [], 0
+    if buf.startswith(persistence.JOURNAL_MAGIC):
+        offset = len(persistence.JOURNAL_MAGIC)
     while offset + 12 <= len(buf):
-        offsets.append(offset)
+        if buf[offset + 12] != persistence.ROUND:
+            offsets.append(offset)
         offset += 12 + int.from_bytes(buf[offset:offset + 4], "little")
     return offsets
+
+
+def round_offset(buf, record):
+    """The offset of the marker of the round that holds the record at offset `record`."""
+    offset, start = len(persistence.JOURNAL_MAGIC), None
+    while offset <= record:
+        if buf[offset + 12] == persistence.ROUND:
+            start = offset
+        offset += 12 + int.from_bytes(buf[offset:offset + 4], "little")
+    return start

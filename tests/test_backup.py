@@ -127,6 +127,14 @@ class SnapshotTest(support.ServerTestCase):
         self.assertEqual(body, chunked)
         self.assertEqual(load(self, body), {"a": b"1", "b": bytes(range(256))})
 
+    def test_a_backup_carries_the_snapshot_checksum(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        status, _, body = server.request("GET", "/snapshot")
+        self.assertEqual(status, 200)
+        backup = support.temp_file(self, "backup.pickle", body)
+        self.assertEqual(persistence.check_snapshot(backup), (1, len(body), True))
+
     def test_a_request_pipelined_after_a_snapshot_is_answered_after_it(self):
         data = {"k%d" % i: bytes([i]) * (1 << 20) for i in range(8)}    # takes a while to send
         persistence.write_snapshot(self.data_dir, data)

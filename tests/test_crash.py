@@ -22,8 +22,8 @@ import unittest
 from bench.load import burst
 from tests import support
 from tests.durability_support import (
-    TRACEBACK, assert_state, file_state, get_many, journals, record_offsets, run_cli,
-    stop_within)
+    TRACEBACK, assert_state, file_state, get_many, journals, record_offsets, round_offset,
+    run_cli, stop_within)
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -234,8 +234,9 @@ class JournalDamageTest(support.ServerTestCase):
             buf = bytearray(f.read())
         offsets = record_offsets(buf)
         self.assertEqual(len(offsets), 10)
-        for position, expected_offset in ((offsets[5] + 20, offsets[5]),      # a payload byte
-                                          (offsets[3] + 1, offsets[3])):      # a length byte
+        # The error names the round that holds the damaged record (one each here).
+        for position, expected_offset in ((offsets[5] + 20, round_offset(buf, offsets[5])),
+                                          (offsets[3] + 1, round_offset(buf, offsets[3]))):
             with self.subTest(position=position):
                 damaged = bytearray(buf)
                 damaged[position] ^= 0x20

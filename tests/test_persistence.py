@@ -131,6 +131,67 @@ class BadSnapshotTest(TempDirTestCase):
         self.assertEqual(persistence.load_snapshot(self.path("absent.pickle")), {})
 
 
+class SnapshotChecksumTest(TempDirTestCase):
+    """The snapshot's trailer: its pickle's length and CRC32 (persistence.dump_snapshot)."""
+
+    DATA = {"a": b"1" * 100, "bin": bytes(range(256)), "empty-ish": b"\0"}
+
+    def saved(self):
+        persistence.write_snapshot(self.dir, self.DATA)
+        path = self.path(persistence.SNAPSHOT_NAME)
+        with open(path, "rb") as f:
+            return path, f.read()
+
+    def test_a_snapshot_is_still_a_pickle_with_a_checksum_after_it(self):
+        path, content = self.saved()
+        self.assertEqual(pickle.loads(content), self.DATA)
+        self.assertEqual(persistence.check_snapshot(path), (3, len(content), True))
+
+    def test_every_flipped_bit_is_refused(self):
+        path, content = self.saved()
+        for position in range(len(content)):
+            with self.subTest(position=position):
+                damaged = bytearray(content)
+                damaged[position] ^= 1 << position % 8
+                self.write(persistence.SNAPSHOT_NAME, damaged)
+                with self.assertRaises(persistence.DataError) as caught:
+                    persistence.load_snapshot(path)
+                self.assertIn(path, str(caught.exception))
+
+    def test_a_snapshot_cut_short_is_refused(self):
+        path, content = self.saved()
+        whole_pickle = len(content) - 20             # the trailer: 20 bytes
+        for cut in range(len(content)):
+            with self.subTest(cut=cut):
+                self.write(persistence.SNAPSHOT_NAME, content[:cut])
+                if cut == whole_pickle:             # the pickle whole, as before checksums
+                    self.assertEqual(persistence.load_snapshot(path), self.DATA)
+                    continue
+                with self.assertRaises(persistence.DataError):
+                    persistence.load_snapshot(path)
+
+    def test_a_snapshot_without_a_checksum_still_loads(self):
+        path = self.write(persistence.SNAPSHOT_NAME, pickle.dumps(self.DATA, protocol=5))
+        self.assertEqual(persistence.load_snapshot(path), self.DATA)
+        self.assertEqual(persistence.check_snapshot(path)[2], False)
+
+    def test_dump_snapshot_streams_frame_by_frame(self):
+        writes = []
+
+        class Stream:                   # as GET /snapshot's stream: write() only
+            def write(self, data):
+                writes.append(bytes(data))
+                return len(data)
+
+        data = {"k%d" % i: bytes([i % 256]) * 1000 for i in range(3000)}
+        size = persistence.dump_snapshot(data, Stream())
+        self.assertGreater(len(writes), 10, "the pickle was not written frame by frame")
+        self.assertEqual(size, sum(map(len, writes)))
+        path = self.write("backup.pickle", b"".join(writes))
+        self.assertEqual(persistence.check_snapshot(path), (3000, size, True))
+        self.assertEqual(persistence.load_snapshot(path), data)
+
+
 # --------------------------------------- links and modes in the data dir, black-box --
 
 class DataDirectorySafetyTest(TempDirTestCase):
@@ -442,6 +503,216 @@ class TornWriteTest(TempDirTestCase):
         self.assertEqual(file_state(path), before)
 
 
+# ---------------------------------------------------- journals with rounds, unit --
+
+def round_journal(rounds, synced=None):
+    """A journal with rounds, as the writer builds one: (its bytes, the offset of each round).
+
+    `rounds`: lists of (op, key, value).  `synced`: what each round says was
+    fsynced when it was written; None: everything before it (--fsync always).
+    """
+    buf = bytearray(persistence.JOURNAL_MAGIC)
+    starts = []
+    for ops in rounds:
+        starts.append(len(buf))
+        records = [record(*op) for op in ops]
+        buf += b"".join(persistence.encode_round(len(buf), len(buf) if synced is None else synced,
+                                                 records))
+    return bytes(buf), starts
+
+
+class RoundsTest(TempDirTestCase):
+    """Journals in rounds: a round torn in any order, when nothing says it was fsynced, is cut."""
+
+    PAGE, SECTOR = 4096, 512
+    ROUNDS = [[(PUT, "a", b"1"), (PUT, "b", b"2")], [(DELETE, "a", b"")],
+              [(PUT, "c", b"3" * 100), (CLEAR, "", b""), (PUT, "d", b"4")]]
+
+    def assert_torn_at(self, buf, offset, records, expected):
+        data = {}
+        self.assertEqual(persistence.scan_journal(bytes(buf), data, "j"), (records, offset))
+        self.assertEqual(data, expected)
+
+    def assert_corrupt_at(self, buf, offset, following):
+        with self.assertRaises(persistence.DataError) as caught:
+            persistence.scan_journal(bytes(buf), {}, "/the/journal.log")
+        message = str(caught.exception)
+        self.assertIn("/the/journal.log", message)
+        self.assertIn("offset %d," % offset, message)
+        self.assertIn("follows at offset %d" % following, message)
+
+    def test_round_trip(self):
+        buf, _ = round_journal(self.ROUNDS)
+        self.assert_torn_at(buf, len(buf), 6, {"d": b"4"})
+
+    def test_the_writer_writes_a_header_then_a_round_per_group(self):
+        journal = persistence.Journal(self.dir, 1, "always")
+        for i in range(3):
+            journal.append((PUT, "k%d" % i, b"v%d" % i))
+            journal.commit()
+        journal.close()
+        with open(persistence.journal_path(self.dir, 1), "rb") as f:
+            buf = f.read()
+        self.assertTrue(buf.startswith(persistence.JOURNAL_MAGIC))
+        offset, rounds = len(persistence.JOURNAL_MAGIC), 0
+        while offset < len(buf):
+            length, synced, _ = persistence._read_marker(buf, offset)
+            self.assertEqual(synced, offset, "under always, all before a round is fsynced")
+            offset += persistence.MARKER_SIZE + length
+            rounds += 1
+        self.assertEqual(rounds, 3)
+        self.assert_torn_at(buf, len(buf), 3, {"k0": b"v0", "k1": b"v1", "k2": b"v2"})
+
+    def torn_last_rounds(self, grain):
+        """(before, start, variants): a journal, and its last round torn at `grain` in many orders."""
+        before, _ = round_journal(self.ROUNDS)
+        start = len(before)
+        last = b"".join(persistence.encode_round(start, start, [
+            record(PUT, "big%d" % i, bytes([65 + i]) * 1000) for i in range(12)]))
+        cuts = [start] + list(range((start // grain + 1) * grain, start + len(last), grain))
+        cuts.append(start + len(last))
+        pieces = [last[a - start:b - start] for a, b in zip(cuts, cuts[1:])]
+        rng = random.Random(grain)
+        lost_sets = [{i} for i in range(len(pieces))] + [
+            {i for i in range(len(pieces)) if rng.random() < 0.5} or {0} for _ in range(40)]
+        garbage = rng.randbytes(grain)
+        variants = []
+        for lost in lost_sets:
+            for filler in (bytes(grain), garbage):
+                torn = b"".join(filler[:len(p)] if i in lost else p for i, p in enumerate(pieces))
+                variants.append(("lost %s, %s" % (sorted(lost), "zeros" if filler[0] == 0
+                                                   else "garbage"), torn))
+            # the file cut short at the end of a lost piece, as a torn size would
+            end = max(lost)
+            variants.append(("lost %s, cut" % sorted(lost), b"".join(
+                bytes(len(p)) if i in lost else p for i, p in enumerate(pieces[:end + 1]))))
+        return before, start, variants
+
+    def test_a_torn_last_round_in_any_page_or_sector_order_is_a_torn_tail(self):
+        for grain in (self.PAGE, self.SECTOR):
+            before, start, variants = self.torn_last_rounds(grain)
+            for name, torn in variants:
+                with self.subTest(grain=grain, torn=name):
+                    self.assert_torn_at(before + torn, start, 6, {"d": b"4"})
+
+    def test_damage_before_the_last_round_is_corruption(self):
+        buf, starts = round_journal(self.ROUNDS + [[(PUT, "e", b"5")]])
+        for position in range(starts[1], starts[2]):
+            with self.subTest(position=position):
+                damaged = bytearray(buf)
+                damaged[position] ^= 0x40
+                self.assert_corrupt_at(damaged, starts[1], starts[2])
+
+    def test_a_lost_sector_in_a_middle_round_is_corruption(self):
+        big = [(PUT, "big%d" % i, bytes([65 + i]) * 1000) for i in range(6)]
+        buf, starts = round_journal([self.ROUNDS[0], big, self.ROUNDS[1]])
+        damaged = bytearray(buf)
+        damaged[starts[1] + 1000:starts[1] + 1000 + self.SECTOR] = bytes(self.SECTOR)
+        self.assert_corrupt_at(damaged, starts[1], starts[2])
+
+    def everysec_journal(self):
+        """Rounds 0 and 1 fsynced; rounds 2, 3, 4 written after the last fsync (everysec)."""
+        buf = bytearray(persistence.JOURNAL_MAGIC)
+        starts = []
+        for i, ops in enumerate(self.ROUNDS + [[(PUT, "e", b"5")], [(PUT, "f", b"6")]]):
+            starts.append(len(buf))
+            synced = len(buf) if i <= 2 else starts[2]
+            buf += b"".join(persistence.encode_round(len(buf), synced, [record(*op) for op in ops]))
+        return buf, starts
+
+    def test_everysec_rounds_written_since_the_last_fsync_may_all_be_torn(self):
+        buf, starts = self.everysec_journal()
+        damaged = bytearray(buf)
+        damaged[starts[2] + 30] ^= 1                # rounds 3 and 4 are whole, but unsynced
+        self.assert_torn_at(damaged, starts[2], 3, {"b": b"2"})
+        self.assertIn("2 whole round(s) after it",
+                      persistence.describe_tail(bytes(damaged), starts[2]))
+        damaged = bytearray(buf)
+        damaged[starts[1] + 30] ^= 1                # round 2 says round 1 was fsynced
+        self.assert_corrupt_at(damaged, starts[1], starts[2])
+
+    def test_under_no_nothing_is_known_fsynced(self):
+        buf, starts = round_journal(self.ROUNDS, synced=len(persistence.JOURNAL_MAGIC))
+        damaged = bytearray(buf)
+        damaged[starts[0] + 50] ^= 1
+        self.assert_torn_at(damaged, starts[0], 0, {})
+
+    def test_a_sound_round_whose_records_do_not_parse_is_corruption(self):
+        buf, starts = round_journal(self.ROUNDS)
+        garbage = record(PUT, "x", b"y")[:-1] + b"\xff" * 20     # a length that overruns
+        buf += b"".join(persistence.encode_round(len(buf), len(buf), [garbage]))
+        with self.assertRaises(persistence.DataError) as caught:
+            persistence.scan_journal(buf, {}, "j")
+        self.assertIn("written wrong", str(caught.exception))
+
+    def test_a_torn_header_is_a_torn_tail_and_a_damaged_one_corruption(self):
+        magic = persistence.JOURNAL_MAGIC
+        for cut in range(1, len(magic)):
+            self.assert_torn_at(magic[:cut], 0, 0, {})
+        buf, _ = round_journal(self.ROUNDS)
+        damaged = bytearray(buf)
+        damaged[3] ^= 0x20              # the header is fsynced before any round is written
+        with self.assertRaises(persistence.DataError):
+            persistence.scan_journal(bytes(damaged), {}, "j")
+
+    def test_load_replays_old_and_new_journals_cuts_torn_rounds_and_drops_empty_files(self):
+        old = persistence.journal_path(self.dir, 1)
+        with open(old, "wb") as f:                  # written before rounds
+            f.write(record(PUT, "old", b"o") + record(PUT, "d", b"old"))
+        new, starts = round_journal(self.ROUNDS + [[(PUT, "torn", b"t" * 600)]])
+        torn = bytearray(new)
+        torn[starts[-1]:starts[-1] + 20] = bytes(20)    # its first bytes never landed
+        with open(persistence.journal_path(self.dir, 2), "wb") as f:
+            f.write(torn)
+        first_only, _ = round_journal([[(PUT, "lost", b"l")]])
+        with open(persistence.journal_path(self.dir, 3), "wb") as f:
+            f.write(first_only[:-3])                # its only round torn: nothing left
+        open(persistence.journal_path(self.dir, 4), "wb").close()   # a start's, never written
+        data, generation, replayed = persistence.load(self.dir, self.log)
+        self.assertEqual((data, generation, replayed), ({"d": b"4"}, 5, 8))
+        self.assertEqual(os.path.getsize(persistence.journal_path(self.dir, 2)), starts[-1])
+        self.assertEqual(persistence.journal_generations(self.dir), [1, 2])
+        cut = [l for l in self.log_lines if "torn round at offset %d" % starts[-1] in l]
+        self.assertEqual(len(cut), 1, self.log_lines)
+        self.assertIn("Removed 2 journal file(s)", "\n".join(self.log_lines))
+
+
+class VanishedFilesTest(TempDirTestCase):
+    """The directory or the journal file removed under a journal: writes fail, reads go on."""
+
+    def setUp(self):
+        super().setUp()
+        self.journal = persistence.Journal(self.dir, 1, "always")
+        self.store = store_module.Store({}, self.journal, NO_CHECKPOINT, self.log)
+        self.store.put("a", b"1")
+
+    def test_a_removed_directory_fails_writes_but_not_the_store(self):
+        shutil.rmtree(self.dir)
+        support.wait_until(self.store.write_problem, 5, message="the writer's check")
+        self.assertIn("removed or replaced", self.store.write_problem())
+        self.assertEqual(self.store.storage_failure(), self.store.write_problem())
+        self.assertFalse(self.store.fatal.is_set(), "reads must go on: no shutdown")
+        with self.assertRaises(OSError):
+            self.store.put("b", b"2")
+        self.assertEqual((self.store.get("a"), self.store.get("b")), (b"1", None))
+        self.store.seal()
+        with self.assertRaises(OSError) as caught:
+            self.store.save_and_close()
+        self.assertIn("nothing was saved", str(caught.exception))
+        self.assertFalse(os.path.exists(self.dir))
+
+    def test_a_write_into_a_removed_journal_file_is_never_acknowledged(self):
+        os.unlink(persistence.journal_path(self.dir, 1))
+        with self.assertRaises(OSError):            # at once: its group finds the file gone
+            self.store.put("b", b"2")
+        self.assertIsNone(self.store.get("b"))
+        self.assertIn("journal file", self.store.storage_failure())
+        self.assertFalse(self.store.fatal.is_set())
+        self.store.seal()
+        self.store.save_and_close()                 # the directory is still ours
+        self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1"})
+
+
 # ---------------------------------------------------------------- load(), unit --
 
 class LoadTest(TempDirTestCase):
@@ -587,6 +858,7 @@ class GroupCommitTest(TempDirTestCase):
 
     def run_writers(self, policy, threads, writes_each, delay=0.02):
         journal = persistence.Journal(self.dir, 1, policy)
+        journal.sync()              # the file's header, fsynced once before any round
         store_lock = threading.Lock()
         counter = FsyncCounter(delay)
         problems = []
@@ -646,6 +918,7 @@ class GroupCommitTest(TempDirTestCase):
     def test_everysec_after_a_failed_fsync_refuses_writes_and_does_not_spin(self):
         journal = persistence.Journal(self.dir, 1, "everysec")
         self.addCleanup(journal.close)
+        journal.sync()                      # the file's header, fsynced before any round
         with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
             journal.append((PUT, "k", b"v"))
             journal.commit()                # written; its fsync is due in a second
@@ -676,6 +949,7 @@ class GroupCommitTest(TempDirTestCase):
 
     def test_a_failed_fsync_fails_every_waiting_write_and_refuses_later_ones(self):
         journal = persistence.Journal(self.dir, 1, "always")
+        journal.sync()                      # the file's header, fsynced before any round
         outcomes = []
         with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
             journal.append((PUT, "a", b"1"))
@@ -717,6 +991,7 @@ class ApplyAfterDurableTest(TempDirTestCase):
         super().setUp()
         self.journal = persistence.Journal(self.dir, 1, "always")
         self.store = store_module.Store({"k": b"old"}, self.journal, NO_CHECKPOINT, self.log)
+        self.journal.sync()                 # the file's header, fsynced before any round
         self.fsync = GatedFsync()
         patcher = mock.patch("os.fsync", self.fsync)
         patcher.start()
