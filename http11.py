@@ -240,6 +240,8 @@ class RequestParser:
         """
         if self._error is not None:
             raise self._error.with_traceback(None)
+        if not self._buf and self._state is HEAD:
+            return NEED_DATA            # the usual end of a turn: nothing more has come
         try:
             if self._state is HEAD:
                 return self._next_head()

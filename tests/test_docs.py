@@ -269,12 +269,12 @@ class ArchitectureTest(unittest.TestCase):
     def test_the_name_check_can_fail(self):
         modules = _code_modules()
         source = _sources(modules)
-        for name in ("Store.put", "Journal.pump", "os.fsync", "READ_SIZE",
-                     "serve_forever", "Store._lock", "journal-writer",
+        for name in ("Store.put", "Journal.pump", "os.fsync", "REQUESTS_PER_TURN",
+                     "asyncio.Protocol", "Store._lock", "journal-writer",
                      "test_crash.JournalDamageTest.test_flipped_byte_in_the_middle_refuses_to_start"):
             self.assertTrue(resolve(name, modules, source), name)
-        for name in ("Store.putt", "Journal.write_round", "os.fsyncc", "READ_SIZES",
-                     "serve_forevermore", "test_crash.JournalDamageTest.test_nothing",
+        for name in ("Store.putt", "Journal.write_round", "os.fsyncc", "REQUESTS_PER_TURNS",
+                     "asyncio.Protocols", "test_crash.JournalDamageTest.test_nothing",
                      "no_such_module.thing", "journal-writers"):
             self.assertFalse(resolve(name, modules, source), name)
 
