@@ -180,6 +180,8 @@ server started after a kill of the server alone gets the lock at once
 instead of waiting for a long checkpoint to end.
 """
 
+import asyncio
+import bisect
 import collections
 import errno
 import fcntl
@@ -975,15 +977,16 @@ class Journal:
 
     Two halves.  This object, in the server's process, queues the records
     and keeps the callbacks.  The writer (_write_rounds) does every write
-    and fsync of the journal files; the two talk over a socket pair.  In
-    the server the writer is a process of its own (writer_process=True,
-    inheriting `pass_fds`: the directory's LOCK), so it never needs the
-    GIL of the thread serving requests.  A writer thread did: after each
-    fsync it waited for the GIL that the busy worker held, and each such
-    hand-off cost both threads wake-ups and waits (PUT at 64 connections:
-    0.34-0.38x the asyncio server with the thread, 0.41-0.45x with the
-    process, in interleaved runs of make bench's load).  Elsewhere (tests,
-    tools) the writer is a thread, running the same code.
+    and fsync of the journal files, in a process of its own (inheriting
+    `pass_fds`: the directory's LOCK), so that it never needs the GIL of
+    the thread serving requests.  A writer thread did: after each fsync it
+    waited for the GIL that the busy server held, and each such hand-off
+    cost both threads wake-ups and waits (PUT at 64 connections: 0.34-0.38x
+    the asyncio server with the thread, 0.41-0.45x with the process).  The
+    two talk over a socket pair, which an asyncio event loop reads and
+    writes as a protocol (_Channel): the server's own loop (`loop`), or,
+    for tools and tests, a loop the journal runs on a thread of its own.
+    The code that drives the rounds is the same either way.
 
     append() must be called with the store lock held: that is what makes the
     order of records the order of changes to the dict.  It only queues the
@@ -992,31 +995,31 @@ class Journal:
     back from the other threads before it could let go of the lock; every
     other writer would queue behind that wait (a lock convoy).
 
-    Rounds are started and finished by one thread, the driver: pump() makes
-    a round of every record queued so far and sends it; on_readable() takes
-    the writer's replies.  With driven=True the caller's event loop is the
-    driver (the server's worker: fileno() is in its poll set, pump() runs
-    before each wait, and wake_driver() brings it round its loop); otherwise
-    a thread of the journal's own.  Rounds do not wait for each other: the
-    writer takes every round that has arrived while it was busy, writes them
-    all, and, as the policy says, fsyncs once for them all (group commit):
+    Rounds are started and finished on the loop: the first record or
+    callback queued in a loop turn asks for a pump() (call_soon), which
+    runs after the turn's other callbacks, so that every write queued in the
+    turn joins one round; the writer's replies come back to _Channel.
+    Rounds do not wait for each other: the writer takes every round that
+    has arrived while it was busy, writes them all, and, as the policy
+    says, fsyncs once for them all (group commit):
 
       always    an fsync every round.
       everysec  an fsync at most once a second (a power loss may lose the
                 last second); writes still go to the OS every round.
       no        no fsync; the OS writes to disk when it likes.
 
-    Then the driver hands the round's records to `apply_round` (the store
-    applies them to the dict: readers see only what is durable) and runs the
-    callbacks of that round: append(..., callback) and when_durable(callback)
-    ask for callback(None) once the record (every record appended so far)
-    is written, so it survives a killed process, and fsynced as above, so it
-    survives a power loss; or callback(error) if that failed.  In the server
-    they run on the worker thread, which sends the 200s itself.
+    Then the loop hands the round's records to its owner's apply_round
+    (attach(): the store applies them to the dict, so that readers see only
+    what is durable) and runs the callbacks of that round: append(...,
+    callback) and when_durable(callback) ask for callback(None) once the
+    record (every record appended so far) is written, so it survives a
+    killed process, and fsynced as above, so it survives a power loss; or
+    callback(error) if that failed.  That is the one way to wait for
+    durability; commit() and sync() wait on it from another thread.
 
     When a round fails, its records and every record queued after them fail
-    too (`fail_queued`: a write queued later may have been checked against
-    one that failed), and the writer truncates away what the round wrote,
+    too (the owner's fail_queued: a write queued later may have been
+    checked against one that failed), and the writer truncates away what the round wrote,
     so that no failed record is ever replayed:
       - a write that fails for lack of room (ENOSPC, EDQUOT, EFBIG) is
         retried with the next records: `problem` says why meanwhile, and
@@ -1027,14 +1030,15 @@ class Journal:
         After an fsync error Linux may have dropped the dirty pages and
         marked them clean, so a second fsync would report success for data
         that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
-        retried.  `on_fatal` is called once, from the driver.
+        retried.  The owner's journal_failed is called once, on the loop.
     A writer process that dies is fatal too.  It ignores the signals that
     stop the server, and exits when its end of the channel closes (when the
     journal is closed), after the round in hand; it dies with the server
     (_die_with_parent), so create the journal on a thread that lives as long
     as the server does.  A writer that finds the data directory, or a
     journal file, removed or replaced (GONE) fails the journal for good
-    too, `vanished` saying why, but on_fatal is not called: reads go on.
+    too, `vanished` saying why, but journal_failed is not called: reads go
+    on.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -1042,9 +1046,10 @@ class Journal:
     # The writer process: a new interpreter (never a fork of this threaded
     # process), told the channel's fd, the directory and the policy.
     WRITER_COMMAND = [sys.executable, "-I", os.path.abspath(__file__), "journal-writer"]
+    # The fsync latency histogram's buckets, in seconds (GET /metrics).
+    FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-    def __init__(self, directory, generation, policy, writer_process=False, driven=False,
-                 pass_fds=()):
+    def __init__(self, directory, generation, policy, loop=None, pass_fds=()):
         assert policy in self.POLICIES
         self.directory = directory
         self.policy = policy
@@ -1056,11 +1061,9 @@ class Journal:
         self.vanished = None            # why, if the files were removed or replaced under us
         self.fsyncs = 0                 # rounds fsynced (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
-        self.apply_round = None         # apply_round(records) after a round is durable
-        self.fail_queued = self.drop_queued     # on failure: every queued callback, dropped
-        self.on_fatal = None            # on_fatal(error), once, when `failed` is set
-        self.log = lambda message: None
-        self.wake_driver = self._wake_own_driver    # brings the driver round its loop
+        self.fsync_histogram = [0] * (len(self.FSYNC_BUCKETS) + 1)   # the last: +Inf
+        self._owner = None              # apply_round, fail_queued, journal_failed (attach)
+        self._log = lambda message: None
         _create(directory, generation)
         self._segments = [[generation, []]]     # [generation, buffers] of records not yet sent
         self._records = []              # (op, key, value) of those records, in order
@@ -1070,39 +1073,50 @@ class Journal:
         self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
         self._numbered = 0              # rounds sent so far
         self._epoch = 0                 # rounds since the last failure (see _fail)
-        self._out = []                  # the part of the last round's message not yet sent
         self._replies = b""             # received from the writer, not yet read
         self._closing = False
         self._lock = threading.Lock()   # guards the queue: _segments, _records, _callbacks,
                                         # _sync_wanted, size, records
+        self._pump_due = False          # a pump() is scheduled on the loop
+        self._transport = None          # the channel, once the loop has it (_connect)
+        self._own_loop = None           # the thread running a loop of our own, if any
         self.channel, writer_end = socket.socketpair()
-        self._process = self._writer_thread = None
         try:
-            if writer_process:
-                self._process = subprocess.Popen(
-                    self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy,
-                                           str(os.getpid())],
-                    stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
-                    start_new_session=True)
-                writer_end.close()
-            else:
-                self._writer_thread = threading.Thread(
-                    target=_write_rounds, args=(writer_end, directory, policy),
-                    name="journal-writer", daemon=True)
-                self._writer_thread.start()
+            self._process = subprocess.Popen(
+                self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy,
+                                       str(os.getpid())],
+                stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
+                start_new_session=True)
         except BaseException:
-            writer_end.close()
             self.channel.close()
             raise
-        self.channel.setblocking(False)
-        self.driven = driven
-        self._driver = None
-        if not driven:
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._driver_asleep = False
-            self._driver = threading.Thread(target=self._drive, name="journal-driver",
-                                            daemon=True)
-            self._driver.start()
+        finally:
+            writer_end.close()
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._own_loop = threading.Thread(target=loop.run_forever, name="journal-loop",
+                                              daemon=True)
+            self._own_loop.start()
+        self._loop = loop
+        self._loop_thread = None        # its thread's ident, once it runs our code
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._connect()))
+
+    def attach(self, owner, log):
+        """Who hears of the rounds: `owner` has three methods, all called on the loop.
+
+          apply_round(records)  a round is durable: its (op, key, value) records
+          fail_queued()         a round failed: drop what is queued after it,
+                                and return the callbacks of what was dropped
+          journal_failed(error) the journal has failed for good (once)
+        `log(message)` reports full disks, failures and recoveries.
+        """
+        self._owner, self._log = owner, log
+
+    async def _connect(self):
+        self._loop_thread = threading.get_ident()
+        self._transport, _ = await self._loop.connect_accepted_socket(
+            lambda: _Channel(self), self.channel)
+        self.pump()
 
     # -- store lock held ------------------------------------------------------
 
@@ -1119,7 +1133,7 @@ class Journal:
             if callback is not None:
                 self._callbacks.append(callback)
         if callback is not None:
-            self.wake_driver()
+            self._wake()
 
     def drop_queued(self):
         """Forget every record not yet sent to the writer; return their callbacks.
@@ -1155,7 +1169,7 @@ class Journal:
         return self.generation + 1
 
     def when_durable(self, callback):
-        """Call callback(None), from the driver, once every record appended so far is durable.
+        """Call callback(None), on the loop, once every record appended so far is durable.
 
         Durable means written, and fsynced as the policy says; if that
         fails, the callback gets the OSError instead.  Either way it is
@@ -1164,13 +1178,18 @@ class Journal:
         """
         with self._lock:
             self._callbacks.append(callback)
-        self.wake_driver()
+        self._wake()
 
     def commit(self):
-        """Return once every record appended so far is durable.  Raises OSError."""
-        waiter = Waiter()
-        self.when_durable(waiter)
-        waiter.wait()
+        """From a thread other than the loop's: return once every record appended so far is
+        durable.  Raises OSError."""
+        assert threading.get_ident() != self._loop_thread, "commit() would wait for itself"
+        done, outcome = threading.Event(), []
+        self.when_durable(lambda error: (outcome.append(error), done.set()))
+        done.wait()
+        if outcome[0] is not None:
+            raise OSError(outcome[0].errno, "journal write failed: %s"
+                          % (outcome[0].strerror or outcome[0]))
 
     def sync(self):
         """Write and fsync every record appended so far, whatever the policy."""
@@ -1187,8 +1206,8 @@ class Journal:
     def close(self):
         """Write and fsync everything, run every callback, stop the writer.  No append may follow.
 
-        Does not raise: if the journal fails (or had failed), the callbacks
-        are told so.
+        From a thread other than the loop's.  Does not raise: if the journal
+        fails (or had failed), the callbacks are told so.
         """
         try:
             self.sync()
@@ -1197,36 +1216,35 @@ class Journal:
         self._stop()
 
     def _stop(self):
+        """End the channel (the writer closes its files and exits), and our loop if we run one."""
         self._closing = True
-        if self._driver is not None:
-            self.wake_driver()
-            self._driver.join()
-        try:
-            self.channel.shutdown(socket.SHUT_WR)   # the writer closes its files and ends
-        except OSError:
-            pass                                # it has gone already
-        if self._process is not None:
-            self._process.wait()
+        done = threading.Event()
+
+        def end_channel():
+            if self._transport is not None:
+                self._transport.close()         # what is buffered goes first
+            else:
+                self.channel.close()
+            done.set()
+        self._loop.call_soon_threadsafe(end_channel)
+        done.wait()
+        self._process.wait()
+        if self._own_loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_loop.join()
+            self._loop.close()
+
+    # -- on the loop ------------------------------------------------------------
+
+    def _wake(self):
+        """Ask for a pump() after this loop turn: the turn's records share one round."""
+        if self._pump_due:
+            return
+        self._pump_due = True
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(self.pump)
         else:
-            self._writer_thread.join()
-        self.channel.close()
-        if self._driver is not None:
-            self._wake_r.close()
-            self._wake_w.close()
-
-    # -- the driver -----------------------------------------------------------
-
-    def fileno(self):
-        """The channel to the writer: the driver calls on_readable() when it is readable."""
-        return self.channel.fileno()
-
-    def sending(self):
-        """True while a round is only partly sent: the driver calls pump() when the channel is writable."""
-        return bool(self._out)
-
-    def has_work(self):
-        """True if pump() would start a round now (callbacks or records wait)."""
-        return not self._out and self._queued()
+            self._loop.call_soon_threadsafe(self.pump)     # the checkpointer, tools, tests
 
     def _queued(self):
         """Callbacks, a sync, a switch or records wait for a round."""
@@ -1234,11 +1252,11 @@ class Journal:
         return bool(self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
 
     def pump(self):
-        """Send a round of what is queued, if anything is; send what the channel takes."""
-        if self._out:
-            self._send()
-            if self._out:
-                return                  # the channel is full: the rest when it is writable
+        """Send a round of what is queued, if anything is: the transport buffers what the
+        channel does not take at once."""
+        self._pump_due = False          # before the queue is read: a later wake pumps again
+        if self._transport is None:
+            return                      # not connected yet: _connect pumps
         with self._lock:
             if not self._queued():
                 return
@@ -1246,6 +1264,8 @@ class Journal:
             if self.failed:
                 callbacks, self._callbacks = self._callbacks, []
                 self._sync_wanted = False
+            elif self._transport.is_closing():
+                return                  # the writer has gone: _writer_gone fails the queue
             else:
                 callbacks = None
                 self._segments = [[self.generation, []]]
@@ -1257,49 +1277,38 @@ class Journal:
         sizes = [(generation, sum(map(len, buffers))) for generation, buffers in segments]
         self._numbered += 1
         self._rounds.append((self._numbered, records, round_callbacks, sizes))
-        self._out = [_ROUND.pack(sync, len(sizes), self._numbered, self._epoch)
-                     + b"".join(_SEGMENT.pack(*size) for size in sizes)]
+        parts = [_ROUND.pack(sync, len(sizes), self._numbered, self._epoch)
+                 + b"".join(_SEGMENT.pack(*size) for size in sizes)]
         for _, buffers in segments:
-            self._out.extend(buffers)
-        self._send()
+            parts.extend(buffers)
+        self._transport.writelines(parts)
 
-    def _send(self):
-        out = self._out
-        try:
-            while out:
-                sent = self.channel.sendmsg(out[:1024])
-                while out and sent >= len(out[0]):
-                    sent -= len(out.pop(0))
-                if sent:
-                    out[0] = memoryview(out[0])[sent:]
-        except BlockingIOError:
-            pass
-        except OSError:
-            out.clear()                 # the writer is gone: on_readable() will tell
+    def backlog(self):
+        """Rounds sent to the writer and not yet answered (a stalled disk keeps them)."""
+        return len(self._rounds)
 
-    def on_readable(self):
-        """Read the writer's replies; finish the rounds they end.  False once the writer has gone."""
-        try:
-            data = self.channel.recv(1 << 16)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            self._writer_gone()
-            return False
+    def _received(self, data):
+        """_Channel: the writer's replies; each ends rounds."""
         buf = self._replies + data
         while len(buf) >= _REPLY.size:
-            kind, phase, number, self.fsyncs, self.fsync_seconds, last, length = \
-                _REPLY.unpack_from(buf)
+            kind, phase, number, fsyncs, seconds, last, length = _REPLY.unpack_from(buf)
             end = _REPLY.size + length
             if len(buf) < end:
                 break
+            self._count_fsyncs(fsyncs, seconds)
             detail, buf = buf[_REPLY.size:end].decode("utf-8", "replace"), buf[end:]
             self._reply(kind, _PHASES[phase], OSError(number, os.strerror(number)), last, detail)
         self._replies = buf
         self.pump()
-        return True
+
+    def _count_fsyncs(self, fsyncs, seconds):
+        """The writer's counters, and the fsync latency histogram: a reply covers one fsync at
+        most under `always` (a group, one fsync), so the time it adds is that fsync's."""
+        if fsyncs > self.fsyncs:
+            each = (seconds - self.fsync_seconds) / (fsyncs - self.fsyncs)
+            self.fsync_histogram[bisect.bisect_left(self.FSYNC_BUCKETS, each)] += \
+                fsyncs - self.fsyncs
+        self.fsyncs, self.fsync_seconds = fsyncs, seconds
 
     def _reply(self, kind, phase, error, last, detail):
         """One reply: DONE, rounds <= `last` are durable; FULL or FAILED, round `last` failed."""
@@ -1324,8 +1333,8 @@ class Journal:
                 self._written[generation] = self._written.get(generation, 0) + size
             if records and self.problem and not self.failed:
                 self._room_again()
-            if records and self.apply_round:
-                self.apply_round(records)
+            if records and self._owner is not None:
+                self._owner.apply_round(records)
             self._run(callbacks, None)
         for generation in [g for g in self._written if g < self.generation]:
             del self._written[generation]       # retired: the writer has closed it
@@ -1344,33 +1353,34 @@ class Journal:
         elif fatal:
             self.failed = error
             self.problem = "journal %s failed: %s" % (phase, error.strerror or error)
-            self.log("Journal %s: %s; no more writes are taken"
+            self._log("Journal %s: %s; no more writes are taken"
                      % (journal_path(self.directory, self.generation), self.problem))
         elif self.problem is None:
             self.problem = "disk full: %s" % (error.strerror or error)
-            self.log("Journal %s: %s; writes get 507 until there is room"
+            self._log("Journal %s: %s; writes get 507 until there is room"
                      % (journal_path(self.directory, self.generation), self.problem))
         if detail:
-            self.log("Journal %s: %s" % (journal_path(self.directory, self.generation), detail))
+            self._log("Journal %s: %s" % (journal_path(self.directory, self.generation), detail))
         callbacks = [callback for round in self._rounds for callback in round[2]]
         self._rounds.clear()
         self._epoch += 1
-        self._run(callbacks + self.fail_queued(), self.failed or error)
-        if fatal and self.on_fatal:
-            self.on_fatal(error)
+        dropped = self._owner.fail_queued() if self._owner is not None else self.drop_queued()
+        self._run(callbacks + dropped, self.failed or error)
+        if fatal and self._owner is not None:
+            self._owner.journal_failed(error)
 
     def _gone(self, error, detail):
         """The writer found the directory, or a journal file, removed or replaced (`detail`).
 
-        Failed for good, as after an fsync error, but reads go on: on_fatal
-        is not called.  `vanished` tells the store why, so that it writes
+        Failed for good, as after an fsync error, but reads go on:
+        journal_failed is not called.  `vanished` tells the store why, so that it writes
         no snapshot into a directory that is no longer this server's.
         """
         if self.failed:
             return
         self.failed = error
         self.problem = self.vanished = detail
-        self.log("%s; no more writes are taken, reads go on" % detail)
+        self._log("%s; no more writes are taken, reads go on" % detail)
         self._fail(error, "write", False, "")
 
     def _writer_gone(self):
@@ -1390,54 +1400,23 @@ class Journal:
 
     def _room_again(self):
         self.problem = None
-        self.log("Journal %s: writable again" % journal_path(self.directory, self.generation))
-
-    def _wake_own_driver(self):
-        if self._driver is not None and self._driver_asleep:
-            self._driver_asleep = False
-            try:
-                self._wake_w.send(b"!")
-            except BlockingIOError:
-                pass                    # full: it wakes anyway
-
-    def _drive(self):
-        """The journal's own driver thread, when no event loop drives it."""
-        channel, wake = self.channel, self._wake_r
-        wake.setblocking(False)
-        while True:
-            self.pump()
-            if self._closing and not self._rounds and not self._out:
-                return
-            self._driver_asleep = True
-            ready = select.select([channel, wake], [channel] if self._out else [], [],
-                                  0 if self.has_work() or self._closing else None)[0]
-            self._driver_asleep = False
-            if wake in ready:
-                try:
-                    wake.recv(4096)
-                except BlockingIOError:
-                    pass
-            if channel in ready and not self.on_readable():
-                return
+        self._log("Journal %s: writable again" % journal_path(self.directory, self.generation))
 
 
-class Waiter:
-    """A callback for the journal that a thread can wait on: wait() returns or raises its error."""
+class _Channel(asyncio.Protocol):
+    """The socket pair to the journal's writer, as the loop sees it: replies in, the end."""
 
-    def __init__(self):
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._error = None
+    def __init__(self, journal):
+        self.journal = journal
 
-    def __call__(self, error):
-        self._error = error
-        self._done.release()
+    def data_received(self, data):
+        self.journal._received(data)
 
-    def wait(self):
-        self._done.acquire()
-        if self._error is not None:
-            raise OSError(self._error.errno, "journal write failed: %s"
-                          % (self._error.strerror or self._error))
+    def eof_received(self):
+        return False                # the writer has gone: close our end too
+
+    def connection_lost(self, exc):
+        self.journal._writer_gone()
 
 
 # ------------------------------------------------------------- the writer --

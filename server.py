@@ -19,7 +19,7 @@ save.
 
 The sections, in order: logging; the API (routes, keys, writes); conditional
 requests; listing; connections (Connection); the server (Server: the
-connections' shared bounds and deadlines; JournalDriver); auth; metrics;
+connections' shared bounds and deadlines); auth; metrics;
 backup; the lifecycle (flags, start, signals, drain, save).
 
 A PUT, from the socket to the disk
@@ -36,11 +36,11 @@ A PUT, from the socket to the disk
                                   the replies in request order
     Store._mutate                 under the lock, Journal.append queues the
                                   record; the dict waits until it is durable
-    JournalDriver.pump            after the loop turn: every record queued in
+    Journal.pump                  after the loop turn: every record queued in
                                   it, as one round, to the writer process
     _write_rounds                 the journal's writer (persistence.py): one
                                   writev, one fsync for every round that came
-    JournalDriver.readable        its reply: Store._apply_round applies the
+    Journal._received             its reply: Store.apply_round applies the
                                   round to the dict, then each write's
     Owed.durable                  callback: Connection.written builds the 200
     Connection.flush              in the next turn: every reply that is ready,
@@ -1104,46 +1104,6 @@ class Server:
         return len(self.connections)
 
 
-class JournalDriver:
-    """The loop drives the journal: a round of the writes queued in a loop turn, sent after it.
-
-    A write's callback asks for a pump (wake); call_soon puts it behind the
-    callbacks of this turn, so that every write queued in the turn joins
-    one round.  The writer's replies are read when its channel is readable.
-    """
-
-    def __init__(self, loop, journal):
-        self.loop, self.journal = loop, journal
-        self.fd = journal.fileno()
-        self.thread = threading.get_ident()
-        self.due = self.writing = False
-        journal.wake_driver = self.wake
-        loop.add_reader(self.fd, self.readable)
-
-    def wake(self):
-        if threading.get_ident() != self.thread:
-            self.loop.call_soon_threadsafe(self.wake)   # the checkpointer, the final save
-        elif not self.due:
-            self.due = True
-            self.loop.call_soon(self.pump)
-
-    def pump(self):
-        self.due = False
-        self.journal.pump()
-        if self.journal.sending() != self.writing:
-            self.writing = not self.writing
-            if self.writing:
-                self.loop.add_writer(self.fd, self.pump)
-            else:
-                self.loop.remove_writer(self.fd)
-
-    def readable(self):
-        if not self.journal.on_readable():      # its writer has gone
-            self.loop.remove_reader(self.fd)
-            if self.writing:
-                self.loop.remove_writer(self.fd)
-
-
 # --------------------------------------------------------------------- auth --
 #
 # With --auth-token-file, every request but GET and HEAD of /health must
@@ -1409,6 +1369,13 @@ def store_metrics(out, store):
            "many writes).", journal.fsyncs)
     single(out, "kvstore_journal_fsync_seconds_total", "counter", "Seconds spent in journal "
            "rounds that fsynced (their write and their fsync).", repr(journal.fsync_seconds))
+    samples, total = [], 0
+    for le, count in zip(journal.FSYNC_BUCKETS + ("+Inf",), journal.fsync_histogram):
+        total += count
+        samples.append(("_bucket", (("le", le),), total))
+    samples += [("_sum", (), repr(journal.fsync_seconds)), ("_count", (), total)]
+    family(out, "kvstore_journal_fsync_duration_seconds", "histogram", "Journal fsyncs by "
+           "how long their round took to write and fsync, as the writer timed it.", samples)
     single(out, "kvstore_checkpoints_total", "counter", "Checkpoints written (snapshot, new "
            "journal).", store.checkpoints)
     single(out, "kvstore_checkpoint_failures_total", "counter", "Checkpoints that failed (the "
@@ -1860,8 +1827,8 @@ def lock_directory(directory, wait):
 LOCK_POLL = 0.05        # seconds between two tries of a taken lock (--lock-wait)
 
 
-def open_store(args):
-    """Create the data directory, lock it, recover the data, open a new journal."""
+def open_store(args, loop):
+    """Create the data directory, lock it, recover the data, open a new journal on `loop`."""
     directory = os.path.abspath(args.working_dir)
     try:
         persistence.make_data_directory(directory)
@@ -1869,8 +1836,7 @@ def open_store(args):
         data, generation, replayed = persistence.load(directory, log)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
-        journal = persistence.Journal(directory, generation, args.fsync, writer_process=True,
-                                      driven=True, pass_fds=(lock,))
+        journal = persistence.Journal(directory, generation, args.fsync, loop, pass_fds=(lock,))
     except OSError as e:
         raise persistence.DataError("%s: data directory is not usable: %s"
                                     % (e.filename or directory, e.strerror))
@@ -1973,7 +1939,6 @@ async def serve(args, store, sock):
                     args.idle_timeout, args.max_connections, args.max_inflight_bytes,
                     args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes)
     server = Server(loop, store, limits, Metrics(), args.auth_token, args.access_log)
-    JournalDriver(loop, store.journal)
     stopper = Stopper(loop, server, args.auth_token_file)
     listener = await loop.create_server(lambda: Connection(server), sock=sock, backlog=BACKLOG)
     host, port = sock.getsockname()[:2]
@@ -2043,9 +2008,11 @@ def main(argv=None):
         log("Running on CPU %d%s (--cpu)" % (args.cpu, ", SCHED_BATCH" if batch else ""))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_while_starting)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
         sock = listen(args.host, args.port)
-        store, directory_lock = open_store(args)
+        store, directory_lock = open_store(args, loop)
     except (OSError, OverflowError) as e:
         fail("cannot listen on %s: %s" % (format_address(args.host, args.port),
                                            getattr(e, "strerror", None) or e))
@@ -2057,8 +2024,6 @@ def main(argv=None):
         log("Received %s while waiting for the data directory or loading it; nothing to "
             "save, bye" % e)
         os._exit(0)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
     code = loop.run_until_complete(serve(args, store, sock))
     # Exit at once, while `store` is still referenced: the data is saved,
     # and freeing a dict of a million keys object by object takes longer

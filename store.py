@@ -4,12 +4,12 @@
 steps.  (1) Under the lock, the mutation is checked (sealed? its
 condition?) and its record queued in the journal; the queue's order is
 the order of the mutations, under any concurrency.  (2) The journal's
-writer (a process of its own, in the server) writes the queued records
-and, as the policy says, fsyncs them, together with every other record
-queued by then (group commit); then the journal's driver (the server's
-worker thread) applies that round's records to the dict, in journal
-order, under the lock, and only then runs their callbacks (the server's
-200s).  No system call is made under the lock, so one slow fsync never
+writer (a process of its own) writes the queued records and, as the
+policy says, fsyncs them, together with every other record queued by
+then (group commit); then the journal, on its event loop (the server's),
+calls apply_round(), which applies that round's records to the dict, in
+journal order, under the lock, and only then runs their callbacks (the
+server's 200s).  No system call is made under the lock, so one slow fsync never
 blocks readers or other writers.
 
 Readers see only the dict: only durable changes.  A write answered with
@@ -210,10 +210,7 @@ class Store:
         self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
         self._identity = persistence.directory_identity(self.directory)
         self._room_problem = None       # why checkpoints fail for lack of room, if they do
-        journal.apply_round = self._apply_round
-        journal.fail_queued = self._fail_queued
-        journal.on_fatal = lambda error: self.fatal.set()
-        journal.log = log
+        journal.attach(self, log)       # apply_round, fail_queued, journal_failed
         threading.Thread(target=self._checkpoint_loop, name="checkpointer",
                          daemon=True).start()
 
@@ -222,11 +219,7 @@ class Store:
 
     @property
     def journal(self):
-        """The open journal: its counters (size, records, fsyncs), and its rounds for a driver.
-
-        The server's worker drives a journal opened with driven=True
-        (Journal.pump, Journal.on_readable); nothing else may change it.
-        """
+        """The open journal, for its counters (size, records, fsyncs): read them, nothing more."""
         return self._journal
 
     def write_problem(self):
@@ -363,7 +356,7 @@ class Store:
 
         Without `on_durable`, returns once the change is durable and applied
         (raises OSError if it cannot be made durable).  With it, returns at
-        once, and the journal's driver calls on_durable(None) once
+        once, and the journal calls on_durable(None), on its loop, once
         the change is durable and applied, or on_durable(error) if it never
         will be.  With `condition`, the change is made only if
         condition(tag) is true, `tag` being the tag of the key's latest
@@ -371,14 +364,13 @@ class Store:
         once: the journal has failed for good.
         """
         seen = self._tagged(key, self._latest) if condition is not None else None
-        waiter = None if on_durable else persistence.Waiter()
         record = (op, key, value)
         with self._lock:
             if self._sealed:
                 raise Sealed()
             if condition is not None:
                 self._check(key, condition, seen)
-            self._journal.append(record, on_durable or waiter)
+            self._journal.append(record, on_durable)
             self._keep_tag(op, key, value, tag)
             if op == CLEAR:
                 self._pending.clear()
@@ -388,11 +380,11 @@ class Store:
             journal_full = self._journal.size >= self._checkpoint_bytes
         if journal_full:
             self._checkpoint_wanted.set()
-        if waiter:
-            waiter.wait()
+        if on_durable is None:
+            self._journal.commit()      # from a thread other than the journal's loop
 
-    def _apply_round(self, records):
-        """The journal's driver, once `records` are durable: apply them, in order."""
+    def apply_round(self, records):
+        """The journal, on its loop, once `records` are durable: apply them, in order."""
         data, pending = self._data, self._pending
         with self._lock:
             value_bytes = self.value_bytes
@@ -434,8 +426,12 @@ class Store:
                 self._sorted_log.add(key)
         persistence.apply(self._data, op, key, value)
 
-    def _fail_queued(self):
-        """The journal's driver, after a failed round: fail every queued write too.
+    def journal_failed(self, error):
+        """The journal, on the loop: it has failed for good (an fsync error): shut down."""
+        self.fatal.set()
+
+    def fail_queued(self):
+        """The journal, on its loop, after a failed round: fail every queued write too.
 
         Returns their callbacks.  A write queued after the failed ones may
         have been checked against them (_latest), so it cannot stand.
@@ -567,11 +563,6 @@ class Store:
                       "until there is room a stop cannot save either" % error)
         self._room_problem = ("no room for a checkpoint (%s): the journals grow, and a stop "
                               "cannot save" % (error.strerror or error))
-
-    def abandon(self):
-        """Give up before serving (the port was taken): leave the files as they were."""
-        self.seal()
-        self._journal.discard()
 
     def seal(self):
         """Refuse every write from now on; the dict is frozen."""

@@ -19,12 +19,14 @@ waits with a deadline; nothing sleeps blindly.
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 from tests import support
 
@@ -366,3 +368,120 @@ def round_offset(buf, record):
             start = offset
         offset += 12 + int.from_bytes(buf[offset:offset + 4], "little")
     return start
+
+
+# The journal's writer is a process of its own: a test that wants its fsync
+# held, slowed or failing, or its writes failing, starts it through this
+# wrapper (WriterFaults), which patches os.fsync, os.writev and os.write in
+# the writer only, as files in DIRECTORY.faults say, and logs each fsync.
+WRITER_FAULTS = r"""
+import os, runpy, sys, time
+control = sys.argv[3] + ".faults"           # journal-writer FD DIRECTORY POLICY PARENT
+real_fsync, real_writev, real_write = os.fsync, os.writev, os.write
+
+def read(name):
+    try:
+        with open(os.path.join(control, name)) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+def log(name, line):
+    with open(os.path.join(control, name), "a") as f:
+        f.write(line + "\n")
+
+def error(name):
+    number = read(name)
+    return None if number is None else OSError(int(number), os.strerror(int(number)))
+
+def fsync(fd):
+    log("fsync-started", "")
+    number = len(read("fsync-started").splitlines())
+    while os.path.exists(os.path.join(control, "hold")):    # a poll: until the test lets go
+        time.sleep(0.005)
+    time.sleep(float(read("fsync-delay") or 0))             # a slow disk, on purpose
+    failure = error("fsync-error")
+    if failure is not None:
+        raise failure
+    real_fsync(fd)
+    log("fsync-finished", str(number))
+
+def writev(fd, buffers):
+    failure = error("write-error")
+    if failure is not None:
+        raise failure
+    return real_writev(fd, buffers)
+
+def write(fd, data):
+    failure = error("write-error")
+    if failure is not None:
+        real_write(fd, bytes(data[:7]))     # part of it, then the disk is full
+        raise failure
+    return real_write(fd, data)
+
+os.fsync, os.writev, os.write = fsync, writev, write
+sys.argv[0] = %r
+runpy.run_path(sys.argv[0], run_name="__main__")
+""" % os.path.join(support.ROOT, "persistence.py")
+
+
+class WriterFaults:
+    """The journals a test opens (in `directory`) get a writer whose disk does as the test says.
+
+    hold() makes every fsync wait until release(); fail_fsync(errno) and
+    fail_writes(errno) make them fail until heal(); slow(seconds) delays
+    each fsync.  started() counts the fsyncs begun, finished() lists the
+    numbers of those that succeeded.
+    """
+
+    def __init__(self, testcase, directory):
+        self.control = directory + ".faults"
+        os.makedirs(self.control, exist_ok=True)
+        testcase.addCleanup(shutil.rmtree, self.control, True)
+        testcase.addCleanup(self.release)
+        command = [sys.executable, "-c", WRITER_FAULTS, "journal-writer"]
+        patcher = mock.patch.object(persistence.Journal, "WRITER_COMMAND", command)
+        patcher.start()
+        testcase.addCleanup(patcher.stop)
+
+    def _set(self, name, text):
+        with open(os.path.join(self.control, name), "w") as f:
+            f.write(text)
+
+    def _unset(self, name):
+        try:
+            os.unlink(os.path.join(self.control, name))
+        except FileNotFoundError:
+            pass
+
+    def hold(self):
+        self._set("hold", "")
+
+    def release(self):
+        self._unset("hold")
+
+    def slow(self, seconds):
+        self._set("fsync-delay", repr(seconds))
+
+    def fail_fsync(self, number):
+        self._set("fsync-error", str(number))
+
+    def fail_writes(self, number):
+        self._set("write-error", str(number))
+
+    def heal(self):
+        self._unset("fsync-error")
+        self._unset("write-error")
+
+    def _lines(self, name):
+        try:
+            with open(os.path.join(self.control, name)) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def started(self):
+        return len(self._lines("fsync-started"))
+
+    def finished(self):
+        return [int(line) for line in self._lines("fsync-finished")]

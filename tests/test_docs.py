@@ -270,12 +270,12 @@ class ArchitectureTest(unittest.TestCase):
         modules = _code_modules()
         source = _sources(modules)
         for name in ("Store.put", "Journal.pump", "os.fsync", "REQUESTS_PER_TURN",
-                     "asyncio.Protocol", "Store._lock", "journal-writer",
+                     "asyncio.Protocol", "Store._lock", "journal-loop",
                      "test_crash.JournalDamageTest.test_flipped_byte_in_the_middle_refuses_to_start"):
             self.assertTrue(resolve(name, modules, source), name)
         for name in ("Store.putt", "Journal.write_round", "os.fsyncc", "REQUESTS_PER_TURNS",
                      "asyncio.Protocols", "test_crash.JournalDamageTest.test_nothing",
-                     "no_such_module.thing", "journal-writers"):
+                     "no_such_module.thing", "journal-loops"):
             self.assertFalse(resolve(name, modules, source), name)
 
     def test_the_walk_throughs_in_server_py_name_real_functions(self):

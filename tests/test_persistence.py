@@ -21,7 +21,7 @@ import unittest
 from unittest import mock
 
 from tests import support
-from tests.durability_support import TRACEBACK, file_state, run_cli
+from tests.durability_support import TRACEBACK, WriterFaults, file_state, run_cli
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -834,54 +834,42 @@ class JournalOrderTest(TempDirTestCase):
 
 # ------------------------------------------------------- group commit, unit --
 
-class FsyncCounter:
-    """Replaces os.fsync: counts calls, and is slow (a disk), so that writers pile up."""
-
-    def __init__(self, delay):
-        self.delay = delay
-        self.lock = threading.Lock()
-        self.started = 0
-        self.finished = []          # start numbers of the fsyncs that have finished
-        self.real = os.fsync
-
-    def __call__(self, fd):
-        with self.lock:
-            self.started += 1
-            number = self.started
-        time.sleep(self.delay)              # a slow disk, on purpose: not a wait
-        self.real(fd)
-        with self.lock:
-            self.finished.append(number)
+def cpu_seconds(pid):
+    """CPU time (user + system) a process has used, from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class GroupCommitTest(TempDirTestCase):
 
     def run_writers(self, policy, threads, writes_each, delay=0.02):
+        faults = WriterFaults(self, self.dir)
         journal = persistence.Journal(self.dir, 1, policy)
         journal.sync()              # the file's header, fsynced once before any round
+        header_fsyncs = faults.started()
+        faults.slow(delay)          # a slow disk, so that writers pile up
         store_lock = threading.Lock()
-        counter = FsyncCounter(delay)
         problems = []
         barrier = threading.Barrier(threads)
 
         def writer(t):
             barrier.wait()
             for n in range(writes_each):
-                before = counter.started               # fsyncs begun before this record
+                before = faults.started()              # fsyncs begun before this record
                 with store_lock:                       # as Store._mutate does
                     journal.append((PUT, "t%d-%d" % (t, n), b"v%d-%d" % (t, n)))
                 journal.commit()
-                if policy == "always" and not any(s > before for s in counter.finished):
+                if policy == "always" and not any(s > before for s in faults.finished()):
                     problems.append("commit() of t%d-%d returned before an fsync covered it"
                                     % (t, n))
 
-        with mock.patch("os.fsync", counter):
-            workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join(60)
-            self.assertFalse(any(w.is_alive() for w in workers), "a commit never returned")
+        workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        self.assertFalse(any(w.is_alive() for w in workers), "a commit never returned")
         self.assertEqual(problems, [])
         with open(persistence.journal_path(self.dir, 1), "rb") as f:
             data = {}
@@ -889,8 +877,9 @@ class GroupCommitTest(TempDirTestCase):
         self.assertEqual(count, threads * writes_each)
         self.assertEqual(data, {"t%d-%d" % (t, n): b"v%d-%d" % (t, n)
                                 for t in range(threads) for n in range(writes_each)})
+        fsyncs = faults.started() - header_fsyncs
         journal.close()
-        return counter.started
+        return fsyncs
 
     def test_sequential_commits_each_fsync(self):
         self.assertEqual(self.run_writers("always", 1, 10, delay=0), 10)
@@ -916,17 +905,19 @@ class GroupCommitTest(TempDirTestCase):
         self.assertLess(time.monotonic() - written, 3)
 
     def test_everysec_after_a_failed_fsync_refuses_writes_and_does_not_spin(self):
+        faults = WriterFaults(self, self.dir)
         journal = persistence.Journal(self.dir, 1, "everysec")
         self.addCleanup(journal.close)
         journal.sync()                      # the file's header, fsynced before any round
-        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
-            journal.append((PUT, "k", b"v"))
-            journal.commit()                # written; its fsync is due in a second
-            support.wait_until(lambda: journal.failed, timeout=10,
-                               message="the failed fsync")
-            cpu = time.process_time()
-            time.sleep(1)                   # a writer thread that spins burns this second
-            self.assertLess(time.process_time() - cpu, 0.5, "the writer thread spins")
+        faults.fail_fsync(5)
+        journal.append((PUT, "k", b"v"))
+        journal.commit()                    # written; its fsync is due in a second
+        support.wait_until(lambda: journal.failed, timeout=10, message="the failed fsync")
+        started = faults.started()
+        cpu = cpu_seconds(journal._process.pid)
+        time.sleep(1)                       # a writer that spins burns this second
+        self.assertLess(cpu_seconds(journal._process.pid) - cpu, 0.5, "the writer spins")
+        self.assertEqual(faults.started(), started, "the failed fsync was tried again")
         with self.assertRaises(OSError):
             journal.append((PUT, "k2", b"v"))
 
@@ -948,17 +939,18 @@ class GroupCommitTest(TempDirTestCase):
         self.assertEqual(excepthook.call_count, 1)
 
     def test_a_failed_fsync_fails_every_waiting_write_and_refuses_later_ones(self):
+        faults = WriterFaults(self, self.dir)
         journal = persistence.Journal(self.dir, 1, "always")
         journal.sync()                      # the file's header, fsynced before any round
         outcomes = []
-        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
-            journal.append((PUT, "a", b"1"))
-            journal.append((PUT, "b", b"2"))
-            with self.assertRaises(OSError):
-                journal.commit()
-            journal.when_durable(outcomes.append)
-            with self.assertRaises(OSError):
-                journal.append((PUT, "c", b"3"))
+        faults.fail_fsync(5)
+        journal.append((PUT, "a", b"1"))
+        journal.append((PUT, "b", b"2"))
+        with self.assertRaises(OSError):
+            journal.commit()
+        journal.when_durable(outcomes.append)
+        with self.assertRaises(OSError):
+            journal.append((PUT, "c", b"3"))
         support.wait_until(lambda: outcomes, timeout=10, message="the callback")
         self.assertIsInstance(outcomes[0], OSError)
         journal.close()
@@ -966,37 +958,17 @@ class GroupCommitTest(TempDirTestCase):
 
 # --------------------------------------------- apply after durable, unit --
 
-class GatedFsync:
-    """Replaces os.fsync: each call waits until the test opens the gate, then succeeds or fails."""
-
-    def __init__(self):
-        self.gate = threading.Event()
-        self.error = None
-        self.calls = 0
-        self.real = os.fsync
-
-    def __call__(self, fd):
-        self.calls += 1
-        if not self.gate.wait(30):
-            raise AssertionError("the test never opened the gate")
-        if self.error:
-            raise self.error
-        self.real(fd)
-
-
 class ApplyAfterDurableTest(TempDirTestCase):
     """Readers see only durable writes; a failed write, and every write queued after it, fail."""
 
     def setUp(self):
         super().setUp()
+        self.faults = WriterFaults(self, self.dir)
         self.journal = persistence.Journal(self.dir, 1, "always")
         self.store = store_module.Store({"k": b"old"}, self.journal, NO_CHECKPOINT, self.log)
         self.journal.sync()                 # the file's header, fsynced before any round
-        self.fsync = GatedFsync()
-        patcher = mock.patch("os.fsync", self.fsync)
-        patcher.start()
-        self.addCleanup(patcher.stop)
-        self.addCleanup(self.fsync.gate.set)
+        self.header_fsyncs = self.faults.started()
+        self.faults.hold()                  # every fsync waits until the test releases it
         self.outcomes = {}
 
     def put(self, key, value, **options):
@@ -1006,26 +978,28 @@ class ApplyAfterDurableTest(TempDirTestCase):
     def test_a_write_is_visible_only_once_durable(self):
         self.put("k", b"new")
         self.put("other", b"1")
-        support.wait_until(lambda: self.fsync.calls, 10, message="the round's fsync")
+        support.wait_until(lambda: self.faults.started() > self.header_fsyncs, 10,
+                           message="the round's fsync")
         with self.store._lock:
             self.assertEqual(self.store._latest("k"), b"new")
         self.assertEqual(self.store.get("k"), b"old", "visible before it was durable")
         self.assertIsNone(self.store.get("other"))
-        self.fsync.gate.set()
+        self.faults.release()
         support.wait_until(lambda: len(self.outcomes) == 2, 10, message="the callbacks")
         self.assertEqual(self.outcomes, {"k": None, "other": None})
         self.assertEqual((self.store.get("k"), self.store.get("other")), (b"new", b"1"))
 
     def test_a_failed_round_fails_every_write_queued_after_it(self):
-        self.fsync.error = OSError(28, "No space left on device")
+        self.faults.fail_fsync(28)
         self.put("k", b"failed")
-        support.wait_until(lambda: self.fsync.calls, 10, message="the round's fsync")
+        support.wait_until(lambda: self.faults.started() > self.header_fsyncs, 10,
+                           message="the round's fsync")
         # queued while the first round is in its fsync: checked against "failed"
         self.put("k", b"after", condition=lambda tag: tag == store_module.value_tag(b"failed"))
         self.store.clear(on_durable=lambda e: self.outcomes.__setitem__("clear", e))
         with self.store._lock:
             self.assertIsNone(self.store._latest("k"))
-        self.fsync.gate.set()
+        self.faults.release()
         support.wait_until(lambda: len(self.outcomes) == 2, 10, message="the callbacks")
         self.assertTrue(all(isinstance(e, OSError) for e in self.outcomes.values()),
                         self.outcomes)
@@ -1035,19 +1009,14 @@ class ApplyAfterDurableTest(TempDirTestCase):
         self.assertEqual(persistence.load(self.dir, self.log)[0], {})
 
     def test_a_full_disk_cuts_the_failed_records_off_and_later_writes_succeed(self):
-        self.fsync.gate.set()
+        self.faults.release()
         self.store.put("a", b"1")
         size = os.path.getsize(persistence.journal_path(self.dir, 1))
-        real_write = os.write
-
-        def write(fd, data):
-            real_write(fd, bytes(data[:7]))             # part of it, then the disk is full
-            raise OSError(28, "No space left on device")
-        with mock.patch("os.writev", side_effect=OSError(28, "No space left on device")), \
-                mock.patch("os.write", write):
-            with self.assertRaises(OSError):
-                self.store.put("b", b"2" * 100)
-            self.assertIn("disk full", self.store.write_problem())
+        self.faults.fail_writes(28)         # part of a write, then the disk is full
+        with self.assertRaises(OSError):
+            self.store.put("b", b"2" * 100)
+        self.assertIn("disk full", self.store.write_problem())
+        self.faults.heal()
         self.assertEqual(os.path.getsize(persistence.journal_path(self.dir, 1)), size)
         self.assertIsNone(self.store.get("b"))
         self.store.put("c", b"3")
@@ -1055,17 +1024,17 @@ class ApplyAfterDurableTest(TempDirTestCase):
         self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1", "c": b"3"})
 
     def test_a_failed_fsync_is_fatal_and_never_retried(self):
-        self.fsync.gate.set()
+        self.faults.release()
         self.store.put("a", b"1")
-        self.fsync.error = OSError(5, "Input/output error")
-        calls = self.fsync.calls
+        self.faults.fail_fsync(5)
+        calls = self.faults.started()
         with self.assertRaises(OSError):
             self.store.put("b", b"2")
         self.assertTrue(self.store.fatal.is_set())
         self.assertIn("fsync failed", self.store.write_problem())
         with self.assertRaises(OSError):
             self.store.put("c", b"3")
-        self.assertEqual(self.fsync.calls, calls + 1, "an fsync was retried")
+        self.assertEqual(self.faults.started(), calls + 1, "an fsync was retried")
         self.assertIsNone(self.store.get("b"))
         self.assertEqual(persistence.load(self.dir, self.log)[0], {"a": b"1"})
 
@@ -1232,6 +1201,7 @@ class FailedSaveTest(TempDirTestCase):
         self.snapshot = persistence.snapshot_path(self.dir)
         self.previous = file_state(self.snapshot)
         data, generation, _ = persistence.load(self.dir, self.log)
+        self.faults = WriterFaults(self, self.dir)
         self.journal = persistence.Journal(self.dir, generation, "always")
         self.store = store_module.Store(data, self.journal, NO_CHECKPOINT, self.log)
         self.store.put("new", b"1")
@@ -1249,9 +1219,10 @@ class FailedSaveTest(TempDirTestCase):
     def test_final_save_succeeds_after_the_journal_failed(self):
         # A failed journal refuses writes from then on; the final snapshot,
         # which holds everything, must still be saved and the exit be clean.
-        with mock.patch("os.fsync", side_effect=OSError(5, "Input/output error")):
-            with self.assertRaises(OSError):
-                self.store.put("unacknowledged", b"x")
+        self.faults.fail_fsync(5)
+        with self.assertRaises(OSError):
+            self.store.put("unacknowledged", b"x")
+        self.faults.heal()
         with self.assertRaises(OSError):
             self.store.put("refused", b"y")
         self.store.seal()
