@@ -827,8 +827,11 @@ class Connection(asyncio.Protocol):
         owed.reply = http11.response(status, body, headers + NO_STORE, http11.TEXT_PLAIN,
                                      self.connection_value(request))
         self.server.request_done(self, request, status, len(body), owed.started)
-        if self.queue[0] is owed or not self.owed:
-            self.next_turn()                # replies of a round go out together, next turn
+        if not self.owed and not self.turn_due:
+            self.now = time.monotonic()
+            self.advance()                  # its last write: its replies go out now
+        elif self.queue[0] is owed:
+            self.next_turn()                # more to come in this round: together, next turn
 
     def refuse(self, status, message, headers=(), flush=False):
         """An error after which the stream is unusable: send it, drain input briefly, close."""
@@ -1492,14 +1495,18 @@ class SnapshotStream:
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
             persistence.dump_snapshot(data, self)      # the pickle, then its checksum
-            if self.chunked:
-                self.send([http11.LAST_CHUNK])
             whole = True
         except Exception as e:              # the client gone or too slow, mostly
             error = e
         finally:
             data = None
+            # Before the last chunk: a client that has read it may ask again.
             self.server.snapshot_slots.release()
+        if whole and self.chunked:
+            try:
+                self.send([http11.LAST_CHUNK])
+            except Exception as e:
+                whole, error = False, e
         self.server.loop.call_soon_threadsafe(self.done, whole, error)
 
     def done(self, whole, error):

@@ -14,7 +14,7 @@ and bench.listing (pages of keys out of a million, and GETs beside them).
 Our server runs on its defaults, plus --server-flags; the header says which.
 --skip leaves parts out.  The results go to stdout as Markdown tables (one
 row per test, one column per server; the scaling figures one column per
-size), followed by issue 19's goals and their verdicts (bench/goals.py),
+size), followed by the goals and their verdicts (bench/goals.py),
 and, raw, to bench/out/bench-<time>.json (git-ignored).  bench/README.md
 says what each row measures.
 """
@@ -421,7 +421,7 @@ def main(argv=None):
         table += scale_markdown(persistence)
     goals = goal_rows(results, persistence)
     if goals:
-        table += ("\n\nThe goals of issue 19 (our server on %s; throughput and latency "
+        table += ("\n\nThe goals (our server on %s; throughput and latency "
                   "goals on the means of each cell's %d runs):\n\n"
                   % (_our_flags(opts), opts.repeat) + goals_markdown(goals))
     print("\n" + table, flush=True)
