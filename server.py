@@ -857,10 +857,9 @@ class Connection(asyncio.Protocol):
             out.append(reply)
             queue.popleft()
         if out and not self.closed:
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.writelines(out)
+            # write(), not writelines(): on Python 3.12.1 writelines() never
+            # pauses the protocol, so flow control (pause_writing) would not see it.
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if self.closed:
             return
         if not queue and not self.busy and not self.waiting:
@@ -902,7 +901,7 @@ class Connection(asyncio.Protocol):
         """Write parts of a streamed reply; return once the transport has room for more."""
         if self.closed:
             raise ConnectionError("the client has gone")
-        self.transport.writelines(parts)
+        self.transport.write(b"".join(parts))     # not writelines(): see flush()
         if self.write_paused:                   # set by write(), through pause_writing
             self.drained = self.server.loop.create_future()
             await self.drained
@@ -1093,6 +1092,7 @@ class Server:
     def drain(self):
         """Close idle connections now; the others after the reply in flight."""
         self.draining = True
+        self._emptied.clear()       # set again by forget() when the last one has gone
         for connection in list(self.connections):
             connection.drain()
         if not self.connections:
@@ -1100,6 +1100,8 @@ class Server:
 
     async def wait_closed(self, timeout):
         """Wait up to `timeout` s for every connection to close; returns how many are still open."""
+        if not self.connections:
+            return 0
         try:
             await asyncio.wait_for(self._emptied.wait(), timeout)
         except asyncio.TimeoutError:
