@@ -565,10 +565,6 @@ HEAD_SOFT_BYTES = 8192      # over the memory cap, a head larger than this is re
 LINGER_SECONDS = 2.0        # after an error that closes: how long unread input is drained
 LARGE_REPLY = 65536         # a reply this large may be refused (503) over the memory cap
 
-# Where a connection is, for its deadline (Connection.deadline).
-HEAD, BODY, IDLE, SENDING, WAITING, LINGERING = "head", "body", "idle", "sending", "waiting", \
-    "lingering"
-
 
 class Owed:
     """A write's place in its connection's replies, until the journal says it is durable."""
@@ -580,8 +576,52 @@ class Owed:
         self.reply, self.started = None, connection.started
 
     def durable(self, error):
-        """The journal's driver: the write is durable (error None), or will never be."""
+        """The journal, on the loop: the write is durable (error None), or will never be."""
         self.connection.written(self, error)
+
+
+class Replies:
+    """A connection's replies in request order: ready ones (bytes), and writes owed (Owed)."""
+
+    __slots__ = ("pending", "owed", "owed_bytes")
+
+    def __init__(self):
+        self.pending = collections.deque()
+        self.owed = 0               # writes not yet durable
+        self.owed_bytes = 0         # their bodies
+
+    def __len__(self):
+        return len(self.pending)
+
+    def add(self, reply):
+        self.pending.append(reply)
+
+    def owe(self, owed):
+        self.pending.append(owed)
+        self.owed += 1
+        self.owed_bytes += owed.size
+
+    def settle(self, owed, reply):
+        """A write's verdict has come: `reply` takes its place."""
+        owed.reply = reply
+        self.owed -= 1
+        self.owed_bytes -= owed.size
+
+    def first_is(self, owed):
+        return self.pending[0] is owed
+
+    def take_ready(self):
+        """The replies ready at the front, in order: up to the first write still owed."""
+        pending, out = self.pending, []
+        while pending:
+            reply = pending[0]
+            if type(reply) is Owed:
+                if reply.reply is None:
+                    break
+                reply = reply.reply
+            out.append(reply)
+            pending.popleft()
+        return out
 
 
 class Connection(asyncio.Protocol):
@@ -603,9 +643,7 @@ class Connection(asyncio.Protocol):
         self.parser = http11.RequestParser(limits.max_header_bytes, limits.max_value_bytes)
         self.transport = None
         self.client = "-"
-        self.queue = collections.deque()    # replies in request order: bytes, or Owed
-        self.owed = 0                       # Owed in the queue (writes not yet durable)
-        self.owed_bytes = 0                 # their bodies
+        self.queue = Replies()
         self.held = 0                       # bytes counted in server.inflight
         self.reserved = 0                   # body bytes reserved against the memory cap
         self.checked = None                 # the request whose head was checked
@@ -704,7 +742,7 @@ class Connection(asyncio.Protocol):
                 return
             request = self.waiting
             if request is not None:         # a read waiting for this connection's writes
-                if self.owed:
+                if queue.owed:
                     return
                 self.waiting = None
             else:
@@ -721,7 +759,7 @@ class Connection(asyncio.Protocol):
                         continue            # answered from its head alone
                 if not request.complete:
                     continue
-                if self.owed and request.method not in WRITE_METHODS:
+                if queue.owed and request.method not in WRITE_METHODS:
                     self.waiting = request  # a read sees this connection's writes first
                     return
             self.serve(request)
@@ -796,8 +834,8 @@ class Connection(asyncio.Protocol):
             self.close_after = True
         if VALUE_CACHING not in headers:
             headers += NO_STORE
-        self.queue.append(http11.response(status, body, headers, content_type,
-                                          self.connection_value(request), head_only))
+        self.queue.add(http11.response(status, body, headers, content_type,
+                                       self.connection_value(request), head_only))
         self.server.request_done(self, request, status, len(body), self.started, self.now)
 
     def owe(self, request, size, etag):
@@ -805,15 +843,11 @@ class Connection(asyncio.Protocol):
         return Owed(self, request, size, etag)
 
     def queue_owed(self, owed):
-        self.queue.append(owed)
-        self.owed += 1
-        self.owed_bytes += owed.size
+        self.queue.owe(owed)
         self.server.handed(owed.size)
 
     def written(self, owed, error):
         """The journal's verdict on a write of ours: build its reply; send what is ready."""
-        self.owed -= 1
-        self.owed_bytes -= owed.size
         self.server.written(owed.size)
         status, body, headers = 200, b"", ()
         if error:
@@ -821,22 +855,22 @@ class Connection(asyncio.Protocol):
             body = message.encode() + b"\n"
         elif owed.etag is not None:
             headers = (("ETag", owed.etag),)
+        request = owed.request
+        self.queue.settle(owed, None if self.closed else http11.response(
+            status, body, headers + NO_STORE, http11.TEXT_PLAIN, self.connection_value(request)))
         if self.closed:
             return
-        request = owed.request
-        owed.reply = http11.response(status, body, headers + NO_STORE, http11.TEXT_PLAIN,
-                                     self.connection_value(request))
         self.server.request_done(self, request, status, len(body), owed.started)
-        if not self.owed and not self.turn_due:
+        if not self.queue.owed and not self.turn_due:
             self.now = time.monotonic()
             self.advance()                  # its last write: its replies go out now
-        elif self.queue[0] is owed:
+        elif self.queue.first_is(owed):
             self.next_turn()                # more to come in this round: together, next turn
 
     def refuse(self, status, message, headers=(), flush=False):
         """An error after which the stream is unusable: send it, drain input briefly, close."""
         self.waiting = None
-        self.queue.append(http11.error_response(status, message, "close", headers + NO_STORE))
+        self.queue.add(http11.error_response(status, message, "close", headers + NO_STORE))
         self.server.request_done(self, None, status, len(message) + 1, self.started)
         self.close_after = self.lingering = True
         self.since = self.server.now()
@@ -845,17 +879,8 @@ class Connection(asyncio.Protocol):
 
     def flush(self):
         """Write the replies that are ready, in order; then decide about reading and closing."""
-        queue, out = self.queue, []
-        if len(queue) == 1 and type(queue[0]) is bytes and not self.closed:
-            self.transport.write(queue.pop())     # the usual case: one reply
-        while queue:
-            reply = queue[0]
-            if type(reply) is Owed:
-                if reply.reply is None:
-                    break
-                reply = reply.reply
-            out.append(reply)
-            queue.popleft()
+        queue = self.queue
+        out = queue.take_ready()
         if out and not self.closed:
             # write(), not writelines(): on Python 3.12.1 writelines() never
             # pauses the protocol, so flow control (pause_writing) would not see it.
@@ -888,59 +913,48 @@ class Connection(asyncio.Protocol):
 
     def account(self):
         """Keep the server's count of the bytes this connection makes it hold."""
-        held = self.owed_bytes
+        held = self.queue.owed_bytes
         if not self.closed:
             held += self.parser.buffered + self.transport.get_write_buffer_size()
         if held != self.held:
             self.server.inflight += held - self.held
             self.held = held
 
-    # -- a backup stream (SnapshotStream, from its thread through the loop) -----
-
-    async def send_stream(self, parts):
-        """Write parts of a streamed reply; return once the transport has room for more."""
+    def room(self):
+        """For a reply streamed from another thread (SnapshotStream): a future done once the
+        transport has room for more, or failed if the connection is lost."""
+        future = self.server.loop.create_future()
         if self.closed:
-            raise ConnectionError("the client has gone")
-        self.transport.write(b"".join(parts))     # not writelines(): see flush()
-        if self.write_paused:                   # set by write(), through pause_writing
-            self.drained = self.server.loop.create_future()
-            await self.drained
-
-    def stream_done(self, keep_alive):
-        self.busy = False
-        if not keep_alive:
-            self.close_after = True
-        self.since = self.started = self.server.now()
-        self.advance()
+            future.set_exception(ConnectionError("the client has gone"))
+        elif self.write_paused:
+            self.drained = future           # resume_writing or connection_lost ends it
+        else:
+            future.set_result(None)
+        return future
 
     # -- deadlines and the end ----------------------------------------------------
 
-    def state(self):
-        """Where the connection is, for its deadline."""
-        if self.lingering:
-            return LINGERING
-        if self.write_paused:
-            return SENDING
-        if self.queue or self.busy or self.waiting:
-            return WAITING                  # on us, not the client: no deadline
-        if self.parser.in_body:
-            return BODY
-        return IDLE if self.idle else HEAD
-
     def deadline(self):
+        """When its wait on the client ends, for Server.sweep; None while it waits on us."""
         limits = self.server.limits
-        timeout = {HEAD: limits.header_timeout, BODY: limits.body_timeout,
-                   IDLE: limits.idle_timeout, SENDING: limits.send_timeout,
-                   LINGERING: LINGER_SECONDS}.get(self.state())
-        return None if timeout is None else self.since + timeout
+        if self.lingering:
+            return self.since + LINGER_SECONDS
+        if self.write_paused:
+            return self.since + limits.send_timeout
+        if self.queue or self.busy or self.waiting:
+            return None                     # a write in the journal, a backup being made
+        if self.parser.in_body:
+            return self.since + limits.body_timeout
+        return self.since + (limits.idle_timeout if self.idle else limits.header_timeout)
 
     def expire(self):
-        """Its deadline passed (Server.sweep): 408 where a reply can still be made, and close."""
-        state = self.state()
-        if state in (BODY, SENDING) or (state == HEAD and self.parser.buffered):
-            self.server.requests_timed_out += 1
+        """Its deadline passed: 408 if a request is half received, and close."""
         self.timed_out = True
-        if state == BODY or (state == HEAD and self.parser.buffered):
+        half = not (self.lingering or self.write_paused) and bool(
+            self.parser.in_body or self.parser.buffered)
+        if half or self.write_paused:
+            self.server.requests_timed_out += 1     # not an idle connection
+        if half:
             self.transport.write(http11.error_response(408, "request timeout", "close", NO_STORE))
             self.server.request_done(self, None, 408, 16, self.started)
             self.transport.close()
@@ -1522,7 +1536,18 @@ class SnapshotStream:
                 % (connection.client, self.size,
                    "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
                    if connection.timed_out else error))
-        connection.stream_done(whole and self.chunked and self.request.keep_alive)
+        connection.busy = False
+        if not (whole and self.chunked and self.request.keep_alive):
+            connection.close_after = True
+        connection.since = connection.started = time.monotonic()
+        connection.advance()
+
+    async def send_parts(self, parts):
+        """On the loop: write parts of the reply, then wait until the transport has room."""
+        connection = self.connection
+        if not connection.closed:
+            connection.transport.write(b"".join(parts))     # not writelines(): see flush()
+        await connection.room()
 
     def write(self, data):
         """pickle.dump's file: each write, one chunk."""
@@ -1534,8 +1559,7 @@ class SnapshotStream:
 
     def send(self, parts):
         """Send through the loop; return once the transport has room again.  Raises OSError."""
-        asyncio.run_coroutine_threadsafe(self.connection.send_stream(parts),
-                                         self.server.loop).result()
+        asyncio.run_coroutine_threadsafe(self.send_parts(parts), self.server.loop).result()
 
 
 # --------------------------------------------------------------- lifecycle --
@@ -1632,6 +1656,83 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, "error: %s (see --help)\n" % message)
 
 
+# Every flag, as a table: (group, flag, add_argument's keywords).  The
+# group None is the main one; ENVIRONMENT gives the variables that stand in
+# for a flag that is not given.
+LIMITS_GROUP = ("limits and timeouts", "what one client can make the server spend; each "
+                "bound keeps the server available to the others (see README, Limits and "
+                "timeouts)")
+FLAGS = (
+    (None, "--version", dict(action="version", version="kvstore " + __version__)),
+    (None, "--host", dict(type=host_address, default="0.0.0.0", help=(
+        "address to bind: an IP address ([::1] or ::1 for IPv6) or a host name "
+        "(env HOST, default 0.0.0.0)"))),
+    (None, "--port", dict(type=port_number, default="8080", help=(
+        "TCP port; 0 picks a free one (env PORT, default 8080)"))),
+    (None, "--working-dir", dict(type=not_empty, default="./data", metavar="DIR", help=(
+        "data directory, created if missing (env DATA_DIR, default ./data)"))),
+    (None, "--shutdown-timeout", dict(type=non_negative_float, default=15.0, metavar="SECONDS",
+                                      help="how long shutdown waits for requests in flight "
+                                           "(default 15)")),
+    (None, "--max-value-bytes", dict(type=positive_int, default=10 << 20, metavar="N",
+                                     help="largest accepted value (default 10485760)")),
+    (None, "--fsync", dict(choices=persistence.Journal.POLICIES, default="always", help=(
+        "journal fsync policy: always = before each reply, shared by concurrent writers; "
+        "everysec = once a second; no = left to the OS (default always)"))),
+    (None, "--checkpoint-bytes", dict(type=positive_int, default=64 << 20, metavar="N", help=(
+        "write a snapshot and start a new journal when the journal grows past N bytes "
+        "(default 67108864)"))),
+    (None, "--lock-wait", dict(type=non_negative_float, default=5.0, metavar="SECONDS", help=(
+        "if another process holds the data directory's lock, wait this long for it to exit "
+        "(a server still dying) before refusing to start (default 5)"))),
+    (None, "--cpu", dict(type=cpu_number, default=None, metavar="N", help=(
+        "for a host dedicated to this server: run every thread on CPU N, scheduled as "
+        "SCHED_BATCH (default: not pinned, normal scheduling; see README, Performance)"))),
+    (None, "--auth-token-file", dict(type=not_empty, default=None, metavar="FILE", help=(
+        "require 'Authorization: Bearer <token>' on every request but GET /health; the "
+        "token is the file's content without surrounding whitespace; SIGHUP reads it "
+        "again (env %s, default: no auth)" % AUTH_TOKEN_ENV))),
+    (LIMITS_GROUP, "--header-timeout", dict(type=positive_float, default=10.0,
+                                            metavar="SECONDS", help=(
+        "a request line and headers must arrive within it, else 408 and close; ample for "
+        "any real client (default 10)"))),
+    (LIMITS_GROUP, "--body-timeout", dict(type=positive_float, default=30.0, metavar="SECONDS",
+                                          help=(
+        "a body that stops arriving for longer gets 408 and close; a pause, not a total, "
+        "so slow links still upload (default 30)"))),
+    (LIMITS_GROUP, "--send-timeout", dict(type=positive_float, default=30.0, metavar="SECONDS",
+                                          help=(
+        "a client that stops reading its reply for longer is cut off (default 30)"))),
+    (LIMITS_GROUP, "--idle-timeout", dict(type=positive_float, default=60.0, metavar="SECONDS",
+                                          help=(
+        "a keep-alive connection with no request for longer is closed, without a reply "
+        "(default 60)"))),
+    (LIMITS_GROUP, "--max-connections", dict(type=positive_int, default=16384, metavar="N",
+                                             help=(
+        "open connections; past it a new one gets 503 and is closed; room for a burst of "
+        "10,000 clients (default 16384)"))),
+    (LIMITS_GROUP, "--max-inflight-bytes", dict(type=positive_int, default=256 << 20,
+                                                metavar="N", help=(
+        "bytes clients make the server hold (input not yet served, bodies being received, "
+        "writes waiting for the journal, unsent replies); a body past it gets 503 with "
+        "Retry-After, a request without one never (default 268435456 = 256 MiB)"))),
+    (LIMITS_GROUP, "--max-header-bytes", dict(type=positive_int, default=65536, metavar="N",
+                                              help=(
+        "request line and headers together; past it 431, or 414 for the request line "
+        "alone (default 65536)"))),
+    (LIMITS_GROUP, "--max-journal-bytes", dict(type=positive_int, default=64 << 20,
+                                               metavar="N", help=(
+        "writes handed to the journal and not yet durable (a slow or stalled disk); past "
+        "it new writes get 503 with Retry-After (default 67108864 = 64 MiB)"))),
+    (None, "--access-log", dict(action="store_true", help=(
+        "log one line per request: client, request line, status, bytes, seconds (never a "
+        "value); off by default"))),
+    (None, "--log-format", dict(choices=LOG_FORMATS, default="text", help=(
+        "text: a line per event after an RFC 3339 UTC timestamp; json: a JSON object per "
+        "line (default text)"))),
+)
+
+
 def parse_args(argv, environ):
     """The command line and the environment, as argparse's namespace; exit 2 on bad usage.
 
@@ -1646,83 +1747,16 @@ def parse_args(argv, environ):
                "SIGTERM and SIGINT shut the server down cleanly; SIGHUP reads the token "
                "file again (a bad one keeps the current token) and never stops it. "
                "Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad usage.")
-    parser.add_argument("--version", action="version", version="kvstore " + __version__)
-    parser.add_argument("--host", type=host_address, default=environ.get("HOST") or "0.0.0.0",
-                        help="address to bind: an IP address ([::1] or ::1 for IPv6) or a "
-                             "host name (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=port_number, default=environ.get("PORT") or "8080",
-                        help="TCP port; 0 picks a free one (env PORT, default 8080)")
-    parser.add_argument("--working-dir", type=not_empty,
-                        default=environ.get("DATA_DIR") or "./data", metavar="DIR",
-                        help="data directory, created if missing "
-                             "(env DATA_DIR, default ./data)")
-    parser.add_argument("--shutdown-timeout", type=non_negative_float, default=15.0,
-                        metavar="SECONDS",
-                        help="how long shutdown waits for requests in flight (default 15)")
-    parser.add_argument("--max-value-bytes", type=positive_int, default=10 * 1024 * 1024,
-                        metavar="N", help="largest accepted value (default 10485760)")
-    parser.add_argument("--fsync", choices=persistence.Journal.POLICIES, default="always",
-                        help="journal fsync policy: always = before each reply, shared by "
-                             "concurrent writers; everysec = once a second; no = left to "
-                             "the OS (default always)")
-    parser.add_argument("--checkpoint-bytes", type=positive_int, default=64 * 1024 * 1024,
-                        metavar="N",
-                        help="write a snapshot and start a new journal when the journal "
-                             "grows past N bytes (default 67108864)")
-    parser.add_argument("--lock-wait", type=non_negative_float, default=5.0,
-                        metavar="SECONDS",
-                        help="if another process holds the data directory's lock, wait "
-                             "this long for it to exit (a server still dying) before "
-                             "refusing to start (default 5)")
-    parser.add_argument("--cpu", type=cpu_number, default=None, metavar="N",
-                        help="for a host dedicated to this server: run every thread on "
-                             "CPU N, scheduled as SCHED_BATCH (default: not pinned, "
-                             "normal scheduling; see README, Performance)")
-    parser.add_argument("--auth-token-file", type=not_empty,
-                        default=environ.get(AUTH_TOKEN_ENV) or None, metavar="FILE",
-                        help="require 'Authorization: Bearer <token>' on every request "
-                             "but GET /health; the token is the file's content without "
-                             "surrounding whitespace; SIGHUP reads it again (env %s, "
-                             "default: no auth)" % AUTH_TOKEN_ENV)
-    limits = parser.add_argument_group(
-        "limits and timeouts", "what one client can make the server spend; each bound keeps "
-        "the server available to the others (see README, Limits and timeouts)")
-    limits.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
-                        help="a request line and headers must arrive within it, else 408 "
-                             "and close; ample for any real client (default 10)")
-    limits.add_argument("--body-timeout", type=positive_float, default=30.0, metavar="SECONDS",
-                        help="a body that stops arriving for longer gets 408 and close; a "
-                             "pause, not a total, so slow links still upload (default 30)")
-    limits.add_argument("--send-timeout", type=positive_float, default=30.0, metavar="SECONDS",
-                        help="a client that stops reading its reply for longer is cut off "
-                             "(default 30)")
-    limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                        help="a keep-alive connection with no request for longer is "
-                             "closed, without a reply (default 60)")
-    limits.add_argument("--max-connections", type=positive_int, default=16384, metavar="N",
-                        help="open connections; past it a new one gets 503 and is closed; "
-                             "room for a burst of 10,000 clients (default 16384)")
-    limits.add_argument("--max-inflight-bytes", type=positive_int, default=256 << 20,
-                        metavar="N",
-                        help="memory of all requests in flight together (bodies being "
-                             "received, header blocks, unsent replies); a request past it "
-                             "gets 503 with Retry-After (default 268435456 = 256 MiB)")
-    limits.add_argument("--max-header-bytes", type=positive_int, default=65536, metavar="N",
-                        help="request line and headers together; past it 431, or 414 for "
-                             "the request line alone (default 65536)")
-    limits.add_argument("--max-journal-bytes", type=positive_int, default=64 << 20,
-                        metavar="N",
-                        help="writes handed to the journal and not yet durable (a slow or "
-                             "stalled disk); past it new writes get 503 with Retry-After "
-                             "(default 67108864 = 64 MiB)")
-    parser.add_argument("--access-log", action="store_true",
-                        help="log one line per request: client, request line, status, "
-                             "bytes, seconds (never a value); off by default")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                        help="text: a line per event after an RFC 3339 UTC timestamp; "
-                             "json: a JSON object per line (default text)")
-    # An empty variable counts as unset while parsing (the defaults above),
-    # so that --help still works; then it is refused.
+    groups = {None: parser}
+    stands_for = {flag: name for name, flag in ENVIRONMENT.items()}
+    for group, flag, options in FLAGS:
+        if group not in groups:
+            groups[group] = parser.add_argument_group(*group)
+        if flag in stands_for:
+            # An empty variable counts as unset here, so that --help still
+            # works; it is refused below.
+            options = dict(options, default=environ.get(stands_for[flag]) or options["default"])
+        groups[group].add_argument(flag, **options)
     args = parser.parse_args(argv)          # --help and --version exit here
     for name, flag in ENVIRONMENT.items():
         if environ.get(name) == "":

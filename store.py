@@ -45,7 +45,7 @@ A dict has no order to page through, and sorting a million keys takes
 half a second with the GIL held.  So the first listing starts a sorted
 index of the keys (SortedKeys), which every later write keeps up to date
 under the lock.  A small store's index is built at once; a large one's in
-the background, while listings get KeyIndexBuilding (_build_key_index).
+the background, while listings get KeyIndexBuilding (KeyIndex.build).
 
 Checkpoints
 -----------
@@ -179,12 +179,84 @@ class SortedKeys:
         return keys
 
 
-class Store:
+class KeyIndex:
+    """The store's keys in order, made for the first listing and kept up to date after it.
+
+    Called with the store's lock held, except build(), which a thread of
+    its own runs for a large store (see "Listing keys in order" above).
+    """
 
     # A first listing of up to this many keys sorts them at once (~10 ms);
     # a larger store's index is built in the background.
-    KEY_INDEX_AT_ONCE = 20000
-    KEY_INDEX_RUN = 10000       # keys sorted at once by the background build (~5 ms)
+    AT_ONCE = 20000
+    RUN = 10000                 # keys sorted at once by the background build (~5 ms)
+
+    def __init__(self, data, lock):
+        self._data, self._lock = data, lock
+        self._sorted = None     # SortedKeys, once a listing has asked for it and it is built
+        self._log = None        # while it is built: the keys written since its copy
+        self._cleared = False   # ... and whether a CLEAR came since
+
+    def page(self, prefix, after, count):
+        """Up to `count` keys in order after `after` with `prefix`; KeyIndexBuilding meanwhile."""
+        if self._sorted is None:
+            if self._log is None:
+                self._start()
+            if self._sorted is None:
+                raise KeyIndexBuilding()
+        return self._sorted.page(prefix, after, count)
+
+    def _start(self):
+        keys = list(self._data)         # the one O(n) step under the lock: a copy
+        if len(keys) <= self.AT_ONCE:
+            self._sorted = SortedKeys(sorted(keys))
+        else:
+            self._log, self._cleared = set(), False
+            threading.Thread(target=self.build, args=(keys,), name="key-index",
+                             daemon=True).start()
+
+    def build(self, keys):
+        """The background build: sort the keys copied at its start, then catch up, under the lock.
+
+        Sorted in runs of RUN keys, merged by heapq.merge: no step holds the
+        GIL for long (sorted() of a million keys would hold it for half a
+        second), and none holds the lock.  The writes made meanwhile are
+        logged (note); at the end each logged key is added to or removed
+        from the index as the dict says, and the index is in use from then on.
+        """
+        runs = [sorted(keys[start:start + self.RUN]) for start in range(0, len(keys), self.RUN)]
+        index = SortedKeys(heapq.merge(*runs))
+        with self._lock:
+            if self._cleared:
+                index = SortedKeys()
+            for key in self._log:
+                if key in self._data:
+                    index.add(key)
+                else:
+                    index.remove(key)
+            self._sorted, self._log = index, None
+
+    def note(self, op, key):
+        """A change about to be applied to the dict (op, key): keep the order, or log it."""
+        index = self._sorted
+        if index is not None:
+            if op == PUT:
+                if key not in self._data:
+                    index.add(key)
+            elif op == DELETE:
+                if key in self._data:
+                    index.remove(key)
+            else:
+                self._sorted = SortedKeys()
+        elif self._log is not None:     # being built: log the key
+            if op == CLEAR:
+                self._log.clear()
+                self._cleared = True
+            else:
+                self._log.add(key)
+
+
+class Store:
 
     def __init__(self, data, journal, checkpoint_bytes, log):
         self._data = data
@@ -193,9 +265,7 @@ class Store:
         self._pending = {}      # key -> its newest queued record (op, key, value), not yet applied
         self._pending_clear = None  # the newest queued CLEAR record, not yet applied
         self._tags = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
-        self._sorted = None     # SortedKeys, once a listing has asked for it and it is built
-        self._sorted_log = None     # while it is built: the keys written since its copy
-        self._sorted_cleared = False    # ... and whether a CLEAR came since
+        self._keys = KeyIndex(data, self._lock)     # the keys in order, once a listing asks
         self._sealed = False
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_lock = threading.Lock()  # one checkpoint at a time
@@ -281,47 +351,8 @@ class Store:
         while a large store's first listing builds the index.
         """
         with self._lock:
-            if self._sorted is None:
-                if self._sorted_log is None:
-                    self._start_key_index()
-                if self._sorted is None:
-                    raise KeyIndexBuilding()
-            keys = self._sorted.page(prefix, after, limit + 1)
+            keys = self._keys.page(prefix, after, limit + 1)
         return keys[:limit], len(keys) > limit
-
-    def _start_key_index(self):
-        """Under the lock: from now on, keep the keys in order."""
-        keys = list(self._data)         # the one O(n) step under the lock: a copy
-        if len(keys) <= self.KEY_INDEX_AT_ONCE:
-            self._sorted = SortedKeys(sorted(keys))
-        else:
-            self._sorted_log, self._sorted_cleared = set(), False
-            threading.Thread(target=self._build_key_index, args=(keys,), name="key-index",
-                             daemon=True).start()
-
-    def _build_key_index(self, keys):
-        """The background build: sort the keys copied at its start, then catch up, under the lock.
-
-        Sorted in runs of KEY_INDEX_RUN keys, merged by heapq.merge: no
-        step holds the GIL for long (sorted() of a million keys would hold
-        it for half a second), and none holds the lock.  The writes made
-        meanwhile are logged by _apply; at the end each logged key is added
-        to or removed from the index as the dict says, and the index is
-        in use from then on.
-        """
-        run = self.KEY_INDEX_RUN
-        runs = [sorted(keys[start:start + run]) for start in range(0, len(keys), run)]
-        index = SortedKeys(heapq.merge(*runs))
-        with self._lock:
-            if self._sorted_cleared:
-                index = SortedKeys()
-            data = self._data
-            for key in self._sorted_log:
-                if key in data:
-                    index.add(key)
-                else:
-                    index.remove(key)
-            self._sorted, self._sorted_log = index, None
 
     def _tagged(self, key, read):
         """(value, tag) of `key` as read(key) sees it under the lock; hashes outside the lock."""
@@ -408,22 +439,7 @@ class Store:
 
     def _apply(self, op, key, value):
         """Under the lock: change the dict, and the sorted keys if a listing made them."""
-        index = self._sorted
-        if index is not None:
-            if op == PUT:
-                if key not in self._data:
-                    index.add(key)
-            elif op == DELETE:
-                if key in self._data:
-                    index.remove(key)
-            else:
-                self._sorted = SortedKeys()
-        elif self._sorted_log is not None:      # being built: log the key
-            if op == CLEAR:
-                self._sorted_log.clear()
-                self._sorted_cleared = True
-            else:
-                self._sorted_log.add(key)
+        self._keys.note(op, key)
         persistence.apply(self._data, op, key, value)
 
     def journal_failed(self, error):

@@ -14,7 +14,6 @@
 """
 import http.client
 import os
-import re
 import resource
 import signal
 import subprocess

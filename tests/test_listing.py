@@ -3,15 +3,11 @@
 Each test of the shared server lists under a prefix of its own (its name),
 so that the keys of other tests stay out of its pages.
 """
-import os
 import random
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
-import time
 import unittest
 import urllib.parse
 from unittest import mock
@@ -238,11 +234,11 @@ class EmptyStoreListingTests(support.ServerTestCase):
 
 
 class LargeStoreListingTests(support.ServerTestCase):
-    """A store larger than Store.KEY_INDEX_AT_ONCE builds its index in the background."""
+    """A store larger than KeyIndex.AT_ONCE builds its index in the background."""
 
     def test_first_listing_is_503_then_every_key(self):
         server = self.start_server("--fsync", "no")
-        keys = ["k%06d" % i for i in range(store_module.Store.KEY_INDEX_AT_ONCE + 500)]
+        keys = ["k%06d" % i for i in range(store_module.KeyIndex.AT_ONCE + 500)]
         random.Random(18).shuffle(keys)
         put_many(server, keys)
         status, headers, body = server.request("GET", "/kv?limit=1")
@@ -318,7 +314,7 @@ class KeyIndexBuildTest(unittest.TestCase):
         journal = persistence.Journal(directory, generation, "no")
         self.addCleanup(journal.close)
         store = store_module.Store(data, journal, 1 << 40, lambda line: None)
-        store.KEY_INDEX_AT_ONCE, store.KEY_INDEX_RUN = 0, 7     # many runs to merge
+        store._keys.AT_ONCE, store._keys.RUN = 0, 7     # many runs to merge
         model = set(data)
         with mock.patch.object(store_module.threading, "Thread") as thread:
             with self.assertRaises(store_module.KeyIndexBuilding):
