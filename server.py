@@ -558,7 +558,7 @@ def quote(text):
 # the Api for each reply, and writes the replies back in request order.
 # Nothing here blocks, and nothing here touches a socket.
 
-REQUESTS_PER_TURN = 32      # then the other connections' turn: a pipeline cannot hog the loop
+REQUESTS_PER_TURN = 8       # then the other connections' turn: a pipeline cannot hog the loop
 MAX_OWED = 1024             # replies a connection may have waiting; then it reads no more
 PIPELINE_BYTES = 65536      # unserved input past which a connection reads no more for now
 HEAD_SOFT_BYTES = 8192      # over the memory cap, a head larger than this is refused
