@@ -39,6 +39,10 @@ from tests.durability_support import (
     TRACEBACK, BareServer, Completed, FaultyFsyncServer, file_state, get_many, idle_connection,
     journals, read_response, run_cli, start_put, stop_within, wait_closed)
 
+if support.ROOT not in sys.path:
+    sys.path.insert(0, support.ROOT)
+import persistence                                   # noqa: E402
+
 RUN_SH = os.path.join(support.ROOT, "run.sh")
 FLAGS = ("--host", "--port", "--working-dir", "--shutdown-timeout", "--max-value-bytes",
          "--fsync", "--checkpoint-bytes", "--lock-wait", "--cpu", "--access-log")
@@ -229,6 +233,22 @@ class CommandLineTest(LifecycleTestCase):
         self.assertEqual(result.code, 1, result)
         self.assert_one_line(result, contains=[port])
         self.assertLess(result.seconds, 10, result)
+
+    def test_a_taken_port_fails_before_the_data_is_loaded_and_leaves_no_file(self):
+        # The port is bound first: a taken port is told at once, not after
+        # loading a large snapshot, and the failed start changes nothing.
+        # main 322ce3d loaded the store (and opened a new journal) first.
+        persistence.write_snapshot(self.data_dir, {"k%d" % i: b"v" for i in range(1000)})
+        before = sorted(os.listdir(self.data_dir))
+        with socket.socket() as blocker:
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+            port = blocker.getsockname()[1]
+            result = run_cli(["--host", "127.0.0.1", "--port", str(port),
+                              "--working-dir", self.data_dir])
+        self.assertEqual(result.code, 1, result)
+        self.assertNotIn("Loaded", result.stdout + result.stderr)
+        self.assertEqual(sorted(os.listdir(self.data_dir)), before)
 
     def test_unusable_data_dir_exits_1_naming_it(self):
         regular = self.sub_dir("a-file")
