@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from unittest import mock
@@ -485,3 +486,20 @@ class WriterFaults:
 
     def finished(self):
         return [int(line) for line in self._lines("fsync-finished")]
+
+
+def mount_tmpfs(testcase, size):
+    """A new tmpfs of `size` ("8m") as a temporary directory, unmounted after the test.
+
+    Skips the test where it cannot be mounted (not root, no tmpfs): a full
+    disk, for real, without filling the machine's own.
+    """
+    directory = tempfile.mkdtemp(prefix="kvtest-tmpfs-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs", directory],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        os.rmdir(directory)
+        testcase.skipTest("cannot mount a tmpfs: %s" % mounted.stderr.decode().strip())
+    testcase.addCleanup(os.rmdir, directory)
+    testcase.addCleanup(subprocess.run, ["umount", "-l", directory])
+    return directory

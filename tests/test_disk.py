@@ -30,7 +30,7 @@ import unittest
 
 from tests import support
 from tests.durability_support import (
-    TRACEBACK, assert_state, file_state, journals, run_cli, stop_within)
+    TRACEBACK, assert_state, file_state, journals, mount_tmpfs, run_cli, stop_within)
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -330,14 +330,7 @@ class FullDiskRestartTest(support.ServerTestCase):
 
     def setUp(self):
         super().setUp()
-        self.data_dir = tempfile.mkdtemp(prefix="kvtest-tmpfs-")
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", self.data_dir],
-                                 capture_output=True)
-        if mounted.returncode != 0:
-            os.rmdir(self.data_dir)
-            self.skipTest("cannot mount a tmpfs: %s" % mounted.stderr.decode().strip())
-        self.addCleanup(os.rmdir, self.data_dir)
-        self.addCleanup(subprocess.run, ["umount", "-l", self.data_dir])
+        self.data_dir = mount_tmpfs(self, "8m")
         self.filler = os.path.join(self.data_dir, "filler")
 
     def fill(self, leave):

@@ -16,13 +16,12 @@ import http.client
 import os
 import resource
 import signal
-import subprocess
 import sys
-import tempfile
 import unittest
 
 from tests import support
-from tests.durability_support import TRACEBACK, FaultyFsyncServer, assert_state, journals
+from tests.durability_support import (
+    TRACEBACK, FaultyFsyncServer, assert_state, journals, mount_tmpfs)
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -100,14 +99,7 @@ class TmpfsFullDiskTest(FullDiskTests, support.ServerTestCase):
         super().setUp()
         if os.geteuid() != 0:
             self.skipTest("mounting a tmpfs needs root")
-        self.data_dir = tempfile.mkdtemp(prefix="kvtest-tmpfs-")
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", self.data_dir],
-                                 capture_output=True)
-        if mounted.returncode != 0:
-            os.rmdir(self.data_dir)
-            self.skipTest("cannot mount a tmpfs: %s" % mounted.stderr.decode().strip())
-        self.addCleanup(os.rmdir, self.data_dir)
-        self.addCleanup(subprocess.run, ["umount", "-l", self.data_dir])
+        self.data_dir = mount_tmpfs(self, "1m")
         self.filler = os.path.join(self.data_dir, "filler")
 
     def make_full(self, server):

@@ -79,6 +79,22 @@ def outcome(pieces, **options):
     return results
 
 
+
+# Chunked bodies every strict parser refuses (400 "bad chunked body"); also
+# sent over the wire by test_http_protocol.
+MALFORMED_CHUNKED = {
+    "non-hex size": b"zz\r\n",
+    "empty size line": b"\r\n",
+    "negative size": b"-5\r\nhello\r\n0\r\n\r\n",
+    "plus sign": b"+5\r\nhello\r\n0\r\n\r\n",
+    "0x prefix": b"0x5\r\nhello\r\n0\r\n\r\n",
+    "underscore in size": b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+    "data longer than its size": b"3\r\nabcXY\r\n0\r\n\r\n",
+    "17 hex digits": b"00000000000000003\r\nabc\r\n0\r\n\r\n",
+    "bare CR after the data": b"3\r\nabc\rX0\r\n\r\n",
+    "NUL in an extension": b"3;a\x00\r\nabc\r\n0\r\n\r\n",
+}
+
 class ParserTestCase(unittest.TestCase):
 
     def parse(self, data, **options):
@@ -443,21 +459,8 @@ class ChunkedTests(ParserTestCase):
                        chunked(b"abc"), version="HTTP/1.0")
         self.assertRefused(data, "transfer-encoding on http/1.0")
 
-    MALFORMED = {
-        "non-hex size": b"zz\r\n",
-        "empty size line": b"\r\n",
-        "negative size": b"-5\r\nhello\r\n0\r\n\r\n",
-        "plus sign": b"+5\r\nhello\r\n0\r\n\r\n",
-        "0x prefix": b"0x5\r\nhello\r\n0\r\n\r\n",
-        "underscore in size": b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
-        "data longer than its size": b"3\r\nabcXY\r\n0\r\n\r\n",
-        "17 hex digits": b"00000000000000003\r\nabc\r\n0\r\n\r\n",
-        "bare CR after the data": b"3\r\nabc\rX0\r\n\r\n",
-        "NUL in an extension": b"3;a\x00\r\nabc\r\n0\r\n\r\n",
-    }
-
     def test_malformed_chunked_bodies(self):
-        for name, body in self.MALFORMED.items():
+        for name, body in MALFORMED_CHUNKED.items():
             with self.subTest(name):
                 self.assertRefused(put_chunked(body), "bad chunked body")
 

@@ -18,6 +18,7 @@ import time
 import unittest
 
 from tests import support
+from tests.test_http11 import MALFORMED_CHUNKED, chunked, request  # noqa: F401 (re-exported)
 from tests.test_http_api import CONTENT_TYPE, SharedServerTestCase
 
 if support.ROOT not in sys.path:
@@ -120,22 +121,6 @@ class RawConnection:
     def close(self):
         self.rfile.close()
         self.sock.close()
-
-
-def request(method, target, headers=(), body=b"", version="HTTP/1.1", host=True):
-    """The bytes of one request; `headers` is a list of (name, value) or raw header lines."""
-    lines = ["%s %s %s" % (method, target, version)]
-    if host:
-        lines.append("Host: test")
-    for header in headers:
-        lines.append(header if isinstance(header, str) else "%s: %s" % header)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chunked(*pieces, trailer=b""):
-    """A chunked body made of `pieces` (bytes), then the last chunk and `trailer`."""
-    out = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
-    return out + b"0\r\n" + trailer + b"\r\n"
 
 
 class ProtocolTestCase(SharedServerTestCase):
@@ -382,18 +367,8 @@ class ChunkedTests(ProtocolTestCase):
                 self.assertRawError(data, 501, "transfer-encoding not supported\n", closed=True)
         self.assert_absent(self.key())
 
-    MALFORMED = {
-        "non-hex size": b"zz\r\n",
-        "empty size line": b"\r\n",
-        "negative size": b"-5\r\nhello\r\n0\r\n\r\n",
-        "plus sign": b"+5\r\nhello\r\n0\r\n\r\n",
-        "0x prefix": b"0x5\r\nhello\r\n0\r\n\r\n",
-        "underscore in size": b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
-        "data longer than its size": b"3\r\nabcXY\r\n0\r\n\r\n",
-    }
-
     def test_malformed_chunked_bodies(self):
-        for name, body in self.MALFORMED.items():
+        for name, body in MALFORMED_CHUNKED.items():
             with self.subTest(name):
                 data = request("PUT", "/kv/" + self.key(), [("Transfer-Encoding", "chunked")],
                                body)

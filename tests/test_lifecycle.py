@@ -223,13 +223,17 @@ class CommandLineTest(LifecycleTestCase):
                          (0, "kvstore %s\n" % version, ""))
         self.assertRegex(version, r"^\d+\.\d+\.\d+$")
 
-    def test_port_in_use_exits_1_naming_the_port(self):
+    def start_on_a_taken_port(self):
+        """run_cli() of a server whose port another socket holds; (result, port)."""
         with socket.socket() as blocker:
             blocker.bind(("127.0.0.1", 0))
             blocker.listen()
             port = blocker.getsockname()[1]
-            result = run_cli(["--host", "127.0.0.1", "--port", str(port),
-                              "--working-dir", self.data_dir])
+            return run_cli(["--host", "127.0.0.1", "--port", str(port),
+                            "--working-dir", self.data_dir]), port
+
+    def test_port_in_use_exits_1_naming_the_port(self):
+        result, port = self.start_on_a_taken_port()
         self.assertEqual(result.code, 1, result)
         self.assert_one_line(result, contains=[port])
         self.assertLess(result.seconds, 10, result)
@@ -240,12 +244,7 @@ class CommandLineTest(LifecycleTestCase):
         # main 322ce3d loaded the store (and opened a new journal) first.
         persistence.write_snapshot(self.data_dir, {"k%d" % i: b"v" for i in range(1000)})
         before = sorted(os.listdir(self.data_dir))
-        with socket.socket() as blocker:
-            blocker.bind(("127.0.0.1", 0))
-            blocker.listen()
-            port = blocker.getsockname()[1]
-            result = run_cli(["--host", "127.0.0.1", "--port", str(port),
-                              "--working-dir", self.data_dir])
+        result, _ = self.start_on_a_taken_port()
         self.assertEqual(result.code, 1, result)
         self.assertNotIn("Loaded", result.stdout + result.stderr)
         self.assertEqual(sorted(os.listdir(self.data_dir)), before)
