@@ -2,7 +2,7 @@
 
 `parse()` is a small strict reader of the format: it fails the test on any
 line it does not understand, so that what it accepts, Prometheus does too.
-(promtool check metrics was run on the output by hand; it needs no test.)
+PromtoolTest also gives the output to Prometheus's own checker.
 Families are named kvstore_..., but for the standard process_ ones, which
 keep the names Prometheus's client libraries give them.
 """
@@ -151,6 +151,7 @@ class MetricsTest(support.ServerTestCase):
                            ("kvstore_request_duration_seconds", "histogram"),
                            ("kvstore_value_bytes", "gauge"), ("kvstore_journal_bytes", "gauge"),
                            ("kvstore_journal_fsync_seconds_total", "counter"),
+                           ("kvstore_journal_fsync_duration_seconds", "histogram"),
                            ("kvstore_checkpoints_total", "counter"),
                            ("kvstore_checkpoint_failures_total", "counter"),
                            ("kvstore_last_checkpoint_timestamp_seconds", "gauge"),
@@ -372,6 +373,26 @@ class MetricsTest(support.ServerTestCase):
 
 @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"),
                      "needs root to mount a small tmpfs (a full disk)")
+class PromtoolTest(support.ServerTestCase):
+    """`promtool check metrics` (Prometheus's linter) on a scrape with every family in it."""
+
+    def test_promtool_finds_nothing_to_say(self):
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            if os.environ.get("CI"):                # it must run there: never a silent skip
+                self.fail("promtool not installed: .ci/run installs it (apt-get prometheus)")
+            self.skipTest("needs promtool (apt-get install prometheus)")
+        server = self.start_server()
+        server.put("k", b"v")
+        server.request("GET", "/kv/k")
+        server.request("GET", "/metrics")
+        text = Scrape(server).text
+        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                                 capture_output=True, timeout=60)
+        self.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
+        self.assertEqual(checked.stdout + checked.stderr, b"", "promtool has remarks")
+
+
 class StorageWritableTest(support.ServerTestCase):
 
     def test_a_full_disk_is_storage_writable_0(self):
