@@ -1477,7 +1477,7 @@ class SnapshotStream:
     each holds a copy of the dict, its references if not its values).  The
     thread copies the dict (Store.copy), then pickle.dump writes frames of
     about 64 KiB, each sent as an HTTP chunk through the loop
-    (Connection.send_stream), which waits while the transport's buffer is
+    (SnapshotStream.send_parts), which waits while the transport's buffer is
     full: the pickle is never whole in memory, and a client that takes
     nothing for --send-timeout is cut off by the sweep.  Chunks also let a
     client tell a cut-off backup from a whole one (an HTTP/1.0 client,
