@@ -1283,10 +1283,6 @@ class Journal:
             parts.extend(buffers)
         self._transport.writelines(parts)
 
-    def backlog(self):
-        """Rounds sent to the writer and not yet answered (a stalled disk keeps them)."""
-        return len(self._rounds)
-
     def _received(self, data):
         """_Channel: the writer's replies; each ends rounds."""
         buf = self._replies + data

@@ -299,11 +299,6 @@ VALUE_CACHING = ("Cache-Control", "no-cache")
 NO_STORE = (("Cache-Control", "no-store"),)
 
 
-def caching(headers):
-    """`headers` with the Cache-Control a reply needs: no-store unless it says otherwise."""
-    return headers if VALUE_CACHING in headers else headers + NO_STORE
-
-
 def busy(message="server busy", retry_after=1):
     return RequestError(503, message, headers=(("Retry-After", str(retry_after)),))
 
