@@ -142,8 +142,8 @@ journal refuses every write from then on (`failed`, `problem`), but reads
 go on, and the store writes no snapshot into a directory that is no longer
 its own (Store.save_and_close).
 
-Checkpoints (Store.checkpoint() drives these steps)
----------------------------------------------------
+Checkpoints (Checkpointer.checkpoint() in store.py drives these steps)
+----------------------------------------------------------------------
 
     a. create journal N+1 and fsync the directory     (Journal.prepare_next)
     b. under the store lock: send new records to

@@ -1391,9 +1391,9 @@ def store_metrics(out, store):
     family(out, "kvstore_journal_fsync_duration_seconds", "histogram", "Journal fsyncs by "
            "how long their round took to write and fsync, as the writer timed it.", samples)
     single(out, "kvstore_checkpoints_total", "counter", "Checkpoints written (snapshot, new "
-           "journal).", store.checkpoints)
+           "journal).", store.checkpointer.done)
     single(out, "kvstore_checkpoint_failures_total", "counter", "Checkpoints that failed (the "
-           "journal was kept).", store.checkpoint_failures)
+           "journal was kept).", store.checkpointer.failures)
     single(out, "kvstore_last_checkpoint_timestamp_seconds", "gauge", "When the snapshot was "
            "last written (a checkpoint or a clean stop), in Unix time; 0 if never.",
            repr(last_checkpoint_time(store)))
@@ -1882,9 +1882,9 @@ def open_store(args, loop):
     # journal) instead of the process being killed by SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = Store(data, journal, args.checkpoint_bytes, log)
-    store.keep_open_in_child = (lock,)
+    store.checkpointer.keep_open_in_child = (lock,)
     if replayed:
-        store.request_checkpoint()      # fold the replayed journals into a snapshot
+        store.checkpointer.request()     # fold the replayed journals into a snapshot
     return store, lock
 
 

@@ -79,7 +79,7 @@ class ConditionFailed(Exception):
 
 
 class NoRoom(OSError):
-    """No room for a new snapshot: a checkpoint not even tried (Store._check_room)."""
+    """No room for a new snapshot: a checkpoint not even tried (Checkpointer._check_room)."""
 
 
 class KeyIndexBuilding(Exception):
@@ -256,6 +256,114 @@ class KeyIndex:
                 self._log.add(key)
 
 
+class Checkpointer:
+    """The checkpoints of a store, from a thread of their own (see "Checkpoints" above).
+
+    Store._mutate asks for one (request) when the journal passes
+    `checkpoint_bytes`; the thread then has a child process write a new
+    snapshot from the files and drops the old journals, following the steps
+    (and the crash analysis) in persistence.py.  The store's lock is held
+    only for the switch of journal files (Store.switch_journal).
+    """
+
+    # Seconds before a checkpoint that failed for lack of room is tried
+    # again: doubled after each one that got as far as writing, up to the max.
+    ROOM_RETRY, ROOM_RETRY_MAX = 5.0, 300.0
+
+    def __init__(self, store, checkpoint_bytes, log):
+        self._store, self._log = store, log
+        self.checkpoint_bytes = checkpoint_bytes
+        self.lock = threading.Lock()    # one checkpoint, or the final save, at a time
+        self._wanted = threading.Event()
+        self.done = 0                   # written since start, for /metrics
+        self.failures = 0
+        self.room_problem = None        # why checkpoints fail for lack of room, if they do
+        self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
+        threading.Thread(target=self._loop, name="checkpointer", daemon=True).start()
+
+    def request(self):
+        """Ask the thread for a checkpoint (the journal is full, or journals were replayed)."""
+        self._wanted.set()
+
+    def checkpoint(self):
+        """Write a new snapshot from the files and drop the journals it holds.
+
+        Requests go on while it runs: the store lock is held only for step
+        b, and step c runs in a child process (persistence.snapshot_in_child)
+        that builds the new snapshot from the previous one and the journals
+        <= N, never from the live dict.  Raises OSError if the snapshot
+        cannot be written; the journals then stay, so nothing is lost.
+        NoRoom, before any file is made, if the snapshot cannot fit.
+        """
+        store = self._store
+        journal = store.journal
+        with self.lock:
+            if store.sealed or journal.failed:
+                return
+            self._check_room()
+            covered = store.switch_journal(journal.prepare_next())    # a. and b.
+            # Journal `covered` gets its last records (any that failed are
+            # cut off), its fsync, and is closed: it is complete on disk.
+            journal.sync()
+            started = time.monotonic()
+            store.check_directory()
+            keys, size = persistence.snapshot_in_child(                   # c.
+                store.directory, covered, self.keep_open_in_child)
+            store.check_directory()
+            persistence.remove_journals(store.directory, covered)         # d.
+            self.done += 1
+            store.last_checkpoint_time = time.time()
+            self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
+                      % (keys, size, time.monotonic() - started, covered))
+
+    def _check_room(self):
+        """Raise NoRoom unless the file system has room for a new snapshot (as far as it says).
+
+        The estimate is low (the values, and a few bytes a key): a
+        checkpoint that is sure to fail makes no journal file and starts no
+        child, and does not fill the disk that the journal writes to.
+        """
+        store = self._store
+        needed = store.value_bytes + 8 * len(store)
+        free = persistence.free_bytes(store.directory)
+        if free is not None and free < needed:
+            raise NoRoom(errno.ENOSPC, "a new snapshot needs about %d bytes, %d are free"
+                         % (needed, free))
+
+    def _loop(self):
+        pause = self.ROOM_RETRY
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._store.sealed:
+                return
+            try:
+                self.checkpoint()
+            except OSError as e:
+                self.failures += 1
+                if e.errno not in persistence.STORAGE_FULL:
+                    self._log("Checkpoint failed, journal kept: %s" % e)
+                    continue                    # again when the next journal is full
+                self._no_room(e)
+                time.sleep(pause)
+                if not isinstance(e, NoRoom):
+                    pause = min(2 * pause, self.ROOM_RETRY_MAX)
+                self._wanted.set()              # try again, writes or not: /health waits
+            else:
+                pause = self.ROOM_RETRY
+                if self.room_problem and not self._store.journal.failed:
+                    self.room_problem = None
+                    self._log("Checkpoints have room again")
+
+    def _no_room(self, error):
+        """A checkpoint failed for lack of room: say so once (log, /health), until one succeeds."""
+        if self.room_problem is None:
+            self._log("Checkpoint failed, journal kept: %s; the journals keep every write, but "
+                      "until there is room a stop cannot save either" % error)
+        self.room_problem = ("no room for a checkpoint (%s): the journals grow, and a stop "
+                             "cannot save" % (error.strerror or error))
+
+
 class Store:
 
     def __init__(self, data, journal, checkpoint_bytes, log):
@@ -267,22 +375,14 @@ class Store:
         self._tags = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
         self._keys = KeyIndex(data, self._lock)     # the keys in order, once a listing asks
         self._sealed = False
-        self._checkpoint_bytes = checkpoint_bytes
-        self._checkpoint_lock = threading.Lock()  # one checkpoint at a time
-        self._checkpoint_wanted = threading.Event()
         self._log = log
         self.directory = journal.directory
         self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
-        self.checkpoints = 0            # written since start, for /metrics
-        self.checkpoint_failures = 0
         self.last_checkpoint_time = None    # time.time() of this run's last snapshot written
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
-        self.keep_open_in_child = ()    # fds a checkpoint's child inherits (the LOCK's)
         self._identity = persistence.directory_identity(self.directory)
-        self._room_problem = None       # why checkpoints fail for lack of room, if they do
         journal.attach(self, log)       # apply_round, fail_queued, journal_failed
-        threading.Thread(target=self._checkpoint_loop, name="checkpointer",
-                         daemon=True).start()
+        self.checkpointer = Checkpointer(self, checkpoint_bytes, log)
 
     def __len__(self):
         return len(self._data)
@@ -299,7 +399,7 @@ class Store:
         do: no room for a new snapshot, so that a stop could not save
         either, and the journals grow until there is room.
         """
-        return self._journal.problem or self._room_problem
+        return self._journal.problem or self.checkpointer.room_problem
 
     def storage_failure(self):
         """None, or why the storage failed for good: a stop then exits 1, saved or not.
@@ -408,9 +508,9 @@ class Store:
                 self._pending_clear = record
             else:
                 self._pending[key] = record
-            journal_full = self._journal.size >= self._checkpoint_bytes
+            journal_full = self._journal.size >= self.checkpointer.checkpoint_bytes
         if journal_full:
-            self._checkpoint_wanted.set()
+            self.checkpointer.request()
         if on_durable is None:
             self._journal.commit()      # from a thread other than the journal's loop
 
@@ -489,96 +589,20 @@ class Store:
 
     # -- checkpoints and shutdown --------------------------------------------
 
-    def request_checkpoint(self):
-        """Ask the background thread for a checkpoint (e.g. after replaying journals)."""
-        self._checkpoint_wanted.set()
+    def switch_journal(self, generation):
+        """Checkpoint step b, under the lock: new writes go to journal `generation`."""
+        with self._lock:
+            return self._journal.switch(generation)
 
-    def checkpoint(self):
-        """Write a new snapshot from the files and drop the journals it holds.
+    @property
+    def sealed(self):
+        return self._sealed
 
-        Requests go on while it runs: the store lock is held only for step
-        b, and step c runs in a child process (persistence.snapshot_in_child)
-        that builds the new snapshot from the previous one and the journals
-        <= N, never from the live dict.  Raises OSError if the snapshot
-        cannot be written; the journals then stay, so nothing is lost.
-        NoRoom, before any file is made, if the snapshot cannot fit.
-        """
-        with self._checkpoint_lock:
-            if self._sealed or self._journal.failed:
-                return
-            self._check_room()
-            prepared = self._journal.prepare_next()               # a.
-            with self._lock:
-                covered = self._journal.switch(prepared)          # b. new writes -> new file
-            # Journal `covered` gets its last records (any that failed are
-            # cut off), its fsync, and is closed: it is complete on disk.
-            self._journal.sync()
-            started = time.monotonic()
-            self._check_directory()
-            keys, size = persistence.snapshot_in_child(                   # c.
-                self.directory, covered, self.keep_open_in_child)
-            self._check_directory()
-            persistence.remove_journals(self.directory, covered)          # d.
-            self.checkpoints += 1
-            self.last_checkpoint_time = time.time()
-            self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
-                      % (keys, size, time.monotonic() - started, covered))
-
-    def _check_room(self):
-        """Raise NoRoom unless the file system has room for a new snapshot (as far as it says).
-
-        The estimate is low (the values, and a few bytes a key): a
-        checkpoint that is sure to fail makes no journal file and starts no
-        child, and does not fill the disk that the journal writes to.
-        """
-        needed = self.value_bytes + 8 * len(self._data)
-        free = persistence.free_bytes(self.directory)
-        if free is not None and free < needed:
-            raise NoRoom(errno.ENOSPC, "a new snapshot needs about %d bytes, %d are free"
-                         % (needed, free))
-
-    def _check_directory(self):
+    def check_directory(self):
         """Raise OSError if the data directory is no longer this server's: write nothing there."""
         gone = persistence.directory_replaced(self.directory, self._identity)
         if gone:
             raise OSError(errno.ENOENT, gone)
-
-    # Seconds before a checkpoint that failed for lack of room is tried
-    # again: doubled after each one that got as far as writing, up to the max.
-    ROOM_RETRY, ROOM_RETRY_MAX = 5.0, 300.0
-
-    def _checkpoint_loop(self):
-        pause = self.ROOM_RETRY
-        while True:
-            self._checkpoint_wanted.wait()
-            self._checkpoint_wanted.clear()
-            if self._sealed:
-                return
-            try:
-                self.checkpoint()
-            except OSError as e:
-                self.checkpoint_failures += 1
-                if e.errno not in persistence.STORAGE_FULL:
-                    self._log("Checkpoint failed, journal kept: %s" % e)
-                    continue                    # again when the next journal is full
-                self._no_room(e)
-                time.sleep(pause)
-                if not isinstance(e, NoRoom):
-                    pause = min(2 * pause, self.ROOM_RETRY_MAX)
-                self._checkpoint_wanted.set()   # try again, writes or not: /health waits
-            else:
-                pause = self.ROOM_RETRY
-                if self._room_problem and not self._journal.failed:
-                    self._room_problem = None
-                    self._log("Checkpoints have room again")
-
-    def _no_room(self, error):
-        """A checkpoint failed for lack of room: say so once (log, /health), until one succeeds."""
-        if self._room_problem is None:
-            self._log("Checkpoint failed, journal kept: %s; the journals keep every write, but "
-                      "until there is room a stop cannot save either" % error)
-        self._room_problem = ("no room for a checkpoint (%s): the journals grow, and a stop "
-                              "cannot save" % (error.strerror or error))
 
     def seal(self):
         """Refuse every write from now on; the dict is frozen."""
@@ -599,7 +623,7 @@ class Store:
         anything anywhere.
         """
         assert self._sealed
-        with self._checkpoint_lock:
+        with self.checkpointer.lock:
             self._journal.close()       # what is queued reaches the disk, or fails
             gone = persistence.directory_replaced(self.directory, self._identity)
             if gone:

@@ -1049,11 +1049,11 @@ class FailedCheckpointCleanupTest(TempDirTestCase):
         with mock.patch.object(persistence, "fsync_directory",
                                side_effect=OSError(24, "Too many open files")):
             with self.assertRaises(OSError):
-                store.checkpoint()
+                store.checkpointer.checkpoint()
         self.assertEqual(len(os.listdir("/proc/self/fd")), fds, "a file descriptor leaked")
         self.assertEqual(persistence.journal_generations(self.dir), [1])
         store.put("b", b"2")
-        store.checkpoint()                      # the next one works
+        store.checkpointer.checkpoint()                      # the next one works
         self.assertEqual(persistence.journal_generations(self.dir), [2])
         store.put("c", b"3")
         self.assertEqual(persistence.load(self.dir, self.log)[0],
@@ -1102,7 +1102,7 @@ class CheckpointCrashTest(TempDirTestCase):
         self.writes(first, "run1")
         _, second = self.open_run()
         self.writes(second, "run2")
-        second.checkpoint()
+        second.checkpointer.checkpoint()
         self.writes(second, "run2b")
         store = self.open_run()[1]
         store.clear()
@@ -1111,7 +1111,7 @@ class CheckpointCrashTest(TempDirTestCase):
         self.store = store
 
     def crash_at(self, step):
-        """Run store.checkpoint() and crash it at `step` (see the table below)."""
+        """Run store.checkpointer.checkpoint() and crash it at `step` (see the table below)."""
         store = self.store
         journal = store._journal
         real_prepare, real_switch = journal.prepare_next, journal.switch
@@ -1152,7 +1152,7 @@ class CheckpointCrashTest(TempDirTestCase):
                 mock.patch.object(persistence, "snapshot_in_child", snapshot_in_child), \
                 mock.patch.object(persistence, "remove_journals", remove_journals):
             with self.assertRaises(Crash):
-                store.checkpoint()
+                store.checkpointer.checkpoint()
 
     def check_recovery(self):
         data, _, _ = persistence.load(self.dir, self.log)
@@ -1185,7 +1185,7 @@ class CheckpointCrashTest(TempDirTestCase):
         self.check_recovery()
 
     def test_crash_after_a_completed_checkpoint(self):
-        self.store.checkpoint()
+        self.store.checkpointer.checkpoint()
         self.writes(self.store, "after")
         self.check_recovery()
         self.assertEqual(len(persistence.journal_generations(self.dir)), 1)
@@ -1265,7 +1265,7 @@ class FailedSaveTest(TempDirTestCase):
         with mock.patch.object(persistence, "snapshot_in_child",
                                side_effect=OSError(28, "No space left on device")):
             with self.assertRaises(OSError):
-                self.store.checkpoint()
+                self.store.checkpointer.checkpoint()
         self.store.put("after-failure", b"3")
         self.expected["after-failure"] = b"3"
         self.assert_nothing_lost()
@@ -1275,13 +1275,13 @@ class FailedSaveTest(TempDirTestCase):
         os.mkdir(blocker)                   # the child can neither remove nor create it
         open(os.path.join(blocker, "x"), "w").close()
         with self.assertRaises(OSError) as caught:
-            self.store.checkpoint()
+            self.store.checkpointer.checkpoint()
         self.assertIn("checkpoint process failed", str(caught.exception))
         shutil.rmtree(blocker)
         self.store.put("after-failure", b"3")
         self.expected["after-failure"] = b"3"
         self.assert_nothing_lost()
-        self.store.checkpoint()
+        self.store.checkpointer.checkpoint()
         self.assertEqual(persistence.load_snapshot(self.snapshot), self.expected)
         self.assertEqual(len(persistence.journal_generations(self.dir)), 1)
 
