@@ -680,8 +680,7 @@ class Connection(asyncio.Protocol):
                     return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
                 self.reserved = parser.buffered + len(data)   # its size shows as it comes
         parser.feed(data)
-        if (len(data) > HEAD_SOFT_BYTES and parser.in_head and parser.buffered > HEAD_SOFT_BYTES
-                and self.server.over_cap()):
+        if parser.buffered > HEAD_SOFT_BYTES and parser.in_head and self.server.over_cap():
             return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
         self.advance()
 

@@ -278,6 +278,29 @@ class InflightMemoryTest(support.ServerTestCase):
             self.assertIsNotNone(headers.get("Retry-After"), "a 503 without Retry-After")
         self.assertNotIn("Traceback", server.output())
 
+    def test_past_the_cap_a_large_header_block_is_refused_however_it_trickles_in(self):
+        # Over the cap, a head past HEAD_SOFT_BYTES (8 KiB) gets 503 and the
+        # connection closes: heads are not bodies, but 16,384 connections of
+        # 64 KiB heads are 1 GiB.  Sent 1 KiB at a time, as a slow client would.
+        cap = 1 * MiB
+        server = self.start_server("--max-inflight-bytes", str(cap))
+        stall_uploads(self, server, 1, 700 * 1024, 400 * 1024)     # reserved 700, held 400 KiB
+        support.wait_until(lambda: open_fds(server.proc.pid) >= 1, 15,
+                           message="the server to accept the upload")
+        head = request("GET", "/health", [("X-Filler", "f" * (20 * 1024))])
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            received = b""
+            try:
+                for start in range(0, len(head), 1024):
+                    sock.sendall(head[start:start + 1024])
+                    time.sleep(0.01)            # a slow client, on purpose
+                received = sock.recv(4096)
+            except OSError:                     # refused, and reset while it sent
+                received = received or b"reset"
+        self.assertTrue(received.startswith(b"HTTP/1.1 503 ") or received == b"reset",
+                        received[:200])
+        self.assertEqual(server.request("GET", "/health")[0], 200)     # a small head passes
+
 
 
 # The flooding client runs in a process of its own, so that its threads do not
