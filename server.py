@@ -1947,6 +1947,7 @@ class Stopper:
         # Under nohup SIGHUP was ignored at start: whoever ran us asked for that.
         if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+        quiet_signal_wakeups()
         server.on_fatal = self.on_fatal
 
     def on_signal(self, signum):
@@ -1966,6 +1967,22 @@ class Stopper:
     def reload(self):
         """SIGHUP: the token file again (rotation without a restart); a bad one keeps the old."""
         reload_auth_token(self.server.api, self.token_file)
+
+
+def quiet_signal_wakeups():
+    """No warning when a signal finds the loop's wakeup socket full.
+
+    asyncio asks for one on stderr each time: a storm of signals would
+    write thousands of lines, and block on a full pipe.  Nothing is lost:
+    one byte wakes the loop, and after the first, a stopping signal changes
+    nothing.  The signals wait (blocked) while the wakeup fd is swapped.
+    """
+    stopping = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    try:
+        signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 async def serve(args, store, sock):
