@@ -115,7 +115,7 @@ class AuthTest(support.ServerTestCase):
         for headers in (RIGHT, {"Authorization": "Bearer " + WRONG}):
             for method, path, body, _ in ENDPOINTS:
                 self.server.request(method, path, body, headers)
-        self.assertIn('"GET /kv/guarded" 401', self.server.output())   # it logs
+        self.server.wait_for_line(r'"GET /kv/guarded" 401', 10)       # it logs
         self.assertEqual(self.server.stop(), 0)
         output = self.server.output()
         self.assertNotIn(TOKEN, output)

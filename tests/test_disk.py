@@ -19,7 +19,6 @@
 - A clean stop with nothing written since the snapshot does not rewrite it.
 """
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -366,9 +365,10 @@ class FullDiskRestartTest(support.ServerTestCase):
         self.assertIn(b"no room for a checkpoint", health(server)[1])
         # Said in the log: by the check before a checkpoint, or, when one was
         # already under way as the disk filled, by the checkpoint that failed.
-        self.assertTrue(re.search(r"a new snapshot needs about|Checkpoint failed, journal kept: "
-                                  r".*No space left on device", server.output()),
-                        server.output())
+        # (waited for: the line is written before /health changes, but this
+        # process may not have read it yet)
+        server.wait_for_line(r"a new snapshot needs about|Checkpoint failed, journal kept: "
+                             r".*No space left on device", 10)
         self.stop_that_cannot_save(server)
         self.fill(leave=0)                                    # not a byte left
         files = []
