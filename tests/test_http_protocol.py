@@ -18,7 +18,7 @@ import time
 import unittest
 
 from tests import support
-from tests.test_http11 import MALFORMED_CHUNKED, chunked, request  # noqa: F401 (re-exported)
+from tests.test_http11 import MALFORMED_CHUNKED, MALFORMED_HEADER_LINES, chunked, request  # noqa: F401 (re-exported)
 from tests.test_http_api import CONTENT_TYPE, SharedServerTestCase
 
 if support.ROOT not in sys.path:
@@ -223,15 +223,7 @@ class HeaderTests(ProtocolTestCase):
         self.assertRawResponse(request("GET", "/health", headers), 200, b"ok\n")
 
     def test_malformed_header_lines(self):
-        cases = {
-            "no colon": ["NoColonHere"],
-            "leading whitespace on the first header": [" X-A: 1"],
-            "obs-fold continuation": ["X-A: 1", "  continued"],
-            "tab continuation": ["X-A: 1", "\tcontinued"],
-            "space before colon": ["X-A : 1"],
-            "tab before colon": ["X-A\t: 1"],
-            "space before colon of Content-Length": ["Content-Length : 3"],
-        }
+        cases = MALFORMED_HEADER_LINES
         for name, lines in cases.items():
             with self.subTest(name):
                 data = request("PUT", "/kv/" + self.key(), lines, b"abc")
