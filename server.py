@@ -368,7 +368,7 @@ class Api:
         size = len(request.body)
         if not self.server.journal_has_room(size):
             raise busy("journal busy: the disk is slow to take writes")
-        owed = connection.owe(request, size, etag)
+        owed = Owed(connection, request, size, etag)    # queued once the store takes it
         try:
             mutation(*args, on_durable=owed.durable, **options)
         except Sealed:
@@ -574,6 +574,13 @@ class Owed:
         """The journal, on the loop: the write is durable (error None), or will never be."""
         self.connection.written(self, error)
 
+    def answer(self, error):
+        """(status, body, headers) of its reply: 200 with the ETag, or why it failed."""
+        if error:
+            status, message = storage_error(error)
+            return status, message.encode() + b"\n", NO_STORE
+        return 200, b"", ((("ETag", self.etag),) if self.etag is not None else ()) + NO_STORE
+
 
 class Replies:
     """A connection's replies in request order: ready ones (bytes), and writes owed (Owed)."""
@@ -675,12 +682,8 @@ class Connection(asyncio.Protocol):
             self.idle, self.since, self.started = False, now, now
         elif parser.in_body:
             self.since = now                # a body must keep arriving
-            if self.checked.chunked and parser.buffered + len(data) > self.reserved:
-                if not self.server.reserve(parser.buffered + len(data) - self.reserved):
-                    return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
-                self.reserved = parser.buffered + len(data)   # its size shows as it comes
         parser.feed(data)
-        if parser.buffered > HEAD_SOFT_BYTES and parser.in_head and self.server.over_cap():
+        if not self.server.room_for(self):
             return self.refuse(503, "server busy", (("Retry-After", "1"),), flush=True)
         self.advance()
 
@@ -785,10 +788,7 @@ class Connection(asyncio.Protocol):
             return False
         if request.complete:
             return True
-        length = request.content_length if not request.chunked else max(self.parser.buffered, 1)
-        if not self.server.reserve(length):
-            raise busy()
-        self.reserved = length
+        self.reserved = self.server.reserve_body(request, self.parser.buffered)
         self.since = self.now
         if request.expect_continue and not self.parser.body_started:
             self.transport.write(http11.CONTINUE)
@@ -832,10 +832,6 @@ class Connection(asyncio.Protocol):
                                        self.connection_value(request), head_only))
         self.server.request_done(self, request, status, len(body), self.started, self.now)
 
-    def owe(self, request, size, etag):
-        """A write's reply, owed until it is durable; queue_owed() once the store has taken it."""
-        return Owed(self, request, size, etag)
-
     def queue_owed(self, owed):
         self.queue.owe(owed)
         self.server.handed(owed.size)
@@ -843,18 +839,12 @@ class Connection(asyncio.Protocol):
     def written(self, owed, error):
         """The journal's verdict on a write of ours: build its reply; send what is ready."""
         self.server.written(owed.size)
-        status, body, headers = 200, b"", ()
-        if error:
-            status, message = storage_error(error)
-            body = message.encode() + b"\n"
-        elif owed.etag is not None:
-            headers = (("ETag", owed.etag),)
-        request = owed.request
-        self.queue.settle(owed, None if self.closed else http11.response(
-            status, body, headers + NO_STORE, http11.TEXT_PLAIN, self.connection_value(request)))
         if self.closed:
-            return
-        self.server.request_done(self, request, status, len(body), owed.started)
+            return self.queue.settle(owed, None)
+        status, body, headers = owed.answer(error)
+        self.queue.settle(owed, http11.response(status, body, headers, http11.TEXT_PLAIN,
+                                                self.connection_value(owed.request)))
+        self.server.request_done(self, owed.request, status, len(body), owed.started)
         if not self.queue.owed and not self.turn_due:
             self.now = time.monotonic()
             self.advance()                  # its last write: its replies go out now
@@ -914,32 +904,7 @@ class Connection(asyncio.Protocol):
             self.server.inflight += held - self.held
             self.held = held
 
-    def room(self):
-        """For a reply streamed from another thread (SnapshotStream): a future done once the
-        transport has room for more, or failed if the connection is lost."""
-        future = self.server.loop.create_future()
-        if self.closed:
-            future.set_exception(ConnectionError("the client has gone"))
-        elif self.write_paused:
-            self.drained = future           # resume_writing or connection_lost ends it
-        else:
-            future.set_result(None)
-        return future
-
     # -- deadlines and the end ----------------------------------------------------
-
-    def deadline(self):
-        """When its wait on the client ends, for Server.sweep; None while it waits on us."""
-        limits = self.server.limits
-        if self.lingering:
-            return self.since + LINGER_SECONDS
-        if self.write_paused:
-            return self.since + limits.send_timeout
-        if self.queue or self.busy or self.waiting:
-            return None                     # a write in the journal, a backup being made
-        if self.parser.in_body:
-            return self.since + limits.body_timeout
-        return self.since + (limits.idle_timeout if self.idle else limits.header_timeout)
 
     def expire(self):
         """Its deadline passed: 408 if a request is half received, and close."""
@@ -1058,6 +1023,30 @@ class Server:
         self.reserved += size
         return True
 
+    def reserve_body(self, request, buffered):
+        """Room for a request's body (chunked: as much as has come); its size, or a 503."""
+        size = request.content_length if not request.chunked else max(buffered, 1)
+        if not self.reserve(size):
+            raise busy()
+        return size
+
+    def room_for(self, connection):
+        """False if what `connection` now holds passes the memory cap.
+
+        A chunked body's size shows as it comes: its reservation grows with
+        it.  A head is not a body, but over the cap one past HEAD_SOFT_BYTES
+        is refused: 16,384 connections of 64 KiB heads are 1 GiB.
+        """
+        parser = connection.parser
+        if parser.in_body:
+            grow = parser.buffered - connection.reserved if connection.checked.chunked else 0
+            if grow > 0:
+                if not self.reserve(grow):
+                    return False
+                connection.reserved += grow
+            return True
+        return not (parser.buffered > HEAD_SOFT_BYTES and parser.in_head and self.over_cap())
+
     def release(self, size):
         self.reserved -= size
 
@@ -1089,13 +1078,27 @@ class Server:
         """Once a second: connections past their deadline, and a store that failed for good."""
         now = self.now()
         for connection in list(self.connections):
-            deadline = connection.deadline()
+            deadline = self.deadline(connection)
             if deadline is not None and deadline <= now:
                 connection.expire()
         if self.store.fatal.is_set() and self.on_fatal is not None:
             on_fatal, self.on_fatal = self.on_fatal, None
             on_fatal()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+
+    def deadline(self, connection):
+        """When a connection's wait on its client ends; None while it waits on us."""
+        limits = self.limits
+        if connection.lingering:
+            return connection.since + LINGER_SECONDS
+        if connection.write_paused:
+            return connection.since + limits.send_timeout
+        if connection.queue or connection.busy or connection.waiting:
+            return None                     # a write in the journal, a backup being made
+        if connection.parser.in_body:
+            return connection.since + limits.body_timeout
+        return connection.since + (limits.idle_timeout if connection.idle
+                                   else limits.header_timeout)
 
     def drain(self):
         """Close idle connections now; the others after the reply in flight."""
@@ -1541,7 +1544,19 @@ class SnapshotStream:
         connection = self.connection
         if not connection.closed:
             connection.transport.write(b"".join(parts))     # not writelines(): see flush()
-        await connection.room()
+        await self.room()
+
+    def room(self):
+        """A future done once the transport has room for more, failed if the client has gone."""
+        connection = self.connection
+        future = self.server.loop.create_future()
+        if connection.closed:
+            future.set_exception(ConnectionError("the client has gone"))
+        elif connection.write_paused:
+            connection.drained = future     # its resume_writing or connection_lost ends it
+        else:
+            future.set_result(None)
+        return future
 
     def write(self, data):
         """pickle.dump's file: each write, one chunk."""
