@@ -307,8 +307,8 @@ class Api:
     """The HTTP API over the store: keys, conditions, listing, health, metrics, backup.
 
     Knows requests (http11.Request) and the store; not sockets.  A write is
-    handed to the store with a callback (Connection.owe) that the journal's
-    driver calls once the write is durable, or has failed; until then the
+    handed to the store with a callback (Owed.durable) that the journal
+    calls once the write is durable, or has failed; until then the
     connection holds the write's place in its order of replies.
     """
 
