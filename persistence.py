@@ -207,6 +207,12 @@ _CHUNK = 1 << 20                    # bytes read at once when only their checksu
 
 PUT, DELETE, CLEAR = 1, 2, 3
 ROUND = 4                           # a round's marker: not a mutation (see "Journal files")
+PUT_EXPIRING = 5                    # on disk: a PUT whose value starts with its deadline
+EXPIRE, BATCH = 6, 7                # a deadline passed; several mutations as one
+MUTATIONS = (PUT, DELETE, CLEAR, PUT_EXPIRING, EXPIRE, BATCH)
+_DEADLINE = struct.Struct("<q")     # milliseconds since the epoch
+_BATCH_PART = struct.Struct("<BIIq")    # a batch's part: op, key length, value length, deadline
+NO_DEADLINE = -1
 _HEADER = struct.Struct("<III")     # payload length, payload crc32, header crc32
 _LENGTH_CRC = struct.Struct("<II")  # the part of the header its crc covers
 _OP_KEY = struct.Struct("<BI")      # op, key length
@@ -336,14 +342,61 @@ def lock_directory(directory):
     return fd
 
 
-def apply(data, op, key, value):
-    """Apply one mutation to a dict: the meaning of a journal record."""
+class Ledger:
+    """What the files hold besides the dict: the revision, and the keys' deadlines.
+
+    revision   mutations applied since the store began (a batch is one):
+               the snapshot keeps it, and replay counts on from it.
+    deadlines  {key: milliseconds since the epoch} of the keys that expire;
+               wall-clock time, so that a restart honours them.
+    through    the last journal generation the snapshot holds: load()
+               replays only later ones, so that no mutation is counted twice.
+    """
+
+    __slots__ = ("revision", "deadlines", "through")
+
+    def __init__(self, revision=0, deadlines=None, through=0):
+        self.revision, self.through = revision, through
+        self.deadlines = {} if deadlines is None else deadlines
+
+    def saved(self, data, through):
+        """The second pickle of a snapshot: plain types only, the deadlines of `data`'s keys."""
+        deadlines = self.deadlines
+        if len(deadlines) != sum(1 for key in deadlines if key in data):
+            deadlines = {key: ms for key, ms in deadlines.items() if key in data}
+        return {"revision": self.revision, "through": through, "deadlines": deadlines}
+
+
+def apply(data, op, key, value, extra=None, ledger=None):
+    """Apply one mutation to a dict (and its ledger's deadlines): the meaning of a record.
+
+    The caller counts the revision (one a record).
+    `extra`: a PUT's deadline (milliseconds since the epoch, or None: the
+    key is permanent); a BATCH's parts, each (op, key, value, deadline).
+    """
     if op == PUT:
         data[key] = value
-    elif op == DELETE:
+        if ledger is not None:
+            if extra is None:
+                ledger.deadlines.pop(key, None)
+            else:
+                ledger.deadlines[key] = extra
+    elif op == DELETE or op == EXPIRE:
         data.pop(key, None)
+        if ledger is not None:
+            ledger.deadlines.pop(key, None)
+    elif op == BATCH:
+        for part in extra:
+            apply(data, *part, ledger=None)
+            if ledger is not None:
+                if part[0] == PUT and part[3] is not None:
+                    ledger.deadlines[part[1]] = part[3]
+                else:
+                    ledger.deadlines.pop(part[1], None)
     else:
         data.clear()
+        if ledger is not None:
+            ledger.deadlines.clear()
 
 
 # --------------------------------------------------------------- snapshot --
@@ -401,14 +454,18 @@ class _Checksummed:
             pass
 
 
-def dump_snapshot(data, file):
+def dump_snapshot(data, file, ledger=None, through=0):
     """Pickle `data` (protocol 5) into file.write, frame by frame, then the checksum trailer.
 
     The bytes of store.pickle, and of a backup (GET /snapshot streams them
-    into its socket): a checked snapshot.  Returns the number of bytes written.
+    into its socket): a checked snapshot.  With a ledger, a second pickle
+    follows the dict: Ledger.saved(); pickle.load() of the file still gives
+    the dict.  Returns the number of bytes written.
     """
     out = _Checksummed(file)
     pickle.dump(data, out, protocol=PICKLE_PROTOCOL)
+    if ledger is not None:
+        pickle.dump(ledger.saved(data, through), out, protocol=PICKLE_PROTOCOL)
     file.write(_TRAILER.pack(_TRAILER_MAGIC, out.size, out.crc))
     return out.size + _TRAILER.size
 
@@ -429,17 +486,22 @@ def _read_trailer(f, size, path):
 
 
 def _read_snapshot(f, path):
-    """(the dict in the open snapshot file `f`, whether a checksum vouched for it); DataError.
+    """(the dict in the open snapshot file `f`, its Ledger, whether a checksum vouched for it).
 
-    One pass: the checksum is computed as the unpickler reads.  If the
-    unpickling fails, the rest is read too, so that a damaged file is
-    reported as such (its checksum) rather than by the unpickler's symptom.
+    DataError if it is damaged.  One pass: the checksum is computed as the
+    unpickler reads.  If the unpickling fails, the rest is read too, so
+    that a damaged file is reported as such (its checksum) rather than by
+    the unpickler's symptom.
     """
     size = os.fstat(f.fileno()).st_size
     crc = _read_trailer(f, size, path)
     reader = _Checksummed(f, size if crc is None else size - _TRAILER.size)
+    saved = None
     try:
-        data = _NoGlobalsUnpickler(reader).load()
+        unpickler = _NoGlobalsUnpickler(reader)
+        data = unpickler.load()
+        if reader.left:
+            saved = unpickler.load()
         error = "unexpected data after the end" if reader.left else None
     except Exception as e:          # any damage surfaces as some exception
         data, error = None, str(e) or type(e).__name__
@@ -453,11 +515,28 @@ def _read_snapshot(f, path):
     if type(data) is not dict or not all(
             type(k) is str and type(v) is bytes for k, v in data.items()):
         raise DataError("%s: snapshot is not a dict of str to bytes" % path)
-    return data, crc is not None
+    return data, _saved_ledger(saved, path), crc is not None
 
 
-def load_snapshot(path):
-    """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError."""
+def _saved_ledger(saved, path):
+    """The Ledger of a snapshot's second pickle (Ledger.saved); an empty one if there is none."""
+    if saved is None:
+        return Ledger()
+    try:
+        revision, through, deadlines = saved["revision"], saved["through"], saved["deadlines"]
+        if (type(revision) is int and type(through) is int and type(deadlines) is dict
+                and all(type(k) is str and type(v) is int for k, v in deadlines.items())):
+            return Ledger(revision, deadlines, through)
+    except (TypeError, KeyError):
+        pass
+    raise DataError("%s: snapshot is corrupt: its revision and deadlines are malformed" % path)
+
+
+def load_snapshot(path, ledger=None):
+    """The dict stored at `path`, or {} if there is no snapshot.  Raises DataError.
+
+    `ledger`: a Ledger to fill with the snapshot's revision and deadlines.
+    """
     try:
         f = open(open_data_file(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
@@ -466,9 +545,13 @@ def load_snapshot(path):
         raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
     with f:
         try:
-            return _read_snapshot(f, path)[0]
+            data, saved, _ = _read_snapshot(f, path)
         except OSError as e:
             raise DataError("%s: cannot read snapshot: %s" % (path, e.strerror))
+    if ledger is not None:
+        ledger.revision, ledger.deadlines, ledger.through = (
+            saved.revision, saved.deadlines, saved.through)
+    return data
 
 
 def check_snapshot(path):
@@ -479,18 +562,20 @@ def check_snapshot(path):
     """
     try:
         with open(path, "rb") as f:
-            data, checksummed = _read_snapshot(f, path)
+            data, _, checksummed = _read_snapshot(f, path)
             return len(data), os.fstat(f.fileno()).st_size, checksummed
     except OSError as e:
         raise DataError("%s: cannot read: %s" % (path, e.strerror or e))
 
 
-def write_snapshot(directory, data):
-    """Atomically replace the snapshot with `data`.  Returns the file's size.
+def write_snapshot(directory, data, ledger=None, through=0):
+    """Atomically replace the snapshot with `data` (and `ledger`, see dump_snapshot).
 
-    Guarantees: when it returns, the new snapshot is durable; if it raises
-    (disk full, I/O error), the previous snapshot is intact.  It does not
-    lock `data`: the caller passes a dict that nobody changes meanwhile.
+    Returns the file's size.  `through`: the last journal generation it
+    holds.  Guarantees: when it returns, the new snapshot is durable; if it
+    raises (disk full, I/O error), the previous snapshot is intact.  It
+    does not lock `data`: the caller passes a dict that nobody changes
+    meanwhile.
     """
     path = snapshot_path(directory)
     tmp = path + ".tmp"
@@ -501,7 +586,7 @@ def write_snapshot(directory, data):
     fd = open_data_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         with open(fd, "wb", buffering=1 << 20) as f:
-            size = dump_snapshot(data, f)
+            size = dump_snapshot(data, f, ledger, through)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -525,14 +610,57 @@ def remove_journals(directory, through):
 
 # ---------------------------------------------------------------- records --
 
-def encode_record(op, key, value):
-    """The bytes of one journal record, as a list of buffers for os.writev."""
+def encode_record(op, key, value, extra=None):
+    """The bytes of one journal record, as a list of buffers for os.writev.
+
+    A PUT with a deadline (`extra`) is written as PUT_EXPIRING, its value
+    preceded by the deadline; a BATCH's value is its parts, each a
+    _BATCH_PART then its key then its value (decode_mutation reads them).
+    """
     key_bytes = key.encode("utf-8")
+    if op == BATCH:
+        body = []
+        for part_op, part_key, part_value, deadline in extra:
+            part_key = part_key.encode("utf-8")
+            body += [_BATCH_PART.pack(part_op, len(part_key), len(part_value),
+                                      NO_DEADLINE if deadline is None else deadline)
+                     + part_key, part_value]
+    elif op == PUT and extra is not None:
+        op, body = PUT_EXPIRING, [_DEADLINE.pack(extra), value]
+    else:
+        body = [value] if value else []
     op_key = _OP_KEY.pack(op, len(key_bytes)) + key_bytes
-    length = len(op_key) + len(value)
-    length_crc = _LENGTH_CRC.pack(length, zlib.crc32(value, zlib.crc32(op_key)))
+    length, crc = len(op_key), zlib.crc32(op_key)
+    for buffer in body:
+        length += len(buffer)
+        crc = zlib.crc32(buffer, crc)
+    length_crc = _LENGTH_CRC.pack(length, crc)
     header = length_crc + struct.pack("<I", zlib.crc32(length_crc))
-    return [header, op_key, value] if value else [header + op_key]
+    return [header + op_key] + body
+
+
+def decode_mutation(buf, op, key, start, end):
+    """(op, key, value, extra) of a record whose value is buf[start:end], as apply() takes them.
+
+    Raises ValueError (or struct.error, UnicodeDecodeError) if it does not parse.
+    """
+    if op == PUT:
+        return PUT, key, buf[start:end], None
+    if op == PUT_EXPIRING:
+        return PUT, key, buf[start + _DEADLINE.size:end], _DEADLINE.unpack_from(buf, start)[0]
+    if op != BATCH:
+        return op, key, b"", None
+    parts = []
+    while start < end:
+        part_op, key_length, value_length, deadline = _BATCH_PART.unpack_from(buf, start)
+        key_start = start + _BATCH_PART.size
+        value_start = key_start + key_length
+        start = value_start + value_length
+        if start > end or part_op not in (PUT, DELETE, EXPIRE):
+            raise ValueError("malformed batch")
+        parts.append((part_op, buf[key_start:value_start].decode("utf-8"),
+                      buf[value_start:start], None if deadline == NO_DEADLINE else deadline))
+    return BATCH, key, b"", tuple(parts)
 
 
 def encode_round(offset, synced, buffers):
@@ -549,8 +677,8 @@ def encode_round(offset, synced, buffers):
     return [marker] + list(buffers)
 
 
-def scan_journal(buf, data, path):
-    """Apply every record of the journal bytes `buf` to `data`.
+def scan_journal(buf, data, path, ledger=None):
+    """Apply every record of the journal bytes `buf` to `data` (and `ledger`).
 
     Returns (records applied, end offset of the last sound round, or record
     in a journal without rounds).  If the end offset is less than len(buf),
@@ -558,11 +686,11 @@ def scan_journal(buf, data, path):
     recovery rules above).
     """
     if buf[:len(JOURNAL_MAGIC)] == JOURNAL_MAGIC:
-        return _scan_rounds(buf, data, path)
-    return _scan_records(buf, data, path)
+        return _scan_rounds(buf, data, path, ledger)
+    return _scan_records(buf, data, path, ledger)
 
 
-def _scan_rounds(buf, data, path):
+def _scan_rounds(buf, data, path, ledger):
     """scan_journal() of a journal with rounds: each round is checked whole, then applied."""
     view = memoryview(buf)
     size = len(buf)
@@ -581,7 +709,7 @@ def _scan_rounds(buf, data, path):
             # The marker is sound, so its length says where the next round starts.
             _check_torn_round(buf, offset, end, path, "checksum mismatch in round")
             break
-        count += _apply_records(buf, start, end, data, path)
+        count += _apply_records(buf, start, end, data, path, ledger)
         offset = end
     return count, offset
 
@@ -603,15 +731,16 @@ def _read_marker(buf, offset):
     return round_length, synced, crc
 
 
-def _apply_records(buf, start, end, data, path):
+def _apply_records(buf, start, end, data, path, ledger):
     """Apply the records of a round whose checksum matched; DataError if they do not parse.
 
     The round's CRC covers every byte of them, so theirs are not checked
     again.  This loop is the replay speed: keep it free of calls it does
-    not need.
+    not need (a PUT, the common record, is applied here).
     """
     unpack_length = _LENGTH.unpack_from
     unpack_op_key = _OP_KEY.unpack_from
+    deadlines = ledger.deadlines if ledger is not None else {}
     offset, count = start, 0
     try:
         while offset < end:
@@ -622,14 +751,22 @@ def _apply_records(buf, start, end, data, path):
             op, key_length = unpack_op_key(buf, record)
             key_start = record + _OP_KEY.size
             value_start = key_start + key_length
-            if record_end > end or op not in (PUT, DELETE, CLEAR) or value_start > record_end:
+            if record_end > end or op not in MUTATIONS or value_start > record_end:
                 break
-            apply(data, op, buf[key_start:value_start].decode("utf-8"),
-                  buf[value_start:record_end])
+            key = buf[key_start:value_start].decode("utf-8")
+            if op == PUT:
+                data[key] = buf[value_start:record_end]
+                if deadlines:
+                    deadlines.pop(key, None)
+            else:
+                apply(data, *decode_mutation(buf, op, key, value_start, record_end),
+                      ledger=ledger)
             count += 1
             offset = record_end
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, ValueError, struct.error):
         pass
+    if ledger is not None:
+        ledger.revision += count
     if offset != end:
         raise DataError("%s: malformed record at offset %d, in a round whose checksum matches: "
                         "written wrong, not torn" % (path, offset))
@@ -673,7 +810,7 @@ def _later_rounds(buf, start):
                 offset += length
 
 
-def _scan_records(buf, data, path):
+def _scan_records(buf, data, path, ledger):
     """scan_journal() of a journal without rounds (written before them): record by record."""
     view = memoryview(buf)
     size = len(buf)
@@ -701,9 +838,12 @@ def _scan_records(buf, data, path):
         value_start = key_start + key_length
         if op not in (PUT, DELETE, CLEAR) or value_start > end:
             raise DataError("%s: malformed record at offset %d" % (path, offset))
-        apply(data, op, buf[key_start:value_start].decode("utf-8"), buf[value_start:end])
+        apply(data, op, buf[key_start:value_start].decode("utf-8"), buf[value_start:end],
+              ledger=ledger)
         count += 1
         offset = end
+    if ledger is not None:
+        ledger.revision += count
     return count, offset
 
 
@@ -780,26 +920,30 @@ def describe_tail(buf, end):
                % later if later else ""))
 
 
-def load(directory, log):
-    """Recover the dict from `directory`: the snapshot, then every journal.
+def load(directory, log, ledger=None):
+    """Recover the dict from `directory`: the snapshot, then every journal it does not hold.
 
-    Returns (data, next journal generation, replayed record count).  Raises
+    Returns (data, next journal generation, replayed record count), and
+    fills `ledger` (a Ledger) with the revision and deadlines.  Raises
     DataError, having modified nothing, if a file is unreadable or corrupt.
     Torn tails are truncated, and journals without a record removed, only
     once every file has been read and found sound: that is recovery, and it
     never happens on a refusal to start.  None of it needs free space.
     """
     path = snapshot_path(directory)
+    ledger = Ledger() if ledger is None else ledger
     started = time.monotonic()
-    data = load_snapshot(path)
+    data = load_snapshot(path, ledger)
     log("Loaded %d keys from %s in %.2f s" % (len(data), path, time.monotonic() - started))
     generations = journal_generations(directory)
     replayed, torn, empty = 0, [], []
     started = time.monotonic()
     for generation in generations:
+        if generation <= ledger.through:
+            continue            # a crash between a checkpoint's steps c and d: held already
         journal = journal_path(directory, generation)
         buf = read_journal(journal)
-        count, end = scan_journal(buf, data, journal)
+        count, end = scan_journal(buf, data, journal, ledger)
         replayed += count
         if end < len(buf):
             torn.append((journal, end, describe_tail(buf, end)))
@@ -814,7 +958,7 @@ def load(directory, log):
         seconds = time.monotonic() - started
         log("Replayed %d journal records from %d file(s) in %.2f s (%d records/s); %d keys"
             % (replayed, len(generations), seconds, replayed / max(seconds, 1e-9), len(data)))
-    next_generation = generations[-1] + 1 if generations else 1
+    next_generation = max(generations[-1] if generations else 0, ledger.through) + 1
     return data, next_generation, replayed
 
 
@@ -850,12 +994,13 @@ def build_snapshot(directory, through):
     it started, and its journal cuts off what a failed write left): the
     records before it are the ones the server applied.  Returns (keys, bytes).
     """
-    data = load_snapshot(snapshot_path(directory))
+    ledger = Ledger()
+    data = load_snapshot(snapshot_path(directory), ledger)
     for generation in journal_generations(directory):
-        if generation <= through:
+        if ledger.through < generation <= through:
             journal = journal_path(directory, generation)
-            scan_journal(read_journal(journal), data, journal)
-    return len(data), write_snapshot(directory, data)
+            scan_journal(read_journal(journal), data, journal, ledger)
+    return len(data), write_snapshot(directory, data, ledger, through)
 
 
 def snapshot_in_child(directory, through, pass_fds=()):

@@ -1500,19 +1500,19 @@ class SnapshotStream:
     def run(self):
         whole, error = False, None
         try:
-            data = self.server.store.copy()
+            data, ledger = self.server.store.copy()
             connection = "keep-alive" if self.chunked and self.request.keep_alive else "close"
             self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
                        b"Cache-Control: no-store\r\n",          # a backup: not for caches
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
                        b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
-            persistence.dump_snapshot(data, self)      # the pickle, then its checksum
+            persistence.dump_snapshot(data, self, ledger)  # the pickles, then their checksum
             whole = True
         except Exception as e:              # the client gone or too slow, mostly
             error = e
         finally:
-            data = None
+            data = ledger = None
             # Before the last chunk: a client that has read it may ask again.
             self.server.snapshot_slots.release()
         if whole and self.chunked:
@@ -1885,7 +1885,8 @@ def open_store(args, loop):
     try:
         persistence.make_data_directory(directory)
         lock = lock_directory(directory, args.lock_wait)
-        data, generation, replayed = persistence.load(directory, log)
+        ledger = persistence.Ledger()
+        data, generation, replayed = persistence.load(directory, log, ledger)
         # Creating the new journal also proves the directory is writable:
         # better to fail now than at shutdown.
         journal = persistence.Journal(directory, generation, args.fsync, loop, pass_fds=(lock,))
@@ -1895,7 +1896,7 @@ def open_store(args, loop):
     # Past RLIMIT_FSIZE, a write fails with EFBIG (a full disk, to the
     # journal) instead of the process being killed by SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    store = Store(data, journal, args.checkpoint_bytes, log)
+    store = Store(data, journal, args.checkpoint_bytes, log, ledger)
     store.checkpointer.keep_open_in_child = (lock,)
     if replayed:
         store.checkpointer.request()     # fold the replayed journals into a snapshot

@@ -59,6 +59,7 @@ few seconds.
 """
 
 import bisect
+import collections
 import errno
 import hashlib
 import heapq
@@ -67,7 +68,7 @@ import threading
 import time
 
 import persistence
-from persistence import CLEAR, DELETE, PUT
+from persistence import BATCH, CLEAR, DELETE, EXPIRE, PUT
 
 
 class Sealed(Exception):
@@ -75,7 +76,14 @@ class Sealed(Exception):
 
 
 class ConditionFailed(Exception):
-    """A conditional write whose condition does not hold: nothing was changed."""
+    """A conditional write whose condition does not hold: nothing was changed.
+
+    `index`: in a batch, the part whose condition failed.
+    """
+
+    def __init__(self, index=None):
+        super().__init__(index)
+        self.index = index
 
 
 class NoRoom(OSError):
@@ -243,7 +251,7 @@ class KeyIndex:
             if op == PUT:
                 if key not in self._data:
                     index.add(key)
-            elif op == DELETE:
+            elif op != CLEAR:           # DELETE, EXPIRE
                 if key in self._data:
                     index.remove(key)
             else:
@@ -364,16 +372,112 @@ class Checkpointer:
                              "cannot save" % (error.strerror or error))
 
 
+def now_ms():
+    """Wall-clock time in milliseconds since the epoch: the unit of a key's deadline."""
+    return int(time.time() * 1000)
+
+
+class Expiry:
+    """The keys' deadlines, and which have passed: reads hide them, the sweep journals them.
+
+    `deadlines` is the ledger's {key: ms}, changed only as records are
+    applied.  The heap holds (ms, key) for each deadline set; an entry is
+    stale (skipped when popped) once the key's deadline is another.  Not
+    thread-safe: the store's lock guards it.
+    """
+
+    def __init__(self, deadlines):
+        self.deadlines = deadlines
+        self._heap = [(ms, key) for key, ms in deadlines.items()]
+        heapq.heapify(self._heap)
+        self.expired = 0                # keys expired since start, for /metrics
+
+    def passed(self, key, now=None):
+        """True if `key` has a deadline and it has passed: it is gone for every request."""
+        ms = self.deadlines.get(key)
+        return ms is not None and ms <= (now_ms() if now is None else now)
+
+    def set(self, key, ms):
+        """A record applied: `key` expires at `ms` (None: never)."""
+        if ms is None:
+            if self.deadlines:
+                self.deadlines.pop(key, None)
+        else:
+            self.deadlines[key] = ms
+            heapq.heappush(self._heap, (ms, key))
+
+    def clear(self):
+        self.deadlines.clear()
+        self._heap = []
+
+    def due(self, now, limit, queued):
+        """Up to `limit` keys whose deadline has passed, taken off the heap.
+
+        A stale entry (the key's deadline is another now) is dropped, and
+        so is a key in `queued` (the store's queued writes): the write
+        changes its deadline, or pushes it back (again) if it fails.
+        """
+        heap, keys = self._heap, {}
+        while heap and heap[0][0] <= now and len(keys) < limit:
+            ms, key = heapq.heappop(heap)
+            if self.deadlines.get(key) == ms and key not in queued:
+                keys[key] = ms
+        return list(keys)
+
+    def again(self, key):
+        """A write of `key` that failed (its round did): its deadline, if any, stands again."""
+        ms = self.deadlines.get(key)
+        if ms is not None:
+            heapq.heappush(self._heap, (ms, key))
+
+
+class History:
+    """The last changes applied, by revision: what a watch since revision R asks about.
+
+    Each entry is (revision, key), or (revision, None) for a CLEAR.  Only
+    the last MAX entries are kept; `floor` is the revision before which
+    changes are no longer known (at start: the revision loaded).
+    """
+
+    MAX = 10000
+
+    def __init__(self, revision):
+        self.entries = collections.deque()
+        self.floor = revision
+
+    def add(self, revision, key):
+        if len(self.entries) >= self.MAX:
+            self.floor = self.entries.popleft()[0]
+        self.entries.append((revision, key))
+
+    def changed_since(self, prefix, since):
+        """True if a key under `prefix` changed after revision `since`, or it is not known."""
+        if since < self.floor:
+            return True
+        for revision, key in reversed(self.entries):
+            if revision <= since:
+                return False
+            if key is None or key.startswith(prefix):
+                return True
+        return False
+
+
 class Store:
 
-    def __init__(self, data, journal, checkpoint_bytes, log):
+    def __init__(self, data, journal, checkpoint_bytes, log, ledger=None):
         self._data = data
         self._journal = journal
-        self._lock = threading.Lock()   # guards _data, _pending*, _tags, _sealed, journal appends
-        self._pending = {}      # key -> its newest queued record (op, key, value), not yet applied
+        self._ledger = ledger = persistence.Ledger() if ledger is None else ledger
+        self._lock = threading.Lock()   # guards _data, _pending*, _tags, _sealed, _expiry,
+                                        # _ledger, history, journal appends
+        self._pending = {}      # key -> its newest queued record or batch part, not yet applied
         self._pending_clear = None  # the newest queued CLEAR record, not yet applied
+        self._queued_revision = ledger.revision     # the revision of the newest queued record
         self._tags = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
         self._keys = KeyIndex(data, self._lock)     # the keys in order, once a listing asks
+        self._expiry = Expiry(ledger.deadlines)
+        self.history = History(ledger.revision)
+        self._listeners = []
         self._sealed = False
         self._log = log
         self.directory = journal.directory
@@ -391,6 +495,29 @@ class Store:
     def journal(self):
         """The open journal, for its counters (size, records, fsyncs): read them, nothing more."""
         return self._journal
+
+    @property
+    def revision(self):
+        """The revision of the dict: mutations applied (durable) since the store began."""
+        return self._ledger.revision
+
+    @property
+    def expiring(self):
+        """Keys that have a deadline (for /metrics)."""
+        return len(self._expiry.deadlines)
+
+    @property
+    def expired(self):
+        """Keys expired since start (for /metrics)."""
+        return self._expiry.expired
+
+    def listen(self, changed):
+        """Call changed(keys, everything), on the journal's loop, after each round applied.
+
+        `keys`: the keys the round changed; `everything`: True if it
+        cleared the store.  It must not block, nor raise.
+        """
+        self._listeners.append(changed)
 
     def write_problem(self):
         """None while the storage is sound, else why not (for /health and metrics).
@@ -411,48 +538,96 @@ class Store:
 
     # -- reads --------------------------------------------------------------
 
+    def _visible(self, key):
+        """Under the lock: the value of `key` in the dict, None if absent or expired."""
+        value = self._data.get(key)
+        if value is not None and self._expiry.deadlines and self._expiry.passed(key):
+            return None
+        return value
+
     def get(self, key):
         """The value of `key`, or None."""
         with self._lock:
-            return self._data.get(key)
+            return self._visible(key)
 
-    def copy(self):
-        """The whole dict at one instant: every write applied, and so durable, by then.
+    def read(self, key):
+        """(value, tag, deadline, revision) of `key`: (None, None, None, revision) if absent.
 
-        A shallow copy, made under the lock: the values are shared, and
-        never change, since writes replace them.
+        `deadline`: when it expires (ms since the epoch), None if never;
+        `revision`: the store's, as of this read.
         """
         with self._lock:
-            return dict(self._data)
+            value = self._visible(key)
+            kept = self._tags.get(key)
+            deadline = self._expiry.deadlines.get(key) if self._expiry.deadlines else None
+            revision = self._ledger.revision
+        if value is None:
+            return None, None, None, revision
+        return value, self._tag(key, value, kept), deadline, revision
+
+    def cut(self):
+        """(data, deadlines, revision) at one instant: every write applied, and so durable.
+
+        Shallow copies, made under the lock: the values are shared, and
+        never change, since writes replace them.  Keys whose deadline has
+        passed are in them (their expiry is not applied yet): the caller
+        drops them, by their deadline.
+        """
+        with self._lock:
+            return dict(self._data), dict(self._expiry.deadlines), self._ledger.revision
+
+    def copy(self):
+        """(data, ledger) at one instant, for a backup: see cut()."""
+        data, deadlines, revision = self.cut()
+        return data, persistence.Ledger(revision, deadlines)
 
     def get_tagged(self, key):
         """(value, value_tag(value)) of `key`, or (None, None)."""
-        return self._tagged(key, self._data.get)
+        return self.read(key)[:2]
 
     def _latest(self, key):
         """The value of `key` once every write queued so far is applied (None: absent).
 
         Call with the lock held.  Conditions are checked against it: a
         conditional write must see the writes queued before it, durable or
-        not yet.  The newest queued record of the key wins; else a queued
+        not yet.  The newest queued record of the key wins (absent if it
+        deletes it, or sets a deadline that has passed); else a queued
         CLEAR means absent; else the dict.
         """
         record = self._pending.get(key)
         if record is not None:
-            return record[2] if record[0] == PUT else None
+            if record[0] != PUT or (record[3] is not None and record[3] <= now_ms()):
+                return None
+            return record[2]
         if self._pending_clear is not None:
             return None
-        return self._data.get(key)
+        return self._visible(key)
 
     def keys_page(self, prefix="", after="", limit=1000):
         """(keys, more): up to `limit` keys in order, each > `after` and starting with `prefix`.
 
-        `more` is True if other such keys follow.  Raises KeyIndexBuilding
-        while a large store's first listing builds the index.
+        `more` is True if other such keys follow.  Expired keys are left
+        out.  Raises KeyIndexBuilding while a large store's first listing
+        builds the index.
         """
+        keys = []
         with self._lock:
-            keys = self._keys.page(prefix, after, limit + 1)
+            while len(keys) <= limit:
+                wanted = limit + 1 - len(keys)
+                found = self._keys.page(prefix, after, wanted)
+                if found and self._expiry.deadlines:
+                    after, now = found[-1], now_ms()
+                    keys += [key for key in found if not self._expiry.passed(key, now)]
+                else:
+                    keys += found
+                if len(found) < wanted:
+                    break
         return keys[:limit], len(keys) > limit
+
+    def changed_since(self, prefix, since):
+        """True if a key under `prefix` changed after revision `since` (or it is not known)."""
+        with self._lock:
+            return self.history.changed_since(prefix, since)
 
     def _tagged(self, key, read):
         """(value, tag) of `key` as read(key) sees it under the lock; hashes outside the lock."""
@@ -461,28 +636,40 @@ class Store:
             kept = self._tags.get(key)
         if value is None:
             return None, None
+        return value, self._tag(key, value, kept)
+
+    def _tag(self, key, value, kept):
+        """The tag of `value`, read from `key` with `kept` its kept tag; hashed outside the lock."""
         if kept is not None and kept[0] is value:
-            return kept
+            return kept[1]
         tag = value_tag(value)
         if len(value) >= TAG_CACHE_MIN_BYTES:
             with self._lock:
                 if self._latest(key) is value:  # else a newer write keeps its own tag
                     self._tags[key] = (value, tag)
-        return value, tag
+        return tag
 
     # -- writes -------------------------------------------------------------
+    #
+    # A record is (op, key, value, extra): extra is a PUT's deadline (ms
+    # since the epoch, None: permanent), or a BATCH's parts, each a record
+    # (op, key, value, deadline) of a PUT or a DELETE (persistence.apply).
+    # Each returns the revision the mutation will have once applied.
 
-    def put(self, key, value, on_durable=None, tag=None, condition=None):
-        """Set `key`.  `tag`: value_tag(value), if the caller has it.  `condition`: see _mutate."""
-        self._mutate(PUT, key, value, on_durable, tag, condition)
+    def put(self, key, value, on_durable=None, tag=None, condition=None, deadline=None):
+        """Set `key`, until `deadline` (ms since the epoch; None: for good).
+
+        `tag`: value_tag(value), if the caller has it.  `condition`: see _mutate.
+        """
+        return self._mutate((PUT, key, value, deadline), on_durable, tag, condition)
 
     def delete(self, key, on_durable=None, condition=None):
-        self._mutate(DELETE, key, b"", on_durable, None, condition)
+        return self._mutate((DELETE, key, b"", None), on_durable, None, condition)
 
     def clear(self, on_durable=None):
-        self._mutate(CLEAR, "", b"", on_durable)
+        return self._mutate((CLEAR, "", b"", None), on_durable)
 
-    def _mutate(self, op, key, value, on_durable, tag=None, condition=None):
+    def _mutate(self, record, on_durable, tag=None, condition=None):
         """Queue a change; it is applied once durable.  Raises Sealed, ConditionFailed, or OSError.
 
         Without `on_durable`, returns once the change is durable and applied
@@ -494,53 +681,163 @@ class Store:
         value (None: the key is absent); else ConditionFailed.  OSError at
         once: the journal has failed for good.
         """
+        key = record[1]
         seen = self._tagged(key, self._latest) if condition is not None else None
-        record = (op, key, value)
         with self._lock:
             if self._sealed:
                 raise Sealed()
             if condition is not None:
                 self._check(key, condition, seen)
-            self._journal.append(record, on_durable)
-            self._keep_tag(op, key, value, tag)
-            if op == CLEAR:
-                self._pending.clear()
-                self._pending_clear = record
-            else:
-                self._pending[key] = record
-            journal_full = self._journal.size >= self.checkpointer.checkpoint_bytes
-        if journal_full:
+            revision = self._queue(record, on_durable)
+            self._keep_tag(record[0], key, record[2], tag)
+        self._after_queue(on_durable)
+        return revision
+
+    def batch(self, parts, conditions, on_durable=None):
+        """Queue `parts` (records of PUTs and DELETEs) as one mutation: all or none, in order.
+
+        `conditions`: for each part, None or condition(tag) as in _mutate,
+        checked against the key as the parts before it leave it.  Raises
+        ConditionFailed(index of the first that fails), Sealed or OSError,
+        having queued nothing.
+        """
+        with self._lock:
+            if self._sealed:
+                raise Sealed()
+            self._check_parts(parts, conditions)
+            revision = self._queue((BATCH, "", b"", tuple(parts)), on_durable)
+            for part in parts:
+                self._keep_tag(part[0], part[1], part[2], None)
+        self._after_queue(on_durable)
+        return revision
+
+    def delete_prefix(self, prefix, on_durable=None):
+        """Delete every key under `prefix` as one mutation.  Returns (keys deleted, revision).
+
+        The keys are those the writes queued so far leave, found by a scan
+        of the dict under the lock (about 60 ms a million keys).  With
+        none, nothing is queued: on_durable is called once what is queued
+        already is durable.
+        """
+        with self._lock:
+            if self._sealed:
+                raise Sealed()
+            keys = {key for key in self._data if key.startswith(prefix)}
+            keys.update(key for key in self._pending if key.startswith(prefix))
+            parts = [(DELETE, key, b"", None) for key in sorted(keys)
+                     if self._latest(key) is not None]
+            revision = self._queued_revision
+            if parts:
+                revision = self._queue((BATCH, "", b"", tuple(parts)), on_durable)
+                for part in parts:
+                    self._keep_tag(DELETE, part[1], b"", None)
+        if not parts and on_durable is not None:
+            self._journal.when_durable(on_durable)
+        self._after_queue(on_durable)
+        return len(parts), revision
+
+    def expire_due(self, limit):
+        """Journal the expiry of up to `limit` keys whose deadline has passed; returns how many.
+
+        Called by the server, on the loop, a few times a second and again
+        at once while more are due: the cost per call is bounded.  A key
+        that a queued write changes is left to that write.
+        """
+        now = now_ms()
+        with self._lock:
+            if self._sealed or self._pending_clear is not None:
+                return 0
+            keys = self._expiry.due(now, limit, self._pending)
+            for key in keys:
+                self._queue((EXPIRE, key, b"", None), None)
+                self._tags.pop(key, None)
+        if keys:
+            self._journal.when_durable(lambda error: None)     # a round now, not at the next write
+        return len(keys)
+
+    def _queue(self, record, on_durable):
+        """Under the lock: hand `record` to the journal, and to the overlay of queued writes."""
+        self._journal.append(record, on_durable)
+        op = record[0]
+        if op == CLEAR:
+            self._pending.clear()
+            self._pending_clear = record
+        elif op == BATCH:
+            for part in record[3]:
+                self._pending[part[1]] = part
+        else:
+            self._pending[record[1]] = record
+        self._queued_revision += 1
+        return self._queued_revision
+
+    def _after_queue(self, on_durable):
+        """After a write is queued, without the lock: a checkpoint if the journal is full; wait."""
+        if self._journal.size >= self.checkpointer.checkpoint_bytes:
             self.checkpointer.request()
         if on_durable is None:
             self._journal.commit()      # from a thread other than the journal's loop
 
+    def _check_parts(self, parts, conditions):
+        """Under the lock: raise ConditionFailed(index) at the first part whose condition fails.
+
+        Each is checked against the key as the queued writes and the parts
+        before it leave it.  Hashed under the lock: batches with conditions
+        are rare, and their values small.
+        """
+        seen = {}
+        for index, (part, condition) in enumerate(zip(parts, conditions)):
+            op, key, value = part[0], part[1], part[2]
+            if condition is not None:
+                latest = seen[key] if key in seen else self._latest(key)
+                kept = self._tags.get(key)
+                tag = (None if latest is None else
+                       kept[1] if kept is not None and kept[0] is latest else value_tag(latest))
+                if not condition(tag):
+                    raise ConditionFailed(index)
+            seen[key] = value if op == PUT else None
+
     def apply_round(self, records):
         """The journal, on its loop, once `records` are durable: apply them, in order."""
-        data, pending = self._data, self._pending
+        changed, everything = [], False
         with self._lock:
-            value_bytes = self.value_bytes
+            ledger, history = self._ledger, self.history
             for record in records:
-                op, key, value = record
-                if op == PUT:
-                    old = data.get(key)
-                    value_bytes += len(value) - (len(old) if old is not None else 0)
-                elif op == DELETE:
-                    old = data.get(key)
-                    if old is not None:
-                        value_bytes -= len(old)
+                ledger.revision += 1
+                if record[0] == BATCH:
+                    for part in record[3]:
+                        self._apply(part)
+                        history.add(ledger.revision, part[1])
+                        changed.append(part[1])
+                elif record[0] == CLEAR:
+                    self._apply(record)
+                    history.add(ledger.revision, None)
+                    everything = True
                 else:
-                    value_bytes = 0
-                    if self._pending_clear is record:
-                        self._pending_clear = None
-                self._apply(op, key, value)
-                if pending.get(key) is record:
-                    del pending[key]
-            self.value_bytes = value_bytes
+                    self._apply(record)
+                    history.add(ledger.revision, record[1])
+                    changed.append(record[1])
+        for listener in self._listeners:
+            listener(changed, everything)
 
-    def _apply(self, op, key, value):
-        """Under the lock: change the dict, and the sorted keys if a listing made them."""
+    def _apply(self, record):
+        """Under the lock: one record (or a batch's part) to the dict, the index and the counts."""
+        op, key, value, extra = record
+        data = self._data
+        if op == CLEAR:
+            self.value_bytes = 0
+            self._expiry.clear()
+            if self._pending_clear is record:
+                self._pending_clear = None
+        else:
+            old = data.get(key)
+            self.value_bytes += len(value) - (len(old) if old is not None else 0)
+            self._expiry.set(key, extra if op == PUT else None)
+            if op == EXPIRE:
+                self._expiry.expired += 1
+            if self._pending.get(key) is record:
+                del self._pending[key]
         self._keys.note(op, key)
-        persistence.apply(self._data, op, key, value)
+        persistence.apply(data, op, key, value)
 
     def journal_failed(self, error):
         """The journal, on the loop: it has failed for good (an fsync error): shut down."""
@@ -550,11 +847,15 @@ class Store:
         """The journal, on its loop, after a failed round: fail every queued write too.
 
         Returns their callbacks.  A write queued after the failed ones may
-        have been checked against them (_latest), so it cannot stand.
+        have been checked against them (_latest), so it cannot stand.  A
+        failed expiry is tried again by the sweep.
         """
         with self._lock:
+            for key in self._pending:
+                self._expiry.again(key)
             self._pending.clear()
             self._pending_clear = None
+            self._queued_revision = self._ledger.revision
             self._tags.clear()          # may hold tags of values never applied
             return self._journal.drop_queued()
 
@@ -657,7 +958,8 @@ class Store:
     def _write_snapshot(self):
         """The final snapshot; OSError, saying what the journal still holds, if it fails."""
         try:
-            return persistence.write_snapshot(self.directory, self._data)
+            return persistence.write_snapshot(self.directory, self._data, self._ledger,
+                                              self._journal.generation)
         except OSError as e:
             vanished = self._journal.vanished
             kept = ("but %s while the server ran: the writes it held are lost" % vanished
