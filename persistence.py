@@ -977,16 +977,10 @@ class Journal:
 
     Two halves.  This object, in the server's process, queues the records
     and keeps the callbacks.  The writer (_write_rounds) does every write
-    and fsync of the journal files, in a process of its own (inheriting
-    `pass_fds`: the directory's LOCK), so that it never needs the GIL of
-    the thread serving requests.  A writer thread did: after each fsync it
-    waited for the GIL that the busy server held, and each such hand-off
-    cost both threads wake-ups and waits (PUT at 64 connections: 0.34-0.38x
-    the asyncio server with the thread, 0.41-0.45x with the process).  The
-    two talk over a socket pair, which an asyncio event loop reads and
-    writes as a protocol (_Channel): the server's own loop (`loop`), or,
-    for tools and tests, a loop the journal runs on a thread of its own.
-    The code that drives the rounds is the same either way.
+    and fsync of the journal files, in a process of its own; the link to it
+    (_WriterLink) starts it and carries the rounds to it and its replies
+    back, on an asyncio event loop: the server's own (`loop`), or, for tools
+    and tests, one the link runs on a thread of its own.
 
     append() must be called with the store lock held: that is what makes the
     order of records the order of changes to the dict.  It only queues the
@@ -998,10 +992,10 @@ class Journal:
     Rounds are started and finished on the loop: the first record or
     callback queued in a loop turn asks for a pump() (call_soon), which
     runs after the turn's other callbacks, so that every write queued in the
-    turn joins one round; the writer's replies come back to _Channel.
-    Rounds do not wait for each other: the writer takes every round that
-    has arrived while it was busy, writes them all, and, as the policy
-    says, fsyncs once for them all (group commit):
+    turn joins one round; the writer's replies come back through the link
+    (_received).  Rounds do not wait for each other: the writer takes every
+    round that has arrived while it was busy, writes them all, and, as the
+    policy says, fsyncs once for them all (group commit):
 
       always    an fsync every round.
       everysec  an fsync at most once a second (a power loss may lose the
@@ -1031,14 +1025,10 @@ class Journal:
         marked them clean, so a second fsync would report success for data
         that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
         retried.  The owner's journal_failed is called once, on the loop.
-    A writer process that dies is fatal too.  It ignores the signals that
-    stop the server, and exits when its end of the channel closes (when the
-    journal is closed), after the round in hand; it dies with the server
-    (_die_with_parent), so create the journal on a thread that lives as long
-    as the server does.  A writer that finds the data directory, or a
-    journal file, removed or replaced (GONE) fails the journal for good
-    too, `vanished` saying why, but journal_failed is not called: reads go
-    on.
+    A writer process that dies before the journal is closed is fatal too
+    (_writer_gone).  A writer that finds the data directory, or a journal
+    file, removed or replaced (GONE) fails the journal for good too,
+    `vanished` saying why, but journal_failed is not called: reads go on.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -1073,33 +1063,16 @@ class Journal:
         self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
         self._numbered = 0              # rounds sent so far
         self._epoch = 0                 # rounds since the last failure (see _fail)
-        self._replies = b""             # received from the writer, not yet read
-        self._closing = False
         self._lock = threading.Lock()   # guards the queue: _segments, _records, _callbacks,
                                         # _sync_wanted, size, records
         self._pump_due = False          # a pump() is scheduled on the loop
-        self._transport = None          # the channel, once the loop has it (_connect)
-        self._own_loop = None           # the thread running a loop of our own, if any
-        self.channel, writer_end = socket.socketpair()
-        try:
-            self._process = subprocess.Popen(
-                self.WRITER_COMMAND + [str(writer_end.fileno()), directory, policy,
-                                       str(os.getpid())],
-                stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
-                start_new_session=True)
-        except BaseException:
-            self.channel.close()
-            raise
-        finally:
-            writer_end.close()
-        if loop is None:
-            loop = asyncio.new_event_loop()
-            self._own_loop = threading.Thread(target=loop.run_forever, name="journal-loop",
-                                              daemon=True)
-            self._own_loop.start()
-        self._loop = loop
-        self._loop_thread = None        # its thread's ident, once it runs our code
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._connect()))
+        self._link = _WriterLink(self, self.WRITER_COMMAND, directory, policy, loop, pass_fds)
+        self._link.connect()            # once self._link is set: the loop pumps once connected
+
+    @property
+    def _process(self):
+        """The writer process (the tests read its pid)."""
+        return self._link.process
 
     def attach(self, owner, log):
         """Who hears of the rounds: `owner` has three methods, all called on the loop.
@@ -1111,12 +1084,6 @@ class Journal:
         `log(message)` reports full disks, failures and recoveries.
         """
         self._owner, self._log = owner, log
-
-    async def _connect(self):
-        self._loop_thread = threading.get_ident()
-        self._transport, _ = await self._loop.connect_accepted_socket(
-            lambda: _Channel(self), self.channel)
-        self.pump()
 
     # -- store lock held ------------------------------------------------------
 
@@ -1183,7 +1150,7 @@ class Journal:
     def commit(self):
         """From a thread other than the loop's: return once every record appended so far is
         durable.  Raises OSError."""
-        assert threading.get_ident() != self._loop_thread, "commit() would wait for itself"
+        assert not self._link.on_loop(), "commit() would wait for itself"
         done, outcome = threading.Event(), []
         self.when_durable(lambda error: (outcome.append(error), done.set()))
         done.wait()
@@ -1200,7 +1167,7 @@ class Journal:
     def discard(self):
         """Close and delete the file of a journal that never received a record."""
         assert self.records == 0
-        self._stop()
+        self._link.stop()
         os.unlink(journal_path(self.directory, self.generation))
 
     def close(self):
@@ -1213,26 +1180,7 @@ class Journal:
             self.sync()
         except OSError:
             pass
-        self._stop()
-
-    def _stop(self):
-        """End the channel (the writer closes its files and exits), and our loop if we run one."""
-        self._closing = True
-        done = threading.Event()
-
-        def end_channel():
-            if self._transport is not None:
-                self._transport.close()         # what is buffered goes first
-            else:
-                self.channel.close()
-            done.set()
-        self._loop.call_soon_threadsafe(end_channel)
-        done.wait()
-        self._process.wait()
-        if self._own_loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._own_loop.join()
-            self._loop.close()
+        self._link.stop()
 
     # -- on the loop ------------------------------------------------------------
 
@@ -1241,10 +1189,7 @@ class Journal:
         if self._pump_due:
             return
         self._pump_due = True
-        if threading.get_ident() == self._loop_thread:
-            self._loop.call_soon(self.pump)
-        else:
-            self._loop.call_soon_threadsafe(self.pump)     # the checkpointer, tools, tests
+        self._link.call_soon(self.pump)
 
     def _queued(self):
         """Callbacks, a sync, a switch or records wait for a round."""
@@ -1252,11 +1197,10 @@ class Journal:
         return bool(self._callbacks or self._sync_wanted or len(segments) > 1 or segments[0][1])
 
     def pump(self):
-        """Send a round of what is queued, if anything is: the transport buffers what the
-        channel does not take at once."""
+        """Send a round of what is queued, if anything is."""
         self._pump_due = False          # before the queue is read: a later wake pumps again
-        if self._transport is None:
-            return                      # not connected yet: _connect pumps
+        if not self._link.connected():
+            return                      # not connected yet: the link pumps once it is
         with self._lock:
             if not self._queued():
                 return
@@ -1264,7 +1208,7 @@ class Journal:
             if self.failed:
                 callbacks, self._callbacks = self._callbacks, []
                 self._sync_wanted = False
-            elif self._transport.is_closing():
+            elif self._link.closing():
                 return                  # the writer has gone: _writer_gone fails the queue
             else:
                 callbacks = None
@@ -1277,24 +1221,13 @@ class Journal:
         sizes = [(generation, sum(map(len, buffers))) for generation, buffers in segments]
         self._numbered += 1
         self._rounds.append((self._numbered, records, round_callbacks, sizes))
-        parts = [_ROUND.pack(sync, len(sizes), self._numbered, self._epoch)
-                 + b"".join(_SEGMENT.pack(*size) for size in sizes)]
-        for _, buffers in segments:
-            parts.extend(buffers)
-        self._transport.writelines(parts)
+        self._link.send_round(sync, self._numbered, self._epoch, segments, sizes)
 
-    def _received(self, data):
-        """_Channel: the writer's replies; each ends rounds."""
-        buf = self._replies + data
-        while len(buf) >= _REPLY.size:
-            kind, phase, number, fsyncs, seconds, last, length = _REPLY.unpack_from(buf)
-            end = _REPLY.size + length
-            if len(buf) < end:
-                break
+    def _received(self, replies):
+        """The writer's replies, decoded by the link; each ends rounds, or brings news."""
+        for kind, phase, error, fsyncs, seconds, last, detail in replies:
             self._count_fsyncs(fsyncs, seconds)
-            detail, buf = buf[_REPLY.size:end].decode("utf-8", "replace"), buf[end:]
-            self._reply(kind, _PHASES[phase], OSError(number, os.strerror(number)), last, detail)
-        self._replies = buf
+            self._reply(kind, phase, error, last, detail)
         self.pump()
 
     def _count_fsyncs(self, fsyncs, seconds):
@@ -1380,9 +1313,7 @@ class Journal:
         self._fail(error, "write", False, "")
 
     def _writer_gone(self):
-        """The channel closed: expected once the journal is closed, fatal before."""
-        if self._closing:
-            return
+        """The link: the writer process exited, or the channel broke, before close(): fatal."""
         self._fail(OSError(errno.EIO, "the journal writer process exited"), "write", True, "")
 
     def _run(self, callbacks, error):
@@ -1399,20 +1330,135 @@ class Journal:
         self._log("Journal %s: writable again" % journal_path(self.directory, self.generation))
 
 
-class _Channel(asyncio.Protocol):
-    """The socket pair to the journal's writer, as the loop sees it: replies in, the end."""
+class _WriterLink(asyncio.Protocol):
+    """A journal's link to its writer process: the process, and the socket pair to it.
 
-    def __init__(self, journal):
-        self.journal = journal
+    The writer (_write_rounds) does every write and fsync of the journal
+    files, in a process of its own (inheriting `pass_fds`: the directory's
+    LOCK), so that it never needs the GIL of the thread serving requests.
+    A writer thread did: after each fsync it waited for the GIL that the
+    busy server held, and each such hand-off cost both threads wake-ups and
+    waits (PUT at 64 connections: 0.34-0.38x the asyncio server with the
+    thread, 0.41-0.45x with the process).  The two talk over a socket pair,
+    which an asyncio event loop reads and writes as this protocol: the
+    server's own loop (`loop`), or, for tools and tests, a loop the link
+    runs on a thread of its own (journal-loop).  The code that drives the
+    rounds is the same either way.
+
+    The writer ignores the signals that stop the server, and exits when its
+    end of the channel closes (stop(), when the journal is closed), after
+    the round in hand; it dies with the server (_die_with_parent), so
+    create the journal on a thread that lives as long as the server does.
+
+    On the loop, the link calls the journal's pump() once connected, its
+    _received(replies) with each whole reply the writer sent, and its
+    _writer_gone() if the channel closes before stop().
+    """
+
+    def __init__(self, journal, command, directory, policy, loop, pass_fds):
+        """Start the writer process, `command` with the channel's fd, `directory` and `policy`."""
+        self._journal = journal
+        self._replies = b""             # received from the writer, not yet read
+        self._stopping = False
+        self._transport = None          # the channel, once the loop has it (_connect)
+        self._own_loop = None           # the thread running a loop of our own, if any
+        self.channel, writer_end = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                command + [str(writer_end.fileno()), directory, policy, str(os.getpid())],
+                stdin=subprocess.DEVNULL, pass_fds=(writer_end.fileno(),) + tuple(pass_fds),
+                start_new_session=True)
+        except BaseException:
+            self.channel.close()
+            raise
+        finally:
+            writer_end.close()
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._own_loop = threading.Thread(target=loop.run_forever, name="journal-loop",
+                                              daemon=True)
+            self._own_loop.start()
+        self._loop = loop
+        self._loop_thread = None        # its thread's ident, once it runs our code
+
+    def connect(self):
+        """Have the loop take the channel, then pump the journal."""
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._connect()))
+
+    async def _connect(self):
+        self._loop_thread = threading.get_ident()
+        self._transport, _ = await self._loop.connect_accepted_socket(lambda: self, self.channel)
+        self._journal.pump()
+
+    def connected(self):
+        """The loop has the channel: rounds can be sent."""
+        return self._transport is not None
+
+    def closing(self):
+        """The channel is closing (stop(), or the writer has gone): nothing more gets through."""
+        return self._transport.is_closing()
+
+    def on_loop(self):
+        """This thread runs the loop."""
+        return threading.get_ident() == self._loop_thread
+
+    def call_soon(self, callback):
+        """Run callback on the loop, after the callbacks already queued there.  From any thread."""
+        if self.on_loop():
+            self._loop.call_soon(callback)
+        else:
+            self._loop.call_soon_threadsafe(callback)     # the checkpointer, tools, tests
+
+    def send_round(self, sync, number, epoch, segments, sizes):
+        """On the loop: send round `number` of `epoch`, its segments ([generation, buffers]) of
+        `sizes` ((generation, length)); the transport buffers what the channel does not take
+        at once."""
+        parts = [_ROUND.pack(sync, len(sizes), number, epoch)
+                 + b"".join(_SEGMENT.pack(*size) for size in sizes)]
+        for _, buffers in segments:
+            parts.extend(buffers)
+        self._transport.writelines(parts)
 
     def data_received(self, data):
-        self.journal._received(data)
+        """The writer's replies: each whole one, decoded, to the journal."""
+        buf = self._replies + data
+        replies = []
+        while len(buf) >= _REPLY.size:
+            kind, phase, number, fsyncs, seconds, last, length = _REPLY.unpack_from(buf)
+            end = _REPLY.size + length
+            if len(buf) < end:
+                break
+            detail, buf = buf[_REPLY.size:end].decode("utf-8", "replace"), buf[end:]
+            replies.append((kind, _PHASES[phase], OSError(number, os.strerror(number)),
+                            fsyncs, seconds, last, detail))
+        self._replies = buf
+        self._journal._received(replies)
 
     def eof_received(self):
         return False                # the writer has gone: close our end too
 
     def connection_lost(self, exc):
-        self.journal._writer_gone()
+        if not self._stopping:      # expected once the journal is closed, fatal before
+            self._journal._writer_gone()
+
+    def stop(self):
+        """End the channel (the writer closes its files and exits), and our loop if we run one."""
+        self._stopping = True
+        done = threading.Event()
+
+        def end_channel():
+            if self._transport is not None:
+                self._transport.close()         # what is buffered goes first
+            else:
+                self.channel.close()
+            done.set()
+        self._loop.call_soon_threadsafe(end_channel)
+        done.wait()
+        self.process.wait()
+        if self._own_loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._own_loop.join()
+            self._loop.close()
 
 
 # ------------------------------------------------------------- the writer --
