@@ -980,7 +980,10 @@ class Journal:
     and fsync of the journal files, in a process of its own; the link to it
     (_WriterLink) starts it and carries the rounds to it and its replies
     back, on an asyncio event loop: the server's own (`loop`), or, for tools
-    and tests, one the link runs on a thread of its own.
+    and tests, one the link runs on a thread of its own.  The rounds sent
+    wait for the writer's replies in _RoundsInFlight, which applies and
+    answers what is durable, fails what failed, and keeps what the replies
+    tell: whether the journal still works, and the fsync counters.
 
     append() must be called with the store lock held: that is what makes the
     order of records the order of changes to the dict.  It only queues the
@@ -1012,23 +1015,10 @@ class Journal:
     durability; commit() and sync() wait on it from another thread.
 
     When a round fails, its records and every record queued after them fail
-    too (the owner's fail_queued: a write queued later may have been
-    checked against one that failed), and the writer truncates away what the round wrote,
-    so that no failed record is ever replayed:
-      - a write that fails for lack of room (ENOSPC, EDQUOT, EFBIG) is
-        retried with the next records: `problem` says why meanwhile, and
-        once a second the writer probes (posix_fallocate) whether there is
-        room again;
-      - any other failed write, or a failed truncation, and every failed
-        fsync, is fatal (`failed`): the journal refuses every later record.
-        After an fsync error Linux may have dropped the dirty pages and
-        marked them clean, so a second fsync would report success for data
-        that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
-        retried.  The owner's journal_failed is called once, on the loop.
-    A writer process that dies before the journal is closed is fatal too
-    (_writer_gone).  A writer that finds the data directory, or a journal
-    file, removed or replaced (GONE) fails the journal for good too,
-    `vanished` saying why, but journal_failed is not called: reads go on.
+    too, and none of them is ever replayed; a full disk is retried, any
+    other failure is fatal (`failed`), and a data directory or journal file
+    removed or replaced fails the journal for good, `vanished` saying why:
+    see _RoundsInFlight.
     """
 
     POLICIES = ("always", "everysec", "no")
@@ -1046,33 +1036,26 @@ class Journal:
         self.generation = generation
         self.size = 0                   # bytes appended to the current file
         self.records = 0                # appended since this object was opened
-        self.failed = None              # the OSError that broke the journal for good, if any
-        self.problem = None             # why writes fail for now (a full disk), if they do
-        self.vanished = None            # why, if the files were removed or replaced under us
-        self.fsyncs = 0                 # rounds fsynced (each may cover many records)
-        self.fsync_seconds = 0.0        # time spent in those rounds, writes included
-        self.fsync_histogram = [0] * (len(self.FSYNC_BUCKETS) + 1)   # the last: +Inf
-        self._owner = None              # apply_round, fail_queued, journal_failed (attach)
-        self._log = lambda message: None
         _create(directory, generation)
         self._segments = [[generation, []]]     # [generation, buffers] of records not yet sent
         self._records = []              # (op, key, value) of those records, in order
         self._callbacks = []            # callbacks for the next round
         self._sync_wanted = False       # the next round fsyncs, whatever the policy
-        self._written = {generation: 0}     # bytes made good in each file, by rounds done
-        self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
-        self._numbered = 0              # rounds sent so far
-        self._epoch = 0                 # rounds since the last failure (see _fail)
         self._lock = threading.Lock()   # guards the queue: _segments, _records, _callbacks,
                                         # _sync_wanted, size, records
         self._pump_due = False          # a pump() is scheduled on the loop
+        self._in_flight = _RoundsInFlight(self)     # sent, until the writer replies
         self._link = _WriterLink(self, self.WRITER_COMMAND, directory, policy, loop, pass_fds)
         self._link.connect()            # once self._link is set: the loop pumps once connected
 
-    @property
-    def _process(self):
-        """The writer process (the tests read its pid)."""
-        return self._link.process
+    # What the writer's replies tell, kept by the rounds in flight: read them, nothing more.
+    failed = property(lambda self: self._in_flight.failed)
+    problem = property(lambda self: self._in_flight.problem)
+    vanished = property(lambda self: self._in_flight.vanished)
+    fsyncs = property(lambda self: self._in_flight.fsyncs)
+    fsync_seconds = property(lambda self: self._in_flight.fsync_seconds)
+    fsync_histogram = property(lambda self: self._in_flight.fsync_histogram)
+    _process = property(lambda self: self._link.process)   # the writer (tests read its pid)
 
     def attach(self, owner, log):
         """Who hears of the rounds: `owner` has three methods, all called on the loop.
@@ -1083,7 +1066,7 @@ class Journal:
           journal_failed(error) the journal has failed for good (once)
         `log(message)` reports full disks, failures and recoveries.
         """
-        self._owner, self._log = owner, log
+        self._in_flight.attach(owner, log)
 
     # -- store lock held ------------------------------------------------------
 
@@ -1111,7 +1094,7 @@ class Journal:
             callbacks, self._callbacks = self._callbacks, []
             self._records = []
             self._segments = [[generation, []] for generation, _ in self._segments]
-            self.size = self._written.get(self.generation, 0)
+            self.size = self._in_flight.written.get(self.generation, 0)
         return callbacks
 
     def switch(self, generation):
@@ -1124,7 +1107,7 @@ class Journal:
         with self._lock:
             old, self.generation = self.generation, generation
             self._segments.append([generation, []])
-            self._written[generation] = 0
+            self._in_flight.written[generation] = 0
             self.size = 0
         return old
 
@@ -1217,30 +1200,79 @@ class Journal:
                 round_callbacks, self._callbacks = self._callbacks, []
                 sync, self._sync_wanted = self._sync_wanted, False
         if callbacks is not None:       # failed for good: nothing is written any more
-            return self._run(callbacks, self.failed)
+            return _run_callbacks(callbacks, self.failed)
         sizes = [(generation, sum(map(len, buffers))) for generation, buffers in segments]
-        self._numbered += 1
-        self._rounds.append((self._numbered, records, round_callbacks, sizes))
-        self._link.send_round(sync, self._numbered, self._epoch, segments, sizes)
+        number, epoch = self._in_flight.add(records, round_callbacks, sizes)
+        self._link.send_round(sync, number, epoch, segments, sizes)
 
     def _received(self, replies):
         """The writer's replies, decoded by the link; each ends rounds, or brings news."""
-        for kind, phase, error, fsyncs, seconds, last, detail in replies:
-            self._count_fsyncs(fsyncs, seconds)
-            self._reply(kind, phase, error, last, detail)
+        for reply in replies:
+            self._in_flight.reply(*reply)
         self.pump()
 
-    def _count_fsyncs(self, fsyncs, seconds):
-        """The writer's counters, and the fsync latency histogram: a reply covers one fsync at
-        most under `always` (a group, one fsync), so the time it adds is that fsync's."""
-        if fsyncs > self.fsyncs:
-            each = (seconds - self.fsync_seconds) / (fsyncs - self.fsyncs)
-            self.fsync_histogram[bisect.bisect_left(self.FSYNC_BUCKETS, each)] += \
-                fsyncs - self.fsyncs
-        self.fsyncs, self.fsync_seconds = fsyncs, seconds
+    def _writer_gone(self):
+        """The link: the writer process exited, or the channel broke, before close(): fatal."""
+        self._in_flight.fail(OSError(errno.EIO, "the journal writer process exited"),
+                             "write", True, "")
 
-    def _reply(self, kind, phase, error, last, detail):
+
+class _RoundsInFlight:
+    """A journal's rounds from their sending to the writer's reply, and what the replies tell.
+
+    A round is numbered as it is sent (add).  The writer's reply ends it:
+    DONE, its records go to the owner's apply_round and its callbacks get
+    None; or it failed, and so did every round after it.  All on the loop.
+
+    When a round fails, its records and every record queued after them fail
+    too (the owner's fail_queued: a write queued later may have been
+    checked against one that failed), and the writer truncates away what the round wrote,
+    so that no failed record is ever replayed:
+      - a write that fails for lack of room (ENOSPC, EDQUOT, EFBIG) is
+        retried with the next records: `problem` says why meanwhile, and
+        once a second the writer probes (posix_fallocate) whether there is
+        room again;
+      - any other failed write, or a failed truncation, and every failed
+        fsync, is fatal (`failed`): the journal refuses every later record.
+        After an fsync error Linux may have dropped the dirty pages and
+        marked them clean, so a second fsync would report success for data
+        that is not on disk (PostgreSQL's "fsyncgate", 2018): it is never
+        retried.  The owner's journal_failed is called once, on the loop.
+    A writer process that dies before the journal is closed is fatal too
+    (Journal._writer_gone).  A writer that finds the data directory, or a
+    journal file, removed or replaced (GONE) fails the journal for good
+    too, `vanished` saying why, but journal_failed is not called: reads go
+    on.  Every reply also brings the writer's fsync counters.
+    """
+
+    def __init__(self, journal):
+        self._journal = journal         # its directory, its file now, its queue (drop_queued)
+        self._owner = None              # apply_round, fail_queued, journal_failed (attach)
+        self._log = lambda message: None
+        self.failed = None              # the OSError that broke the journal for good, if any
+        self.problem = None             # why writes fail for now (a full disk), if they do
+        self.vanished = None            # why, if the files were removed or replaced under us
+        self.fsyncs = 0                 # rounds fsynced (each may cover many records)
+        self.fsync_seconds = 0.0        # time spent in those rounds, writes included
+        self.fsync_histogram = [0] * (len(Journal.FSYNC_BUCKETS) + 1)   # the last: +Inf
+        self.written = {journal.generation: 0}  # bytes made good in each file, by rounds done
+        self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
+        self._numbered = 0              # rounds sent so far
+        self._epoch = 0                 # rounds since the last failure (see fail)
+
+    def attach(self, owner, log):
+        """Journal.attach: who hears of the rounds, and where the news goes."""
+        self._owner, self._log = owner, log
+
+    def add(self, records, callbacks, sizes):
+        """A round is sent, of `sizes` ((generation, length)): its number and epoch."""
+        self._numbered += 1
+        self._rounds.append((self._numbered, records, callbacks, sizes))
+        return self._numbered, self._epoch
+
+    def reply(self, kind, phase, error, fsyncs, seconds, last, detail):
         """One reply: DONE, rounds <= `last` are durable; FULL or FAILED, round `last` failed."""
+        self._count_fsyncs(fsyncs, seconds)
         if kind == ROOM:
             if self.problem and not self.failed:
                 self._room_again()
@@ -1248,27 +1280,36 @@ class Journal:
         if kind == SYNCED:
             return                          # its news is in the counters
         if kind == BROKEN:                  # everysec: the late fsync of a round done
-            return self._fail(error, phase, True, detail)
+            return self.fail(error, phase, True, detail)
         if kind == GONE:
             return self._gone(error, detail)
         rounds = self._rounds
         if kind != DONE:
             if rounds and rounds[0][0] == last:     # else a round failed already
-                self._fail(error, phase, kind == FAILED, detail)
+                self.fail(error, phase, kind == FAILED, detail)
             return
         while rounds and rounds[0][0] <= last:
             _, records, callbacks, sizes = rounds.popleft()
             for generation, size in sizes:
-                self._written[generation] = self._written.get(generation, 0) + size
+                self.written[generation] = self.written.get(generation, 0) + size
             if records and self.problem and not self.failed:
                 self._room_again()
             if records and self._owner is not None:
                 self._owner.apply_round(records)
-            self._run(callbacks, None)
-        for generation in [g for g in self._written if g < self.generation]:
-            del self._written[generation]       # retired: the writer has closed it
+            _run_callbacks(callbacks, None)
+        for generation in [g for g in self.written if g < self._journal.generation]:
+            del self.written[generation]        # retired: the writer has closed it
 
-    def _fail(self, error, phase, fatal, detail):
+    def _count_fsyncs(self, fsyncs, seconds):
+        """The writer's counters, and the fsync latency histogram: a reply covers one fsync at
+        most under `always` (a group, one fsync), so the time it adds is that fsync's."""
+        if fsyncs > self.fsyncs:
+            each = (seconds - self.fsync_seconds) / (fsyncs - self.fsyncs)
+            self.fsync_histogram[bisect.bisect_left(Journal.FSYNC_BUCKETS, each)] += \
+                fsyncs - self.fsyncs
+        self.fsyncs, self.fsync_seconds = fsyncs, seconds
+
+    def fail(self, error, phase, fatal, detail):
         """The first round in flight failed, or the journal broke: fail every write not yet done.
 
         The rounds sent after the failed one fail with it (a write in them
@@ -1282,21 +1323,21 @@ class Journal:
         elif fatal:
             self.failed = error
             self.problem = "journal %s failed: %s" % (phase, error.strerror or error)
-            self._log("Journal %s: %s; no more writes are taken"
-                     % (journal_path(self.directory, self.generation), self.problem))
+            self._log("Journal %s: %s; no more writes are taken" % (self._path(), self.problem))
         elif self.problem is None:
             self.problem = "disk full: %s" % (error.strerror or error)
             self._log("Journal %s: %s; writes get 507 until there is room"
-                     % (journal_path(self.directory, self.generation), self.problem))
+                     % (self._path(), self.problem))
         if detail:
-            self._log("Journal %s: %s" % (journal_path(self.directory, self.generation), detail))
+            self._log("Journal %s: %s" % (self._path(), detail))
         callbacks = [callback for round in self._rounds for callback in round[2]]
         self._rounds.clear()
         self._epoch += 1
-        dropped = self._owner.fail_queued() if self._owner is not None else self.drop_queued()
-        self._run(callbacks + dropped, self.failed or error)
-        if fatal and self._owner is not None:
-            self._owner.journal_failed(error)
+        owner = self._owner
+        dropped = owner.fail_queued() if owner is not None else self._journal.drop_queued()
+        _run_callbacks(callbacks + dropped, self.failed or error)
+        if fatal and owner is not None:
+            owner.journal_failed(error)
 
     def _gone(self, error, detail):
         """The writer found the directory, or a journal file, removed or replaced (`detail`).
@@ -1310,25 +1351,25 @@ class Journal:
         self.failed = error
         self.problem = self.vanished = detail
         self._log("%s; no more writes are taken, reads go on" % detail)
-        self._fail(error, "write", False, "")
-
-    def _writer_gone(self):
-        """The link: the writer process exited, or the channel broke, before close(): fatal."""
-        self._fail(OSError(errno.EIO, "the journal writer process exited"), "write", True, "")
-
-    def _run(self, callbacks, error):
-        for callback in callbacks:
-            try:
-                callback(error)
-            except Exception:
-                # A caller's bug: report it, but do not let it cost the
-                # other callers their replies, or stop the journal.
-                sys.excepthook(*sys.exc_info())
+        self.fail(error, "write", False, "")
 
     def _room_again(self):
         self.problem = None
-        self._log("Journal %s: writable again" % journal_path(self.directory, self.generation))
+        self._log("Journal %s: writable again" % self._path())
 
+    def _path(self):
+        """The journal's file now, for the log."""
+        return journal_path(self._journal.directory, self._journal.generation)
+
+
+def _run_callbacks(callbacks, error):
+    for callback in callbacks:
+        try:
+            callback(error)
+        except Exception:
+            # A caller's bug: report it, but do not let it cost the
+            # other callers their replies, or stop the journal.
+            sys.excepthook(*sys.exc_info())
 
 class _WriterLink(asyncio.Protocol):
     """A journal's link to its writer process: the process, and the socket pair to it.
