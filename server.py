@@ -91,7 +91,7 @@ import urllib.parse
 
 import http11
 import persistence
-from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
+from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, now_ms, value_tag
 
 # ------------------------------------------------------------------ logging --
 #
@@ -250,16 +250,19 @@ class Limits:
       max_header_bytes    request line and headers; past it, 431 (414 if the
                           request line alone is longer).
       max_value_bytes     the largest body; past it, 413.
+      max_watchers        requests held by ?wait= (watches); past it, 503
+                          with Retry-After.
     """
 
     def __init__(self, header_timeout=10.0, body_timeout=30.0, send_timeout=30.0,
                  idle_timeout=60.0, max_connections=16384, max_inflight_bytes=256 << 20,
-                 max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20):
+                 max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20,
+                 max_watchers=10000):
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.send_timeout, self.idle_timeout = send_timeout, idle_timeout
         self.max_connections, self.max_inflight_bytes = max_connections, max_inflight_bytes
         self.max_header_bytes, self.max_value_bytes = max_header_bytes, max_value_bytes
-        self.max_journal_bytes = max_journal_bytes
+        self.max_journal_bytes, self.max_watchers = max_journal_bytes, max_watchers
 
 
 class RequestError(Exception):
@@ -289,6 +292,37 @@ def parse_key(raw):
     if not KEY.fullmatch(raw):
         raise RequestError(400, "key contains invalid characters")
     return raw
+
+
+TTL_MAX = 315360000          # seconds: ten years
+WAIT_MAX = 300              # seconds a watch may be held
+KEY_PARAMETERS = ("ttl", "wait")    # known on /kv/{key}; any other is ignored, as before
+
+
+def whole_seconds(name, text, most):
+    """The whole number of seconds, 1 to `most`, that parameter `name` says; else 400."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and 1 <= int(text) <= most):
+        raise RequestError(400, "%s must be a whole number of seconds from 1 to %d"
+                           % (name, most))
+    return int(text)
+
+
+def key_query(query):
+    """{name: seconds} of a key request's ttl and wait parameters; 400 if one is bad."""
+    found = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name in KEY_PARAMETERS:
+            if name in found:
+                raise RequestError(400, "parameter %s given twice" % name)
+            found[name] = whole_seconds(name, urllib.parse.unquote(value),
+                                        TTL_MAX if name == "ttl" else WAIT_MAX)
+    return found
+
+
+def seconds_left(deadline):
+    """The KV-TTL of a key that expires at `deadline` (ms since the epoch): rounded up."""
+    return str(max(1, -(-(deadline - now_ms()) // 1000)))
 
 
 # Without a Cache-Control header a cache may reuse a reply (a 404 too) for
@@ -324,26 +358,37 @@ class Api:
         """The reply to a whole request: (status, body, headers, content type) or PENDING."""
         path = request.path
         if path.startswith("/kv/"):
-            if request.method not in KEY_METHODS:
-                raise RequestError(405, "method not allowed",
-                                   headers=(("Allow", ", ".join(KEY_METHODS)),))
-            return self.key(request, parse_key(path[4:]), connection)
+            try:
+                if request.method not in KEY_METHODS:
+                    raise RequestError(405, "method not allowed",
+                                       headers=(("Allow", ", ".join(KEY_METHODS)),))
+                return self.key(request, parse_key(path[4:]), connection)
+            except RequestError as e:       # the answer reflects the store as it is now
+                e.headers += (("KV-Revision", str(self.store.revision)),)
+                raise
         route = ROUTE_TABLE.get(path)
         if route is None:
             raise RequestError(404, "not found")
         methods, allow, name = route
-        if request.method not in methods:
-            raise RequestError(405, "method not allowed", headers=(("Allow", allow),))
-        return getattr(self, name)(request, connection)
+        try:
+            if request.method not in methods:
+                raise RequestError(405, "method not allowed", headers=(("Allow", allow),))
+            return getattr(self, name)(request, connection)
+        except RequestError as e:
+            if path == "/kv":
+                e.headers += (("KV-Revision", str(self.store.revision)),)
+            raise
 
     def key(self, request, key, connection):
         method = request.method
+        query = key_query(request.query) if request.query else {}
         if method == "GET" or method == "HEAD":
-            value, tag = self.store.get_tagged(key)
-            if value is None:
-                raise RequestError(404, "key not found")
-            return (read_status(request.headers, tag), value,
-                    (("ETag", '"%s"' % tag), VALUE_CACHING), http11.TEXT_PLAIN)
+            reply = self.read(request, key)
+            if "wait" in query and reply[0] in (304, 404):     # a watch: until that changes
+                return self.server.watches.hold(connection, request, query["wait"],
+                                                lambda: self.read(request, key), reply[0],
+                                                key=key)
+            return reply
         if method == "DELETE":
             return self.write(request, connection, self.store.delete, key,
                               condition=write_condition(request.headers))
@@ -353,9 +398,21 @@ class Api:
         if not body:
             raise RequestError(400, "value cannot be empty")
         tag = value_tag(body)
+        deadline = now_ms() + 1000 * query["ttl"] if "ttl" in query else None
         return self.write(request, connection, self.store.put, key, body, tag=tag,
-                          condition=write_condition(request.headers),
+                          condition=write_condition(request.headers), deadline=deadline,
                           etag=b'"%s"' % tag.encode())
+
+    def read(self, request, key):
+        """The reply to GET or HEAD of `key`: 200, 304 or 404, with the revision it reflects."""
+        value, tag, deadline, revision = self.store.read(key)
+        headers = (("KV-Revision", str(revision)),)
+        if value is None:
+            return 404, b"key not found\n", headers, http11.TEXT_PLAIN
+        headers += (("ETag", '"%s"' % tag), VALUE_CACHING)
+        if deadline is not None:
+            headers += (("KV-TTL", seconds_left(deadline)),)
+        return read_status(request.headers, tag), value, headers, http11.TEXT_PLAIN
 
     def write(self, request, connection, mutation, *args, etag=None, **options):
         """Hand a mutation to the store; its reply is owed until it is durable.
@@ -370,7 +427,7 @@ class Api:
             raise busy("journal busy: the disk is slow to take writes")
         owed = Owed(connection, request, size, etag)    # queued once the store takes it
         try:
-            mutation(*args, on_durable=owed.durable, **options)
+            owed.revision = mutation(*args, on_durable=owed.durable, **options)
         except Sealed:
             raise RequestError(503, "shutting down", close=True)
         except ConditionFailed:
@@ -384,20 +441,34 @@ class Api:
         return self.write(request, connection, self.store.clear)
 
     def listing(self, request, connection):
-        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
-        prefix, after, limit = listing_query(request.query)
+        """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page.
+
+        With wait=S (and since=R, else the revision now): held until a key
+        under P changes after revision R, or S seconds pass.
+        """
+        prefix, after, limit, wait, since = listing_query(request.query)
+        if wait is not None and not self.store.changed_since(
+                prefix, self.store.revision if since is None else since):
+            return self.server.watches.hold(
+                connection, request, wait, lambda: self.page(prefix, after, limit),
+                prefix=prefix)
+        return self.page(prefix, after, limit)
+
+    def page(self, prefix, after, limit):
+        """A page of the listing, with the revision it reflects."""
+        revision = self.store.revision      # read first: the page reflects at least it
         try:
             keys, more = self.store.keys_page(prefix, after, limit)
         except KeyIndexBuilding:
             raise busy("key index being built, retry")
         keys, cut = within_page_bytes(keys)
-        headers = ()
+        headers = (("KV-Revision", str(revision)),)
         if more or cut:
             # A relative reference (RFC 3986 4.2): the same path, this
             # query.  Behind a proxy that serves us under /store/, the
             # client resolves it to /store/kv?..., where /kv?... would 404.
-            headers = (("Link", '<?prefix=%s&limit=%d&after=%s>; rel="next"'
-                        % (quote(prefix), limit, quote(keys[-1]))),)
+            headers += (("Link", '<?prefix=%s&limit=%d&after=%s>; rel="next"'
+                         % (quote(prefix), limit, quote(keys[-1]))),)
         body = ("\n".join(keys) + "\n").encode() if keys else b""
         return 200, body, headers, http11.TEXT_PLAIN
 
@@ -498,11 +569,14 @@ def write_condition(headers):
 LIST_LIMIT = 1000               # keys per page when the request names no limit
 LIST_LIMIT_MAX = 10000          # the largest limit accepted
 LIST_PAGE_BYTES = 1 << 20       # a page stops past this many bytes (long keys); Link has the rest
-LIST_PARAMETERS = ("prefix", "after", "limit")
+LIST_PARAMETERS = ("prefix", "after", "limit", "wait", "since")
 
 
 def listing_query(query):
-    """(prefix, after, limit) of a listing's query string, or RequestError(400)."""
+    """(prefix, after, limit, wait, since) of a listing's query string, or RequestError(400).
+
+    wait and since are None when not given.
+    """
     try:
         # (Python 3.10's strict parsing refuses an empty query string.)
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True,
@@ -513,7 +587,8 @@ def listing_query(query):
     params = {}
     for name, value in pairs:
         if name not in LIST_PARAMETERS:
-            raise RequestError(400, "unknown parameter (prefix, limit and after are known)")
+            raise RequestError(400, "unknown parameter (prefix, limit, after, wait and since "
+                                    "are known)")
         if name in params:
             raise RequestError(400, "parameter %s given twice" % name)
         params[name] = value
@@ -524,7 +599,13 @@ def listing_query(query):
     if not (limit.isascii() and limit.isdigit() and len(limit) <= 6
             and 1 <= int(limit) <= LIST_LIMIT_MAX):
         raise RequestError(400, "limit must be a number from 1 to %d" % LIST_LIMIT_MAX)
-    return params.get("prefix", ""), params.get("after", ""), int(limit)
+    wait = whole_seconds("wait", params["wait"], WAIT_MAX) if "wait" in params else None
+    since = params.get("since")
+    if since is not None:
+        if not (since.isascii() and since.isdigit() and len(since) <= 19):
+            raise RequestError(400, "since must be a revision: a whole number")
+        since = int(since)
+    return params.get("prefix", ""), params.get("after", ""), int(limit), wait, since
 
 
 def within_page_bytes(keys):
@@ -564,10 +645,11 @@ LARGE_REPLY = 65536         # a reply this large may be refused (503) over the m
 class Owed:
     """A write's place in its connection's replies, until the journal says it is durable."""
 
-    __slots__ = ("connection", "request", "size", "etag", "reply", "started")
+    __slots__ = ("connection", "request", "size", "etag", "revision", "reply", "started")
 
     def __init__(self, connection, request, size, etag):
         self.connection, self.request, self.size, self.etag = connection, request, size, etag
+        self.revision = None        # the store's revision once the write is applied
         self.reply, self.started = None, connection.started
 
     def durable(self, error):
@@ -578,8 +660,10 @@ class Owed:
         """(status, body, headers) of its reply: 200 with the ETag, or why it failed."""
         if error:
             status, message = storage_error(error)
-            return status, message.encode() + b"\n", NO_STORE
-        return 200, b"", ((("ETag", self.etag),) if self.etag is not None else ()) + NO_STORE
+            revision = self.connection.server.store.revision    # it was never applied
+            return status, message.encode() + b"\n", (("KV-Revision", str(revision)),) + NO_STORE
+        headers = (("KV-Revision", str(self.revision)),) + NO_STORE
+        return 200, b"", (("ETag", self.etag),) + headers if self.etag is not None else headers
 
 
 class Replies:
@@ -617,7 +701,7 @@ class Replies:
         pending, out = self.pending, []
         while pending:
             reply = pending[0]
-            if type(reply) is Owed:
+            if type(reply) is not bytes:    # a write owed, or a watch held
                 if reply.reply is None:
                     break
                 reply = reply.reply
@@ -688,8 +772,11 @@ class Connection(asyncio.Protocol):
         self.advance()
 
     def eof_received(self):
-        """The client has sent all it will (a half-close): finish what it asked, then close."""
+        """The client has sent all it will (a half-close): finish what it asked, then close.
+
+        Its watches are answered now: a client that has left would hold them to their end."""
         self.close_after = True
+        self.server.watches.finish_all(self)
         if self.lingering or not (self.queue or self.busy or self.waiting):
             self.advance()
             return False                    # asyncio closes once our replies are out
@@ -820,7 +907,11 @@ class Connection(asyncio.Protocol):
         return "keep-alive" if request.http_1_0 else None
 
     def send(self, request, status, body, headers=(), content_type=http11.TEXT_PLAIN):
-        """Queue a whole reply: HEAD and 304 get the head of it without the body."""
+        self.queue.add(self.render(request, status, body, headers, content_type))
+
+    def render(self, request, status, body, headers=(), content_type=http11.TEXT_PLAIN,
+               started=None):
+        """A whole reply's bytes, counted as done: HEAD and 304 get the head without the body."""
         head_only = request.method == "HEAD" or status == 304
         if (len(body) > LARGE_REPLY and not head_only
                 and self.server.inflight + len(body) > self.server.limits.max_inflight_bytes):
@@ -828,9 +919,10 @@ class Connection(asyncio.Protocol):
             self.close_after = True
         if VALUE_CACHING not in headers:
             headers += NO_STORE
-        self.queue.add(http11.response(status, body, headers, content_type,
-                                       self.connection_value(request), head_only))
-        self.server.request_done(self, request, status, len(body), self.started, self.now)
+        self.server.request_done(self, request, status, len(body), started or self.started,
+                                 self.now)
+        return http11.response(status, body, headers, content_type,
+                               self.connection_value(request), head_only)
 
     def queue_owed(self, owed):
         self.queue.owe(owed)
@@ -932,6 +1024,8 @@ class Connection(asyncio.Protocol):
 
 SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
 STALL_SECONDS = 3.0         # a write older than this waits on a stalled disk (/health: 503)
+EXPIRY_INTERVAL = 0.1       # seconds between two looks for keys whose deadline passed
+EXPIRE_PER_TURN = 1000      # keys expired in one loop turn at most (about 2 ms)
 BACKLOG = 4096              # listen backlog: the kernel caps it at somaxconn
 TOO_MANY = http11.error_response(503, "too many connections", "close",
                                  (("Retry-After", "1"),) + NO_STORE)
@@ -962,7 +1056,10 @@ class Server:
         self._logged = {}           # message kind -> when last logged
         self._emptied = asyncio.Event()
         self.on_fatal = None        # called once the store has failed for good
+        self.watches = Watches(loop, limits.max_watchers)
+        store.listen(self.watches.changed)
         loop.call_later(SWEEP_INTERVAL, self.sweep)
+        loop.call_later(EXPIRY_INTERVAL, self.expire)
 
     # -- connections --------------------------------------------------------
 
@@ -983,6 +1080,8 @@ class Server:
 
     def forget(self, connection):
         self.connections.discard(connection)
+        if connection in self.watches.by_connection:
+            self.watches.forget(connection)
         if not self.connections:
             self._emptied.set()
 
@@ -1086,6 +1185,17 @@ class Server:
             on_fatal()
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
+    def expire(self):
+        """A few times a second: journal the expiry of keys whose deadline passed.
+
+        At most EXPIRE_PER_TURN keys a loop turn; while more are due, again
+        at the next turn, behind the requests.
+        """
+        if self.store.expire_due(EXPIRE_PER_TURN) == EXPIRE_PER_TURN:
+            self.loop.call_soon(self.expire)
+        else:
+            self.loop.call_later(EXPIRY_INTERVAL, self.expire)
+
     def deadline(self, connection):
         """When a connection's wait on its client ends; None while it waits on us."""
         limits = self.limits
@@ -1101,8 +1211,9 @@ class Server:
                                    else limits.header_timeout)
 
     def drain(self):
-        """Close idle connections now; the others after the reply in flight."""
+        """Answer the watches; close idle connections now, the others after the reply in flight."""
         self.draining = True
+        self.watches.finish_all()
         self._emptied.clear()       # set again by forget() when the last one has gone
         for connection in list(self.connections):
             connection.drain()
@@ -1118,6 +1229,129 @@ class Server:
         except asyncio.TimeoutError:
             pass
         return len(self.connections)
+
+
+# ------------------------------------------------------------------ watches --
+#
+# A watch is a GET held until its answer would change: a key's 304 or 404
+# (?wait=S), or a listing with no change under its prefix since a revision
+# (?wait=S&since=R).  It holds a place in its connection's replies, a
+# timer, and no thread.  The store tells us of every round applied, so a
+# watch is woken only by durable changes; it is answered then if its
+# answer is now another, at its timer, or at once when the server stops.
+
+WATCH_RETRY_AFTER = 1       # seconds, in the 503 past --max-watchers
+
+
+class Watch:
+    """One held request: where its reply goes, and how to compute it."""
+
+    __slots__ = ("watches", "connection", "request", "answer", "status", "key", "prefix",
+                 "timer", "started", "reply")
+
+    def __init__(self, watches, connection, request, answer, status, key, prefix):
+        self.watches, self.connection, self.request = watches, connection, request
+        self.answer, self.status, self.key, self.prefix = answer, status, key, prefix
+        self.started, self.reply, self.timer = connection.started, None, None
+
+    def changed(self):
+        """A durable change to its key or under its prefix: answer if the answer is now another."""
+        reply = self.compute()
+        if self.key is None or reply[0] != self.status:
+            self.finish(reply)
+
+    def compute(self):
+        try:
+            return self.answer()
+        except RequestError as e:
+            return e.status, (e.message + "\n").encode(), e.headers, http11.TEXT_PLAIN
+
+    def finish(self, reply=None):
+        """Answer now (the timer, a change, the server stopping): the reply takes its place."""
+        self.watches.drop(self)
+        connection = self.connection
+        if connection.closed:
+            return
+        connection.now = time.monotonic()
+        self.reply = connection.render(self.request, *(reply or self.compute()),
+                                       started=self.started)
+        connection.advance()
+
+
+class Watches:
+    """The watches held, by key and by prefix; at most `limit` of them (--max-watchers)."""
+
+    def __init__(self, loop, limit):
+        self.loop, self.limit = loop, limit
+        self.by_key = {}            # key -> set of its watches
+        self.by_prefix = {}         # prefix -> set of its watches
+        self.by_connection = {}     # connection -> set of its watches
+        self.held = set()
+
+    def __len__(self):
+        return len(self.held)
+
+    def hold(self, connection, request, seconds, answer, status=None, key=None, prefix=None):
+        """Hold `request` for up to `seconds`: its place in the replies is kept.  PENDING.
+
+        A key's watch (`key`) is answered when answer() gives another status
+        than `status`; a prefix's, at the first change under `prefix`.
+        """
+        if len(self.held) >= self.limit:
+            raise busy("too many watches (--max-watchers)", WATCH_RETRY_AFTER)
+        watch = Watch(self, connection, request, answer, status, key, prefix)
+        self.held.add(watch)
+        for table, name in self.tables(watch):
+            table.setdefault(name, set()).add(watch)
+        watch.timer = self.loop.call_later(seconds, watch.finish)
+        connection.queue.add(watch)
+        return PENDING
+
+    def tables(self, watch):
+        """(table, entry) pairs that list `watch`."""
+        if watch.key is not None:
+            return (self.by_key, watch.key), (self.by_connection, watch.connection)
+        return (self.by_prefix, watch.prefix), (self.by_connection, watch.connection)
+
+    def drop(self, watch):
+        if watch not in self.held:
+            return
+        self.held.discard(watch)
+        watch.timer.cancel()
+        for table, name in self.tables(watch):
+            watchers = table[name]
+            watchers.discard(watch)
+            if not watchers:
+                del table[name]
+
+    def changed(self, keys, everything):
+        """The store, after a round is applied: wake the watches of what changed."""
+        if not self.held:
+            return
+        if everything:
+            woken = set(self.held)
+        else:
+            woken = set()
+            for key in keys:
+                woken.update(self.by_key.get(key, ()))
+            for prefix, watchers in self.by_prefix.items():
+                if any(key.startswith(prefix) for key in keys):
+                    woken.update(watchers)
+        for watch in woken:
+            if watch in self.held:
+                watch.changed()
+
+    def forget(self, connection):
+        """A connection closed: its watches go with it."""
+        for watch in list(self.by_connection.get(connection, ())):
+            self.drop(watch)
+
+    def finish_all(self, connection=None):
+        """Answer every watch (of `connection`) now, as a GET would: the server is stopping,
+        or the client has half-closed."""
+        for watch in list(self.held if connection is None
+                          else self.by_connection.get(connection, ())):
+            watch.finish()
 
 
 # --------------------------------------------------------------------- auth --
@@ -1348,6 +1582,8 @@ class Metrics:
                "cap (--max-connections).", server.connections_refused)
         single(out, "kvstore_requests_timed_out_total", "counter", "Requests cut off at a "
                "deadline (a client too slow to send or to read).", server.requests_timed_out)
+        single(out, "kvstore_watches", "gauge", "Requests held by ?wait= now (watches).",
+               len(server.watches))
         store_metrics(out, server.store)
         family(out, "kvstore_build_info", "gauge", "Always 1; the labels say which kvstore and "
                "which Python this is.", [("", (("version", __version__),
@@ -1375,6 +1611,12 @@ def store_metrics(out, store):
     single(out, "kvstore_keys", "gauge", "Keys in the store.", len(store))
     single(out, "kvstore_value_bytes", "gauge", "Bytes of all values in the store.",
            store.value_bytes)
+    single(out, "kvstore_keys_expiring", "gauge", "Keys that have a ttl (expired ones until "
+           "their expiry is journaled).", store.expiring)
+    single(out, "kvstore_keys_expired_total", "counter", "Keys expired since start.",
+           store.expired)
+    single(out, "kvstore_revision", "gauge", "The store's revision: mutations applied since "
+           "it began.", store.revision)
     single(out, "kvstore_storage_writable", "gauge", "1 if writes can be served, 0 if the "
            "storage refuses them (see /health).", 0 if store.write_problem() else 1)
     single(out, "kvstore_journal_bytes", "gauge", "Bytes in the current journal file (a "
@@ -1733,6 +1975,9 @@ FLAGS = (
                                                metavar="N", help=(
         "writes handed to the journal and not yet durable (a slow or stalled disk); past "
         "it new writes get 503 with Retry-After (default 67108864 = 64 MiB)"))),
+    (LIMITS_GROUP, "--max-watchers", dict(type=positive_int, default=10000, metavar="N", help=(
+        "requests held by ?wait= (watches) at once; past it a new one gets 503 with "
+        "Retry-After (default 10000)"))),
     (None, "--access-log", dict(action="store_true", help=(
         "log one line per request: client, request line, status, bytes, seconds (never a "
         "value); off by default"))),
@@ -2007,7 +2252,8 @@ async def serve(args, store, sock):
     loop.set_exception_handler(log_loop_error)
     limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
                     args.idle_timeout, args.max_connections, args.max_inflight_bytes,
-                    args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes)
+                    args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes,
+                    args.max_watchers)
     server = Server(loop, store, limits, Metrics(), args.auth_token, args.access_log)
     stopper = Stopper(loop, server, args.auth_token_file)
     listener = await loop.create_server(lambda: Connection(server), sock=sock, backlog=BACKLOG)

@@ -175,7 +175,7 @@ class ListingTests(ListingTestCase):
             ("limit=0", limit), ("limit=-1", limit), ("limit=10001", limit),
             ("limit=abc", limit), ("limit=", limit), ("limit=1.5", limit),
             ("limit=" + "9" * 5000, limit), ("limit=%C2%B2", limit),
-            ("limitt=5", "unknown parameter (prefix, limit and after are known)\n"),
+            ("limitt=5", "unknown parameter (prefix, limit, after, wait and since are known)\n"),
             ("limit=5&limit=6", "parameter limit given twice\n"),
             ("prefix=a%20b", "prefix contains invalid characters\n"),
             ("prefix=a/b", "prefix contains invalid characters\n"),
