@@ -769,6 +769,71 @@ class LoadTest(TempDirTestCase):
         self.assertIn(os.path.basename(earlier), after)
 
 
+class LedgerTest(TempDirTestCase):
+    """Deadlines, batches and the revision, in the journal and the snapshot."""
+
+    def test_records_with_deadlines_batches_and_expiries_replay_with_their_revision(self):
+        ops = [(PUT, "a", b"1", 1000), (PUT, "b", b"2", None), (PUT, "c", b"3", 3000),
+               (persistence.BATCH, "", b"", ((PUT, "d", b"4", 4000), (DELETE, "b", b"", None),
+                                             (PUT, "c", b"33", None))),
+               (persistence.EXPIRE, "a", b"", None)]
+        # Only journals with rounds hold them: those without are from before.
+        records = [b"".join(persistence.encode_record(*op)) for op in ops]
+        buf = persistence.JOURNAL_MAGIC + b"".join(persistence.encode_round(
+            len(persistence.JOURNAL_MAGIC), 16, records))
+        data, ledger = {}, persistence.Ledger(10)
+        self.assertEqual(persistence.scan_journal(buf, data, "j", ledger), (5, len(buf)))
+        self.assertEqual(data, {"c": b"33", "d": b"4"})
+        self.assertEqual(ledger.deadlines, {"d": 4000})
+        self.assertEqual(ledger.revision, 15)
+
+    def test_a_malformed_batch_in_a_sound_round_is_corruption(self):
+        good = persistence.encode_record(persistence.BATCH, "", b"", ((PUT, "k", b"v", None),))
+        payload = bytearray(b"".join(good)[12:])
+        payload[-2:] = b"\xff\xff"     # the part's value runs past the record
+        header_crc = persistence._LENGTH_CRC.pack(len(payload), persistence.zlib.crc32(payload))
+        bad = header_crc + persistence.struct.pack("<I", persistence.zlib.crc32(header_crc))
+        buf = persistence.JOURNAL_MAGIC + b"".join(persistence.encode_round(
+            len(persistence.JOURNAL_MAGIC), 16, [bad + bytes(payload)]))
+        with self.assertRaises(persistence.DataError):
+            persistence.scan_journal(buf, {}, "j", persistence.Ledger())
+
+    def test_the_snapshot_keeps_the_ledger_and_stays_a_pickle_of_the_dict(self):
+        data = {"a": b"1", "b": b"2"}
+        persistence.write_snapshot(self.dir, data, persistence.Ledger(7, {"a": 5000, "gone": 1}),
+                                   through=3)
+        path = self.path("store.pickle")
+        with open(path, "rb") as f:
+            self.assertEqual(pickle.load(f), data)
+        ledger = persistence.Ledger()
+        self.assertEqual(persistence.load_snapshot(path, ledger), data)
+        self.assertEqual((ledger.revision, ledger.deadlines, ledger.through), (7, {"a": 5000}, 3))
+        self.assertEqual(persistence.check_snapshot(path)[:1], (2,))
+
+    def test_a_malformed_ledger_refuses_the_start(self):
+        for ledger in ({"revision": "7", "through": 0, "deadlines": {}}, {"revision": 1},
+                       {"revision": 1, "through": 0, "deadlines": {"a": "soon"}}, [1, 2]):
+            with self.subTest(ledger=ledger):
+                body = pickle.dumps({"a": b"1"}, protocol=5) + pickle.dumps(ledger, protocol=5)
+                self.write("store.pickle", body)
+                with self.assertRaises(persistence.DataError):
+                    persistence.load_snapshot(self.path("store.pickle"), persistence.Ledger())
+
+    def test_load_skips_the_journals_the_snapshot_holds(self):
+        persistence.write_snapshot(self.dir, {"a": b"snap"}, persistence.Ledger(5), through=4)
+        for generation, value in ((3, b"three"), (4, b"four"), (5, b"five")):
+            with open(persistence.journal_path(self.dir, generation), "wb") as f:
+                f.write(record(PUT, "g%d" % generation, value))
+        ledger = persistence.Ledger()
+        data, generation, replayed = persistence.load(self.dir, self.log, ledger)
+        self.assertEqual(data, {"a": b"snap", "g5": b"five"})
+        self.assertEqual((generation, replayed, ledger.revision), (6, 1, 6))
+
+    def test_the_next_journal_follows_the_snapshot_when_none_is_left(self):
+        persistence.write_snapshot(self.dir, {"a": b"1"}, persistence.Ledger(2), through=9)
+        self.assertEqual(persistence.load(self.dir, self.log)[1], 10)
+
+
 # ----------------------------------------------- journal order, unit --
 
 class RecordingDict(dict):
@@ -1075,9 +1140,10 @@ class CheckpointCrashTest(TempDirTestCase):
     """
 
     def open_run(self):
-        data, generation, _ = persistence.load(self.dir, self.log)
+        ledger = persistence.Ledger()
+        data, generation, _ = persistence.load(self.dir, self.log, ledger)
         journal = persistence.Journal(self.dir, generation, "always")
-        return data, store_module.Store(data, journal, NO_CHECKPOINT, self.log)
+        return data, store_module.Store(data, journal, NO_CHECKPOINT, self.log, ledger)
 
     def put(self, store, key, value):
         store.put(key, value)                  # returned: acknowledged
@@ -1092,10 +1158,19 @@ class CheckpointCrashTest(TempDirTestCase):
             self.put(store, "%s-%d" % (tag, i), b"%s value %d" % (tag.encode(), i))
         self.put(store, "shared", tag.encode())
         self.delete(store, "%s-0" % tag)
+        store.put("lease-" + tag, b"l", deadline=self.FAR)
+        self.model["lease-" + tag] = b"l"
+        self.deadlines["lease-" + tag] = self.FAR
+        store.batch([(PUT, "batch-" + tag, b"b", None), (DELETE, "%s-1" % tag, b"", None)],
+                    [None, None])
+        self.model["batch-" + tag] = b"b"
+        self.model.pop("%s-1" % tag)
+
+    FAR = 4102444800000         # 2100-01-01, in ms: a deadline that does not pass in a test
 
     def setUp(self):
         super().setUp()
-        self.model = {}
+        self.model, self.deadlines = {}, {}
         # An earlier run that crashed: a journal and no snapshot; then one that
         # checkpointed cleanly, and wrote more.
         _, first = self.open_run()
@@ -1107,6 +1182,7 @@ class CheckpointCrashTest(TempDirTestCase):
         store = self.open_run()[1]
         store.clear()
         self.model.clear()
+        self.deadlines.clear()
         self.writes(store, "before")
         self.store = store
 
@@ -1155,8 +1231,13 @@ class CheckpointCrashTest(TempDirTestCase):
                 store.checkpointer.checkpoint()
 
     def check_recovery(self):
-        data, _, _ = persistence.load(self.dir, self.log)
+        ledger = persistence.Ledger()
+        data, _, _ = persistence.load(self.dir, self.log, ledger)
         self.assertEqual(data, self.model)
+        # Every mutation counted once, none twice (a crash after c leaves
+        # journals that the new snapshot holds), and every deadline kept.
+        self.assertEqual(ledger.revision, self.store.revision)
+        self.assertEqual(ledger.deadlines, self.deadlines)
         # and recovery is repeatable: the next run's load() gives the same
         self.assertEqual(persistence.load(self.dir, self.log)[0], self.model)
 
