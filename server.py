@@ -1286,6 +1286,7 @@ class Watches:
         self.by_key = {}            # key -> set of its watches
         self.by_prefix = {}         # prefix -> set of its watches
         self.by_connection = {}     # connection -> set of its watches
+        self.prefix_lengths = collections.Counter()     # length -> prefixes watched of it
         self.held = set()
 
     def __len__(self):
@@ -1302,7 +1303,11 @@ class Watches:
         watch = Watch(self, connection, request, answer, status, key, prefix)
         self.held.add(watch)
         for table, name in self.tables(watch):
-            table.setdefault(name, set()).add(watch)
+            if name not in table:
+                table[name] = set()
+                if table is self.by_prefix:
+                    self.prefix_lengths[len(name)] += 1
+            table[name].add(watch)
         watch.timer = self.loop.call_later(seconds, watch.finish)
         connection.queue.add(watch)
         return PENDING
@@ -1323,6 +1328,10 @@ class Watches:
             watchers.discard(watch)
             if not watchers:
                 del table[name]
+                if table is self.by_prefix:
+                    self.prefix_lengths[len(name)] -= 1
+                    if not self.prefix_lengths[len(name)]:
+                        del self.prefix_lengths[len(name)]
 
     def changed(self, keys, everything):
         """The store, after a round is applied: wake the watches of what changed."""
@@ -1331,12 +1340,15 @@ class Watches:
         if everything:
             woken = set(self.held)
         else:
-            woken = set()
+            # A lookup per key and prefix length watched: a round's cost does
+            # not grow with the number of watches.
+            woken, by_key, by_prefix = set(), self.by_key, self.by_prefix
             for key in keys:
-                woken.update(self.by_key.get(key, ()))
-            for prefix, watchers in self.by_prefix.items():
-                if any(key.startswith(prefix) for key in keys):
-                    woken.update(watchers)
+                if key in by_key:
+                    woken.update(by_key[key])
+                for length in self.prefix_lengths:
+                    if key[:length] in by_prefix:
+                        woken.update(by_prefix[key[:length]])
         for watch in woken:
             if watch in self.held:
                 watch.changed()
