@@ -15,10 +15,28 @@ blocks readers or other writers.
 Readers see only the dict: only durable changes.  A write answered with
 an error was never visible and is never replayed (the journal cuts it
 off).  Writes queued but not yet durable are kept in an overlay
-(_pending, _pending_clear) so that _latest(key), against which conditions
+(QueuedWrites) so that QueuedWrites.latest(key), against which conditions
 are checked, sees them; when a round fails, it and everything queued
-after it fail together and the overlay is dropped, so that no write
-checked against a failed one survives it.
+after it fail together and the overlay is dropped (Store.fail_queued), so
+that no write checked against a failed one survives it.
+
+Where things live
+-----------------
+Store has the lock, the public interface and the order of the steps.  The
+parts it holds have one job each.  These are called with its lock held
+(Tags takes it itself where it hashes outside it):
+- Contents: the dict as the durable writes leave it, with the deadlines
+  (Expiry), the key index (KeyIndex), the bytes of the values, the
+  revision and the last changes (History); apply() applies a round.
+- QueuedWrites: the overlay of the writes queued but not yet applied.
+- Tags: the tags kept for large values, and the conditions checked on them.
+The Checkpointer, on a thread of its own, writes the checkpoints, and the
+final snapshot at a stop (save_final); it takes the lock only to switch
+journal files (Store.switch_journal).
+
+A record is (op, key, value, extra): extra is a PUT's deadline (ms since
+the epoch, None: permanent), or a BATCH's parts, each a record (op, key,
+value, deadline) of a PUT or a DELETE (persistence.apply).
 
 Guarantees
 ----------
@@ -34,8 +52,9 @@ Tags and conditional writes
 Every value has a tag, value_tag(value), a digest of its bytes: the
 server's ETag.  A write may carry a condition on the key's current tag
 (compare-and-set); it is checked and the write queued in one critical
-section, so of many writers holding the same tag exactly one wins.  The
-tags of large values are kept beside them (_tags), so that reading one
+section, so of many writers holding the same tag exactly one wins
+(Tags.check; the hashing is done before, outside the lock: Tags.seen).
+The tags of large values are kept beside them (Tags), so that reading one
 does not hash it again; they are not saved: after a restart a tag is
 computed again on first use, and comes out the same.
 
@@ -46,6 +65,7 @@ half a second with the GIL held.  So the first listing starts a sorted
 index of the keys (SortedKeys), which every later write keeps up to date
 under the lock.  A small store's index is built at once; a large one's in
 the background, while listings get KeyIndexBuilding (KeyIndex.build).
+A page leaves out the keys whose deadline has passed (KeyIndex.listing).
 
 Checkpoints
 -----------
@@ -55,7 +75,9 @@ following the steps (and the crash analysis) in persistence.py.  The lock
 is held only to switch journal files; the dict is never copied.  If the
 file system has no room for a new snapshot, none is tried: write_problem()
 says so (a stop could not save either), and the thread looks again every
-few seconds.
+few seconds.  At a stop, Store.save_and_close has the Checkpointer write
+the final snapshot from the dict itself, frozen by then
+(Checkpointer.save_final), unless nothing changed since the last one.
 """
 
 import bisect
@@ -94,7 +116,7 @@ class KeyIndexBuilding(Exception):
     """The sorted index of the keys is being built (a large store's first listing): retry."""
 
 
-# Values at least this large keep their tag in Store._tags: hashing a
+# Values at least this large keep their tag in Tags: hashing a
 # smaller one (~3 us) costs about what looking its tag up would, and a kept
 # tag (~150 bytes) stays under 4% of the value it describes.
 TAG_CACHE_MIN_BYTES = 4096
@@ -214,6 +236,24 @@ class KeyIndex:
                 raise KeyIndexBuilding()
         return self._sorted.page(prefix, after, count)
 
+    def listing(self, prefix, after, limit, unexpired):
+        """(keys, more): up to `limit` keys in order after `after` with `prefix`, expired ones out.
+
+        `unexpired(keys)` leaves out the keys whose deadline has passed
+        (Expiry.unexpired); pages are taken until `limit` + 1 are left, or
+        none follow: `more` is True if other such keys follow.
+        """
+        keys = []
+        while len(keys) <= limit:
+            wanted = limit + 1 - len(keys)
+            found = self.page(prefix, after, wanted)
+            if found:
+                after = found[-1]
+            keys += unexpired(found)
+            if len(found) < wanted:
+                break
+        return keys[:limit], len(keys) > limit
+
     def _start(self):
         keys = list(self._data)         # the one O(n) step under the lock: a copy
         if len(keys) <= self.AT_ONCE:
@@ -265,13 +305,15 @@ class KeyIndex:
 
 
 class Checkpointer:
-    """The checkpoints of a store, from a thread of their own (see "Checkpoints" above).
+    """The snapshots of a store: its checkpoints, from a thread of their own, and the final save.
 
-    Store._mutate asks for one (request) when the journal passes
+    A write asks for a checkpoint (request_if_due) when the journal passes
     `checkpoint_bytes`; the thread then has a child process write a new
     snapshot from the files and drops the old journals, following the steps
     (and the crash analysis) in persistence.py.  The store's lock is held
-    only for the switch of journal files (Store.switch_journal).
+    only for the switch of journal files (Store.switch_journal).  At a stop,
+    Store.save_and_close has the last snapshot written (save_final), from
+    the dict itself, frozen by then.  See "Checkpoints" above.
     """
 
     # Seconds before a checkpoint that failed for lack of room is tried
@@ -292,6 +334,11 @@ class Checkpointer:
     def request(self):
         """Ask the thread for a checkpoint (the journal is full, or journals were replayed)."""
         self._wanted.set()
+
+    def request_if_due(self):
+        """A write was queued: ask for a checkpoint if the journal passed `checkpoint_bytes`."""
+        if self._store.journal.size >= self.checkpoint_bytes:
+            self.request()
 
     def checkpoint(self):
         """Write a new snapshot from the files and drop the journals it holds.
@@ -323,6 +370,68 @@ class Checkpointer:
             store.last_checkpoint_time = time.time()
             self._log("Checkpoint: %d keys, %d bytes written in %.2f s; journals <= %d removed"
                       % (keys, size, time.monotonic() - started, covered))
+
+    def save_final(self, data, ledger):
+        """The store is sealed: close the journal, write the final snapshot, drop the journals.
+
+        `data` and `ledger` are the store's, which no longer change once the
+        journal is closed.  Waits for a checkpoint in progress, then for the
+        journal's last round: once it is closed the dict holds exactly the
+        writes that were acknowledged.  Returns the snapshot's size.  If
+        nothing was written since the snapshot was saved, it is not
+        rewritten.  Raises OSError, its text saying what is kept, if the
+        snapshot cannot be written: the previous snapshot and the journals
+        are then left as they were, so the next start still recovers
+        everything; or, if the data directory is no longer this server's
+        (removed or replaced), without writing anything anywhere.
+        """
+        store = self._store
+        journal = store.journal
+        with self.lock:
+            journal.close()             # what is queued reaches the disk, or fails
+            try:
+                store.check_directory()
+            except OSError as e:        # e.strerror: what became of the directory
+                raise OSError(errno.ENOENT, "nothing was saved: %s while the server ran, and "
+                              "the %d keys in memory are lost with this process; the writes "
+                              "acknowledged before that are in the files it had (deleted, or "
+                              "moved with it), none after it was noticed"
+                              % (e.strerror, len(data))) from None
+            if self._unchanged(data):
+                size = self._keep_snapshot()
+            else:
+                size = self._write_snapshot(data, ledger)
+                store.last_checkpoint_time = time.time()
+            persistence.remove_journals(store.directory, journal.generation)
+        self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
+                  % (journal.records, journal.fsyncs, journal.policy))
+        return size
+
+    def _unchanged(self, data):
+        """True if the snapshot on disk holds `data`: no record since, in any journal."""
+        directory = self._store.directory
+        return (self._store.journal.records == 0
+                and (not data or os.path.exists(persistence.snapshot_path(directory)))
+                and all(persistence.journal_is_empty(persistence.journal_path(directory, g))
+                        for g in persistence.journal_generations(directory)))
+
+    def _keep_snapshot(self):
+        path = persistence.snapshot_path(self._store.directory)
+        self._log("Snapshot %s unchanged: nothing was written since it was saved" % path)
+        return os.path.getsize(path) if os.path.exists(path) else 0
+
+    def _write_snapshot(self, data, ledger):
+        """The final snapshot; OSError, saying what the journal still holds, if it fails."""
+        journal = self._store.journal
+        try:
+            return persistence.write_snapshot(self._store.directory, data, ledger,
+                                              journal.generation)
+        except OSError as e:
+            vanished = journal.vanished
+            kept = ("but %s while the server ran: the writes it held are lost" % vanished
+                    if vanished else "the journal still holds every acknowledged write: "
+                    "the next start recovers them")
+            raise OSError(e.errno, "%s; %s" % (e.strerror or e, kept)) from e
 
     def _check_room(self):
         """Raise NoRoom unless the file system has room for a new snapshot (as far as it says).
@@ -397,6 +506,13 @@ class Expiry:
         ms = self.deadlines.get(key)
         return ms is not None and ms <= (now_ms() if now is None else now)
 
+    def unexpired(self, keys):
+        """`keys` less those whose deadline has passed (`keys` itself if no key has one)."""
+        if not self.deadlines:
+            return keys
+        now = now_ms()
+        return [key for key in keys if not self.passed(key, now)]
+
     def set(self, key, ms):
         """A record applied: `key` expires at `ms` (None: never)."""
         if ms is None:
@@ -462,26 +578,271 @@ class History:
         return False
 
 
+class Contents:
+    """The dict as the durable writes leave it, and what is kept beside it; apply() changes them.
+
+    The values (`data`), their deadlines (`expiry`), the keys in order once
+    a listing asks (`keys`), the bytes of the values (`value_bytes`), the
+    revision and the deadlines saved with them (`ledger`), and the last
+    changes (`history`).  Not thread-safe: the store's lock guards it.
+    """
+
+    def __init__(self, data, ledger, lock):
+        self.data, self.ledger = data, ledger
+        self.expiry = Expiry(ledger.deadlines)
+        self.keys = KeyIndex(data, lock)
+        self.history = History(ledger.revision)
+        self.value_bytes = sum(map(len, data.values()))     # for /metrics
+
+    def visible(self, key):
+        """The value of `key`, None if absent or expired."""
+        value = self.data.get(key)
+        if value is not None and self.expiry.deadlines and self.expiry.passed(key):
+            return None
+        return value
+
+    def read(self, key):
+        """(value, deadline, revision) of `key`; value None if absent or expired (Store.read)."""
+        deadline = self.expiry.deadlines.get(key) if self.expiry.deadlines else None
+        return self.visible(key), deadline, self.ledger.revision
+
+    def cut(self):
+        """(data, deadlines, revision): shallow copies of the dict and deadlines (Store.cut)."""
+        return dict(self.data), dict(self.expiry.deadlines), self.ledger.revision
+
+    def apply(self, records):
+        """A durable round's `records`, in journal order.  Returns (keys changed, cleared?)."""
+        changed, everything = [], False
+        ledger, history = self.ledger, self.history
+        for record in records:
+            ledger.revision += 1
+            if record[0] == BATCH:
+                for part in record[3]:
+                    self._apply(part)
+                    history.add(ledger.revision, part[1])
+                    changed.append(part[1])
+            elif record[0] == CLEAR:
+                self._apply(record)
+                history.add(ledger.revision, None)
+                everything = True
+            else:
+                self._apply(record)
+                history.add(ledger.revision, record[1])
+                changed.append(record[1])
+        return changed, everything
+
+    def _apply(self, record):
+        """One record (or a batch's part) to the dict, the index, the deadlines and the counts."""
+        op, key, value, extra = record
+        data = self.data
+        if op == CLEAR:
+            self.value_bytes = 0
+            self.expiry.clear()
+        else:
+            old = data.get(key)
+            self.value_bytes += len(value) - (len(old) if old is not None else 0)
+            self.expiry.set(key, extra if op == PUT else None)
+            if op == EXPIRE:
+                self.expiry.expired += 1
+        self.keys.note(op, key)
+        persistence.apply(data, op, key, value)
+
+
+class QueuedWrites:
+    """The writes queued in the journal but not yet applied: the overlay that conditions see.
+
+    The dict holds only the writes applied (durable), but a conditional
+    write must be checked against every write queued before it, durable or
+    not yet (latest).  So each queued record, or batch part, is kept by key
+    until it is applied, and the newest queued CLEAR until it is.  When a
+    round fails, it and everything queued after it fail together, and the
+    overlay is dropped (drop): no write checked against a failed one
+    survives it.  Not thread-safe: the store's lock guards it.
+    """
+
+    def __init__(self, revision, visible):
+        self._records = {}          # key -> its newest queued record or batch part
+        self.clear_record = None    # the newest queued CLEAR record
+        self.revision = revision    # the revision of the newest queued record
+        self._visible = visible     # key -> its value in the dict, None if absent or expired
+
+    def __contains__(self, key):
+        """True if a queued write changes `key` (a queued CLEAR aside)."""
+        return key in self._records
+
+    def present_under(self, prefix, data):
+        """The keys under `prefix`, in order, present once the queued writes are applied.
+
+        `data` is the dict, scanned: about 60 ms a million keys.
+        """
+        keys = {key for key in data if key.startswith(prefix)}
+        keys.update(key for key in self._records if key.startswith(prefix))
+        return [key for key in sorted(keys) if self.latest(key) is not None]
+
+    def latest(self, key):
+        """The value of `key` once every write queued so far is applied (None: absent).
+
+        The newest queued record of the key wins (absent if it deletes it,
+        or sets a deadline that has passed); else a queued CLEAR means
+        absent; else the dict.
+        """
+        record = self._records.get(key)
+        if record is not None:
+            if record[0] != PUT or (record[3] is not None and record[3] <= now_ms()):
+                return None
+            return record[2]
+        if self.clear_record is not None:
+            return None
+        return self._visible(key)
+
+    def add(self, record):
+        """`record` was queued in the journal; returns the revision it will have once applied."""
+        op = record[0]
+        if op == CLEAR:
+            self._records.clear()
+            self.clear_record = record
+        elif op == BATCH:
+            for part in record[3]:
+                self._records[part[1]] = part
+        else:
+            self._records[record[1]] = record
+        self.revision += 1
+        return self.revision
+
+    def applied(self, records):
+        """A round's `records` are in the dict: no longer queued, but for the keys queued since."""
+        for record in records:
+            for part in record[3] if record[0] == BATCH else (record,):
+                if part[0] == CLEAR:
+                    if self.clear_record is part:
+                        self.clear_record = None
+                elif self._records.get(part[1]) is part:
+                    del self._records[part[1]]
+
+    def drop(self, revision):
+        """A round failed: forget every queued write; the newest revision is the dict's again.
+
+        Returns the keys they changed: their deadlines must be looked at again.
+        """
+        keys = list(self._records)
+        self._records.clear()
+        self.clear_record = None
+        self.revision = revision
+        return keys
+
+
+class Tags:
+    """The tags of the keys' values (value_tag), and the conditions on them.
+
+    The tags of large values are kept beside them (TAG_CACHE_MIN_BYTES), so
+    that reading one does not hash it again; they are not saved.  A value
+    is hashed outside the store's lock wherever it can be (seen, tag): a
+    large value takes ~0.6 ms a MiB, and readers and writers would wait.
+    Every other method is called with the lock held.  `latest` is the
+    key's value once the queued writes are applied (QueuedWrites.latest).
+    """
+
+    def __init__(self, lock, latest):
+        self._lock, self._latest = lock, latest
+        self._kept = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
+
+    def kept(self, key):
+        """Under the lock: (value, tag) kept for `key`, or None; for tag(), outside it."""
+        return self._kept.get(key)
+
+    def tag(self, key, value, kept):
+        """The tag of `value`, read from `key` with `kept` its kept tag; hashed outside the lock."""
+        if kept is not None and kept[0] is value:
+            return kept[1]
+        tag = value_tag(value)
+        if len(value) >= TAG_CACHE_MIN_BYTES:
+            with self._lock:
+                if self._latest(key) is value:  # else a newer write keeps its own tag
+                    self._kept[key] = (value, tag)
+        return tag
+
+    def seen(self, key):
+        """(value, tag) of the key's latest value, (None, None) if absent: for check().
+
+        The value is read under the lock, and hashed outside it.
+        """
+        with self._lock:
+            value = self._latest(key)
+            kept = self._kept.get(key)
+        if value is None:
+            return None, None
+        return value, self.tag(key, value, kept)
+
+    def check(self, key, condition, seen):
+        """Under the lock: raise ConditionFailed unless condition(tag of the key's latest value).
+
+        `seen` is (value, tag) as read just before the lock was taken
+        (seen()), so that the hashing is done outside it.  If another write
+        has changed the key since, the new value's tag is the one that
+        write kept, or is hashed here: a small value (a few us), or a large
+        one written without its tag (the server always passes it).
+        """
+        value = self._latest(key)
+        tag = seen[1] if value is seen[0] else self._current(key, value)
+        if not condition(tag):
+            raise ConditionFailed()
+
+    def check_parts(self, parts, conditions):
+        """Under the lock: raise ConditionFailed(index) at the first part whose condition fails.
+
+        Each is checked against the key as the queued writes and the parts
+        before it leave it.  Hashed under the lock: batches with conditions
+        are rare, and their values small.
+        """
+        seen = {}
+        for index, (part, condition) in enumerate(zip(parts, conditions)):
+            op, key, value = part[0], part[1], part[2]
+            if condition is not None:
+                latest = seen[key] if key in seen else self._latest(key)
+                if not condition(self._current(key, latest)):
+                    raise ConditionFailed(index)
+            seen[key] = value if op == PUT else None
+
+    def _current(self, key, value):
+        """Under the lock: the tag of `value` (None: absent) in `key`: kept, or hashed here."""
+        if value is None:
+            return None
+        kept = self._kept.get(key)
+        return kept[1] if kept is not None and kept[0] is value else value_tag(value)
+
+    def keep(self, record, tag):
+        """Under the lock: `record` queued; keep the tag of a large new value, forget the old's.
+
+        `tag`: value_tag of a PUT's value, if the writer has it; else None.
+        """
+        op, key, value = record[0], record[1], record[2]
+        if op == CLEAR:
+            self._kept.clear()
+        elif tag is not None and len(value) >= TAG_CACHE_MIN_BYTES:
+            self._kept[key] = (value, tag)
+        elif self._kept:
+            for part in record[3] if op == BATCH else (record,):
+                self._kept.pop(part[1], None)
+
+    def clear(self):
+        """Under the lock: the queued writes failed, and the tags kept may be of their values."""
+        self._kept.clear()
+
+
 class Store:
+    """The dict, its one lock, and the order of its changes: see the module docstring."""
 
     def __init__(self, data, journal, checkpoint_bytes, log, ledger=None):
-        self._data = data
         self._journal = journal
-        self._ledger = ledger = persistence.Ledger() if ledger is None else ledger
-        self._lock = threading.Lock()   # guards _data, _pending*, _tags, _sealed, _expiry,
-                                        # _ledger, history, journal appends
-        self._pending = {}      # key -> its newest queued record or batch part, not yet applied
-        self._pending_clear = None  # the newest queued CLEAR record, not yet applied
-        self._queued_revision = ledger.revision     # the revision of the newest queued record
-        self._tags = {}         # key -> (value, its tag), for values of >= TAG_CACHE_MIN_BYTES
-        self._keys = KeyIndex(data, self._lock)     # the keys in order, once a listing asks
-        self._expiry = Expiry(ledger.deadlines)
-        self.history = History(ledger.revision)
+        ledger = persistence.Ledger() if ledger is None else ledger
+        self._lock = threading.Lock()   # guards _contents, _queued, _tags, _sealed, journal.append
+        self._contents = contents = Contents(data, ledger, self._lock)
+        self._queued = QueuedWrites(ledger.revision, contents.visible)
+        self._tags = Tags(self._lock, self._queued.latest)
         self._listeners = []
         self._sealed = False
         self._log = log
         self.directory = journal.directory
-        self.value_bytes = sum(map(len, data.values()))     # kept under _lock, for /metrics
         self.last_checkpoint_time = None    # time.time() of this run's last snapshot written
         self.fatal = threading.Event()  # set when the journal fails for good: shut down
         self._identity = persistence.directory_identity(self.directory)
@@ -489,7 +850,7 @@ class Store:
         self.checkpointer = Checkpointer(self, checkpoint_bytes, log)
 
     def __len__(self):
-        return len(self._data)
+        return len(self._contents.data)
 
     @property
     def journal(self):
@@ -499,17 +860,22 @@ class Store:
     @property
     def revision(self):
         """The revision of the dict: mutations applied (durable) since the store began."""
-        return self._ledger.revision
+        return self._contents.ledger.revision
+
+    @property
+    def value_bytes(self):
+        """Bytes of all the values in the dict (for /metrics)."""
+        return self._contents.value_bytes
 
     @property
     def expiring(self):
         """Keys that have a deadline (for /metrics)."""
-        return len(self._expiry.deadlines)
+        return len(self._contents.expiry.deadlines)
 
     @property
     def expired(self):
         """Keys expired since start (for /metrics)."""
-        return self._expiry.expired
+        return self._contents.expiry.expired
 
     def listen(self, changed):
         """Call changed(keys, everything), on the journal's loop, after each round applied.
@@ -538,17 +904,10 @@ class Store:
 
     # -- reads --------------------------------------------------------------
 
-    def _visible(self, key):
-        """Under the lock: the value of `key` in the dict, None if absent or expired."""
-        value = self._data.get(key)
-        if value is not None and self._expiry.deadlines and self._expiry.passed(key):
-            return None
-        return value
-
     def get(self, key):
         """The value of `key`, or None."""
         with self._lock:
-            return self._visible(key)
+            return self._contents.visible(key)
 
     def read(self, key):
         """(value, tag, deadline, revision) of `key`: (None, None, None, revision) if absent.
@@ -557,13 +916,11 @@ class Store:
         `revision`: the store's, as of this read.
         """
         with self._lock:
-            value = self._visible(key)
-            kept = self._tags.get(key)
-            deadline = self._expiry.deadlines.get(key) if self._expiry.deadlines else None
-            revision = self._ledger.revision
+            value, deadline, revision = self._contents.read(key)
+            kept = self._tags.kept(key)
         if value is None:
             return None, None, None, revision
-        return value, self._tag(key, value, kept), deadline, revision
+        return value, self._tags.tag(key, value, kept), deadline, revision
 
     def cut(self):
         """(data, deadlines, revision) at one instant: every write applied, and so durable.
@@ -574,7 +931,7 @@ class Store:
         drops them, by their deadline.
         """
         with self._lock:
-            return dict(self._data), dict(self._expiry.deadlines), self._ledger.revision
+            return self._contents.cut()
 
     def copy(self):
         """(data, ledger) at one instant, for a backup: see cut()."""
@@ -585,24 +942,6 @@ class Store:
         """(value, value_tag(value)) of `key`, or (None, None)."""
         return self.read(key)[:2]
 
-    def _latest(self, key):
-        """The value of `key` once every write queued so far is applied (None: absent).
-
-        Call with the lock held.  Conditions are checked against it: a
-        conditional write must see the writes queued before it, durable or
-        not yet.  The newest queued record of the key wins (absent if it
-        deletes it, or sets a deadline that has passed); else a queued
-        CLEAR means absent; else the dict.
-        """
-        record = self._pending.get(key)
-        if record is not None:
-            if record[0] != PUT or (record[3] is not None and record[3] <= now_ms()):
-                return None
-            return record[2]
-        if self._pending_clear is not None:
-            return None
-        return self._visible(key)
-
     def keys_page(self, prefix="", after="", limit=1000):
         """(keys, more): up to `limit` keys in order, each > `after` and starting with `prefix`.
 
@@ -610,51 +949,16 @@ class Store:
         out.  Raises KeyIndexBuilding while a large store's first listing
         builds the index.
         """
-        keys = []
         with self._lock:
-            while len(keys) <= limit:
-                wanted = limit + 1 - len(keys)
-                found = self._keys.page(prefix, after, wanted)
-                if found and self._expiry.deadlines:
-                    after, now = found[-1], now_ms()
-                    keys += [key for key in found if not self._expiry.passed(key, now)]
-                else:
-                    keys += found
-                if len(found) < wanted:
-                    break
-        return keys[:limit], len(keys) > limit
+            return self._contents.keys.listing(prefix, after, limit,
+                                               self._contents.expiry.unexpired)
 
     def changed_since(self, prefix, since):
         """True if a key under `prefix` changed after revision `since` (or it is not known)."""
         with self._lock:
-            return self.history.changed_since(prefix, since)
+            return self._contents.history.changed_since(prefix, since)
 
-    def _tagged(self, key, read):
-        """(value, tag) of `key` as read(key) sees it under the lock; hashes outside the lock."""
-        with self._lock:
-            value = read(key)
-            kept = self._tags.get(key)
-        if value is None:
-            return None, None
-        return value, self._tag(key, value, kept)
-
-    def _tag(self, key, value, kept):
-        """The tag of `value`, read from `key` with `kept` its kept tag; hashed outside the lock."""
-        if kept is not None and kept[0] is value:
-            return kept[1]
-        tag = value_tag(value)
-        if len(value) >= TAG_CACHE_MIN_BYTES:
-            with self._lock:
-                if self._latest(key) is value:  # else a newer write keeps its own tag
-                    self._tags[key] = (value, tag)
-        return tag
-
-    # -- writes -------------------------------------------------------------
-    #
-    # A record is (op, key, value, extra): extra is a PUT's deadline (ms
-    # since the epoch, None: permanent), or a BATCH's parts, each a record
-    # (op, key, value, deadline) of a PUT or a DELETE (persistence.apply).
-    # Each returns the revision the mutation will have once applied.
+    # -- writes: each returns the revision the mutation will have once applied.
 
     def put(self, key, value, on_durable=None, tag=None, condition=None, deadline=None):
         """Set `key`, until `deadline` (ms since the epoch; None: for good).
@@ -682,14 +986,13 @@ class Store:
         once: the journal has failed for good.
         """
         key = record[1]
-        seen = self._tagged(key, self._latest) if condition is not None else None
+        seen = self._tags.seen(key) if condition is not None else None
         with self._lock:
             if self._sealed:
                 raise Sealed()
             if condition is not None:
-                self._check(key, condition, seen)
-            revision = self._queue(record, on_durable)
-            self._keep_tag(record[0], key, record[2], tag)
+                self._tags.check(key, condition, seen)
+            revision = self._queue(record, on_durable, tag)
         self._after_queue(on_durable)
         return revision
 
@@ -704,10 +1007,8 @@ class Store:
         with self._lock:
             if self._sealed:
                 raise Sealed()
-            self._check_parts(parts, conditions)
+            self._tags.check_parts(parts, conditions)
             revision = self._queue((BATCH, "", b"", tuple(parts)), on_durable)
-            for part in parts:
-                self._keep_tag(part[0], part[1], part[2], None)
         self._after_queue(on_durable)
         return revision
 
@@ -715,22 +1016,18 @@ class Store:
         """Delete every key under `prefix` as one mutation.  Returns (keys deleted, revision).
 
         The keys are those the writes queued so far leave, found by a scan
-        of the dict under the lock (about 60 ms a million keys).  With
+        of the dict under the lock (QueuedWrites.present_under).  With
         none, nothing is queued: on_durable is called once what is queued
         already is durable.
         """
         with self._lock:
             if self._sealed:
                 raise Sealed()
-            keys = {key for key in self._data if key.startswith(prefix)}
-            keys.update(key for key in self._pending if key.startswith(prefix))
-            parts = [(DELETE, key, b"", None) for key in sorted(keys)
-                     if self._latest(key) is not None]
-            revision = self._queued_revision
+            parts = [(DELETE, key, b"", None)
+                     for key in self._queued.present_under(prefix, self._contents.data)]
+            revision = self._queued.revision
             if parts:
                 revision = self._queue((BATCH, "", b"", tuple(parts)), on_durable)
-                for part in parts:
-                    self._keep_tag(DELETE, part[1], b"", None)
         if not parts and on_durable is not None:
             self._journal.when_durable(on_durable)
         self._after_queue(on_durable)
@@ -745,99 +1042,39 @@ class Store:
         """
         now = now_ms()
         with self._lock:
-            if self._sealed or self._pending_clear is not None:
+            if self._sealed or self._queued.clear_record is not None:
                 return 0
-            keys = self._expiry.due(now, limit, self._pending)
+            keys = self._contents.expiry.due(now, limit, self._queued)
             for key in keys:
                 self._queue((EXPIRE, key, b"", None), None)
-                self._tags.pop(key, None)
         if keys:
             self._journal.when_durable(lambda error: None)     # a round now, not at the next write
         return len(keys)
 
-    def _queue(self, record, on_durable):
-        """Under the lock: hand `record` to the journal, and to the overlay of queued writes."""
+    def _queue(self, record, on_durable, tag=None):
+        """Under the lock: hand `record` to the journal, then to the queued writes and the tags.
+
+        `tag`: a PUT's value's, if the writer has it (Tags.keep).
+        """
         self._journal.append(record, on_durable)
-        op = record[0]
-        if op == CLEAR:
-            self._pending.clear()
-            self._pending_clear = record
-        elif op == BATCH:
-            for part in record[3]:
-                self._pending[part[1]] = part
-        else:
-            self._pending[record[1]] = record
-        self._queued_revision += 1
-        return self._queued_revision
+        self._tags.keep(record, tag)
+        return self._queued.add(record)
 
     def _after_queue(self, on_durable):
         """After a write is queued, without the lock: a checkpoint if the journal is full; wait."""
-        if self._journal.size >= self.checkpointer.checkpoint_bytes:
-            self.checkpointer.request()
+        self.checkpointer.request_if_due()
         if on_durable is None:
             self._journal.commit()      # from a thread other than the journal's loop
 
-    def _check_parts(self, parts, conditions):
-        """Under the lock: raise ConditionFailed(index) at the first part whose condition fails.
-
-        Each is checked against the key as the queued writes and the parts
-        before it leave it.  Hashed under the lock: batches with conditions
-        are rare, and their values small.
-        """
-        seen = {}
-        for index, (part, condition) in enumerate(zip(parts, conditions)):
-            op, key, value = part[0], part[1], part[2]
-            if condition is not None:
-                latest = seen[key] if key in seen else self._latest(key)
-                kept = self._tags.get(key)
-                tag = (None if latest is None else
-                       kept[1] if kept is not None and kept[0] is latest else value_tag(latest))
-                if not condition(tag):
-                    raise ConditionFailed(index)
-            seen[key] = value if op == PUT else None
+    # -- the journal's owner interface (Journal.attach) -----------------------
 
     def apply_round(self, records):
         """The journal, on its loop, once `records` are durable: apply them, in order."""
-        changed, everything = [], False
         with self._lock:
-            ledger, history = self._ledger, self.history
-            for record in records:
-                ledger.revision += 1
-                if record[0] == BATCH:
-                    for part in record[3]:
-                        self._apply(part)
-                        history.add(ledger.revision, part[1])
-                        changed.append(part[1])
-                elif record[0] == CLEAR:
-                    self._apply(record)
-                    history.add(ledger.revision, None)
-                    everything = True
-                else:
-                    self._apply(record)
-                    history.add(ledger.revision, record[1])
-                    changed.append(record[1])
+            changed, everything = self._contents.apply(records)
+            self._queued.applied(records)
         for listener in self._listeners:
             listener(changed, everything)
-
-    def _apply(self, record):
-        """Under the lock: one record (or a batch's part) to the dict, the index and the counts."""
-        op, key, value, extra = record
-        data = self._data
-        if op == CLEAR:
-            self.value_bytes = 0
-            self._expiry.clear()
-            if self._pending_clear is record:
-                self._pending_clear = None
-        else:
-            old = data.get(key)
-            self.value_bytes += len(value) - (len(old) if old is not None else 0)
-            self._expiry.set(key, extra if op == PUT else None)
-            if op == EXPIRE:
-                self._expiry.expired += 1
-            if self._pending.get(key) is record:
-                del self._pending[key]
-        self._keys.note(op, key)
-        persistence.apply(data, op, key, value)
 
     def journal_failed(self, error):
         """The journal, on the loop: it has failed for good (an fsync error): shut down."""
@@ -847,46 +1084,14 @@ class Store:
         """The journal, on its loop, after a failed round: fail every queued write too.
 
         Returns their callbacks.  A write queued after the failed ones may
-        have been checked against them (_latest), so it cannot stand.  A
-        failed expiry is tried again by the sweep.
+        have been checked against them (QueuedWrites.latest), so it cannot
+        stand.  A failed expiry is tried again by the sweep.
         """
         with self._lock:
-            for key in self._pending:
-                self._expiry.again(key)
-            self._pending.clear()
-            self._pending_clear = None
-            self._queued_revision = self._ledger.revision
+            for key in self._queued.drop(self._contents.ledger.revision):
+                self._contents.expiry.again(key)
             self._tags.clear()          # may hold tags of values never applied
             return self._journal.drop_queued()
-
-    def _check(self, key, condition, seen):
-        """Under the lock: raise ConditionFailed unless condition(tag of the key's latest value).
-
-        `seen` is (value, tag) as read just before the lock was taken, so
-        that the hashing is done outside it.  If another write has changed
-        the key since, the new value's tag is the one that write kept, or
-        is hashed here: a small value (a few us), or a large one written
-        without its tag (the server always passes it).
-        """
-        value = self._latest(key)
-        if value is seen[0]:
-            tag = seen[1]
-        elif value is None:
-            tag = None
-        else:
-            kept = self._tags.get(key)
-            tag = kept[1] if kept is not None and kept[0] is value else value_tag(value)
-        if not condition(tag):
-            raise ConditionFailed()
-
-    def _keep_tag(self, op, key, value, tag):
-        """Under the lock: keep the tag of a large new value; forget the replaced one's."""
-        if op == CLEAR:
-            self._tags.clear()
-        elif tag is not None and len(value) >= TAG_CACHE_MIN_BYTES:
-            self._tags[key] = (value, tag)
-        elif self._tags:
-            self._tags.pop(key, None)
 
     # -- checkpoints and shutdown --------------------------------------------
 
@@ -913,56 +1118,8 @@ class Store:
     def save_and_close(self):
         """After seal(): close the journal, write the final snapshot, then drop the journals.
 
-        Waits for a checkpoint in progress, then for the journal's last
-        round: once it is closed the dict holds exactly the writes that were
-        acknowledged.  Returns the snapshot's size.  If nothing was written
-        since the snapshot was saved, it is not rewritten.  Raises OSError,
-        its text saying what is kept, if the snapshot cannot be written: the
-        previous snapshot and the journals are then left as they were, so
-        the next start still recovers everything; or, if the data directory
-        is no longer this server's (removed or replaced), without writing
-        anything anywhere.
+        Returns the snapshot's size; raises OSError, saying what is kept, if
+        it cannot be written (Checkpointer.save_final).
         """
         assert self._sealed
-        with self.checkpointer.lock:
-            self._journal.close()       # what is queued reaches the disk, or fails
-            gone = persistence.directory_replaced(self.directory, self._identity)
-            if gone:
-                raise OSError(errno.ENOENT, "nothing was saved: %s while the server ran, and "
-                              "the %d keys in memory are lost with this process; the writes "
-                              "acknowledged before that are in the files it had (deleted, or "
-                              "moved with it), none after it was noticed" % (gone, len(self)))
-            if self._unchanged():
-                size = self._keep_snapshot()
-            else:
-                size = self._write_snapshot()
-                self.last_checkpoint_time = time.time()
-            persistence.remove_journals(self.directory, self._journal.generation)
-        self._log("Journal: %d records, %d fsyncs since start (--fsync %s)"
-                  % (self._journal.records, self._journal.fsyncs, self._journal.policy))
-        return size
-
-    def _unchanged(self):
-        """True if the snapshot on disk holds the dict: no record since, in any journal."""
-        directory = self.directory
-        return (self._journal.records == 0
-                and (not self._data or os.path.exists(persistence.snapshot_path(directory)))
-                and all(persistence.journal_is_empty(persistence.journal_path(directory, g))
-                        for g in persistence.journal_generations(directory)))
-
-    def _keep_snapshot(self):
-        path = persistence.snapshot_path(self.directory)
-        self._log("Snapshot %s unchanged: nothing was written since it was saved" % path)
-        return os.path.getsize(path) if os.path.exists(path) else 0
-
-    def _write_snapshot(self):
-        """The final snapshot; OSError, saying what the journal still holds, if it fails."""
-        try:
-            return persistence.write_snapshot(self.directory, self._data, self._ledger,
-                                              self._journal.generation)
-        except OSError as e:
-            vanished = self._journal.vanished
-            kept = ("but %s while the server ran: the writes it held are lost" % vanished
-                    if vanished else "the journal still holds every acknowledged write: "
-                    "the next start recovers them")
-            raise OSError(e.errno, "%s; %s" % (e.strerror or e, kept)) from e
+        return self.checkpointer.save_final(self._contents.data, self._contents.ledger)

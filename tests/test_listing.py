@@ -314,7 +314,7 @@ class KeyIndexBuildTest(unittest.TestCase):
         journal = persistence.Journal(directory, generation, "no")
         self.addCleanup(journal.close)
         store = store_module.Store(data, journal, 1 << 40, lambda line: None)
-        store._keys.AT_ONCE, store._keys.RUN = 0, 7     # many runs to merge
+        store._contents.keys.AT_ONCE, store._contents.keys.RUN = 0, 7     # many runs to merge
         model = set(data)
         with mock.patch.object(store_module.threading, "Thread") as thread:
             with self.assertRaises(store_module.KeyIndexBuilding):

@@ -1046,7 +1046,7 @@ class ApplyAfterDurableTest(TempDirTestCase):
         support.wait_until(lambda: self.faults.started() > self.header_fsyncs, 10,
                            message="the round's fsync")
         with self.store._lock:
-            self.assertEqual(self.store._latest("k"), b"new")
+            self.assertEqual(self.store._queued.latest("k"), b"new")
         self.assertEqual(self.store.get("k"), b"old", "visible before it was durable")
         self.assertIsNone(self.store.get("other"))
         self.faults.release()
@@ -1063,14 +1063,14 @@ class ApplyAfterDurableTest(TempDirTestCase):
         self.put("k", b"after", condition=lambda tag: tag == store_module.value_tag(b"failed"))
         self.store.clear(on_durable=lambda e: self.outcomes.__setitem__("clear", e))
         with self.store._lock:
-            self.assertIsNone(self.store._latest("k"))
+            self.assertIsNone(self.store._queued.latest("k"))
         self.faults.release()
         support.wait_until(lambda: len(self.outcomes) == 2, 10, message="the callbacks")
         self.assertTrue(all(isinstance(e, OSError) for e in self.outcomes.values()),
                         self.outcomes)
         self.assertEqual(self.store.get("k"), b"old")
         with self.store._lock:
-            self.assertEqual(self.store._latest("k"), b"old")
+            self.assertEqual(self.store._queued.latest("k"), b"old")
         self.assertEqual(persistence.load(self.dir, self.log)[0], {})
 
     def test_a_full_disk_cuts_the_failed_records_off_and_later_writes_succeed(self):
