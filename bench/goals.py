@@ -1,4 +1,4 @@
-"""The goals (issues 19 and 24), checked against one run of `make bench`.
+"""The goals (issues 19, 24 and 27), checked against one run of `make bench`.
 
 goal_rows() turns the rows that bench.run and bench.persist measured into
 one row per goal: what was measured, against what, and whether the goal is
@@ -21,6 +21,9 @@ itself without the thing that disturbs it:
                           RSS <= 1.3x a bare process holding the dict
     checkpoints           PUT c=64 p99 while checkpoints of 1,000,000 keys
                           run <= 3x the p99 without
+    watches               GET and PUT c=64 req/s with 1,000 watches held
+                          >= 0.9x without
+    expiry                PUT c=64 p99 while 100,000 keys expire <= 2x without
 
 Throughput and latency goals compare the *means* of every run of a cell,
 not the table's best run: each side ran the cell the same number of times,
@@ -45,6 +48,8 @@ SCALE_GOALS = (("start to serving", "a bare unpickle", "seconds", "bare_s", 1.5)
                ("SIGTERM to exit", "a bare pickle and fsync", "seconds", "bare_s", 1.5),
                ("server RSS", "a bare process holding the dict", "rss_kib", "bare_rss_kib", 1.3))
 CHECKPOINT_P99_BOUND = 3
+WATCH_BOUND = 0.9                              # req/s with 1,000 watches held, against none
+EXPIRY_P99_BOUND = 2                           # PUT p99 while keys expire, against none
 
 
 def _find(rows, match):
@@ -165,11 +170,38 @@ def _checkpoint_goal(persistence):
     return [row]
 
 
+def _watch_goals(persistence):
+    rows = []
+    for method in ("GET", "PUT"):
+        held = _find(persistence, lambda row: row.get("watches") and row["method"] == method)
+        none = _find(persistence, lambda row: row.get("watches") == 0 and row["method"] == method)
+        if held is not None and none is not None:
+            rows.append(_ratio_row("%s c=%d req/s with %d watches held: at least %gx without"
+                                   % (method, held["connections"], held["watches"], WATCH_BOUND),
+                                   held, none, "rps", WATCH_BOUND, at_least=True))
+    return rows
+
+
+def _expiry_goal(persistence):
+    during = _find(persistence, lambda row: row.get("expiring"))
+    without = _find(persistence, lambda row: row.get("expiring") == 0)
+    if during is None or without is None:
+        return []
+    row = _ratio_row("PUT c=%d p99 while %d keys expire: at most %gx the p99 without"
+                     % (during["connections"], during["expiring"], EXPIRY_P99_BOUND),
+                     during, without, "p99_ms", EXPIRY_P99_BOUND, at_least=False)
+    expired = during.get("runs_expired") or []
+    row["measured"] += "; %s of %d expired during each run" % (
+        "/".join("%d" % n for n in expired), during["expiring"])
+    return [row]
+
+
 def goal_rows(results, persistence):
     """One dict per goal: goal, measured (text), ratio, met."""
     return (_load_goals(results) + _bulk_goal(results) + _burst_goal(results)
             + _scale_goals(persistence)
-            + _checkpoint_goal(persistence))
+            + _checkpoint_goal(persistence) + _watch_goals(persistence)
+            + _expiry_goal(persistence))
 
 
 def markdown(rows):

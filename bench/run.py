@@ -10,7 +10,8 @@ To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
 Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
-and bench.listing (pages of keys out of a million, and GETs beside them).
+bench.listing (pages of keys out of a million, and GETs beside them) and
+bench.expiry (load beside 1,000 watches held, and beside 100,000 expiries).
 Our server runs on its defaults, plus --server-flags; the header says which.
 --skip leaves parts out.  The results go to stdout as Markdown tables (one
 row per test, one column per server; the scaling figures one column per
@@ -35,6 +36,7 @@ import time
 
 from bench.goals import OURS, goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
+from bench.expiry import expiry_rows, watch_rows
 from bench.listing import listing_rows
 from bench.persist import PERSISTENCE_MEASUREMENTS
 from bench.stalled import stalled_rows
@@ -56,9 +58,11 @@ SERVERS = [
     # our rows under that name.
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
-PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing")   # for --skip
+PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing", "watch",
+         "expiry")                                                          # for --skip
 # Our server alone, after the load: (name for --skip, function returning rows).
-OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]
+OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [
+    ("listing", listing_rows), ("watch", watch_rows), ("expiry", expiry_rows)]
 
 
 # -- one server process ----------------------------------------------------------

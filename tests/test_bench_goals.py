@@ -176,3 +176,31 @@ class BulkGoalTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WatchAndExpiryGoalTest(unittest.TestCase):
+
+    @staticmethod
+    def watch_rows(get_with, get_without):
+        return [{"test": "GET held", "method": "GET", "watches": 1000, "connections": 64,
+                 "rps": max(get_with), "runs_rps": list(get_with)},
+                {"test": "GET none", "method": "GET", "watches": 0, "connections": 64,
+                 "rps": max(get_without), "runs_rps": list(get_without)}]
+
+    def test_watches_may_cost_a_tenth_of_the_throughput(self):
+        goal = goal_rows({}, self.watch_rows((900, 900), (1000, 1000)))[0]
+        self.assertEqual(goal["goal"], "GET c=64 req/s with 1000 watches held: at least 0.9x "
+                                       "without")
+        self.assertTrue(goal["met"])
+        self.assertFalse(goal_rows({}, self.watch_rows((890, 900), (1000, 1000)))[0]["met"])
+
+    def test_expiries_may_double_the_put_p99_and_say_how_many_expired(self):
+        rows = [{"test": "during", "expiring": 100000, "connections": 64, "p99_ms": 8.0,
+                 "runs_p99_ms": [8.0, 8.2], "runs_expired": [100000, 99000]},
+                {"test": "without", "expiring": 0, "connections": 64, "p99_ms": 4.0,
+                 "runs_p99_ms": [4.0, 4.1]}]
+        goal = goal_rows({}, rows)[0]
+        self.assertTrue(goal["met"])
+        self.assertIn("100000/99000 of 100000 expired during each run", goal["measured"])
+        rows[0]["runs_p99_ms"] = [8.0, 8.3]
+        self.assertFalse(goal_rows({}, rows)[0]["met"])
