@@ -998,20 +998,6 @@ class Connection(asyncio.Protocol):
 
     # -- deadlines and the end ----------------------------------------------------
 
-    def expire(self):
-        """Its deadline passed: 408 if a request is half received, and close."""
-        self.timed_out = True
-        half = not (self.lingering or self.write_paused) and bool(
-            self.parser.in_body or self.parser.buffered)
-        if half or self.write_paused:
-            self.server.requests_timed_out += 1     # not an idle connection
-        if half:
-            self.transport.write(http11.error_response(408, "request timeout", "close", NO_STORE))
-            self.server.request_done(self, None, 408, 16, self.started)
-            self.transport.close()
-        else:
-            self.transport.abort()          # idle, lingering, or not reading its replies
-
     def drain(self):
         """The server is stopping: close now if no request is in flight, else after its reply."""
         if self.queue or self.busy or self.waiting or self.parser.in_body:
@@ -1179,7 +1165,7 @@ class Server:
         for connection in list(self.connections):
             deadline = self.deadline(connection)
             if deadline is not None and deadline <= now:
-                connection.expire()
+                self.time_out(connection)
         if self.store.fatal.is_set() and self.on_fatal is not None:
             on_fatal, self.on_fatal = self.on_fatal, None
             on_fatal()
@@ -1195,6 +1181,21 @@ class Server:
             self.loop.call_soon(self.expire)
         else:
             self.loop.call_later(EXPIRY_INTERVAL, self.expire)
+
+    def time_out(self, connection):
+        """A connection's deadline passed: 408 if a request is half received, and close."""
+        connection.timed_out = True
+        transport = connection.transport
+        half = not (connection.lingering or connection.write_paused) and bool(
+            connection.parser.in_body or connection.parser.buffered)
+        if half or connection.write_paused:
+            self.requests_timed_out += 1        # not an idle connection
+        if half:
+            transport.write(http11.error_response(408, "request timeout", "close", NO_STORE))
+            self.request_done(connection, None, 408, 16, connection.started)
+            transport.close()
+        else:
+            transport.abort()               # idle, lingering, or not reading its replies
 
     def deadline(self, connection):
         """When a connection's wait on its client ends; None while it waits on us."""
