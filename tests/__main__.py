@@ -36,7 +36,7 @@ TESTS = os.path.join(ROOT, "tests")
 # server): units start longest first.  A unit missing here counts as long (it
 # starts early); stale figures only make the schedule a little worse, never a
 # result wrong.
-SPLIT = {"test_attacks", "test_crash", "test_lifecycle", "test_limits"}
+SPLIT = {"test_attacks", "test_crash", "test_expiry", "test_lifecycle", "test_limits"}
 DURATIONS = {
     "test_attacks.StalledDiskTest": 15, "test_attacks.PipelineFloodTest": 11,
     "test_attacks.ConnectionDeadlineTest": 10, "test_attacks.HalfCloseTest": 2.5,
@@ -55,6 +55,8 @@ DURATIONS = {
     "test_backup": 6.4, "test_metrics": 5.7, "test_http_protocol": 5.7,
     "test_failures": 5.3, "test_conditional": 5.2, "test_docs": 3.4, "test_deploy": 1.3,
     "test_bench_persist": 0.4, "test_bench_run": 0.3, "test_bench_goals": 0.2,
+    "test_expiry.RestartTest": 5.3, "test_expiry.WatchTest": 3.2,
+    "test_expiry.ExpiryTest": 2.4, "test_expiry.ReadmeRecipeTest": 0.7,
 }
 UNKNOWN_DURATION = 30
 # A unit that runs longer than this is stopped and counted as failed: a hung
