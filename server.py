@@ -1010,8 +1010,8 @@ class Connection(asyncio.Protocol):
 
 SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
 STALL_SECONDS = 3.0         # a write older than this waits on a stalled disk (/health: 503)
-EXPIRY_INTERVAL = 0.1       # seconds between two looks for keys whose deadline passed
-EXPIRE_PER_TURN = 1000      # keys expired in one loop turn at most (about 2 ms)
+EXPIRY_INTERVAL = 0.025     # seconds between two looks for keys whose deadline passed
+EXPIRE_PER_TURN = 250       # keys expired at a look at most: 10,000 a second
 BACKLOG = 4096              # listen backlog: the kernel caps it at somaxconn
 TOO_MANY = http11.error_response(503, "too many connections", "close",
                                  (("Retry-After", "1"),) + NO_STORE)
@@ -1172,15 +1172,16 @@ class Server:
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def expire(self):
-        """A few times a second: journal the expiry of keys whose deadline passed.
+        """Every EXPIRY_INTERVAL: journal the expiry of keys whose deadline passed.
 
-        At most EXPIRE_PER_TURN keys a loop turn; while more are due, again
-        at the next turn, behind the requests.
+        At most EXPIRE_PER_TURN keys each time.  Reads hide an expired key
+        at once, so only its memory (and a watch on it) waits: when many
+        expire together, the rate is capped rather than the others' latency
+        (catching up at every loop turn took PUT p99 at 64 connections from
+        5 to 12 ms while 100,000 keys expired).
         """
-        if self.store.expire_due(EXPIRE_PER_TURN) == EXPIRE_PER_TURN:
-            self.loop.call_soon(self.expire)
-        else:
-            self.loop.call_later(EXPIRY_INTERVAL, self.expire)
+        self.store.expire_due(EXPIRE_PER_TURN)
+        self.loop.call_later(EXPIRY_INTERVAL, self.expire)
 
     def time_out(self, connection):
         """A connection's deadline passed: 408 if a request is half received, and close."""
