@@ -204,7 +204,14 @@ def format_address(host, port):
 # when the reply will come later: a write's once the journal has made it
 # durable, a backup's once it is streamed.  Errors are RequestError.
 
-KEY = re.compile(r"[A-Za-z0-9:_.\-]+")
+# A key is one or more of these characters (so is a listing's prefix, which
+# may end in the middle of a segment) ...
+KEY = re.compile(r"[A-Za-z0-9:_./\-]+")
+# ... in segments separated by single slashes (app/db/url), none of them "."
+# or "..": a client or a proxy would resolve /kv/a/../b to /kv/b, and
+# reach another key than the one named.
+SEGMENT = r"(?!\.\.?(?:/|\Z))[A-Za-z0-9:_.\-]+"
+KEY_PATH = re.compile(r"%s(?:/%s)*" % (SEGMENT, SEGMENT))
 KEY_METHODS = ("GET", "HEAD", "PUT", "DELETE")
 WRITE_METHODS = ("PUT", "DELETE", "POST")
 PENDING = object()          # Api.serve(): the reply comes later, through the connection
@@ -284,11 +291,16 @@ def parse_key(raw):
             raw = urllib.parse.unquote_to_bytes(raw).decode("ascii")
         except UnicodeDecodeError:
             raise RequestError(400, "key contains invalid characters")
-    if not raw:
+    return check_key(raw)
+
+
+def check_key(key):
+    """`key` if it is a key (KEY_PATH); else RequestError(400) saying why."""
+    if not key:
         raise RequestError(400, "key cannot be empty")
-    if not KEY.fullmatch(raw):
+    if not KEY_PATH.fullmatch(key):
         raise RequestError(400, "key contains invalid characters")
-    return raw
+    return key
 
 
 # Without a Cache-Control header a cache may reuse a reply (a 404 too) for
