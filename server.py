@@ -217,13 +217,14 @@ WRITE_METHODS = ("PUT", "DELETE", "POST")
 PENDING = object()          # Api.serve(): the reply comes later, through the connection
 NEED_DATA, PAUSED = http11.NEED_DATA, http11.PAUSED
 SMALL_BODY = 16384          # bodies up to this size may use the last quarter of the memory cap
-# The routes other than /kv/{key}: path -> (methods, Allow header, Api method)
+# The routes other than /kv/{key}: path -> {method: Api method}; a 405's
+# Allow header lists the methods.
 ROUTE_TABLE = {
-    "/kv": (("GET", "HEAD"), "GET, HEAD", "listing"),
-    "/clear": (("DELETE",), "DELETE", "clear"),
-    "/health": (("GET", "HEAD"), "GET, HEAD", "health"),
-    "/metrics": (("GET", "HEAD"), "GET, HEAD", "metrics_page"),
-    "/snapshot": (("GET",), "GET", "snapshot"),
+    "/kv": {"GET": "listing", "HEAD": "listing", "DELETE": "delete_prefix"},
+    "/clear": {"DELETE": "clear"},
+    "/health": {"GET": "health", "HEAD": "health"},
+    "/metrics": {"GET": "metrics_page", "HEAD": "metrics_page"},
+    "/snapshot": {"GET": "snapshot"},
 }
 
 
@@ -343,9 +344,9 @@ class Api:
         route = ROUTE_TABLE.get(path)
         if route is None:
             raise RequestError(404, "not found")
-        methods, allow, name = route
-        if request.method not in methods:
-            raise RequestError(405, "method not allowed", headers=(("Allow", allow),))
+        name = route.get(request.method)
+        if name is None:
+            raise RequestError(405, "method not allowed", headers=(("Allow", ", ".join(route)),))
         return getattr(self, name)(request, connection)
 
     def key(self, request, key, connection):
@@ -369,31 +370,43 @@ class Api:
                           condition=write_condition(request.headers),
                           etag=b'"%s"' % tag.encode())
 
-    def write(self, request, connection, mutation, *args, etag=None, **options):
+    def write(self, request, connection, mutation, *args, etag=None, answer=None, started=None,
+              **options):
         """Hand a mutation to the store; its reply is owed until it is durable.
 
         Refused at once: past the journal's backlog (a stalled disk: the
         writes already handed over wait, new ones are told to retry),
         after the store is sealed (503), a failed condition (412), a
-        journal that has failed for good (500/507).
+        journal that has failed for good (500/507).  The 200 has an empty
+        body, or answer(what the mutation returned) -> (body, content
+        type).  `started`: when the request began, if not the connection's
+        current request.
         """
         size = len(request.body)
         if not self.server.journal_has_room(size):
             raise busy("journal busy: the disk is slow to take writes")
-        owed = Owed(connection, request, size, etag)    # queued once the store takes it
+        owed = Owed(connection, request, size, etag, started)    # queued once the store takes it
         try:
-            mutation(*args, on_durable=owed.durable, **options)
+            done = mutation(*args, on_durable=owed.durable, **options)
         except Sealed:
             raise RequestError(503, "shutting down", close=True)
         except ConditionFailed:
             raise RequestError(412, "precondition failed")
         except OSError as e:
             raise RequestError(*storage_error(e))
+        if answer is not None:
+            owed.body, owed.content_type = answer(done)
         connection.queue_owed(owed)
         return PENDING
 
     def clear(self, request, connection):
         return self.write(request, connection, self.store.clear)
+
+    def delete_prefix(self, request, connection):
+        """DELETE /kv?prefix=P: every key under P, in one atomic, journaled step; the count."""
+        prefix = prefix_query(request.query, required=True)
+        return self.write(request, connection, self.store.delete_prefix, prefix,
+                          answer=lambda done: (b"%d\n" % done[0], http11.TEXT_PLAIN))
 
     def listing(self, request, connection):
         """GET /kv?prefix=P&limit=N&after=K: a page of keys, one per line; Link: the next page."""
@@ -539,6 +552,39 @@ def listing_query(query):
     return params.get("prefix", ""), params.get("after", ""), int(limit)
 
 
+def query_parameters(query, known):
+    """{name: value} of a query string whose names are among `known`, each once; or a 400."""
+    try:
+        # (Python 3.10's strict parsing refuses an empty query string.)
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True,
+                                       errors="strict", max_num_fields=len(known) + 1
+                                       ) if query else []
+    except ValueError:
+        raise RequestError(400, "bad query string")
+    params = {}
+    for name, value in pairs:
+        if name not in known:
+            raise RequestError(400, "unknown parameter (known: %s)" % ", ".join(known))
+        if name in params:
+            raise RequestError(400, "parameter %s given twice" % name)
+        params[name] = value
+    return params
+
+
+def prefix_query(query, required=False):
+    """The prefix of /export?prefix=P or DELETE /kv?prefix=P: "" if none; or a 400.
+
+    `required`: an empty or missing prefix is a 400 (DELETE /clear is how
+    to delete every key: a DELETE /kv that lost its query string must not).
+    """
+    prefix = query_parameters(query, ("prefix",)).get("prefix", "")
+    if not prefix and required:
+        raise RequestError(400, "prefix cannot be empty (DELETE /clear deletes every key)")
+    if prefix and not KEY.fullmatch(prefix):
+        raise RequestError(400, "prefix contains invalid characters")
+    return prefix
+
+
 def within_page_bytes(keys):
     """(keys, cut): the first keys whose lines fit in LIST_PAGE_BYTES (at least one)."""
     if sum(map(len, keys)) + len(keys) <= LIST_PAGE_BYTES:
@@ -576,22 +622,26 @@ LARGE_REPLY = 65536         # a reply this large may be refused (503) over the m
 class Owed:
     """A write's place in its connection's replies, until the journal says it is durable."""
 
-    __slots__ = ("connection", "request", "size", "etag", "reply", "started")
+    __slots__ = ("connection", "request", "size", "etag", "reply", "started", "body",
+                 "content_type")
 
-    def __init__(self, connection, request, size, etag):
+    def __init__(self, connection, request, size, etag, started=None):
         self.connection, self.request, self.size, self.etag = connection, request, size, etag
-        self.reply, self.started = None, connection.started
+        self.reply = None
+        self.started = connection.started if started is None else started
+        self.body, self.content_type = b"", http11.TEXT_PLAIN     # its 200's (Api.write)
 
     def durable(self, error):
         """The journal, on the loop: the write is durable (error None), or will never be."""
         self.connection.written(self, error)
 
     def answer(self, error):
-        """(status, body, headers) of its reply: 200 with the ETag, or why it failed."""
+        """(status, body, headers, content type) of its reply: 200 with the ETag, or why not."""
         if error:
             status, message = storage_error(error)
-            return status, message.encode() + b"\n", NO_STORE
-        return 200, b"", ((("ETag", self.etag),) if self.etag is not None else ()) + NO_STORE
+            return status, message.encode() + b"\n", NO_STORE, http11.TEXT_PLAIN
+        return (200, self.body, ((("ETag", self.etag),) if self.etag is not None else ())
+                + NO_STORE, self.content_type)
 
 
 class Replies:
@@ -853,8 +903,8 @@ class Connection(asyncio.Protocol):
         self.server.written(owed.size)
         if self.closed:
             return self.queue.settle(owed, None)
-        status, body, headers = owed.answer(error)
-        self.queue.settle(owed, http11.response(status, body, headers, http11.TEXT_PLAIN,
+        status, body, headers, content_type = owed.answer(error)
+        self.queue.settle(owed, http11.response(status, body, headers, content_type,
                                                 self.connection_value(owed.request)))
         self.server.request_done(self, owed.request, status, len(body), owed.started)
         if not self.queue.owed and not self.turn_due:
@@ -1259,7 +1309,7 @@ def warn_if_exposed(host, auth_token, token_file=None):
 # alerts (memory, file descriptors, restarts, CPU) work unchanged.
 
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "other")    # bounded: any other is "other"
+METHOD_LABELS = ("GET", "HEAD", "PUT", "DELETE", "POST", "other")  # any other is "other"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 10.0)       # seconds; a reply waits for its fsync, a few ms on SSD
 # The route label of the latency histogram: what a request asked for, in a
