@@ -299,8 +299,9 @@ class RequestParser:
         """Find how the body is framed (RFC 9112 6.3); take it if it is all here.
 
         A body over its limit (max_body_bytes, or body_limit's) is refused
-        from its Content-Length, before a byte of it arrives.  A request ambiguous about its length is
-        refused: we could not know where the next request starts.
+        from its Content-Length, before a byte of it arrives.  A request
+        ambiguous about its length is refused: we could not know where the
+        next request starts.
         """
         headers = request.headers
         if self.body_limit is not None:

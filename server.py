@@ -75,6 +75,8 @@ if sys.version_info < (3, 10):
 # The imports wait for the version check (flake8 would say E402).
 import argparse
 import asyncio
+import base64
+import binascii
 import bisect
 import collections
 import hmac
@@ -91,7 +93,8 @@ import urllib.parse
 
 import http11
 import persistence
-from store import ConditionFailed, KeyIndexBuilding, Sealed, Store, value_tag
+from store import (ConditionFailed, KeyIndexBuilding, Sealed, Store, now_ms, sorted_in_runs,
+                   value_tag)
 
 # ------------------------------------------------------------------ logging --
 #
@@ -225,6 +228,8 @@ ROUTE_TABLE = {
     "/health": {"GET": "health", "HEAD": "health"},
     "/metrics": {"GET": "metrics_page", "HEAD": "metrics_page"},
     "/snapshot": {"GET": "snapshot"},
+    "/export": {"GET": "export"},
+    "/batch": {"POST": "batch"},
 }
 
 
@@ -258,16 +263,22 @@ class Limits:
       max_header_bytes    request line and headers; past it, 431 (414 if the
                           request line alone is longer).
       max_value_bytes     the largest body; past it, 413.
+      max_batch_bytes     the largest body of POST /batch; past it, 413.  At
+                          most what a large body may reserve of
+                          max_inflight_bytes (Server.reserve): a batch that
+                          can never fit is told so (413), not to retry (503).
     """
 
     def __init__(self, header_timeout=10.0, body_timeout=30.0, send_timeout=30.0,
                  idle_timeout=60.0, max_connections=16384, max_inflight_bytes=256 << 20,
-                 max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20):
+                 max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20,
+                 max_batch_bytes=64 << 20):
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.send_timeout, self.idle_timeout = send_timeout, idle_timeout
         self.max_connections, self.max_inflight_bytes = max_connections, max_inflight_bytes
         self.max_header_bytes, self.max_value_bytes = max_header_bytes, max_value_bytes
         self.max_journal_bytes = max_journal_bytes
+        self.max_batch_bytes = min(max_batch_bytes, max_inflight_bytes - max_inflight_bytes // 4)
 
 
 class RequestError(Exception):
@@ -276,6 +287,10 @@ class RequestError(Exception):
     def __init__(self, status, message, close=False, headers=()):
         super().__init__(message)
         self.status, self.message, self.close, self.headers = status, message, close, headers
+
+    def reply(self):
+        """(status, body, headers, content type), as Api.serve returns replies."""
+        return self.status, (self.message + "\n").encode(), self.headers, http11.TEXT_PLAIN
 
 
 def storage_error(error):
@@ -304,6 +319,17 @@ def check_key(key):
     return key
 
 
+TTL_MAX = 315360000         # seconds (ten years): the longest ttl
+
+
+def parse_ttl(text):
+    """The seconds a ttl names: whole, from 1 to TTL_MAX; else RequestError(400)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9
+            and 1 <= int(text) <= TTL_MAX):
+        raise RequestError(400, "ttl must be whole seconds from 1 to %d" % TTL_MAX)
+    return int(text)
+
+
 # Without a Cache-Control header a cache may reuse a reply (a 404 too) for
 # as long as its heuristics like.  A value may be kept but must be checked
 # again with its ETag before each use ("no-cache"); every other reply, a
@@ -328,10 +354,17 @@ class Api:
     def __init__(self, store, metrics, server, auth_token=None):
         self.store, self.metrics, self.server = store, metrics, server
         self.auth_token = auth_token            # bytes, or None: no auth (check_auth)
+        limits = server.limits
+        self.value_limit = (limits.max_value_bytes, "value too large")
+        self.batch_limit = (limits.max_batch_bytes, "batch too large")
 
     def check_head(self, request):
         """Checks that need only the head, made before the body is read: auth."""
         check_auth(self.auth_token, request)
+
+    def body_limit(self, request):
+        """The parser asks, from a request's head: (its largest body, the 413's message)."""
+        return self.batch_limit if request.path == "/batch" else self.value_limit
 
     def serve(self, request, connection):
         """The reply to a whole request: (status, body, headers, content type) or PENDING."""
@@ -370,22 +403,19 @@ class Api:
                           condition=write_condition(request.headers),
                           etag=b'"%s"' % tag.encode())
 
-    def write(self, request, connection, mutation, *args, etag=None, answer=None, started=None,
-              **options):
+    def write(self, request, connection, mutation, *args, etag=None, answer=None, **options):
         """Hand a mutation to the store; its reply is owed until it is durable.
 
         Refused at once: past the journal's backlog (a stalled disk: the
         writes already handed over wait, new ones are told to retry),
         after the store is sealed (503), a failed condition (412), a
         journal that has failed for good (500/507).  The 200 has an empty
-        body, or answer(what the mutation returned) -> (body, content
-        type).  `started`: when the request began, if not the connection's
-        current request.
+        body, or answer(what the mutation returned) -> (body, content type).
         """
         size = len(request.body)
         if not self.server.journal_has_room(size):
             raise busy("journal busy: the disk is slow to take writes")
-        owed = Owed(connection, request, size, etag, started)    # queued once the store takes it
+        owed = Owed(connection, request, size, etag)    # queued once the store takes it
         try:
             done = mutation(*args, on_durable=owed.durable, **options)
         except Sealed:
@@ -437,6 +467,18 @@ class Api:
 
     def snapshot(self, request, connection):
         SnapshotStream.start(self.server, connection, request)
+        return PENDING
+
+    def batch(self, request, connection):
+        """POST /batch: NDJSON operations, all or none, as one mutation (BatchJob)."""
+        if not request.framed:
+            raise RequestError(411, "length required")
+        BatchJob(self, connection, request).start()
+        return PENDING
+
+    def export(self, request, connection):
+        """GET /export?prefix=P: the keys under P, sorted, as NDJSON, from one cut."""
+        ExportStream.start(self.server, connection, request, prefix_query(request.query))
         return PENDING
 
 
@@ -602,6 +644,172 @@ def quote(text):
     return urllib.parse.quote(text, safe="")
 
 
+# ---------------------------------------------------------------- batches --
+#
+# POST /batch: one operation a line (NDJSON), {"op": "put", "key": K,
+# "value": BASE64} with optional "ttl", "if_match", "if_none_match": "*";
+# {"op": "delete", "key": K} with optional "if_match".  A line without "op"
+# is a put, so an export is a batch.  Blank lines are skipped (an export's
+# last newline, files joined with cat); line numbers count them, as an
+# editor does.  All or nothing: the operations go to the store as one
+# mutation (Store.batch), one journal record, applied under one hold of
+# its lock, answered once durable with {"revision": R, "applied": N}.
+
+BATCH_LINES_PER_TURN = 1000     # lines parsed in one loop turn, then the others' turn ...
+BATCH_BYTES_PER_TURN = 1 << 20  # ... or this many bytes of lines, whichever comes first
+BATCH_FIELDS = {"put": {"op", "key", "value", "ttl", "if_match", "if_none_match"},
+                "delete": {"op", "key", "if_match"}}
+JSON_TYPE = b"application/json"
+
+
+def batch_operation(line, now):
+    """(record, condition) of one line of a batch (Store.batch's part and condition).
+
+    `now`: ms since the epoch, from which a ttl counts.  RequestError(400)
+    saying what is wrong with the line.
+    """
+    try:
+        fields = json.loads(line)
+    except ValueError:                  # not JSON, or not UTF-8
+        fields = None
+    if type(fields) is not dict:
+        raise RequestError(400, "not a JSON object")
+    op = fields.get("op", "put")
+    allowed = BATCH_FIELDS.get(op) if type(op) is str else None
+    if allowed is None:
+        raise RequestError(400, 'op must be "put" or "delete"')
+    unknown = fields.keys() - allowed
+    if unknown:
+        raise RequestError(400, "unknown field for %s: %s" % (op, json_string(min(unknown))[:80]))
+    key = fields.get("key")
+    if type(key) is not str:
+        raise RequestError(400, "key must be a string")
+    check_key(key)
+    condition = batch_condition(fields.get("if_match"), fields.get("if_none_match"))
+    if op == "delete":
+        return (persistence.DELETE, key, b"", None), condition
+    value, ttl = fields.get("value"), fields.get("ttl")
+    try:
+        value = base64.b64decode(value, validate=True) if type(value) is str else None
+    except (binascii.Error, ValueError):
+        value = None
+    if value is None:
+        raise RequestError(400, "value must be base64")
+    if not value:
+        raise RequestError(400, "value cannot be empty")
+    if ttl is not None:
+        ttl = parse_ttl(str(ttl) if type(ttl) is int else "")
+    return (persistence.PUT, key, value, None if ttl is None else now + 1000 * ttl), condition
+
+
+def batch_condition(if_match, if_none_match):
+    """The condition (as write_condition's) of a line's if_match and if_none_match; or None."""
+    if if_match is None and if_none_match is None:
+        return None
+    headers = {}
+    if if_none_match is not None:
+        if if_none_match != ANY:
+            raise RequestError(400, 'if_none_match must be "*"')
+        headers["if-none-match"] = ANY
+    if if_match is not None:
+        headers["if-match"] = if_match if type(if_match) is str else ""    # "": a 400 below
+    try:
+        if headers.get("if-match", ANY).strip(" \t"):
+            return write_condition(headers)
+    except RequestError:
+        pass
+    raise RequestError(400, 'if_match must be a tag in quotes, as in ETag, or "*"')
+
+
+class BatchJob:
+    """One POST /batch: its lines parsed a slice per loop turn, then one Store.batch.
+
+    Parsing a 64 MiB batch takes seconds of CPU: in one piece it would
+    stall every other client as long.  So the job parses
+    BATCH_LINES_PER_TURN lines (or BATCH_BYTES_PER_TURN bytes) a turn and
+    goes to the back of the loop's queue (call_soon).  Its connection reads
+    nothing meanwhile (busy), so a request pipelined behind the batch comes
+    after it, in the journal too.  A bad line ends it: 400 naming the line,
+    nothing applied.  Then the parts go to the store through Api.write:
+    its reply is owed until durable, 412 naming the first failed condition.
+    """
+
+    def __init__(self, api, connection, request):
+        self.api, self.connection, self.request = api, connection, request
+        self.started = connection.started       # the request's first bytes (its latency)
+        self.now = now_ms()                     # ttls count from here
+        self.pos = self.line = 0                # where the parse is: byte offset, line number
+        self.parts, self.conditions, self.lines = [], [], []    # Store.batch's; line numbers
+
+    def start(self):
+        self.connection.busy = True
+        self.api.server.loop.call_soon(self.step)
+
+    def step(self):
+        """A loop turn's share: parse some lines; once all are, hand the batch to the store."""
+        if self.connection.closed:
+            return                              # the client has gone: nobody to answer
+        self.connection.started = self.started  # busy, its request is this one (its latency)
+        try:
+            if not self.parse_some():
+                self.api.server.loop.call_soon(self.step)
+                return
+            reply = self.apply()
+        except RequestError as e:
+            reply = e.reply()
+            if e.close:
+                self.connection.close_after = True
+        self.finish(reply)
+
+    def parse_some(self):
+        """Parse the next lines, within a turn's share; True once every line is parsed."""
+        body, pos = self.request.body, self.pos
+        end, stop = len(body), pos + BATCH_BYTES_PER_TURN
+        for _ in range(BATCH_LINES_PER_TURN):
+            if pos >= end or pos >= stop:
+                break
+            newline = body.find(b"\n", pos)
+            newline = end if newline < 0 else newline
+            line, pos = body[pos:newline], newline + 1
+            self.line += 1
+            if not line or line.isspace():
+                continue
+            try:
+                part, condition = batch_operation(line, self.now)
+            except RequestError as e:
+                raise RequestError(400, "line %d: %s" % (self.line, e.message))
+            self.parts.append(part)
+            self.conditions.append(condition)
+            self.lines.append(self.line)
+        self.pos = pos
+        return pos >= end
+
+    def apply(self):
+        """The parsed batch to the store, as one mutation: PENDING (owed), or a reply now."""
+        if not self.parts:                      # nothing to make durable
+            return 200, self.answer(self.api.store.revision)[0], (), JSON_TYPE
+        return self.api.write(self.request, self.connection, self.queue, answer=self.answer)
+
+    def queue(self, on_durable):
+        try:
+            return self.api.store.batch(self.parts, self.conditions, on_durable)
+        except ConditionFailed as e:
+            raise RequestError(412, "precondition failed on line %d" % self.lines[e.index])
+
+    def answer(self, revision):
+        """The 200's body and type, given the batch's revision."""
+        return (b'{"revision": %d, "applied": %d}\n' % (revision, len(self.parts)), JSON_TYPE)
+
+    def finish(self, reply):
+        """The connection is ours no more: the reply (or its place), and its next requests."""
+        connection = self.connection
+        connection.busy = False
+        if reply is not PENDING:
+            connection.send(self.request, *reply)
+        connection.since = connection.started = time.monotonic()
+        connection.advance()
+
+
 # ------------------------------------------------------------ connections --
 #
 # asyncio does the socket work: its event loop says when a socket is
@@ -625,10 +833,9 @@ class Owed:
     __slots__ = ("connection", "request", "size", "etag", "reply", "started", "body",
                  "content_type")
 
-    def __init__(self, connection, request, size, etag, started=None):
+    def __init__(self, connection, request, size, etag):
         self.connection, self.request, self.size, self.etag = connection, request, size, etag
-        self.reply = None
-        self.started = connection.started if started is None else started
+        self.reply, self.started = None, connection.started
         self.body, self.content_type = b"", http11.TEXT_PLAIN     # its 200's (Api.write)
 
     def durable(self, error):
@@ -704,7 +911,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server):
         self.server, self.api, limits = server, server.api, server.limits
-        self.parser = http11.RequestParser(limits.max_header_bytes, limits.max_value_bytes)
+        self.parser = http11.RequestParser(limits.max_header_bytes, body_limit=self.api.body_limit)
         self.transport = None
         self.client = "-"
         self.queue = Replies()
@@ -864,7 +1071,7 @@ class Connection(asyncio.Protocol):
         try:
             reply = self.api.serve(request, self)
         except RequestError as e:
-            reply = (e.status, (e.message + "\n").encode(), e.headers, http11.TEXT_PLAIN)
+            reply = e.reply()
             if e.close:
                 self.close_after = True
         if reply is not PENDING:
@@ -1020,7 +1227,8 @@ class Server:
         self._handed = collections.deque()  # when each of those writes was handed over
         self.connections_refused = 0
         self.requests_timed_out = 0
-        self.snapshot_slots = threading.BoundedSemaphore(SNAPSHOT_STREAMS)
+        self.stream_slots = {"snapshot": threading.BoundedSemaphore(SNAPSHOT_STREAMS),
+                             "export": threading.BoundedSemaphore(EXPORT_STREAMS)}
         self._logged = {}           # message kind -> when last logged
         self._emptied = asyncio.Event()
         self.on_fatal = None        # called once the store has failed for good
@@ -1525,6 +1733,7 @@ def boot_time():
 # file as store.pickle in an empty data directory and starting there.
 
 SNAPSHOT_STREAMS = 1        # snapshots sent at once; more get 503 with Retry-After
+EXPORT_STREAMS = 1          # exports sent at once, likewise (each holds a copy of the dict too)
 SNAPSHOT_RETRY_AFTER = 5    # seconds, in that 503
 
 
@@ -1542,7 +1751,13 @@ class SnapshotStream:
     client tell a cut-off backup from a whole one (an HTTP/1.0 client,
     which cannot have them, gets the bytes until the connection closes).
     The connection reads no later request until the stream is done (busy).
+    ExportStream is the same stream with other bytes in it.
     """
+
+    KIND = "snapshot"       # its slots (Server.stream_slots), its thread, its log lines
+    BUSY = "a snapshot is already being sent; retry later"     # the 503 past its slots
+    HEAD = (b"Content-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="store.pickle"\r\n')
 
     def __init__(self, server, connection, request):
         self.server, self.connection, self.request = server, connection, request
@@ -1550,39 +1765,41 @@ class SnapshotStream:
         self.size = 0
 
     @classmethod
-    def start(cls, server, connection, request):
+    def start(cls, server, connection, request, *args):
         """Take a slot and start the thread; a 503 if no slot is free."""
-        if not server.snapshot_slots.acquire(blocking=False):
-            raise RequestError(503, "a snapshot is already being sent; retry later",
+        if not server.stream_slots[cls.KIND].acquire(blocking=False):
+            raise RequestError(503, cls.BUSY,
                                headers=(("Retry-After", str(SNAPSHOT_RETRY_AFTER)),))
         connection.busy = True
-        stream = cls(server, connection, request)
-        threading.Thread(target=stream.run, name="snapshot", daemon=True).start()
+        stream = cls(server, connection, request, *args)
+        threading.Thread(target=stream.run, name=cls.KIND, daemon=True).start()
 
     def run(self):
         whole, error = False, None
         try:
-            data, ledger = self.server.store.copy()
             connection = "keep-alive" if self.chunked and self.request.keep_alive else "close"
-            self.send([b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n",
-                       b"Cache-Control: no-store\r\n",          # a backup: not for caches
+            self.send([b"HTTP/1.1 200 OK\r\n", self.HEAD,
+                       b"Cache-Control: no-store\r\n",          # a copy of the data: no cache
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
-                       b'Content-Disposition: attachment; filename="store.pickle"\r\n',
                        http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
-            persistence.dump_snapshot(data, self, ledger)  # the pickles, then their checksum
+            self.body()
             whole = True
         except Exception as e:              # the client gone or too slow, mostly
             error = e
         finally:
-            data = ledger = None
             # Before the last chunk: a client that has read it may ask again.
-            self.server.snapshot_slots.release()
+            self.server.stream_slots[self.KIND].release()
         if whole and self.chunked:
             try:
                 self.send([http11.LAST_CHUNK])
             except Exception as e:
                 whole, error = False, e
         self.server.loop.call_soon_threadsafe(self.done, whole, error)
+
+    def body(self):
+        """The thread: the store as it is now, written to self (write) as it is made."""
+        data, ledger = self.server.store.copy()
+        persistence.dump_snapshot(data, self, ledger)   # the pickles, then their checksum
 
     def done(self, whole, error):
         """On the loop: log the end, and give the connection back."""
@@ -1591,8 +1808,8 @@ class SnapshotStream:
             self.server.request_done(connection, self.request, 200, self.size,
                                      connection.started)
         else:
-            log("Snapshot to %s cut off after %d bytes: %s"
-                % (connection.client, self.size,
+            log("%s to %s cut off after %d bytes: %s"
+                % (self.KIND.capitalize(), connection.client, self.size,
                    "nothing taken for %g s (--send-timeout)" % self.server.limits.send_timeout
                    if connection.timed_out else error))
         connection.busy = False
@@ -1631,6 +1848,62 @@ class SnapshotStream:
     def send(self, parts):
         """Send through the loop; return once the transport has room again.  Raises OSError."""
         asyncio.run_coroutine_threadsafe(self.send_parts(parts), self.server.loop).result()
+
+
+# GET /export?prefix=P: the keys under P, sorted, one JSON object a line
+# (NDJSON), {"key": K, "value": BASE64} and "ttl": S (seconds left, rounded
+# up) for a key with a deadline; an export is a valid body for POST /batch,
+# which copies a store.  Like a backup, a consistent cut (Store.cut: every
+# write acknowledged before the request, a batch whole or not at all),
+# streamed by a thread of its own.
+
+EXPORT_CHUNK = 65536        # bytes of lines sent as one chunk
+json_string = json.encoder.encode_basestring_ascii     # a str as a JSON string, quotes included
+
+
+def export_line(key, value, ttl=None):
+    """One line of an export: bytes, its newline included."""
+    line = b'{"key": %s, "value": "%s"' % (json_string(key).encode(), base64.b64encode(value))
+    return line + (b'}\n' if ttl is None else b', "ttl": %d}\n' % ttl)
+
+
+class ExportStream(SnapshotStream):
+    """One GET /export: SnapshotStream's thread, flow control and deadline, with NDJSON in it.
+
+    The thread takes the cut (a copy of the dict's references, under the
+    store's lock), keeps the keys under the prefix, sorts them in runs
+    (sorted_in_runs: no step holds the GIL long enough to stall the loop)
+    and sends the lines in chunks of about EXPORT_CHUNK bytes.  Keys whose
+    deadline has passed at the cut are left out, as a GET would leave them.
+    """
+
+    KIND = "export"
+    BUSY = "an export is already being sent; retry later"
+    HEAD = b"Content-Type: application/x-ndjson\r\n"
+
+    def __init__(self, server, connection, request, prefix):
+        super().__init__(server, connection, request)
+        self.prefix = prefix
+
+    def body(self):
+        data, deadlines, _ = self.server.store.cut()
+        now, prefix = now_ms(), self.prefix
+        keys = [key for key in data if key.startswith(prefix)] if prefix else list(data)
+        lines, size = [], 0
+        for key in sorted_in_runs(keys):
+            deadline = deadlines.get(key) if deadlines else None
+            if deadline is None:
+                line = export_line(key, data[key])
+            elif deadline > now:
+                line = export_line(key, data[key], -((now - deadline) // 1000))  # rounded up
+            else:
+                continue                    # expired: gone for every request
+            lines.append(line)
+            size += len(line)
+            if size >= EXPORT_CHUNK:
+                self.write(b"".join(lines))
+                lines, size = [], 0
+        self.write(b"".join(lines))
 
 
 # --------------------------------------------------------------- lifecycle --
@@ -1747,6 +2020,9 @@ FLAGS = (
                                            "(default 15)")),
     (None, "--max-value-bytes", dict(type=positive_int, default=10 << 20, metavar="N",
                                      help="largest accepted value (default 10485760)")),
+    (None, "--max-batch-bytes", dict(type=positive_int, default=64 << 20, metavar="N", help=(
+        "largest accepted body of POST /batch, past it 413; at most three quarters of "
+        "--max-inflight-bytes (default 67108864 = 64 MiB)"))),
     (None, "--fsync", dict(choices=persistence.Journal.POLICIES, default="always", help=(
         "journal fsync policy: always = before each reply, shared by concurrent writers; "
         "everysec = once a second; no = left to the OS (default always)"))),
@@ -2069,7 +2345,8 @@ async def serve(args, store, sock):
     loop.set_exception_handler(log_loop_error)
     limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
                     args.idle_timeout, args.max_connections, args.max_inflight_bytes,
-                    args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes)
+                    args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes,
+                    args.max_batch_bytes)
     server = Server(loop, store, limits, Metrics(), args.auth_token, args.access_log)
     stopper = Stopper(loop, server, args.auth_token_file)
     listener = await loop.create_server(lambda: Connection(server), sock=sock, backlog=BACKLOG)

@@ -10,7 +10,11 @@ import base64
 import json
 import socket
 import threading
+import types
+import unittest
 
+import persistence
+import server
 from tests import support
 from tests.test_http_api import SharedServerTestCase
 from tests.test_listing import put_many
@@ -26,9 +30,12 @@ def records(server):
 
 
 def listed(server, prefix):
-    status, _, body = server.request("GET", "/kv?limit=10000&prefix=" + prefix)
-    assert status == 200, (status, body)
-    return body.decode().split()
+    """The keys under `prefix` (up to 10,000), once the key index is ready."""
+    def page():
+        status, _, body = server.request("GET", "/kv?limit=10000&prefix=" + prefix)
+        assert status in (200, 503), (status, body)
+        return status == 200 and [body.decode().split()]
+    return support.wait_until(page, 30, message="a listing")[0]
 
 
 class DeletePrefixTests(SharedServerTestCase):
@@ -114,3 +121,239 @@ class DeletePrefixDurabilityTest(support.ServerTestCase):
         self.assertEqual(server.stop(), 0)
         server = self.restart(server)
         self.assertEqual(listed(server, ""), ["apple", "b"])
+
+
+def line(key, value=None, **fields):
+    """One line of a batch: a put of `value` (bytes), or with op="delete" a delete."""
+    fields["key"] = key
+    if value is not None:
+        fields["value"] = base64.b64encode(value).decode()
+    return json.dumps(fields)
+
+
+def body(*lines):
+    return ("\n".join(lines) + "\n").encode()
+
+
+class BatchTests(SharedServerTestCase):
+
+    def batch(self, data, status=200, headers=None):
+        """POST /batch; for a 200, the JSON reply (checked: its type, its applied count)."""
+        got, reply_headers, reply = self.server.request("POST", "/batch", data, headers)
+        self.assertEqual(got, status, reply)
+        if status != 200:
+            self.assertEqual(reply_headers["Content-Type"], "text/plain; charset=utf-8")
+            return reply.decode()
+        self.assertEqual(reply_headers["Content-Type"], JSON)
+        self.assertEqual(int(reply_headers["Content-Length"]), len(reply))
+        return json.loads(reply)
+
+    def test_puts_and_deletes_applied_in_order_and_the_revision_and_count_answered(self):
+        k = self.key("/")
+        self.server.put(k + "old", b"old")
+        binary = bytes(range(256)) * 4
+        before = records(self.server)
+        answer = self.batch(body(
+            line(k + "a", b"1", op="put"),
+            line(k + "b", binary),                      # no "op": a put
+            "",                                         # blank lines are skipped
+            "   \r",
+            line(k + "a", op="delete"),
+            line(k + "a", b"2"),
+            line(k + "old", op="delete"),
+            line(k + "c", b"3"),
+            line(k + "c", op="delete")))
+        self.assertEqual(answer["applied"], 7)
+        self.assertIsInstance(answer["revision"], int)
+        self.assertEqual(records(self.server) - before, 1, "one journal record for the batch")
+        self.assertEqual(listed(self.server, k), [k + "a", k + "b"])
+        self.assertEqual(self.server.get(k + "a"), b"2")
+        self.assertEqual(self.server.get(k + "b"), binary)
+        # The next batch is the next revision: a batch is one mutation.
+        again = self.batch(body(line(k + "d", b"4")))
+        self.assertEqual(again, {"revision": answer["revision"] + 1, "applied": 1})
+
+    def test_an_empty_batch_applies_nothing(self):
+        for data in (b"", b"\n\n", b" \r\n"):
+            with self.subTest(data=data):
+                self.assertEqual(self.batch(data)["applied"], 0)
+
+    def test_a_bad_line_is_400_naming_it_and_nothing_is_applied(self):
+        k = self.key("/")
+        good = line(k + "first", b"v")
+        bad = {
+            "not json": ("{nope", "not a JSON object"),
+            "an array": ("[1, 2]", "not a JSON object"),
+            "a string": ('"k"', "not a JSON object"),
+            "not UTF-8": (b'{"key": "\xff", "value": "dg=="}', "not a JSON object"),
+            "an unknown op": (line(k + "x", b"v", op="get"), 'op must be "put" or "delete"'),
+            "an op that is not a string": (line(k + "x", b"v", op=1),
+                                           'op must be "put" or "delete"'),
+            "an unknown field": (line(k + "x", b"v", tll=5), 'unknown field for put: "tll"'),
+            "a value on a delete": (line(k + "x", b"v", op="delete"),
+                                    'unknown field for delete: "value"'),
+            "no key": ('{"value": "dg=="}', "key must be a string"),
+            "a key that is a number": ('{"key": 5, "value": "dg=="}', "key must be a string"),
+            "an empty key": (line("", b"v"), "key cannot be empty"),
+            "a bad key": (line(k + "a//b", b"v"), "key contains invalid characters"),
+            "a dot segment": (line(k + "../b", b"v"), "key contains invalid characters"),
+            "no value": (line(k + "x"), "value must be base64"),
+            "a value that is not base64": ('{"key": "x", "value": "a b!"}',
+                                           "value must be base64"),
+            "a value with bad padding": ('{"key": "x", "value": "dg="}', "value must be base64"),
+            "an empty value": (line(k + "x", b""), "value cannot be empty"),
+            "a ttl of 0": (line(k + "x", b"v", ttl=0),
+                           "ttl must be whole seconds from 1 to 315360000"),
+            "a ttl past ten years": (line(k + "x", b"v", ttl=315360001),
+                                     "ttl must be whole seconds from 1 to 315360000"),
+            "a ttl in a string": (line(k + "x", b"v", ttl="60"),
+                                  "ttl must be whole seconds from 1 to 315360000"),
+            "a fractional ttl": (line(k + "x", b"v", ttl=1.5),
+                                 "ttl must be whole seconds from 1 to 315360000"),
+            "a boolean ttl": (line(k + "x", b"v", ttl=True),
+                              "ttl must be whole seconds from 1 to 315360000"),
+            "an unquoted tag": (line(k + "x", b"v", if_match="abc"),
+                                'if_match must be a tag in quotes, as in ETag, or "*"'),
+            "a tag that is a number": (line(k + "x", b"v", if_match=5),
+                                       'if_match must be a tag in quotes, as in ETag, or "*"'),
+            "if_none_match with a tag": (line(k + "x", b"v", if_none_match='"abc"'),
+                                         'if_none_match must be "*"'),
+        }
+        for name, (bad_line, message) in bad.items():
+            with self.subTest(line=name):
+                if isinstance(bad_line, str):
+                    bad_line = bad_line.encode()
+                data = good.encode() + b"\n\n" + bad_line + b"\n" + good.encode() + b"\n"
+                self.assertEqual(self.batch(data, 400), "line 3: %s\n" % message)
+                self.assertIsNone(self.server.get(k + "first"))
+        self.assert_intact()
+
+    def test_a_failed_condition_is_412_naming_its_line_and_nothing_is_applied(self):
+        k = self.key("/")
+        status, headers, _ = self.server.request("PUT", "/kv/" + k + "held", b"held")
+        tag = headers["ETag"]
+        _, headers, _ = self.server.request("PUT", "/kv/" + k + "tag-of-new", b"new")
+        new_tag = headers["ETag"]
+        _, headers, _ = self.server.request("PUT", "/kv/" + k + "tag-of-newer", b"newer")
+        newer_tag = headers["ETag"]
+        first = line(k + "first", b"v")
+        failing = {
+            "create only, on a key that exists": line(k + "held", b"x", if_none_match="*"),
+            "a stale tag": line(k + "held", b"x", if_match=new_tag),
+            "a tag, on an absent key": line(k + "absent", b"x", if_match=tag),
+            "any value, on an absent key": line(k + "absent", b"x", if_match="*"),
+            "a delete of an absent key with a condition": line(k + "absent", op="delete",
+                                                               if_match="*"),
+        }
+        for name, bad_line in failing.items():
+            with self.subTest(condition=name):
+                self.assertEqual(self.batch(body(first, bad_line, first), 412),
+                                 "precondition failed on line 2\n")
+                self.assertIsNone(self.server.get(k + "first"))
+                self.assertEqual(self.server.get(k + "held"), b"held")
+        # Conditions that hold, each checked against the lines before it.
+        self.batch(body(
+            line(k + "held", b"new", if_match=tag),            # held: held -> new
+            line(k + "held", b"newer", if_match=new_tag),      # its tag after line 1
+            line(k + "fresh", b"x", if_none_match="*"),
+            line(k + "fresh", op="delete", if_match="*"),
+            line(k + "fresh", b"y", if_none_match="*"),         # absent again after line 4
+            line(k + "held", b"last", if_match='"x", %s' % newer_tag),    # a list of tags
+            line(k + "held", b"last", if_match="*")))
+        self.assertEqual(self.server.get(k + "held"), b"last")
+        self.assertEqual(self.server.get(k + "fresh"), b"y")
+
+    def test_post_without_a_length_is_411_and_other_methods_405(self):
+        conn = self.server.connection()
+        self.addCleanup(conn.close)
+        conn.putrequest("POST", "/batch")
+        conn.endheaders()
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()), (411, b"length required\n"))
+        for method in ("GET", "PUT", "DELETE"):
+            with self.subTest(method=method):
+                headers = self.assertError(method, "/batch", 405, "method not allowed\n")
+                self.assertEqual(headers.get_all("Allow"), ["POST"])
+
+    def test_a_batch_of_many_lines_and_requests_pipelined_behind_it(self):
+        # 20,000 lines: the parse takes many loop turns.  A PUT and a GET
+        # pipelined behind the batch on its connection come after it.
+        k = self.key("/")
+        data = body(*(line("%s%05d" % (k, i), b"%d" % i * 20) for i in range(20000)))
+        pipeline = (b"POST /batch HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                    b"PUT /kv/%s00007 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nafter"
+                    b"GET /kv/%s00007 HTTP/1.1\r\nHost: t\r\n\r\n"
+                    % (len(data), data, k.encode(), k.encode()))
+        with socket.create_connection((self.server.host, self.server.port), timeout=60) as s:
+            s.sendall(pipeline)
+            replies = b""
+            while not replies.endswith(b"\r\n\r\nafter"):
+                chunk = s.recv(65536)
+                self.assertTrue(chunk, replies)
+                replies += chunk
+        self.assertEqual(replies.count(b"HTTP/1.1 200 OK"), 3, replies)
+        self.assertIn(b'"applied": 20000}', replies)
+        status, _, export = self.server.request("GET", "/export?prefix=" + k)
+        self.assertEqual((status, export.count(b"\n")), (200, 20000))
+        self.assertEqual(self.server.get(k + "19999"), b"19999" * 20)
+
+
+class BatchLimitTests(SharedServerTestCase):
+
+    server_args = ("--max-batch-bytes", "5000", "--max-value-bytes", "1000")
+
+    def test_a_batch_over_the_limit_is_413_from_its_content_length_before_the_body(self):
+        with socket.create_connection((self.server.host, self.server.port), timeout=10) as s:
+            s.sendall(b"POST /batch HTTP/1.1\r\nHost: t\r\nContent-Length: 5001\r\n\r\n")
+            reply = support.read_until_quiet(s, timeout=10)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
+        self.assertTrue(reply.endswith(b"\r\n\r\nbatch too large\n"), reply)
+
+    def test_a_chunked_batch_is_413_once_it_passes_the_limit(self):
+        k = self.key("/")
+        data = body(*(line("%s%03d" % (k, i), b"v" * 40) for i in range(100)))
+        self.assertGreater(len(data), 5000)
+        conn = self.server.connection()
+        self.addCleanup(conn.close)
+        conn.request("POST", "/batch", iter([data[i:i + 1000] for i in range(0, len(data), 1000)]),
+                     {"Transfer-Encoding": "chunked"}, encode_chunked=True)
+        response = conn.getresponse()
+        self.assertEqual((response.status, response.read()), (413, b"batch too large\n"))
+        self.assertEqual(listed(self.server, k), [])
+
+    def test_the_largest_batch_passes_and_a_put_keeps_the_value_limit(self):
+        k = self.key("/")
+        data = body(*(line("%s%02d" % (k, i), b"v" * 600) for i in range(5)))
+        data += b" " * (5000 - len(data) - 1) + b"\n"
+        self.assertEqual(len(data), 5000)
+        status, _, reply = self.server.request("POST", "/batch", data)
+        self.assertEqual((status, json.loads(reply)["applied"]), (200, 5))
+        self.assertError("PUT", "/kv/" + k + "big", 413, "value too large\n", b"v" * 1001)
+        self.put_ok("/kv/" + k + "big", b"v" * 1000)
+
+
+class BatchSliceTest(unittest.TestCase):
+    """A batch is parsed a share per loop turn (BatchJob.parse_some), so that others get theirs."""
+
+    def job(self, data):
+        return server.BatchJob(None, types.SimpleNamespace(started=0.0),
+                               types.SimpleNamespace(body=data))
+
+    def test_a_turn_parses_at_most_its_share_of_lines(self):
+        share = server.BATCH_LINES_PER_TURN
+        job = self.job(body(*(line("k%d" % i, b"v") for i in range(2 * share + 5))))
+        self.assertFalse(job.parse_some())
+        self.assertEqual((len(job.parts), job.line), (share, share))
+        self.assertFalse(job.parse_some())
+        self.assertTrue(job.parse_some())
+        self.assertEqual(len(job.parts), 2 * share + 5)
+        self.assertEqual(job.parts[-1][:3], (persistence.PUT, "k%d" % (2 * share + 4), b"v"))
+
+    def test_a_turn_parses_at_most_its_share_of_bytes(self):
+        # A turn stops once past its share: lines larger than it, one a turn.
+        big = b"v" * server.BATCH_BYTES_PER_TURN
+        job = self.job(body(*(line("k%d" % i, big) for i in range(4))))
+        turns = 1
+        while not job.parse_some():
+            turns += 1
+        self.assertEqual((turns, len(job.parts)), (4, 4))

@@ -248,7 +248,9 @@ class MetricsTest(support.ServerTestCase):
         requests = [("GET", "/kv/k", "key"), ("GET", "/kv/absent", "key"),
                     ("GET", "/kv?prefix=k", "listing"), ("GET", "/health", "health"),
                     ("GET", "/metrics", "metrics"), ("GET", "/snapshot", "snapshot"),
-                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other")]
+                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other"),
+                    ("DELETE", "/kv?prefix=nothing/", "listing"), ("GET", "/export", "export"),
+                    ("POST", "/batch", "batch")]
         before = Scrape(server)
         for method, path, _ in requests:
             self.assertLess(server.request(method, path)[0], 500, path)
