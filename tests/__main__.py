@@ -44,7 +44,7 @@ DURATIONS = {
     "test_crash.KillFsyncAlwaysTest": 4.4, "test_crash.KillFsyncEverysecTest": 4.0,
     "test_crash.KillFsyncNoTest": 3.6, "test_crash.BurstKillTest": 3.5,
     "test_crash.JournalDamageTest": 1.8, "test_crash.CheckpointUnderLoadTest": 1.7,
-    "test_crash.AllowedStatesTest": 0.1,
+    "test_crash.AllowedStatesTest": 0.1, "test_crash.BatchKillTest": 2.5,
     "test_lifecycle.ShutdownTest": 8.5, "test_lifecycle.CommandLineTest": 4.7,
     "test_lifecycle.ShutdownUnderLoadTest": 3.1, "test_lifecycle.ProcessFailureTest": 2.5,
     "test_lifecycle.CpuTest": 0.7,
@@ -54,6 +54,7 @@ DURATIONS = {
     "test_persistence": 11, "test_listing": 9.5, "test_http_api": 7, "test_auth": 6.8,
     "test_backup": 6.4, "test_metrics": 5.7, "test_http_protocol": 5.7,
     "test_failures": 5.3, "test_conditional": 5.2, "test_docs": 3.4, "test_deploy": 1.3,
+    "test_export": 5.5, "test_batch": 2.5,
     "test_bench_persist": 0.4, "test_bench_run": 0.3, "test_bench_goals": 0.2,
 }
 UNKNOWN_DURATION = 30
