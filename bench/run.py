@@ -9,8 +9,10 @@ name, a short "summary" for the table, and any raw numbers for the JSON.
 To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
-Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
-and bench.listing (pages of keys out of a million, and GETs beside them).
+Then our server alone: bench.persist (fsync policies, checkpoints, scaling),
+bench.listing (pages of keys out of a million, and GETs beside them) and
+bench.batch (a million keys in by POST /batch, out by GET /export, and
+PUTs beside exports).
 Our server runs on its defaults, plus --server-flags; the header says which.
 --skip leaves parts out.  The results go to stdout as Markdown tables (one
 row per test, one column per server; the scaling figures one column per
@@ -33,6 +35,7 @@ import tempfile
 import threading
 import time
 
+from bench.batch import batch_rows
 from bench.goals import OURS, goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
 from bench.listing import listing_rows
@@ -56,9 +59,11 @@ SERVERS = [
     # our rows under that name.
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
-PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing")   # for --skip
+PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing",
+         "batch")   # for --skip
 # Our server alone, after the load: (name for --skip, function returning rows).
-OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [("listing", listing_rows)]
+OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [("listing", listing_rows),
+                                                      ("batch", batch_rows)]
 
 
 # -- one server process ----------------------------------------------------------
@@ -311,7 +316,7 @@ def measure_persistence(opts):
         if part in opts.skip:
             continue
         if not rows:
-            print("## persistence and listing (our server)", flush=True)
+            print("## persistence, listing and batches (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -375,6 +380,13 @@ def parse_args(argv):
     parser.add_argument("--listing-keys", type=int, default=1000000,
                         help="keys in the listing case (bench.listing); 0 skips it "
                              "(default 1000000)")
+    parser.add_argument("--batch-keys", type=int, default=1000000,
+                        help="keys imported by POST /batch and exported (bench.batch); 0 "
+                             "skips it (default 1000000)")
+    parser.add_argument("--batch-lines", type=int, default=10000,
+                        help="lines (keys) per POST /batch in that case (default 10000)")
+    parser.add_argument("--batch-duration", type=float, default=10.0,
+                        help="seconds per run of PUT c=64 beside exports (default 10)")
     parser.add_argument("--skip", type=_parts, default=[],
                         help="comma-separated parts to leave out: " + ", ".join(PARTS))
     opts = parser.parse_args(argv)
@@ -384,6 +396,8 @@ def parse_args(argv):
         opts.skip.append("checkpoint")
     if opts.listing_keys <= 0:
         opts.skip.append("listing")
+    if opts.batch_keys <= 0:
+        opts.skip.append("batch")
     return opts
 
 
