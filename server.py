@@ -14,13 +14,14 @@ fsync: group commit); the writes' 200s go out when it says they are
 durable.  Nothing on the loop waits: not for a client, not for the disk.
 Every wait on a client has a deadline and everything a client can make the
 server hold has a bound (Limits).  Threads exist only where a call must
-block: a backup's pickling (SnapshotStream), the checkpointer, the final
-save.
+block or would hold the loop for seconds: a backup's pickling
+(SnapshotStream), an export's sorting and encoding (ExportStream), the
+checkpointer, the final save.
 
 The sections, in order: logging; the API (routes, keys, writes); conditional
-requests; listing; connections (Connection); the server (Server: the
-connections' shared bounds and deadlines); auth; metrics;
-backup; the lifecycle (flags, start, signals, drain, save).
+requests; listing; batches (BatchJob); connections (Connection); the server
+(Server: the connections' shared bounds and deadlines); auth; metrics;
+backup and export; the lifecycle (flags, start, signals, drain, save).
 
 A PUT, from the socket to the disk
 ----------------------------------
@@ -343,7 +344,7 @@ def busy(message="server busy", retry_after=1):
 
 
 class Api:
-    """The HTTP API over the store: keys, conditions, listing, health, metrics, backup.
+    """The HTTP API over the store: keys, conditions, listing, batches, health, metrics, backup.
 
     Knows requests (http11.Request) and the store; not sockets.  A write is
     handed to the store with a callback (Owed.durable) that the journal
@@ -697,7 +698,7 @@ def batch_operation(line, now):
         raise RequestError(400, "value must be base64")
     if not value:
         raise RequestError(400, "value cannot be empty")
-    if ttl is not None:
+    if ttl is not None:                 # a whole JSON number: not "60", 1.5 or true
         ttl = parse_ttl(str(ttl) if type(ttl) is int else "")
     return (persistence.PUT, key, value, None if ttl is None else now + 1000 * ttl), condition
 
@@ -706,19 +707,21 @@ def batch_condition(if_match, if_none_match):
     """The condition (as write_condition's) of a line's if_match and if_none_match; or None."""
     if if_match is None and if_none_match is None:
         return None
-    headers = {}
-    if if_none_match is not None:
-        if if_none_match != ANY:
-            raise RequestError(400, 'if_none_match must be "*"')
-        headers["if-none-match"] = ANY
+    if if_none_match is not None and if_none_match != ANY:
+        raise RequestError(400, 'if_none_match must be "*"')
+    headers = {} if if_none_match is None else {"if-none-match": ANY}
     if if_match is not None:
-        headers["if-match"] = if_match if type(if_match) is str else ""    # "": a 400 below
+        # Not empty: as a header, an empty If-Match would be a condition never met.
+        if type(if_match) is not str or not if_match.strip(" \t"):
+            raise RequestError(400, BAD_IF_MATCH)
+        headers["if-match"] = if_match
     try:
-        if headers.get("if-match", ANY).strip(" \t"):
-            return write_condition(headers)
+        return write_condition(headers)
     except RequestError:
-        pass
-    raise RequestError(400, 'if_match must be a tag in quotes, as in ETag, or "*"')
+        raise RequestError(400, BAD_IF_MATCH) from None
+
+
+BAD_IF_MATCH = 'if_match must be a tag in quotes, as in ETag, or "*"'
 
 
 class BatchJob:
@@ -732,6 +735,8 @@ class BatchJob:
     after it, in the journal too.  A bad line ends it: 400 naming the line,
     nothing applied.  Then the parts go to the store through Api.write:
     its reply is owed until durable, 412 naming the first failed condition.
+    The body counts in the memory cap meanwhile (a reservation, then the
+    Owed's size, until durable); the parts, about as large, do not.
     """
 
     def __init__(self, api, connection, request):
@@ -743,12 +748,14 @@ class BatchJob:
 
     def start(self):
         self.connection.busy = True
+        self.api.server.reserved += len(self.request.body)     # in memory already: no refusal
         self.api.server.loop.call_soon(self.step)
 
     def step(self):
         """A loop turn's share: parse some lines; once all are, hand the batch to the store."""
-        if self.connection.closed:
-            return                              # the client has gone: nobody to answer
+        if self.connection.closed:              # the client has gone: nobody to answer
+            self.api.server.release(len(self.request.body))
+            return
         self.connection.started = self.started  # busy, its request is this one (its latency)
         try:
             if not self.parse_some():
@@ -804,6 +811,7 @@ class BatchJob:
         """The connection is ours no more: the reply (or its place), and its next requests."""
         connection = self.connection
         connection.busy = False
+        self.api.server.release(len(self.request.body))        # the Owed's size counts it now
         if reply is not PENDING:
             connection.send(self.request, *reply)
         connection.since = connection.started = time.monotonic()

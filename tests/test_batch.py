@@ -332,6 +332,33 @@ class BatchLimitTests(SharedServerTestCase):
         self.put_ok("/kv/" + k + "big", b"v" * 1000)
 
 
+class BatchMemoryTest(SharedServerTestCase):
+    """A batch's body counts in --max-inflight-bytes while it is parsed and journaled, then not."""
+
+    server_args = ("--max-inflight-bytes", "400000")    # a large body may take 300,000 of it
+
+    def test_the_memory_of_each_batch_is_given_back(self):
+        k = self.key("/")
+        data = body(*(line("%s%04d" % (k, i), b"v" * 1000) for i in range(200)))
+        self.assertGreater(len(data), 150000)       # two at once would not fit
+        for n in range(10):
+            with self.subTest(batch=n):
+                status, _, reply = self.server.request("POST", "/batch", data)
+                self.assertEqual(status, 200, reply)
+        # A client that leaves while its batch is parsed: its memory too.
+        for _ in range(3):
+            with socket.create_connection((self.server.host, self.server.port)) as s:
+                s.sendall(b"POST /batch HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(data), data))
+        support.wait_until(lambda: self.server.request("POST", "/batch", data)[0] == 200, 10,
+                           message="a batch accepted after the clients left")
+
+    def test_past_three_quarters_of_the_memory_cap_a_batch_is_413_not_503(self):
+        self.assertError("POST", "/batch", 413, "batch too large\n", b" " * 300001)
+        status, _, reply = self.server.request("POST", "/batch", b" " * 299999 + b"\n")
+        self.assertEqual((status, json.loads(reply)["applied"]), (200, 0))
+
+
 class BatchSliceTest(unittest.TestCase):
     """A batch is parsed a share per loop turn (BatchJob.parse_some), so that others get theirs."""
 
