@@ -661,13 +661,16 @@ BATCH_BYTES_PER_TURN = 1 << 20  # ... or this many bytes of lines, whichever com
 BATCH_FIELDS = {"put": {"op", "key", "value", "ttl", "if_match", "if_none_match"},
                 "delete": {"op", "key", "if_match"}}
 JSON_TYPE = b"application/json"
+KEY_HEAD_ROOM = 1024            # bytes of a head besides its key: request line, Host, a few more
 
 
-def batch_operation(line, now):
+def batch_operation(line, now, max_key):
     """(record, condition) of one line of a batch (Store.batch's part and condition).
 
-    `now`: ms since the epoch, from which a ttl counts.  RequestError(400)
-    saying what is wrong with the line.
+    `now`: ms since the epoch, from which a ttl counts.  `max_key`: the
+    longest key, one that GET /kv/{key} can still name within the head's
+    limit (a longer one could be written here, but never read or deleted
+    by its name).  RequestError(400) saying what is wrong with the line.
     """
     try:
         fields = json.loads(line)
@@ -685,6 +688,8 @@ def batch_operation(line, now):
     key = fields.get("key")
     if type(key) is not str:
         raise RequestError(400, "key must be a string")
+    if len(key) > max_key:
+        raise RequestError(400, "key too long for a request line (--max-header-bytes)")
     check_key(key)
     condition = batch_condition(fields.get("if_match"), fields.get("if_none_match"))
     if op == "delete":
@@ -745,6 +750,7 @@ class BatchJob:
         self.now = now_ms()                     # ttls count from here
         self.pos = self.line = 0                # where the parse is: byte offset, line number
         self.parts, self.conditions, self.lines = [], [], []    # Store.batch's; line numbers
+        self.max_key = api.server.limits.max_header_bytes - KEY_HEAD_ROOM   # see batch_operation
 
     def start(self):
         self.connection.busy = True
@@ -782,7 +788,7 @@ class BatchJob:
             if not line or line.isspace():
                 continue
             try:
-                part, condition = batch_operation(line, self.now)
+                part, condition = batch_operation(line, self.now, self.max_key)
             except RequestError as e:
                 raise RequestError(400, "line %d: %s" % (self.line, e.message))
             self.parts.append(part)

@@ -197,6 +197,8 @@ class BatchTests(SharedServerTestCase):
             "an empty key": (line("", b"v"), "key cannot be empty"),
             "a bad key": (line(k + "a//b", b"v"), "key contains invalid characters"),
             "a dot segment": (line(k + "../b", b"v"), "key contains invalid characters"),
+            "a key too long for GET /kv/{key}": (
+                line("k" * 65000, b"v"), "key too long for a request line (--max-header-bytes)"),
             "no value": (line(k + "x"), "value must be base64"),
             "a value that is not base64": ('{"key": "x", "value": "a b!"}',
                                            "value must be base64"),
@@ -262,6 +264,19 @@ class BatchTests(SharedServerTestCase):
             line(k + "held", b"last", if_match="*")))
         self.assertEqual(self.server.get(k + "held"), b"last")
         self.assertEqual(self.server.get(k + "fresh"), b"y")
+
+    def test_the_longest_key_a_batch_takes_can_be_read_and_deleted_by_its_name(self):
+        # A PUT's key is bounded by the head's limit; a batch's as much, less
+        # room for the request line and a few headers (1 KiB).
+        longest = "k" * (65536 - 1024)
+        status, _, reply = self.server.request("POST", "/batch", line(longest + "k", b"v"))
+        self.assertEqual((status, reply), (400, b"line 1: key too long for a request line "
+                                                b"(--max-header-bytes)\n"))
+        status, _, _ = self.server.request("POST", "/batch", line(longest, b"v"))
+        self.assertEqual(status, 200)
+        self.assertEqual(self.server.request("GET", "/kv/" + longest)[::2], (200, b"v"))
+        self.assertEqual(self.server.request("DELETE", "/kv/" + longest)[0], 200)
+        self.assertEqual(self.server.request("GET", "/kv/" + longest)[0], 404)
 
     def test_post_without_a_length_is_411_and_other_methods_405(self):
         conn = self.server.connection()
@@ -363,7 +378,8 @@ class BatchSliceTest(unittest.TestCase):
     """A batch is parsed a share per loop turn (BatchJob.parse_some), so that others get theirs."""
 
     def job(self, data):
-        return server.BatchJob(None, types.SimpleNamespace(started=0.0),
+        api = types.SimpleNamespace(server=types.SimpleNamespace(limits=server.Limits()))
+        return server.BatchJob(api, types.SimpleNamespace(started=0.0),
                                types.SimpleNamespace(body=data))
 
     def test_a_turn_parses_at_most_its_share_of_lines(self):
