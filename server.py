@@ -664,11 +664,11 @@ JSON_TYPE = b"application/json"
 KEY_HEAD_ROOM = 1024            # bytes of a head besides its key: request line, Host, a few more
 
 
-def batch_operation(line, now, max_key):
-    """(record, condition) of one line of a batch (Store.batch's part and condition).
+def batch_operation(line, max_key):
+    """(record, condition) of one line of a batch: Store.batch's part and condition, but
+    for a put's deadline, its ttl in seconds (None: none), which counts from the apply.
 
-    `now`: ms since the epoch, from which a ttl counts.  `max_key`: the
-    longest key, one that GET /kv/{key} can still name within the head's
+    `max_key`: the longest key, one that GET /kv/{key} can still name within the head's
     limit (a longer one could be written here, but never read or deleted
     by its name).  RequestError(400) saying what is wrong with the line.
     """
@@ -705,7 +705,7 @@ def batch_operation(line, now, max_key):
         raise RequestError(400, "value cannot be empty")
     if ttl is not None:                 # a whole JSON number: not "60", 1.5 or true
         ttl = parse_ttl(str(ttl) if type(ttl) is int else "")
-    return (persistence.PUT, key, value, None if ttl is None else now + 1000 * ttl), condition
+    return (persistence.PUT, key, value, ttl), condition
 
 
 def batch_condition(if_match, if_none_match):
@@ -747,9 +747,9 @@ class BatchJob:
     def __init__(self, api, connection, request):
         self.api, self.connection, self.request = api, connection, request
         self.started = connection.started       # the request's first bytes (its latency)
-        self.now = now_ms()                     # ttls count from here
         self.pos = self.line = 0                # where the parse is: byte offset, line number
         self.parts, self.conditions, self.lines = [], [], []    # Store.batch's; line numbers
+        self.expiring = []                      # the parts with a ttl (a deadline to set)
         self.max_key = api.server.limits.max_header_bytes - KEY_HEAD_ROOM   # see batch_operation
 
     def start(self):
@@ -788,9 +788,11 @@ class BatchJob:
             if not line or line.isspace():
                 continue
             try:
-                part, condition = batch_operation(line, self.now, self.max_key)
+                part, condition = batch_operation(line, self.max_key)
             except RequestError as e:
                 raise RequestError(400, "line %d: %s" % (self.line, e.message))
+            if part[3] is not None:
+                self.expiring.append(len(self.parts))
             self.parts.append(part)
             self.conditions.append(condition)
             self.lines.append(self.line)
@@ -804,8 +806,14 @@ class BatchJob:
         return self.api.write(self.request, self.connection, self.queue, answer=self.answer)
 
     def queue(self, on_durable):
+        """Store.batch, each ttl made a deadline now: a large batch may have taken seconds
+        to parse, and a ttl counts from the write."""
+        now, parts = now_ms(), self.parts
+        for index in self.expiring:
+            op, key, value, ttl = parts[index]
+            parts[index] = op, key, value, now + 1000 * ttl
         try:
-            return self.api.store.batch(self.parts, self.conditions, on_durable)
+            return self.api.store.batch(parts, self.conditions, on_durable)
         except ConditionFailed as e:
             raise RequestError(412, "precondition failed on line %d" % self.lines[e.index])
 

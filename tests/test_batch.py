@@ -15,6 +15,7 @@ import unittest
 
 import persistence
 import server
+import store
 from tests import support
 from tests.test_http_api import SharedServerTestCase
 from tests.test_listing import put_many
@@ -391,6 +392,20 @@ class BatchSliceTest(unittest.TestCase):
         self.assertTrue(job.parse_some())
         self.assertEqual(len(job.parts), 2 * share + 5)
         self.assertEqual(job.parts[-1][:3], (persistence.PUT, "k%d" % (2 * share + 4), b"v"))
+
+    def test_a_ttl_counts_from_the_hand_over_to_the_store_not_the_parse(self):
+        job = self.job(body(line("k", b"v", ttl=5), line("p", b"v")))
+        self.assertTrue(job.parse_some())
+        parsed = store.now_ms()
+        support.wait_until(lambda: store.now_ms() >= parsed + 5, 5, 0.001, "5 ms")
+        handed = []
+        job.api.store = types.SimpleNamespace(
+            batch=lambda parts, conditions, on_durable: handed.append(list(parts)) or 7)
+        before = store.now_ms()
+        self.assertEqual(job.queue(None), 7)
+        self.assertGreaterEqual(handed[0][0][3], before + 5000)
+        self.assertLessEqual(handed[0][0][3], store.now_ms() + 5000)
+        self.assertIsNone(handed[0][1][3])
 
     def test_a_turn_parses_at_most_its_share_of_bytes(self):
         # A turn stops once past its share: lines larger than it, one a turn.
