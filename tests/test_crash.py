@@ -26,6 +26,7 @@ from tests import support
 from tests.durability_support import (
     TRACEBACK, assert_state, file_state, get_many, journals, record_offsets, round_offset,
     run_cli, stop_within)
+from tests.test_batch import body, line
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -380,11 +381,8 @@ class BatchKillTest(support.ServerTestCase):
                 for i, key in enumerate(self.keys)}
 
     def batch(self, generation):
-        lines = []
-        for key, value in self.expected(generation).items():
-            lines.append(json.dumps({"op": "delete", "key": key} if value is None else
-                                    {"key": key, "value": base64.b64encode(value).decode()}))
-        return ("\n".join(lines) + "\n").encode()
+        return body(*(line(key, op="delete") if value is None else line(key, value)
+                      for key, value in self.expected(generation).items()))
 
     def recovered(self, server):
         """The generation whose state the server holds (None: no batch); fails for any other state."""
