@@ -650,9 +650,10 @@ def quote(text):
 # POST /batch: one operation a line (NDJSON), {"op": "put", "key": K,
 # "value": BASE64} with optional "ttl", "if_match", "if_none_match": "*";
 # {"op": "delete", "key": K} with optional "if_match".  A line without "op"
-# is a put, so an export is a batch.  Blank lines are skipped (an export's
-# last newline, files joined with cat); line numbers count them, as an
-# editor does.  All or nothing: the operations go to the store as one
+# is a put, so an export is a batch.  Blank lines (spaces, tabs, CRs) are
+# skipped (an export's last newline, files joined with cat); line numbers
+# count them, as an editor does.  A key and a value have the limits of a
+# PUT's (BatchJob.max_key, --max-value-bytes).  All or nothing: the operations go to the store as one
 # mutation (Store.batch), one journal record, applied under one hold of
 # its lock, answered once durable with {"revision": R, "applied": N}.
 
@@ -662,15 +663,18 @@ BATCH_FIELDS = {"put": {"op", "key", "value", "ttl", "if_match", "if_none_match"
                 "delete": {"op", "key", "if_match"}}
 JSON_TYPE = b"application/json"
 KEY_HEAD_ROOM = 1024            # bytes of a head besides its key: request line, Host, a few more
+LINE_ROOM = 4096                # bytes of a line besides its key and value: JSON, op, ttl, tags
+BLANK = re.compile(rb"[ \t\r\n]*")    # JSON's whitespace: blank lines, and a line's indent
 
 
-def batch_operation(line, max_key):
-    """(record, condition) of one line of a batch: Store.batch's part and condition, but
-    for a put's deadline, its ttl in seconds (None: none), which counts from the apply.
+def batch_operation(line, max_key, max_value):
+    """(record, condition) of one line of a batch: Store.batch's part and condition, with
+    a put's ttl in seconds (or None) for its deadline (a ttl counts from BatchJob.queue).
 
-    `max_key`: the longest key, one that GET /kv/{key} can still name within the head's
-    limit (a longer one could be written here, but never read or deleted
-    by its name).  RequestError(400) saying what is wrong with the line.
+    A key is at most `max_key` long: GET /kv/{key} must be able to name it
+    within the head's limit (a longer one could be written here, but never
+    read or deleted by its name).  A value is at most `max_value` bytes, as
+    a PUT's.  RequestError(400) saying what is wrong with the line.
     """
     try:
         fields = json.loads(line)
@@ -703,6 +707,8 @@ def batch_operation(line, max_key):
         raise RequestError(400, "value must be base64")
     if not value:
         raise RequestError(400, "value cannot be empty")
+    if len(value) > max_value:
+        raise RequestError(400, "value too large (--max-value-bytes)")
     if ttl is not None:                 # a whole JSON number: not "60", 1.5 or true
         ttl = parse_ttl(str(ttl) if type(ttl) is int else "")
     return (persistence.PUT, key, value, ttl), condition
@@ -750,7 +756,10 @@ class BatchJob:
         self.pos = self.line = 0                # where the parse is: byte offset, line number
         self.parts, self.conditions, self.lines = [], [], []    # Store.batch's; line numbers
         self.expiring = []                      # the parts with a ttl (a deadline to set)
-        self.max_key = api.server.limits.max_header_bytes - KEY_HEAD_ROOM   # see batch_operation
+        limits = api.server.limits              # the longest key and value: batch_operation
+        self.max_key = limits.max_header_bytes - KEY_HEAD_ROOM
+        self.max_value = limits.max_value_bytes
+        self.max_line = self.max_key + (self.max_value + 2) // 3 * 4 + LINE_ROOM    # base64
 
     def start(self):
         self.connection.busy = True
@@ -775,20 +784,33 @@ class BatchJob:
         self.finish(reply)
 
     def parse_some(self):
-        """Parse the next lines, within a turn's share; True once every line is parsed."""
+        """Parse the next lines, within a turn's share; True once every line is parsed.
+
+        Blank lines are skipped by a regular expression (C's speed: a body
+        of newlines costs what one of JSON would, not a Python step a
+        byte); a line longer than a key and a value may make it is refused
+        before it is parsed.
+        """
         body, pos = self.request.body, self.pos
-        end, stop = len(body), pos + BATCH_BYTES_PER_TURN
+        end = len(body)
+        stop = min(end, pos + BATCH_BYTES_PER_TURN)
         for _ in range(BATCH_LINES_PER_TURN):
-            if pos >= end or pos >= stop:
+            if pos >= stop:
                 break
-            newline = body.find(b"\n", pos)
+            blank = BLANK.match(body, pos, stop).end()
+            self.line += body.count(b"\n", pos, blank)
+            pos = blank
+            if pos >= stop:
+                break
+            self.line += 1
+            newline = body.find(b"\n", pos, pos + self.max_line + 1)
+            if newline < 0 and end - pos > self.max_line:
+                raise RequestError(400, "line %d: longer than a key and a value within their "
+                                        "limits make a line" % self.line)
             newline = end if newline < 0 else newline
             line, pos = body[pos:newline], newline + 1
-            self.line += 1
-            if not line or line.isspace():
-                continue
             try:
-                part, condition = batch_operation(line, self.max_key)
+                part, condition = batch_operation(line, self.max_key, self.max_value)
             except RequestError as e:
                 raise RequestError(400, "line %d: %s" % (self.line, e.message))
             if part[3] is not None:

@@ -291,6 +291,15 @@ class BatchTests(SharedServerTestCase):
                 headers = self.assertError(method, "/batch", 405, "method not allowed\n")
                 self.assertEqual(headers.get_all("Allow"), ["POST"])
 
+    def test_a_body_of_newlines(self):
+        # 32 MiB of blank lines: skipped a share of bytes a turn
+        # (BatchSliceTest), and counted.
+        data = b"\n" * (32 << 20) + line(self.key(), b"v").encode()
+        status, _, reply = self.server.request("POST", "/batch", data)
+        self.assertEqual((status, json.loads(reply)["applied"]), (200, 1))
+        status, _, reply = self.server.request("POST", "/batch", data + b"\n[]")
+        self.assertEqual((status, reply), (400, b"line %d: not a JSON object\n" % ((32 << 20) + 2)))
+
     def test_a_batch_of_many_lines_and_requests_pipelined_behind_it(self):
         # 20,000 lines: the parse takes many loop turns.  A PUT and a GET
         # pipelined behind the batch on its connection come after it.
@@ -337,6 +346,13 @@ class BatchLimitTests(SharedServerTestCase):
         self.assertEqual((response.status, response.read()), (413, b"batch too large\n"))
         self.assertEqual(listed(self.server, k), [])
 
+    def test_a_value_over_the_value_limit_is_400(self):
+        k = self.key("/")
+        data = body(line(k + "a", b"v" * 1000), line(k + "b", b"v" * 1001))
+        status, _, reply = self.server.request("POST", "/batch", data)
+        self.assertEqual((status, reply), (400, b"line 2: value too large (--max-value-bytes)\n"))
+        self.assertIsNone(self.server.get(k + "a"))
+
     def test_the_largest_batch_passes_and_a_put_keeps_the_value_limit(self):
         k = self.key("/")
         data = body(*(line("%s%02d" % (k, i), b"v" * 600) for i in range(5)))
@@ -378,10 +394,42 @@ class BatchMemoryTest(SharedServerTestCase):
 class BatchSliceTest(unittest.TestCase):
     """A batch is parsed a share per loop turn (BatchJob.parse_some), so that others get theirs."""
 
-    def job(self, data):
-        api = types.SimpleNamespace(server=types.SimpleNamespace(limits=server.Limits()))
+    def job(self, data, **limits):
+        api = types.SimpleNamespace(server=types.SimpleNamespace(limits=server.Limits(**limits)))
         return server.BatchJob(api, types.SimpleNamespace(started=0.0),
                                types.SimpleNamespace(body=data))
+
+    def parse(self, job):
+        """Parse it all; the number of turns it took."""
+        turns = 1
+        while not job.parse_some():
+            turns += 1
+        return turns
+
+    def test_blank_lines_cost_a_turn_a_share_of_bytes_and_count_in_line_numbers(self):
+        share = server.BATCH_BYTES_PER_TURN
+        job = self.job(b"\n" * (3 * share) + b" \t\r\n" * 10 + line("k", b"v").encode()
+                       + b"\r\n  \n" + b"   " + line("j", b"v").encode())
+        self.assertEqual(self.parse(job), 4)
+        self.assertEqual([part[1] for part in job.parts], ["k", "j"])
+        self.assertEqual(job.lines, [3 * share + 11, 3 * share + 13])
+        job = self.job(b"\n" * share + b"\x0c\n")         # not JSON's whitespace: not blank
+        with self.assertRaises(server.RequestError) as caught:
+            self.parse(job)
+        self.assertEqual(caught.exception.message, "line %d: not a JSON object" % (share + 1))
+
+    def test_a_line_longer_than_a_key_and_a_value_make_is_refused_unparsed(self):
+        # A key of up to 2048 - 1024 bytes, a value of 1000 (1336 in base64), 4096 for the rest.
+        limits = dict(max_header_bytes=2048, max_value_bytes=1000)
+        longest = 1024 + 1336 + 4096
+        fits = b'{"key": "k", "value": "dg=="' + b" " * (longest - 29) + b"}"
+        self.assertEqual(len(fits), longest)
+        job = self.job(fits + b"\n" + fits + b" \n", **limits)
+        with self.assertRaises(server.RequestError) as caught:
+            self.parse(job)
+        self.assertEqual(caught.exception.message, "line 2: longer than a key and a value "
+                                                   "within their limits make a line")
+        self.assertEqual(len(job.parts), 1)
 
     def test_a_turn_parses_at_most_its_share_of_lines(self):
         share = server.BATCH_LINES_PER_TURN
