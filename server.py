@@ -747,7 +747,11 @@ class BatchJob:
     nothing applied.  Then the parts go to the store through Api.write:
     its reply is owed until durable, 412 naming the first failed condition.
     The body counts in the memory cap meanwhile (a reservation, then the
-    Owed's size, until durable); the parts, about as large, do not.
+    Owed's size, until durable); the parts, about as large, do not.  The
+    store's own work is one step, not sliced: queueing (the record encoded
+    under the store's lock) and applying the batch hold the loop about
+    1.5 us a key, 15 ms for 10,000 keys, 0.6 s for a 64 MiB batch of
+    390,000 (bench/README.md).
     """
 
     def __init__(self, api, connection, request):
