@@ -653,9 +653,10 @@ def quote(text):
 # is a put, so an export is a batch.  Blank lines (spaces, tabs, CRs) are
 # skipped (an export's last newline, files joined with cat); line numbers
 # count them, as an editor does.  A key and a value have the limits of a
-# PUT's (BatchJob.max_key, --max-value-bytes).  All or nothing: the operations go to the store as one
-# mutation (Store.batch), one journal record, applied under one hold of
-# its lock, answered once durable with {"revision": R, "applied": N}.
+# PUT's (BatchJob.max_key, --max-value-bytes).  All or nothing: the
+# operations go to the store as one mutation (Store.batch), one journal
+# record, applied under one hold of its lock, answered once durable with
+# {"revision": R, "applied": N}.
 
 BATCH_LINES_PER_TURN = 1000     # lines parsed in one loop turn, then the others' turn ...
 BATCH_BYTES_PER_TURN = 1 << 20  # ... or this many bytes of lines, whichever comes first

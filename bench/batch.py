@@ -51,7 +51,7 @@ print(json.dumps({"seconds": took, "bytes": size}))
 
 
 def batch_bodies(keys, lines):
-    """The NDJSON bodies that put key-0 .. key-(keys-1), `lines` keys each (bench.persist's values)."""
+    """NDJSON bodies that put key-0 .. key-(keys-1), `lines` keys each (bench.persist's values)."""
     return [b"".join(b'{"key": "key-%d", "value": "%s"}\n'
                      % (i, base64.b64encode((b"%09d" % i) * 11 + b"v"))
                      for i in range(start, min(keys, start + lines)))

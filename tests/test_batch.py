@@ -298,7 +298,8 @@ class BatchTests(SharedServerTestCase):
         status, _, reply = self.server.request("POST", "/batch", data)
         self.assertEqual((status, json.loads(reply)["applied"]), (200, 1))
         status, _, reply = self.server.request("POST", "/batch", data + b"\n[]")
-        self.assertEqual((status, reply), (400, b"line %d: not a JSON object\n" % ((32 << 20) + 2)))
+        self.assertEqual((status, reply),
+                         (400, b"line %d: not a JSON object\n" % ((32 << 20) + 2)))
 
     def test_a_batch_of_many_lines_and_requests_pipelined_behind_it(self):
         # 20,000 lines: the parse takes many loop turns.  A PUT and a GET

@@ -385,7 +385,7 @@ class BatchKillTest(support.ServerTestCase):
                       for key, value in self.expected(generation).items()))
 
     def recovered(self, server):
-        """The generation whose state the server holds (None: no batch); fails for any other state."""
+        """The generation whose state the server holds (None: no batch); fails for any other."""
         status, _, data = server.request("GET", "/export?prefix=batch/")
         self.assertEqual(status, 200)
         state = dict.fromkeys(self.keys)
