@@ -177,7 +177,7 @@ def _parse_head(buf, size):
     return Request(method, target, minor, headers)
 
 
-def _content_length(value, limit):
+def _content_length(value, limit, too_large):
     """The number a Content-Length names: 400 unless 1*DIGIT below 2**63, 413 over `limit`."""
     if not (value.isascii() and value.isdigit()):
         raise ProtocolError(400, "bad content-length")
@@ -188,17 +188,23 @@ def _content_length(value, limit):
     if length >= 1 << 63:
         raise ProtocolError(400, "bad content-length")
     if length > limit:
-        raise ProtocolError(413, "value too large")
+        raise ProtocolError(413, too_large)
     return length
 
 
 class RequestParser:
     """One connection's requests, from the bytes fed to it; see the module docstring."""
 
-    def __init__(self, max_header_bytes=65536, max_body_bytes=10 << 20, chunks_per_step=1024):
+    def __init__(self, max_header_bytes=65536, max_body_bytes=10 << 20, chunks_per_step=1024,
+                 body_limit=None):
+        """`body_limit`, if given, says per request, from its head, what max_body_bytes says
+        for all: body_limit(request) -> (the largest body, the message of the 413 past it).
+        One route may take larger bodies than another (a batch of keys, a value)."""
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.chunks_per_step = chunks_per_step
+        self.body_limit = body_limit
+        self._limit = (max_body_bytes, "value too large")  # the current body's: see body_limit
         self._buf = bytearray()     # input not yet consumed
         self._state = HEAD
         self._scanned = 0           # HEAD: no head ends before this offset
@@ -292,11 +298,14 @@ class RequestParser:
     def _frame(self, request):
         """Find how the body is framed (RFC 9112 6.3); take it if it is all here.
 
-        A body over max_body_bytes is refused from its Content-Length, before
-        a byte of it arrives.  A request ambiguous about its length is
-        refused: we could not know where the next request starts.
+        A body over its limit (max_body_bytes, or body_limit's) is refused
+        from its Content-Length, before a byte of it arrives.  A request
+        ambiguous about its length is refused: we could not know where the
+        next request starts.
         """
         headers = request.headers
+        if self.body_limit is not None:
+            self._limit = self.body_limit(request)
         encoding = headers.get("transfer-encoding")
         length = headers.get("content-length")
         if encoding is not None:
@@ -314,7 +323,7 @@ class RequestParser:
             request.complete = True
             return request
         request.framed = True
-        request.content_length = length = _content_length(length, self.max_body_bytes)
+        request.content_length = length = _content_length(length, *self._limit)
         if len(self._buf) >= length:
             request.body = self._take(length)
             request.complete = True
@@ -408,8 +417,9 @@ class RequestParser:
         if match is None:
             raise _bad()
         size = int(match[1], 16)
-        if have + size > self.max_body_bytes:
-            raise ProtocolError(413, "value too large")
+        limit, too_large = self._limit
+        if have + size > limit:
+            raise ProtocolError(413, too_large)
         # A size line costs a few steps of Python, whatever it frames: 1-byte
         # chunks (five bytes of framing each) would cost seconds for 10 MB.
         self._framing += newline + 3 - pos                  # with the CRLF after the data
@@ -425,14 +435,14 @@ class RequestParser:
         is gathered by one strided copy per byte of a chunk: O(size) steps of
         Python for up to budget + 1 chunks, instead of several per chunk.
         Each chunk of a run frames no more than its data (checked by the
-        caller) and stays within max_body_bytes, so none of them would have
+        caller) and stays within the body's limit, so none of them would have
         failed a check of _chunk_size.  Returns (pos, left, budget) for the
         decoding loop.
         """
         line = data_at - start
         period = line + size + 2
         count = min((len(buf) - start) // period, budget + 1,
-                    (self.max_body_bytes - len(self._body)) // size)
+                    (self._limit[0] - len(self._body)) // size)
         if count < 4 or buf[start:data_at] != buf[start + period:start + period + line]:
             return data_at, size, budget                # not a run worth the set-up
         framing = [(i, buf[start + i:start + i + 1]) for i in range(line)]

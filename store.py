@@ -209,6 +209,17 @@ class SortedKeys:
         return keys
 
 
+def sorted_in_runs(keys, run=10000):
+    """`keys` (a list) in order, as an iterator, without holding the GIL for long.
+
+    sorted() of a million keys holds it for half a second, stalling every
+    other thread (the event loop); runs of `run` keys take ~5 ms each, and
+    heapq.merge yields them in order one at a time.
+    """
+    runs = [sorted(keys[start:start + run]) for start in range(0, len(keys), run)]
+    return heapq.merge(*runs)
+
+
 class KeyIndex:
     """The store's keys in order, made for the first listing and kept up to date after it.
 
@@ -266,14 +277,12 @@ class KeyIndex:
     def build(self, keys):
         """The background build: sort the keys copied at its start, then catch up, under the lock.
 
-        Sorted in runs of RUN keys, merged by heapq.merge: no step holds the
-        GIL for long (sorted() of a million keys would hold it for half a
-        second), and none holds the lock.  The writes made meanwhile are
+        Sorted in runs of RUN keys (sorted_in_runs): no step holds the GIL
+        for long, and none holds the lock.  The writes made meanwhile are
         logged (note); at the end each logged key is added to or removed
         from the index as the dict says, and the index is in use from then on.
         """
-        runs = [sorted(keys[start:start + self.RUN]) for start in range(0, len(keys), self.RUN)]
-        index = SortedKeys(heapq.merge(*runs))
+        index = SortedKeys(sorted_in_runs(keys, self.RUN))
         with self._lock:
             if self._cleared:
                 index = SortedKeys()

@@ -1,4 +1,4 @@
-"""The goals (issues 19, 24 and 27), checked against one run of `make bench`.
+"""The goals (issues 19, 24, 27 and 28), checked against one run of `make bench`.
 
 goal_rows() turns the rows that bench.run and bench.persist measured into
 one row per goal: what was measured, against what, and whether the goal is
@@ -24,6 +24,12 @@ itself without the thing that disturbs it:
     watches               GET and PUT c=64 req/s with 1,000 watches held
                           >= 0.9x without
     expiry                PUT c=64 p99 while 100,000 keys expire <= 2x without
+    import by batches     1,000,000 keys by POST /batch >= 1x the keys/s of
+                          the preload (pipelined PUTs)
+    export                1,000,000 keys by GET /export <= 3x the time of
+                          GET /snapshot of the same store
+    writers beside an     PUT c=64 p99 while exports of 1,000,000 keys run
+    export                <= 2x the p99 without
 
 Throughput and latency goals compare the *means* of every run of a cell,
 not the table's best run: each side ran the cell the same number of times,
@@ -50,6 +56,9 @@ SCALE_GOALS = (("start to serving", "a bare unpickle", "seconds", "bare_s", 1.5)
 CHECKPOINT_P99_BOUND = 3
 WATCH_BOUND = 0.9                              # req/s with 1,000 watches held, against none
 EXPIRY_P99_BOUND = 2                           # PUT p99 while keys expire, against none
+IMPORT_BOUND = 1.0             # POST /batch keys/s: at least the preload's
+EXPORT_BOUND = 3.0             # GET /export: at most 3x GET /snapshot's time
+EXPORT_P99_BOUND = 2           # PUT c=64 p99 beside exports: at most 2x without
 
 
 def _find(rows, match):
@@ -196,12 +205,45 @@ def _expiry_goal(persistence):
     return [row]
 
 
+def _batch_goals(results, persistence):
+    """Import against the preload; export against /snapshot; writers beside exports."""
+    rows = []
+    imported = _find(persistence, lambda row: row["test"].startswith("import "))
+    bulk = _find(results.get(OURS, ()), lambda row: row["test"].startswith("preload "))
+    if imported is not None and bulk is not None and bulk.get("seconds"):
+        preload = bulk["ok"] / bulk["seconds"]
+        ratio = imported["rate"] / preload
+        rows.append({"goal": "import of %d keys by POST /batch: at least %gx the preload's "
+                             "keys/s" % (imported["keys"], IMPORT_BOUND),
+                     "measured": "%.0f/s against %.0f/s: %.2fx" % (imported["rate"], preload,
+                                                                   ratio),
+                     "ratio": ratio, "met": ratio >= IMPORT_BOUND})
+    exported = _find(persistence, lambda row: "export_s" in row)
+    if exported is not None:
+        ratio = exported["export_s"] / exported["snapshot_s"]
+        rows.append({"goal": "export of %d keys: at most %gx the time of GET /snapshot"
+                             % (exported["keys"], EXPORT_BOUND),
+                     "measured": "%.2f s against %.2f s: %.2fx" % (
+                         exported["export_s"], exported["snapshot_s"], ratio),
+                     "ratio": ratio, "met": ratio <= EXPORT_BOUND})
+    during = _find(persistence, lambda row: row.get("export") == "running")
+    without = _find(persistence, lambda row: row.get("export") == "none")
+    if during is not None and without is not None:
+        row = _ratio_row("PUT c=64 p99 while exports of %d keys run: at most %gx the p99 "
+                         "without" % (during["keys"], EXPORT_P99_BOUND),
+                         during, without, "p99_ms", EXPORT_P99_BOUND, at_least=False)
+        if not during.get("exports_s"):
+            row.update(measured=row["measured"] + "; but no export ran", met=False)
+        rows.append(row)
+    return rows
+
+
 def goal_rows(results, persistence):
     """One dict per goal: goal, measured (text), ratio, met."""
     return (_load_goals(results) + _bulk_goal(results) + _burst_goal(results)
             + _scale_goals(persistence)
             + _checkpoint_goal(persistence) + _watch_goals(persistence)
-            + _expiry_goal(persistence))
+            + _expiry_goal(persistence) + _batch_goals(results, persistence))
 
 
 def markdown(rows):

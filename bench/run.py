@@ -9,9 +9,11 @@ name, a short "summary" for the table, and any raw numbers for the JSON.
 To add a server, add a (name, argv) pair ("{workdir}" in argv becomes a
 fresh temporary directory).
 
-Then our server alone: bench.persist (fsync policies, checkpoints, scaling)
-bench.listing (pages of keys out of a million, and GETs beside them) and
-bench.expiry (load beside 1,000 watches held, and beside 100,000 expiries).
+Then our server alone: bench.persist (fsync policies, checkpoints, scaling),
+bench.listing (pages of keys out of a million, and GETs beside them),
+bench.expiry (load beside 1,000 watches held, and beside 100,000 expiries)
+and bench.batch (a million keys in by POST /batch, out by GET /export, and
+PUTs beside exports).
 Our server runs on its defaults, plus --server-flags; the header says which.
 --skip leaves parts out.  The results go to stdout as Markdown tables (one
 row per test, one column per server; the scaling figures one column per
@@ -34,6 +36,7 @@ import tempfile
 import threading
 import time
 
+from bench.batch import batch_rows
 from bench.goals import OURS, goal_rows, markdown as goals_markdown
 from bench.load import DEFAULT_PROCESSES, burst, on_client_cpu, preload, run_load
 from bench.expiry import expiry_rows, watch_rows
@@ -59,10 +62,11 @@ SERVERS = [
     (OURS, [PY, "server.py", "--host", HOST, "--port", "0", "--working-dir", "{workdir}"]),
 ]
 PARTS = ("load", "burst", "stalled", "fsync", "checkpoint", "scale", "listing", "watch",
-         "expiry")                                                          # for --skip
+         "expiry", "batch")                                                 # for --skip
 # Our server alone, after the load: (name for --skip, function returning rows).
 OUR_SERVER_MEASUREMENTS = PERSISTENCE_MEASUREMENTS + [
-    ("listing", listing_rows), ("watch", watch_rows), ("expiry", expiry_rows)]
+    ("listing", listing_rows), ("watch", watch_rows), ("expiry", expiry_rows),
+    ("batch", batch_rows)]
 
 
 # -- one server process ----------------------------------------------------------
@@ -315,7 +319,7 @@ def measure_persistence(opts):
         if part in opts.skip:
             continue
         if not rows:
-            print("## persistence and listing (our server)", flush=True)
+            print("## persistence, listing and batches (our server)", flush=True)
         try:
             new = measure(opts)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
@@ -379,6 +383,13 @@ def parse_args(argv):
     parser.add_argument("--listing-keys", type=int, default=1000000,
                         help="keys in the listing case (bench.listing); 0 skips it "
                              "(default 1000000)")
+    parser.add_argument("--batch-keys", type=int, default=1000000,
+                        help="keys imported by POST /batch and exported (bench.batch); 0 "
+                             "skips it (default 1000000)")
+    parser.add_argument("--batch-lines", type=int, default=10000,
+                        help="lines (keys) per POST /batch in that case (default 10000)")
+    parser.add_argument("--batch-duration", type=float, default=10.0,
+                        help="seconds per run of PUT c=64 beside exports (default 10)")
     parser.add_argument("--skip", type=_parts, default=[],
                         help="comma-separated parts to leave out: " + ", ".join(PARTS))
     opts = parser.parse_args(argv)
@@ -388,6 +399,8 @@ def parse_args(argv):
         opts.skip.append("checkpoint")
     if opts.listing_keys <= 0:
         opts.skip.append("listing")
+    if opts.batch_keys <= 0:
+        opts.skip.append("batch")
     return opts
 
 

@@ -174,6 +174,44 @@ class BulkGoalTest(unittest.TestCase):
         self.assertFalse(row["met"])
 
 
+def batch_rows(import_rate, export_s, snapshot_s, during_p99, without_p99, exports=(3.0, 3.2)):
+    """bench.batch's rows: the import, the export, PUT c=64 beside exports and without."""
+    return [{"test": "import 1000000 keys by POST /batch", "keys": 1000000, "rate": import_rate},
+            {"test": "export 1000000 keys", "keys": 1000000, "export_s": export_s,
+             "snapshot_s": snapshot_s},
+            dict(load_row("PUT c=64, an export running", [20000, 20000], list(during_p99)),
+                 export="running", keys=1000000, exports_s=list(exports)),
+            dict(load_row("PUT c=64, no export", [25000, 25000], list(without_p99)),
+                 export="none", keys=1000000, exports_s=[])]
+
+
+class BatchGoalTest(unittest.TestCase):
+
+    def goals(self, res, rows):
+        return {row["goal"]: row for row in goal_rows(res, rows)}
+
+    def test_import_export_and_writers_beside_exports(self):
+        res = {OURS: [{"test": "preload 100000 x 100 B", "ok": 100000, "seconds": 2.0}]}
+        goals = self.goals(res, batch_rows(50000, 3.0, 1.0, (8.0, 10.0), (4.0, 5.0)))
+        imported = goals["import of 1000000 keys by POST /batch: at least 1x the preload's keys/s"]
+        self.assertEqual((imported["ratio"], imported["met"]), (1.0, True))
+        exported = goals["export of 1000000 keys: at most 3x the time of GET /snapshot"]
+        self.assertEqual((exported["ratio"], exported["met"]), (3.0, True))
+        writers = goals["PUT c=64 p99 while exports of 1000000 keys run: at most 2x the p99 "
+                        "without"]
+        self.assertEqual((writers["ratio"], writers["met"]), (2.0, True))       # 9 / 4.5
+        goals = self.goals(res, batch_rows(49999, 3.01, 1.0, (8.0, 10.1), (4.0, 5.0)))
+        self.assertEqual([row["met"] for row in goals.values()], [False, False, False])
+
+    def test_no_preload_no_import_goal_and_no_export_no_writers_goal(self):
+        goals = self.goals({}, batch_rows(50000, 1.0, 1.0, (4.0, 5.0), (4.0, 5.0), exports=()))
+        self.assertEqual(len(goals), 2)
+        writers = goals["PUT c=64 p99 while exports of 1000000 keys run: at most 2x the p99 "
+                        "without"]
+        self.assertIn("but no export ran", writers["measured"])
+        self.assertFalse(writers["met"])
+
+
 if __name__ == "__main__":
     unittest.main()
 

@@ -14,8 +14,8 @@ class OptionsTest(unittest.TestCase):
 
     def test_zero_sizes_and_skip(self):
         opts = parse_args(["--sizes", "0", "--checkpoint-keys", "0", "--skip", "burst,stalled",
-                           "--server-flags", "--cpu 1"])
-        self.assertEqual(sorted(opts.skip), ["burst", "checkpoint", "scale", "stalled"])
+                           "--server-flags", "--cpu 1", "--batch-keys", "0"])
+        self.assertEqual(sorted(opts.skip), ["batch", "burst", "checkpoint", "scale", "stalled"])
         self.assertEqual(opts.server_flags, ["--cpu", "1"])
         self.assertTrue(set(opts.skip) <= set(PARTS))
         with self.assertRaises(SystemExit):

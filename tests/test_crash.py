@@ -10,7 +10,9 @@ of a crash (truncate, log, start).  And with a tiny --checkpoint-bytes,
 checkpoints run throughout a write load, a kill lands wherever it lands,
 and journals do not pile up.
 """
+import base64
 import http.client
+import json
 import os
 import random
 import re
@@ -24,6 +26,7 @@ from tests import support
 from tests.durability_support import (
     TRACEBACK, assert_state, file_state, get_many, journals, record_offsets, round_offset,
     run_cli, stop_within)
+from tests.test_batch import body, line
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -353,6 +356,95 @@ class CheckpointUnderLoadTest(support.ServerTestCase):
         self.assertEqual(lost, [], "%d of %d acknowledged keys wrong" % (len(lost), len(acked)))
         support.wait_until(lambda: len(journals(self.data_dir)) <= 2, 20,
                            message="journals folded into a snapshot after restart")
+
+
+class BatchKillTest(support.ServerTestCase):
+    """SIGKILL while large batches are sent, parsed, journaled: each is there whole, or not at all.
+
+    Batch number g puts KEYS keys to values saying g, and deletes every
+    third key (which ones depends on g): a recovered store is the state of
+    exactly one batch, one at least as late as the last acknowledged and
+    no later than the last sent.  The kill comes when the journal has
+    grown by a random number of bytes (a poll, not a timer): before a
+    batch's record, in the middle of its write, between two.
+    """
+
+    KEYS = 2000
+    VALUE = 700         # bytes: a batch is about 2 MB of NDJSON, a 1.3 MB journal record
+
+    def expected(self, generation):
+        """{key: value or None} after batch `generation` (None: before the first)."""
+        if generation is None:
+            return dict.fromkeys(self.keys)
+        return {key: None if (i + generation) % 3 == 0 else
+                (b"%d/%s/" % (generation, key.encode())).ljust(self.VALUE, b".")
+                for i, key in enumerate(self.keys)}
+
+    def batch(self, generation):
+        return body(*(line(key, op="delete") if value is None else line(key, value)
+                      for key, value in self.expected(generation).items()))
+
+    def recovered(self, server):
+        """The generation whose state the server holds (None: no batch); fails for any other."""
+        status, _, data = server.request("GET", "/export?prefix=batch/")
+        self.assertEqual(status, 200)
+        state = dict.fromkeys(self.keys)
+        for raw in data.splitlines():
+            fields = json.loads(raw)
+            state[fields["key"]] = base64.b64decode(fields["value"])
+        present = [value for value in state.values() if value is not None]
+        generation = int(present[0].split(b"/")[0]) if present else None
+        self.assertEqual(state, self.expected(generation), "a batch recovered in part")
+        return generation
+
+    def test_batches_killed_at_any_moment_are_whole_or_absent(self):
+        seed = random.randrange(1 << 30)
+        rng = random.Random(seed)
+        self.keys = ["batch/%04d" % i for i in range(self.KEYS)]
+        args = ("--checkpoint-bytes", str(1 << 40))     # one journal: its size says where we are
+        server = self.start_server(*args)
+        generation, recovered = 0, None
+        for round_ in range(6):
+            acked, sent, stop = [recovered], [recovered], threading.Event()
+            journal = journals(self.data_dir)[-1]
+
+            def writer(first):
+                conn = server.connection(30)
+                for g in range(first, first + 1000):
+                    if stop.is_set():
+                        break
+                    sent[0] = g
+                    try:
+                        conn.request("POST", "/batch", self.batch(g))
+                        response = conn.getresponse()
+                        response.read()
+                    except (OSError, http.client.HTTPException):
+                        break               # killed: g's outcome unknown
+                    if response.status != 200:
+                        break
+                    acked[0] = g
+                conn.close()
+
+            thread = threading.Thread(target=writer, args=(generation,))
+            thread.start()
+            try:
+                target = os.path.getsize(journal) + rng.randrange(1, 6 << 20)
+                support.wait_until(lambda: os.path.getsize(journal) >= target
+                                   or not thread.is_alive(), 60, 0.001,
+                                   "the journal to grow (seed %d)" % seed)
+                server.kill()
+            finally:
+                stop.set()
+                thread.join(30)
+            server = self.restart(server, *args)
+            recovered = self.recovered(server)
+            # The last acknowledged (or the state before), or a later one sent.
+            allowed = {acked[0]} | {g for g in range(generation, sent[0] + 1)
+                                    if acked[0] is None or g > acked[0]}
+            self.assertIn(recovered, allowed, "round %d (seed %d): acknowledged %s, sent %s"
+                          % (round_, seed, acked[0], sent[0]))
+            generation = sent[0] + 1
+        self.assertEqual(stop_within(server)[0], 0, server.output())
 
 
 class BurstKillTest(support.ServerTestCase):

@@ -9,6 +9,7 @@ server.  The systemd unit goes through `systemd-analyze verify` and
 deploy/nginx.conf runs in a real nginx, in front of a real server (.ci/run
 installs nginx and openssl; elsewhere the test is skipped without them).
 """
+import base64
 import fnmatch
 import gzip
 import http.client
@@ -19,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -276,6 +278,7 @@ class StopTimeoutsTest(unittest.TestCase):
 
 NGINX_CONF = os.path.join(support.ROOT, "deploy", "nginx.conf")
 MAX_VALUE_BYTES = 10485760      # the server's default --max-value-bytes
+MAX_BATCH_BYTES = 67108864      # and --max-batch-bytes
 # The http {} around deploy/nginx.conf: Debian's nginx.conf with its gzip
 # lines uncommented, a common setup, and the one that made every If-Match a
 # 412 (it compresses text/plain, and turns a strong ETag weak doing so).
@@ -438,6 +441,24 @@ class NginxTest(support.ServerTestCase):
         status, headers, body = self.request("PUT", "/kv/big", biggest + b"x", self.auth)
         self.assertEqual((status, body), (413, b"value too large\n"))
         self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+
+    def test_a_batch_larger_than_a_value_passes_up_to_the_batch_limit(self):
+        line = b'{"key": "k%07d", "value": "' + base64.b64encode(b"v" * 3000) + b'"}\n'
+        data = b"".join(line % i for i in range(MAX_VALUE_BYTES // len(line) + 10))
+        self.assertGreater(len(data), MAX_VALUE_BYTES)
+        status, _, body = self.request("POST", "/batch", data, self.auth)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["applied"], data.count(b"\n"))
+        # Past the batch limit: refused from the Content-Length, body unsent.
+        context = ssl.create_default_context(cafile=self.certificate)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"POST /batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (self.auth["Authorization"].encode(),
+                                                         MAX_BATCH_BYTES + 1))
+            reply = support.read_until_quiet(tls, timeout=30)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 413 "), reply)
+        self.assertTrue(reply.endswith(b"\r\n\r\nbatch too large\n"), reply)
 
     def test_the_token_and_the_listing_pass_and_links_resolve_under_a_sub_path(self):
         status, headers, _ = self.request("GET", "/kv/x")

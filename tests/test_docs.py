@@ -5,8 +5,11 @@ The curl examples are read from README.md, in order, and sent to a running
 server: interpreted with http.client (so the test needs nothing but Python),
 and also run with the real curl when it is installed.  Examples that send
 the bearer token ("$(cat ~/kvstore.token)", as the README writes it) go to
-a server started with --auth-token-file.  Each must get 200, or the status its
-trailing comment starts with (`curl ...   # 412: why`).
+a server started with --auth-token-file; those to localhost:8081 (a copy's
+destination) to a server of their own.  A pipeline of curls (`curl ... |
+curl --data-binary @- ...`) passes the first one's body to the second.  Each
+must get 200 (each curl of a pipeline), or the status the trailing comment
+starts with (`curl ...   # 412: why`), for its last curl.
 """
 import importlib
 import os
@@ -26,6 +29,7 @@ ARCHITECTURE = os.path.join(support.ROOT, "ARCHITECTURE.md")
 TOKEN = "docs-example-token"
 TOKEN_IN_README = "$(cat ~/kvstore.token)"
 MAX_WORDS = 2400     # 1,600 before expiry, watches, batches and export; the recipes cost most
+OTHER_SERVER = "localhost:8081"     # where the README copies a store to
 
 
 def readme():
@@ -57,9 +61,24 @@ def expected_status(command):
     return int(comment.group(1)) if comment else 200
 
 
-def as_request(command):
-    """(method, path, body, headers) of a curl command line; only the flags the README uses."""
-    words = shlex.split(with_token(command), comments=True)[1:]
+def as_requests(command):
+    """[(method, URL, body, headers)] of a curl command line, each curl of a pipeline in order.
+
+    A body of None after a pipe (`--data-binary @-`) stands for the body
+    the curl before it received.
+    """
+    words, requests = shlex.split(with_token(command), comments=True), []
+    while words:
+        end = words.index("|") if "|" in words else len(words)
+        if words[0] != "curl":
+            raise AssertionError("a README pipeline of something but curl: %s" % command)
+        requests.append(as_request(words[1:end]))
+        words = words[end + 1:]
+    return requests
+
+
+def as_request(words):
+    """(method, URL, body, headers) of a curl's arguments; only the flags the README uses."""
     method, body, url, headers = None, None, None, {}
     while words:
         word = words.pop(0)
@@ -67,6 +86,8 @@ def as_request(command):
             method = words.pop(0)
         elif word in ("--data-binary", "-d"):
             body = words.pop(0).encode()
+            body = None if body == b"@-" else body      # stdin: the pipe
+            method = method or "POST"
         elif word == "-I":
             method = "HEAD"
         elif word == "-H":
@@ -80,8 +101,7 @@ def as_request(command):
             raise AssertionError("README curl flag not understood by this test: %s" % word)
         else:
             url = word
-    path = "/" + url.split("/", 1)[1]
-    return method or ("PUT" if body is not None else "GET"), path, body, headers
+    return method or "GET", url, body, headers
 
 
 class ReadmeTest(support.ServerTestCase):
@@ -150,14 +170,21 @@ class ReadmeTest(support.ServerTestCase):
                 self.assertNotRegex(command, r"(>|-o|cp \S+) +(token|backup\.pickle)\b")
 
     def servers(self):
-        """A server without a token, and one whose token is TOKEN; `pick(command)` chooses."""
+        """A server without a token, one whose token is TOKEN, one for OTHER_SERVER.
+
+        Returns pick(command, url): the server a curl of that command line
+        and URL goes to.
+        """
         plain = self.start_server()
+        other = self.start_server(data_dir=tempfile.mkdtemp(dir=self.data_dir))
         token_file = os.path.join(self.data_dir, "token")
         with open(token_file, "w") as f:
             f.write(TOKEN + "\n")
         guarded = self.start_server("--auth-token-file", token_file,
                                     data_dir=tempfile.mkdtemp(dir=self.data_dir))
-        return lambda command: guarded if TOKEN_IN_README in command else plain
+        return lambda command, url: (
+            other if url.startswith(OTHER_SERVER) else guarded if TOKEN_IN_README in command
+            else plain)
 
     def test_every_curl_example_works(self):
         examples = curl_examples(readme())
@@ -165,11 +192,28 @@ class ReadmeTest(support.ServerTestCase):
         pick = self.servers()
         for command in examples:
             with self.subTest(command=command):
-                method, path, body, headers = as_request(command)
-                self.assertTrue(path.startswith(("/kv", "/clear", "/health", "/metrics",
-                                                 "/snapshot")), command)
-                status, _, _ = pick(command).request(method, path, body, headers)
-                self.assertEqual(status, expected_status(command), command)
+                received = None
+                for n, (method, url, body, headers) in enumerate(as_requests(command)):
+                    path = "/" + url.split("/", 1)[1]
+                    self.assertTrue(path.startswith(("/kv", "/clear", "/health", "/metrics",
+                                                     "/snapshot", "/export", "/batch")), command)
+                    status, _, received = pick(command, url).request(
+                        method, path, received if body is None else body, headers)
+                    last = n == len(as_requests(command)) - 1
+                    self.assertEqual(status, expected_status(command) if last else 200, command)
+
+    def test_the_copy_recipe_copies_the_store(self):
+        pick = self.servers()
+        source, target = pick("", "localhost:8080"), pick("", OTHER_SERVER)
+        for key, value in (("app/db/url", b"db1"), ("b", bytes(range(256)))):
+            source.put(key, value)
+        copy = [c for c in curl_examples(readme()) if "/export" in c and OTHER_SERVER in c]
+        self.assertEqual(len(copy), 1, "one copy recipe in the README")
+        (_, export, _, _), (_, batch, _, _) = as_requests(copy[0])
+        dump = source.request("GET", "/" + export.split("/", 1)[1])[2]
+        status, _, reply = target.request("POST", "/" + batch.split("/", 1)[1], dump)
+        self.assertEqual((status, reply), (200, b'{"revision": 1, "applied": 2}\n'))
+        self.assertEqual((target.get("app/db/url"), target.get("b")), (b"db1", bytes(range(256))))
 
     def test_curl_examples_with_the_real_curl(self):
         if not shutil.which("curl"):
@@ -178,12 +222,16 @@ class ReadmeTest(support.ServerTestCase):
         workdir = tempfile.mkdtemp(dir=self.data_dir)      # where `-o FILE` writes
         for command in curl_examples(readme()):
             with self.subTest(command=command):
-                words = shlex.split(with_token(command).replace(
-                    "localhost:8080", "127.0.0.1:%d" % pick(command).port).replace(
-                    "~/", workdir + "/"), comments=True)
-                if "-o" not in words:
-                    words += ["-o", os.devnull]
-                run = subprocess.run(words + ["-s", "-w", "%{http_code}", "--max-time", "30"],
+                line = with_token(command).replace("~/", workdir + "/")
+                for _, url, _, _ in as_requests(command):
+                    host = url.split("/", 1)[0]
+                    line = line.replace(host, "127.0.0.1:%d" % pick(command, url).port)
+                line = line.split(" #", 1)[0].rstrip()
+                if " -o " not in line.rsplit(" | ", 1)[-1]:
+                    line += " -o " + os.devnull
+                # The last curl prints its status; the ones before it must succeed (-f).
+                run = subprocess.run(["bash", "-o", "pipefail", "-c", line + " -s -w "
+                                      "'%{http_code}' --max-time 30"],
                                      capture_output=True, text=True, cwd=workdir)
                 self.assertEqual((run.returncode, run.stdout),
                                  (0, str(expected_status(command))), command)

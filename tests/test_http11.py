@@ -382,6 +382,41 @@ class ContentLengthTests(ParserTestCase):
         self.assertIs(type(req.body), bytes)
 
 
+def batch_body_limit(request):
+    """A body_limit as the server's: POST /batch may be larger than a value."""
+    return (3000, "batch too large") if request.path == "/batch" else (1000, "value too large")
+
+
+class BodyLimitTests(ParserTestCase):
+    """body_limit: the largest body, and its 413's message, asked of each request's head."""
+
+    def test_each_request_gets_its_own_limit_from_its_head(self):
+        body = b"x" * 2000
+        batch = request("POST", "/batch", [("Content-Length", "2000")], body)
+        put = request("PUT", "/kv/k", [("Content-Length", "2000")], body)
+        self.assertEqual(self.parse(batch, body_limit=batch_body_limit).body, body)
+        self.assertError(put, 413, "value too large", body_limit=batch_body_limit)
+        # On one connection, one after the other: the limit is the current request's.
+        results = outcome([batch + put], body_limit=batch_body_limit)
+        self.assertEqual(len(results), 2, results)
+        self.assertEqual(results[1], (413, "value too large"))
+
+    def test_past_the_route_limit_from_the_content_length_with_its_message(self):
+        self.assertError(request("POST", "/batch", [("Content-Length", "3001")]),
+                         413, "batch too large", body_limit=batch_body_limit)
+
+    def test_a_chunked_body_past_the_route_limit(self):
+        for body in (chunked(b"a" * 2000, b"b" * 1001), chunked(*[b"abcde"] * 601)):
+            with self.subTest(body=body[:20]):
+                self.assertError(request("POST", "/batch", [("Transfer-Encoding", "chunked")],
+                                         body), 413, "batch too large",
+                                 body_limit=batch_body_limit)
+        exactly = chunked(*[b"abcde"] * 600)
+        req = self.parse(request("POST", "/batch", [("Transfer-Encoding", "chunked")], exactly),
+                         body_limit=batch_body_limit)
+        self.assertEqual(req.body, b"abcde" * 600)
+
+
 class ChunkedTests(ParserTestCase):
 
     def body(self, data, **options):

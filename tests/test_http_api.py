@@ -186,10 +186,28 @@ class KeyRuleTests(SharedServerTestCase):
         self.put_ok("/kv/%41" + self.key("%3a%2E"), b"decoded")
         self.assertEqual(self.get_value("/kv/A" + self.key(":.")), b"decoded")
 
-    def test_dots_are_an_ordinary_key(self):
-        # ".." is made of allowed characters: a key, not a path to normalise.
-        self.put_ok("/kv/..", b"dot dot")
-        self.assertEqual(self.get_value("/kv/%2E%2e"), b"dot dot")
+    def test_dots_inside_a_segment_are_ordinary_characters(self):
+        for name in ("...", "a..b", ".hidden", "a/.b", "a/..b/c", "a/b."):
+            with self.subTest(key=name):
+                self.put_ok("/kv/" + self.key("/") + name, name.encode())
+                self.assertEqual(self.get_value("/kv/" + self.key("%2F") + name.replace(
+                    ".", "%2E")), name.encode())
+
+    def test_hierarchical_keys(self):
+        # Slashes between non-empty segments, as etcd and Consul users write keys;
+        # %2F is a slash.
+        for name in ("app/db/url", "app/db/user", "a/b/c/d/e/f", "x:1/y_2/z-3"):
+            with self.subTest(key=name):
+                path = "/kv/" + self.key("/") + name
+                self.put_ok(path, name.encode())
+                self.assertEqual(self.get_value(path), name.encode())
+                encoded = "/kv/" + (self.key("/") + name).replace("/", "%2F")
+                self.assertEqual(self.get_value(encoded), name.encode())
+                self.assertResponse("HEAD", path, 200)
+        path = "/kv/" + self.key("/app/db/url")
+        self.assertResponse("DELETE", path, 200)
+        self.assertError("GET", path, 404, "key not found\n")
+        self.assertEqual(self.get_value("/kv/" + self.key("/app/db/user")), b"app/db/user")
 
     def test_query_string_is_ignored(self):
         self.put_ok("/kv/" + self.key() + "?x=1", b"queried")
@@ -213,8 +231,20 @@ class KeyRuleTests(SharedServerTestCase):
 
     INVALID = [
         "a%20b",      # space
-        "a/b",        # slash in the path
-        "a%2Fb",      # encoded slash
+        "a//b",       # an empty segment
+        "/a",
+        "a/",
+        "a%2F%2Fb",   # encoded slashes
+        "%2Fa",
+        "a%2F",
+        ".",          # a "." or ".." segment: a path to resolve, not a key
+        "..",
+        "%2E%2e",
+        "a/./b",
+        "a/../b",
+        "./a",
+        "a/..",
+        "a/%2E%2E/b",
         "a%25b",      # "%" after decoding
         "a%2541",     # decodes once to "a%41": must not be decoded twice
         "%C3%A9",     # non-ASCII (é in UTF-8)
@@ -248,10 +278,12 @@ class KeyRuleTests(SharedServerTestCase):
                                      "key contains invalid characters\n")
 
     def test_invalid_key_does_not_store_under_a_mangled_name(self):
-        # "a%2Fb" must not be stored as "a", "b", "a/b" nor "ab".
-        self.assertError("PUT", "/kv/" + self.key("%2Fx"), 400,
+        # "a%2F%2Fb" must not be stored as "a", "b", "a/b" nor "ab"; nor "a/../b" as "b".
+        self.assertError("PUT", "/kv/" + self.key("%2F%2Fx"), 400,
                          "key contains invalid characters\n", b"value")
-        for mangled in (self.key(), "x", self.key("x")):
+        self.assertError("PUT", "/kv/" + self.key("/../y"), 400,
+                         "key contains invalid characters\n", b"value")
+        for mangled in (self.key(), "x", self.key("x"), self.key("/x"), "y", self.key("y")):
             self.assertError("GET", "/kv/" + mangled, 404, "key not found\n")
 
     def test_absolute_form_target(self):

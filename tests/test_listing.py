@@ -175,10 +175,10 @@ class ListingTests(ListingTestCase):
             ("limit=0", limit), ("limit=-1", limit), ("limit=10001", limit),
             ("limit=abc", limit), ("limit=", limit), ("limit=1.5", limit),
             ("limit=" + "9" * 5000, limit), ("limit=%C2%B2", limit),
-            ("limitt=5", "unknown parameter (prefix, limit, after, wait and since are known)\n"),
+            ("limitt=5", "unknown parameter (known: prefix, after, limit, wait, since)\n"),
             ("limit=5&limit=6", "parameter limit given twice\n"),
             ("prefix=a%20b", "prefix contains invalid characters\n"),
-            ("prefix=a/b", "prefix contains invalid characters\n"),
+            ("prefix=a%5Cb", "prefix contains invalid characters\n"),
             ("prefix=a+b", "prefix contains invalid characters\n"),
             ("after=%C3%A9", "after contains invalid characters\n"),
             ("after=%FF", "bad query string\n"),
@@ -191,10 +191,26 @@ class ListingTests(ListingTestCase):
                     self.assertError(method, "/kv?" + query, 400, message)
 
     def test_other_methods_are_405(self):
-        for method, body in (("PUT", b"x"), ("DELETE", None), ("POST", b"x"), ("PATCH", b"x")):
+        for method, body in (("PUT", b"x"), ("POST", b"x"), ("PATCH", b"x")):
             with self.subTest(method=method):
                 headers = self.assertError(method, "/kv", 405, "method not allowed\n", body)
-                self.assertEqual(headers.get_all("Allow"), ["GET, HEAD"])
+                self.assertEqual(headers.get_all("Allow"), ["GET, HEAD, DELETE"])
+
+    def test_hierarchical_keys_by_prefix(self):
+        # A prefix may end with a slash or inside a segment; a page's Link
+        # carries it, slashes percent-encoded, and the next page follows.
+        prefix = self.prefix()
+        keys = sorted(prefix + name for name in (
+            "app/db/url", "app/db/user", "app/dbx", "app/web/port", "apple", "b/c"))
+        put_many(self.server, keys)
+        for under, expected in (("app/", keys[:4]), ("app/db", keys[:3]), ("app/db/", keys[:2]),
+                                ("app", keys[:5]), ("b/", keys[5:]), ("app/db/url/", [])):
+            with self.subTest(prefix=under):
+                target = "/kv?prefix=%s&limit=2" % urllib.parse.quote(prefix + under, safe="")
+                got, _ = self.all_pages(target) if expected else (self.listing(target)[0], 1)
+                self.assertEqual(got, expected)
+        self.assertEqual(self.listing("/kv?prefix=%s&after=%s" % (
+            prefix + "app/", prefix + "app/db/user"))[0], keys[2:4])
 
     def test_empty_key_is_still_400(self):
         for target in ("/kv/", "/kv/?prefix=a"):

@@ -207,7 +207,8 @@ class MetricsTest(support.ServerTestCase):
         self.assertEqual(moved(requests, method="PUT", code="200"), 4)
         self.assertEqual(moved(requests, method="GET", code="404"), 1)
         self.assertEqual(moved(requests, method="DELETE", code="200"), 1)
-        self.assertEqual(moved(requests, method="other", code="405"), 2)   # POST and BREW
+        self.assertEqual(moved(requests, method="POST", code="405"), 1)    # POST /batch's method
+        self.assertEqual(moved(requests, method="other", code="405"), 1)   # BREW
         self.assertEqual(moved(requests, method="PUT", code="400"), 1)
         self.assertEqual(moved(requests, method="GET", code="200"), 2)     # key1, /metrics
         self.assertNotIn("BREW", after.text)
@@ -247,7 +248,9 @@ class MetricsTest(support.ServerTestCase):
         requests = [("GET", "/kv/k", "key"), ("GET", "/kv/absent", "key"),
                     ("GET", "/kv?prefix=k", "listing"), ("GET", "/health", "health"),
                     ("GET", "/metrics", "metrics"), ("GET", "/snapshot", "snapshot"),
-                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other")]
+                    ("GET", "/no/such/path", "other"), ("DELETE", "/clear", "other"),
+                    ("DELETE", "/kv?prefix=nothing/", "listing"), ("GET", "/export", "export"),
+                    ("POST", "/batch", "batch")]
         before = Scrape(server)
         for method, path, _ in requests:
             self.assertLess(server.request(method, path)[0], 500, path)

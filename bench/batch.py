@@ -1,0 +1,195 @@
+"""The batch and export rows of `make bench`: a store in and out in bulk, and what an export costs.
+
+Our server starts empty; then, on it:
+
+  batch_rows   1. import: --batch-keys keys (1,000,000 by default; 100 B
+                  values, key-0 .. key-(n-1)) POSTed to /batch in batches of
+                  --batch-lines lines, one after the other on one connection:
+                  keys per second (the goal compares it with the preload,
+                  pipelined PUTs, of the same run);
+               2. export: GET /export of those keys, read whole, beside GET
+                  /snapshot of the same store; opts.repeat runs each,
+                  alternating; the means;
+               3. PUT c=64 while a client exports without pause (a process
+                  of its own), and while nobody does: the writers'
+                  throughput and p99; runs of --batch-duration seconds
+                  alternate, opts.repeat each (the goal: p99 within 2x).
+
+The batches' bodies are built before the clock starts, so that the client's
+Python does not count against the server's.
+"""
+import base64
+import http.client
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+
+from bench.load import on_client_cpu, run_load
+from bench.persist import HOST, PY, _our_server
+
+CONNECTIONS = 64
+
+# A client that exports without pause until `seconds` have passed (the
+# export it is in finishes); prints the seconds each export took.
+EXPORTER = """
+import http.client, json, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+took, deadline = [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    start = time.perf_counter()
+    conn.request("GET", "/export")
+    response = conn.getresponse()
+    size = len(response.read())
+    if response.status != 200:
+        sys.exit("export failed: %d" % response.status)
+    took.append(time.perf_counter() - start)
+print(json.dumps({"seconds": took, "bytes": size}))
+"""
+
+
+def batch_bodies(keys, lines):
+    """NDJSON bodies that put key-0 .. key-(keys-1), `lines` keys each (bench.persist's values)."""
+    return [b"".join(b'{"key": "key-%d", "value": "%s"}\n'
+                     % (i, base64.b64encode((b"%09d" % i) * 11 + b"v"))
+                     for i in range(start, min(keys, start + lines)))
+            for start in range(0, keys, lines)]
+
+
+def _import(port, bodies):
+    """POST every body, one after the other: (seconds, keys applied)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=600)
+    applied, start = 0, time.perf_counter()
+    try:
+        for body in bodies:
+            conn.request("POST", "/batch", body)
+            response = conn.getresponse()
+            reply = response.read()
+            if response.status != 200:
+                raise RuntimeError("POST /batch: %d %r" % (response.status, reply[:200]))
+            applied += json.loads(reply)["applied"]
+    finally:
+        conn.close()
+    return time.perf_counter() - start, applied
+
+
+def _download(port, path):
+    """GET `path`, read whole: (seconds, bytes)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=600)
+    try:
+        start = time.perf_counter()
+        conn.request("GET", path)
+        response = conn.getresponse()
+        size = len(response.read())
+        if response.status != 200:
+            raise RuntimeError("GET %s: %d" % (path, response.status))
+        return time.perf_counter() - start, size
+    finally:
+        conn.close()
+
+
+def import_row(opts, server):
+    bodies = batch_bodies(opts.batch_keys, opts.batch_lines)
+    size = sum(map(len, bodies))
+    with on_client_cpu():
+        seconds, applied = _import(server.port, bodies)
+    rate = applied / seconds
+    return {"test": "import %d keys by POST /batch" % opts.batch_keys, "keys": applied,
+            "seconds": seconds, "rate": rate, "bytes": size, "lines": opts.batch_lines,
+            "summary": "%s keys/s (%s keys in %.1f s, batches of %s lines, %.0f MiB of NDJSON)"
+                       % (format(round(rate), ","), format(applied, ","), seconds,
+                          format(opts.batch_lines, ","), size / (1 << 20))}
+
+
+def export_row(opts, server):
+    runs = {"/export": [], "/snapshot": []}
+    with on_client_cpu():
+        for _ in range(opts.repeat):
+            for path, took in runs.items():
+                took.append(_download(server.port, path))
+    export_s = sum(s for s, _ in runs["/export"]) / opts.repeat
+    snapshot_s = sum(s for s, _ in runs["/snapshot"]) / opts.repeat
+    return {"test": "export %d keys" % opts.batch_keys, "keys": opts.batch_keys,
+            "export_s": export_s, "snapshot_s": snapshot_s,
+            "runs_export_s": [s for s, _ in runs["/export"]],
+            "runs_snapshot_s": [s for s, _ in runs["/snapshot"]],
+            "export_bytes": runs["/export"][0][1], "snapshot_bytes": runs["/snapshot"][0][1],
+            "summary": "%.2f s (GET /snapshot %.2f s: %.2fx; %.0f against %.0f MiB)%s"
+                       % (export_s, snapshot_s, export_s / snapshot_s,
+                          runs["/export"][0][1] / (1 << 20), runs["/snapshot"][0][1] / (1 << 20),
+                          " (means of %d runs)" % opts.repeat if opts.repeat > 1 else "")}
+
+
+def _writers(opts, server, exporting):
+    """One run of PUT c=64, beside an exporter process or not."""
+    exporter = None
+    if exporting:
+        exporter = subprocess.Popen([PY, "-c", EXPORTER, str(server.port),
+                                     str(opts.batch_duration)],
+                                    stdout=subprocess.PIPE, text=True)
+    try:
+        with on_client_cpu():
+            r = run_load(HOST, server.port, CONNECTIONS, opts.batch_duration, "PUT",
+                         opts.batch_keys, opts.value_size)
+    finally:
+        if exporter is not None:
+            out, _ = exporter.communicate(timeout=600)
+            if exporter.returncode != 0:
+                raise RuntimeError("the exporter failed")
+            r["exports_s"] = json.loads(out)["seconds"]
+    return r
+
+
+def writers_rows(opts, server):
+    cases = (("running", "an export of %d keys running" % opts.batch_keys, True),
+             ("none", "no export", False))
+    runs = {state: [] for state, _, _ in cases}
+    for _ in range(opts.repeat):
+        for state, _, exporting in cases:
+            runs[state].append(_writers(opts, server, exporting))
+    rows = []
+    for state, label, _ in cases:
+        best = max(runs[state], key=lambda run: run["rps"])
+        summary = "%s/s, p50 %.2f, p99 %.1f, max %.0f ms" % (
+            format(round(best["rps"]), ","), best["p50_ms"] or 0, best["p99_ms"] or 0,
+            best["max_ms"] or 0)
+        exports = [s for run in runs[state] for s in run.get("exports_s", ())]
+        if exports:
+            summary += "; %d exports, %.1f-%.1f s each" % (len(exports), min(exports),
+                                                          max(exports))
+        rows.append(dict(best, test="PUT c=%d, %s" % (CONNECTIONS, label), summary=summary,
+                         export=state, keys=opts.batch_keys, exports_s=exports,
+                         runs_rps=[round(run["rps"]) for run in runs[state]],
+                         runs_p99_ms=[run["p99_ms"] for run in runs[state]]))
+    return rows
+
+
+def batch_rows(opts):
+    """Import, export, and writers beside an export, on one server (see the docstring)."""
+    workdir = tempfile.mkdtemp(prefix="bench-batch-")
+    server = None
+    try:
+        server = _our_server(opts, workdir).start(timeout=600)
+        rows = [import_row(opts, server)]
+        rows.append(export_row(opts, server))
+        rows += writers_rows(opts, server)
+        return rows
+    finally:
+        if server is not None:
+            server.stop(timeout=600)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-keys", type=int, default=1000000)
+    parser.add_argument("--batch-lines", type=int, default=10000)
+    parser.add_argument("--batch-duration", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--value-size", type=int, default=100)
+    parser.add_argument("--server-flags", type=str.split, default=[])
+    for row in batch_rows(parser.parse_args()):
+        print("%-44s %s" % (row["test"], row["summary"]), flush=True)
