@@ -34,7 +34,7 @@ CONNECTIONS = 64
 WATCHES = 1000
 EXPIRING = 100000
 EXPIRY_TTL = 6              # seconds: longer than their load (2-3 s), shorter than the run
-EXPIRY_RUN = EXPIRY_TTL + 4     # seconds of PUT load, with expiries and without
+EXPIRY_RUN = EXPIRY_TTL + 8     # seconds of PUT load, with expiries and without: all reclaimed
 LOAD_KEYS = 100000
 
 # Holds `count` watches open until its stdin closes; then prints how many were answered.
