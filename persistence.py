@@ -622,11 +622,15 @@ def encode_record(op, key, value, extra=None):
         body = []
         for part_op, part_key, part_value, deadline in extra:
             part_key = part_key.encode("utf-8")
-            body += [_BATCH_PART.pack(part_op, len(part_key), len(part_value),
-                                      NO_DEADLINE if deadline is None else deadline)
-                     + part_key, part_value]
+            body.append(_BATCH_PART.pack(part_op, len(part_key), len(part_value),
+                                         NO_DEADLINE if deadline is None else deadline)
+                        + part_key)
+            # No empty buffer: Python 3.12.1's writelines() spins on one (its
+            # _write_sendmsg never drops it from the buffer).
+            if part_value:
+                body.append(part_value)
     elif op == PUT and extra is not None:
-        op, body = PUT_EXPIRING, [_DEADLINE.pack(extra), value]
+        op, body = PUT_EXPIRING, [_DEADLINE.pack(extra)] + ([value] if value else [])
     else:
         body = [value] if value else []
     op_key = _OP_KEY.pack(op, len(key_bytes)) + key_bytes
