@@ -1168,7 +1168,7 @@ class Connection(asyncio.Protocol):
         except RequestError as e:
             if not request.complete:
                 raise
-            self.send(request, e.status, (e.message + "\n").encode(), e.headers)
+            self.send(request, *e.reply())
             return False
         if request.complete:
             return True
@@ -1564,7 +1564,7 @@ class Watch:
         try:
             return self.answer()
         except RequestError as e:
-            return e.status, (e.message + "\n").encode(), e.headers, http11.TEXT_PLAIN
+            return e.reply()
 
     def finish(self, reply=None):
         """Answer now (the timer, a change, the server stopping): the reply takes its place."""
