@@ -387,12 +387,7 @@ def apply(data, op, key, value, extra=None, ledger=None):
             ledger.deadlines.pop(key, None)
     elif op == BATCH:
         for part in extra:
-            apply(data, *part, ledger=None)
-            if ledger is not None:
-                if part[0] == PUT and part[3] is not None:
-                    ledger.deadlines[part[1]] = part[3]
-                else:
-                    ledger.deadlines.pop(part[1], None)
+            apply(data, *part, ledger=ledger)
     else:
         data.clear()
         if ledger is not None:

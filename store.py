@@ -522,17 +522,13 @@ class Expiry:
         now = now_ms()
         return [key for key in keys if not self.passed(key, now)]
 
-    def set(self, key, ms):
-        """A record applied: `key` expires at `ms` (None: never)."""
-        if ms is None:
-            if self.deadlines:
-                self.deadlines.pop(key, None)
-        else:
-            self.deadlines[key] = ms
-            heapq.heappush(self._heap, (ms, key))
+    def noted(self, key, ms):
+        """A record applied gave `key` the deadline `ms` (persistence.apply put it in
+        `deadlines`): the sweep looks at the key then."""
+        heapq.heappush(self._heap, (ms, key))
 
-    def clear(self):
-        self.deadlines.clear()
+    def cleared(self):
+        """A CLEAR applied (persistence.apply emptied `deadlines`): nothing is due."""
         self._heap = []
 
     def due(self, now, limit, queued):
@@ -605,10 +601,7 @@ class Contents:
 
     def visible(self, key):
         """The value of `key`, None if absent or expired."""
-        value = self.data.get(key)
-        if value is not None and self.expiry.deadlines and self.expiry.passed(key):
-            return None
-        return value
+        return self.read(key)[0]
 
     def read(self, key):
         """(value, deadline, revision) of `key`; value None if absent or expired (Store.read).
@@ -651,15 +644,16 @@ class Contents:
         data = self.data
         if op == CLEAR:
             self.value_bytes = 0
-            self.expiry.clear()
+            self.expiry.cleared()
         else:
             old = data.get(key)
             self.value_bytes += len(value) - (len(old) if old is not None else 0)
-            self.expiry.set(key, extra if op == PUT else None)
-            if op == EXPIRE:
+            if op == PUT and extra is not None:
+                self.expiry.noted(key, extra)
+            elif op == EXPIRE:
                 self.expiry.expired += 1
         self.keys.note(op, key)
-        persistence.apply(data, op, key, value)
+        persistence.apply(data, op, key, value, extra, self.ledger)     # and its deadline
 
 
 class QueuedWrites:
