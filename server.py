@@ -2073,11 +2073,6 @@ class SnapshotStream:
         finally:
             # Before the last chunk: a client that has read it may ask again.
             self.server.stream_slots[self.KIND].release()
-        if whole and self.chunked:
-            try:
-                self.send([http11.LAST_CHUNK])
-            except Exception as e:
-                whole, error = False, e
         self.server.loop.call_soon_threadsafe(self.done, whole, error)
 
     def body(self):
@@ -2086,8 +2081,17 @@ class SnapshotStream:
         persistence.dump_snapshot(data, self, ledger)   # the pickles, then their checksum
 
     def done(self, whole, error):
-        """On the loop: log the end, and give the connection back."""
+        """On the loop: the last chunk, the request counted, the connection given back.
+
+        In one loop step: a client that has read the last chunk finds the
+        request counted in its next scrape, on whichever connection.
+        """
         connection = self.connection
+        if whole and self.chunked:
+            if connection.closed:
+                whole, error = False, ConnectionError("the client has gone")
+            else:
+                connection.transport.write(http11.LAST_CHUNK)
         if whole:
             self.server.request_done(connection, self.request, 200, self.size,
                                      connection.started)
