@@ -270,18 +270,23 @@ class Limits:
                           most what a large body may reserve of
                           max_inflight_bytes (Server.reserve): a batch that
                           can never fit is told so (413), not to retry (503).
+      max_batch_ops       the most operations (lines) in one POST /batch; past
+                          it, 413 naming the line.  A batch is queued and
+                          applied in one loop step (it is atomic), about
+                          1.5 us an operation: this bounds that stall.
     """
 
     def __init__(self, header_timeout=10.0, body_timeout=30.0, send_timeout=30.0,
                  idle_timeout=60.0, max_connections=16384, max_inflight_bytes=256 << 20,
                  max_header_bytes=65536, max_value_bytes=10 << 20, max_journal_bytes=64 << 20,
-                 max_watchers=10000, max_batch_bytes=64 << 20):
+                 max_watchers=10000, max_batch_bytes=64 << 20, max_batch_ops=10000):
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.send_timeout, self.idle_timeout = send_timeout, idle_timeout
         self.max_connections, self.max_inflight_bytes = max_connections, max_inflight_bytes
         self.max_header_bytes, self.max_value_bytes = max_header_bytes, max_value_bytes
         self.max_journal_bytes, self.max_watchers = max_journal_bytes, max_watchers
         self.max_batch_bytes = min(max_batch_bytes, max_inflight_bytes - max_inflight_bytes // 4)
+        self.max_batch_ops = max_batch_ops
 
 
 class RequestError(Exception):
@@ -807,10 +812,11 @@ class BatchJob:
     its reply is owed until durable, 412 naming the first failed condition.
     The body counts in the memory cap meanwhile (a reservation, then the
     Owed's size, until durable); the parts, about as large, do not.  The
-    store's own work is one step, not sliced: queueing (the record encoded
-    under the store's lock) and applying the batch hold the loop about
-    1.5 us a key, 15 ms for 10,000 keys, 0.6 s for a 64 MiB batch of
-    390,000 (bench/README.md).
+    store's own work cannot be sliced, the batch being atomic: queueing it
+    (its record encoded under the store's lock) and applying it hold the
+    loop about 1.5 us an operation, so --max-batch-ops (10,000 by default:
+    15 ms) bounds a batch, and the journal applies a round of many batches
+    a share at a time (persistence._RoundsInFlight).
     """
 
     def __init__(self, api, connection, request):
@@ -823,6 +829,7 @@ class BatchJob:
         self.max_key = limits.max_header_bytes - KEY_HEAD_ROOM
         self.max_value = limits.max_value_bytes
         self.max_line = self.max_key + (self.max_value + 2) // 3 * 4 + LINE_ROOM    # base64
+        self.max_ops = limits.max_batch_ops
 
     def start(self):
         self.connection.busy = True
@@ -866,6 +873,10 @@ class BatchJob:
             if pos >= stop:
                 break
             self.line += 1
+            if len(self.parts) == self.max_ops:
+                raise RequestError(413, "line %d: a batch holds at most %d operations "
+                                        "(--max-batch-ops); send the rest in another batch"
+                                   % (self.line, self.max_ops))
             newline = body.find(b"\n", pos, pos + self.max_line + 1)
             if newline < 0 and end - pos > self.max_line:
                 raise RequestError(400, "line %d: longer than a key and a value within their "
@@ -2311,6 +2322,9 @@ FLAGS = (
     (None, "--max-batch-bytes", dict(type=positive_int, default=64 << 20, metavar="N", help=(
         "largest accepted body of POST /batch, past it 413; at most three quarters of "
         "--max-inflight-bytes (default 67108864 = 64 MiB)"))),
+    (None, "--max-batch-ops", dict(type=positive_int, default=10000, metavar="N", help=(
+        "most operations (lines) in one POST /batch, past it 413; a batch holds the server "
+        "about 1.5 us an operation, others waiting (default 10000)"))),
     (None, "--fsync", dict(choices=persistence.Journal.POLICIES, default="always", help=(
         "journal fsync policy: always = before each reply, shared by concurrent writers; "
         "everysec = once a second; no = left to the OS (default always)"))),
@@ -2637,7 +2651,7 @@ async def serve(args, store, sock):
     limits = Limits(args.header_timeout, args.body_timeout, args.send_timeout,
                     args.idle_timeout, args.max_connections, args.max_inflight_bytes,
                     args.max_header_bytes, args.max_value_bytes, args.max_journal_bytes,
-                    args.max_watchers, args.max_batch_bytes)
+                    args.max_watchers, args.max_batch_bytes, args.max_batch_ops)
     server = Server(loop, store, limits, Metrics(), args.auth_token, args.access_log)
     stopper = Stopper(loop, server, args.auth_token_file)
     listener = await loop.create_server(lambda: Connection(server), sock=sock, backlog=BACKLOG)

@@ -302,10 +302,11 @@ class BatchTests(SharedServerTestCase):
                          (400, b"line %d: not a JSON object\n" % ((32 << 20) + 2)))
 
     def test_a_batch_of_many_lines_and_requests_pipelined_behind_it(self):
-        # 20,000 lines: the parse takes many loop turns.  A PUT and a GET
-        # pipelined behind the batch on its connection come after it.
+        # 10,000 lines (--max-batch-ops): the parse takes many loop turns.
+        # A PUT and a GET pipelined behind the batch on its connection come
+        # after it.
         k = self.key("/")
-        data = body(*(line("%s%05d" % (k, i), b"%d" % i * 20) for i in range(20000)))
+        data = body(*(line("%s%05d" % (k, i), b"%d" % i * 20) for i in range(10000)))
         pipeline = (b"POST /batch HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
                     b"PUT /kv/%s00007 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nafter"
                     b"GET /kv/%s00007 HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -318,15 +319,16 @@ class BatchTests(SharedServerTestCase):
                 self.assertTrue(chunk, replies)
                 replies += chunk
         self.assertEqual(replies.count(b"HTTP/1.1 200 OK"), 3, replies)
-        self.assertIn(b'"applied": 20000}', replies)
+        self.assertIn(b'"applied": 10000}', replies)
         status, _, export = self.server.request("GET", "/export?prefix=" + k)
-        self.assertEqual((status, export.count(b"\n")), (200, 20000))
-        self.assertEqual(self.server.get(k + "19999"), b"19999" * 20)
+        self.assertEqual((status, export.count(b"\n")), (200, 10000))
+        self.assertEqual(self.server.get(k + "09999"), b"9999" * 20)
 
 
 class BatchLimitTests(SharedServerTestCase):
 
-    server_args = ("--max-batch-bytes", "5000", "--max-value-bytes", "1000")
+    server_args = ("--max-batch-bytes", "5000", "--max-value-bytes", "1000",
+                   "--max-batch-ops", "50")
 
     def test_a_batch_over_the_limit_is_413_from_its_content_length_before_the_body(self):
         with socket.create_connection((self.server.host, self.server.port), timeout=10) as s:
@@ -346,6 +348,22 @@ class BatchLimitTests(SharedServerTestCase):
         response = conn.getresponse()
         self.assertEqual((response.status, response.read()), (413, b"batch too large\n"))
         self.assertEqual(listed(self.server, k), [])
+
+    def test_past_the_most_operations_a_batch_is_413_naming_the_line(self):
+        # A batch is one step of the loop: --max-batch-ops bounds it.  Blank
+        # lines are no operations; nothing of a refused batch is applied.
+        k = self.key("/")
+        lines = [line("%s%02d" % (k, i), b"v") for i in range(50)]
+        status, _, reply = self.server.request("POST", "/batch", body(*lines) + b"\n\n")
+        self.assertEqual((status, json.loads(reply)["applied"]), (200, 50))
+        lines = [line("%s%02d" % (k, i), op="delete") for i in range(50)]
+        data = body(*lines[:10], "", *lines[10:], line(k + "50", b"v"))
+        status, _, reply = self.server.request("POST", "/batch", data)
+        self.assertEqual((status, reply), (413, b"line 52: a batch holds at most 50 operations "
+                                                b"(--max-batch-ops); send the rest in another "
+                                                b"batch\n"))
+        self.assertEqual(len(listed(self.server, k)), 50)
+        self.assertIsNone(self.server.get(k + "50"))
 
     def test_a_value_over_the_value_limit_is_400(self):
         k = self.key("/")
