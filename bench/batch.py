@@ -13,7 +13,11 @@ Our server starts empty; then, on it:
                3. PUT c=64 while a client exports without pause (a process
                   of its own), and while nobody does: the writers'
                   throughput and p99; runs of --batch-duration seconds
-                  alternate, opts.repeat each (the goal: p99 within 2x).
+                  alternate, opts.repeat each (the goal: p99 within 2x);
+               4. GET c=8 while IMPORTERS clients import without pause
+                  (batches of --batch-lines lines, a process of their
+                  own), and while nobody does: what a batch costs others
+                  (no goal; bench/README.md has its history).
 
 The batches' bodies are built before the clock starts, so that the client's
 Python does not count against the server's.
@@ -47,6 +51,35 @@ while time.monotonic() < deadline:
         sys.exit("export failed: %d" % response.status)
     took.append(time.perf_counter() - start)
 print(json.dumps({"seconds": took, "bytes": size}))
+"""
+
+
+# IMPORTERS connections that POST batches (each `lines` lines of 100-byte
+# values, built before the clock starts) without pause until `seconds` have
+# passed; prints the keys applied.
+IMPORTERS = 16
+IMPORTER = """
+import base64, http.client, sys, threading, time
+port, connections, lines, seconds = map(float, sys.argv[1:])
+value = base64.b64encode(b"v" * 100)
+body = [b"".join(b'{"key": "import-%d-%d", "value": "%s"}\\n' % (c, i, value)
+                 for i in range(int(lines))) for c in range(int(connections))]
+deadline, applied = time.monotonic() + seconds, []
+def post(c):
+    conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=600)
+    while time.monotonic() < deadline:
+        conn.request("POST", "/batch", body[c])
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            sys.exit("POST /batch: %d" % response.status)
+        applied.append(int(lines))
+threads = [threading.Thread(target=post, args=(c,)) for c in range(int(connections))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(sum(applied))
 """
 
 
@@ -166,6 +199,43 @@ def writers_rows(opts, server):
     return rows
 
 
+def readers_rows(opts, server):
+    """GET c=8 beside IMPORTERS importers and beside none, alternating, opts.repeat runs each."""
+    runs = {True: [], False: []}
+    for _ in range(opts.repeat):
+        for importing in (True, False):
+            importer = subprocess.Popen(
+                [PY, "-c", IMPORTER, str(server.port), str(IMPORTERS), str(opts.batch_lines),
+                 str(opts.batch_duration + 2)], stdout=subprocess.PIPE, text=True) \
+                if importing else None
+            try:
+                if importer is not None:
+                    time.sleep(2)           # its bodies built, its batches flowing
+                with on_client_cpu():
+                    r = run_load(HOST, server.port, 8, opts.batch_duration, "GET",
+                                 opts.batch_keys, opts.value_size)
+            finally:
+                if importer is not None:
+                    out, _ = importer.communicate(timeout=600)
+                    if importer.returncode != 0:
+                        raise RuntimeError("the importers failed")
+                    r["imported"] = int(out)
+            runs[importing].append(r)
+    rows = []
+    for importing, label in ((True, "%d clients importing" % IMPORTERS), (False, "none")):
+        p99 = sum(run["p99_ms"] for run in runs[importing]) / opts.repeat
+        worst = max(run["max_ms"] for run in runs[importing])
+        summary = "p99 %.1f ms, max %.0f ms (means of %d runs)" % (p99, worst, opts.repeat)
+        if importing:
+            summary += "; %s keys/s imported" % format(round(sum(
+                run["imported"] for run in runs[True]) / opts.repeat / (opts.batch_duration + 2)),
+                ",")
+        rows.append({"test": "GET c=8, %s" % label, "importing": importing, "p99_ms": p99,
+                     "max_ms": worst, "runs_p99_ms": [run["p99_ms"] for run in runs[importing]],
+                     "summary": summary})
+    return rows
+
+
 def batch_rows(opts):
     """Import, export, and writers beside an export, on one server (see the docstring)."""
     workdir = tempfile.mkdtemp(prefix="bench-batch-")
@@ -175,6 +245,7 @@ def batch_rows(opts):
         rows = [import_row(opts, server)]
         rows.append(export_row(opts, server))
         rows += writers_rows(opts, server)
+        rows += readers_rows(opts, server)
         return rows
     finally:
         if server is not None:

@@ -7,6 +7,7 @@ that is refused (a bad line: 400, a failed condition: 412, too large: 413)
 changes nothing.
 """
 import base64
+import collections
 import json
 import socket
 import threading
@@ -473,6 +474,36 @@ class BatchSliceTest(unittest.TestCase):
         self.assertGreaterEqual(handed[0][0][3], before + 5000)
         self.assertLessEqual(handed[0][0][3], store.now_ms() + 5000)
         self.assertIsNone(handed[0][1][3])
+
+    def test_one_batch_is_parsed_at_a_time_the_others_wait_in_order(self):
+        # Jobs parsing side by side would each take a share of every turn:
+        # with 16 importers, everyone else waited 16 shares a turn.
+        ready, sent = [], []            # the loop's callbacks; the replies, in order
+        loop_server = types.SimpleNamespace(
+            limits=server.Limits(), batches=collections.deque(), reserved=0,
+            loop=types.SimpleNamespace(call_soon=ready.append), release=lambda size: None)
+
+        def job(name, data, closed=False):
+            connection = types.SimpleNamespace(
+                started=0.0, closed=closed, close_after=False, advance=lambda: None,
+                send=lambda request, status, *rest: sent.append((name, status)))
+            api = types.SimpleNamespace(server=loop_server,
+                                        write=lambda *args, **kwargs: (200, b"", (), JSON))
+            return server.BatchJob(api, connection, types.SimpleNamespace(body=data))
+
+        share = server.BATCH_LINES_PER_TURN
+        big = job("big", body(*(line("k%d" % i, b"v") for i in range(2 * share + 1))))
+        gone = job("gone", body(line("g", b"v")), closed=True)     # its client left
+        small = job("small", body(line("s", b"v")))
+        big.start()
+        gone.start()
+        small.start()
+        turns = 0
+        while ready:
+            ready.pop(0)()
+            turns += 1
+        self.assertEqual((sent, turns), ([("big", 200), ("small", 200)], 5))
+        self.assertEqual(len(loop_server.batches), 0)
 
     def test_a_turn_parses_at_most_its_share_of_bytes(self):
         # A turn stops once past its share: lines larger than it, one a turn.
