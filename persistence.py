@@ -1251,8 +1251,7 @@ class Journal:
         with self._lock:
             old, self.generation = self.generation, generation
             self._segments.append([generation, []])
-            self._in_flight.written[generation] = 0
-            self.size = 0
+            self.size = 0           # not _in_flight.written: the loop alone touches that
         return old
 
     # -- store lock NOT held --------------------------------------------------
@@ -1399,7 +1398,10 @@ class _RoundsInFlight:
         self.fsyncs = 0                 # rounds fsynced (each may cover many records)
         self.fsync_seconds = 0.0        # time spent in those rounds, writes included
         self.fsync_histogram = [0] * (len(Journal.FSYNC_BUCKETS) + 1)   # the last: +Inf
-        self.written = {journal.generation: 0}  # bytes made good in each file, by rounds done
+        # Bytes made good in each file, by rounds done.  The loop's alone: the
+        # checkpointer's switch() once added to it, and the loop, iterating
+        # it to retire old files, could fail ("changed size during iteration").
+        self.written = {journal.generation: 0}
         self._rounds = collections.deque()  # (number, records, callbacks, sizes) in flight
         self._numbered = 0              # rounds sent so far
         self._epoch = 0                 # rounds since the last failure (see fail)
