@@ -507,8 +507,10 @@ def _read_snapshot(f, path):
                             % path)
     if error:
         raise DataError("%s: snapshot is corrupt: %s" % (path, error))
-    if type(data) is not dict or not all(
-            type(k) is str and type(v) is bytes for k, v in data.items()):
+    # The types as sets (map and set run in C): a generator's test of each
+    # pair took a third as long as the unpickling itself.
+    if type(data) is not dict or not (set(map(type, data)) <= {str}
+                                      and set(map(type, data.values())) <= {bytes}):
         raise DataError("%s: snapshot is not a dict of str to bytes" % path)
     return data, _saved_ledger(saved, path), crc is not None
 

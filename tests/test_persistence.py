@@ -99,6 +99,9 @@ class BadSnapshotTest(TempDirTestCase):
             "int values": pickle.dumps({"a": 1}, protocol=5),
             "bytes keys": pickle.dumps({b"a": b"1"}, protocol=5),
             "str values": pickle.dumps({"a": "1"}, protocol=5),
+            "one str value among bytes": pickle.dumps({"a": b"1", "b": "2", "c": b"3"}, protocol=5),
+            "one int key among str": pickle.dumps({"a": b"1", 2: b"2"}, protocol=5),
+            "a bytearray value": pickle.dumps({"a": bytearray(b"1")}, protocol=5),
         }
         for name, content in cases.items():
             with self.subTest(name):
