@@ -742,7 +742,11 @@ def batch_operation(line, max_key, max_value):
     """
     try:
         fields = json.loads(line)
-    except ValueError:                  # not JSON, or not UTF-8
+    # Not JSON, or not UTF-8; or nested deeper than the decoder recurses (a
+    # line of 100,000 "[" raises RecursionError: uncaught, it ended the
+    # loop's callback, and the batch queue, BatchJob.step, waited for it
+    # for ever, with every later batch behind it).
+    except (ValueError, RecursionError):
         fields = None
     if type(fields) is not dict:
         raise RequestError(400, "not a JSON object")

@@ -232,6 +232,21 @@ class BatchTests(SharedServerTestCase):
                 self.assertIsNone(self.server.get(k + "first"))
         self.assert_intact()
 
+    def test_a_line_nested_deeper_than_the_decoder_goes_is_400_and_batches_go_on(self):
+        # It raised RecursionError in the loop's callback: no reply ever, and
+        # every later batch waited behind it for ever.
+        k = self.key("/")
+        for nested in (b"[" * 100000, b'{"key": "x", "value": "dg==", "ttl": %s}'
+                       % (b"[" * 100000)):
+            with self.subTest(nested=nested[:20]):
+                status, _, reply = self.server.request(
+                    "POST", "/batch", line(k + "first", b"v").encode() + b"\n" + nested,
+                    timeout=10)
+                self.assertEqual((status, reply), (400, b"line 2: not a JSON object\n"))
+        self.assertEqual(self.batch(body(line(k + "after", b"v")))["applied"], 1)
+        self.assertIsNone(self.server.get(k + "first"))
+        self.assertNotIn("Unexpected error", self.server.output())
+
     def test_a_failed_condition_is_412_naming_its_line_and_nothing_is_applied(self):
         k = self.key("/")
         status, headers, _ = self.server.request("PUT", "/kv/" + k + "held", b"held")
