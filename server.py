@@ -742,7 +742,11 @@ def batch_operation(line, max_key, max_value):
     """
     try:
         fields = json.loads(line)
-    except ValueError:                  # not JSON, or not UTF-8
+    # Not JSON, or not UTF-8; or nested deeper than the decoder recurses (a
+    # line of 100,000 "[" raises RecursionError: uncaught, it ended the
+    # loop's callback, and the batch queue, BatchJob.step, waited for it
+    # for ever, with every later batch behind it).
+    except (ValueError, RecursionError):
         fields = None
     if type(fields) is not dict:
         raise RequestError(400, "not a JSON object")
@@ -1539,6 +1543,7 @@ class Server:
     def drain(self):
         """Answer the watches; close idle connections now, the others after the reply in flight."""
         self.draining = True
+        self.watches.stopping = True
         self.watches.finish_all()
         self._emptied.clear()       # set again by forget() when the last one has gone
         for connection in list(self.connections):
@@ -1614,6 +1619,7 @@ class Watches:
         self.by_connection = {}     # connection -> set of its watches
         self.prefix_lengths = collections.Counter()     # length -> prefixes watched of it
         self.held = set()
+        self.stopping = False       # the server drains: no watch is held any more (hold)
 
     def __len__(self):
         return len(self.held)
@@ -1624,6 +1630,12 @@ class Watches:
         A key's watch (`key`) is answered when answer() gives another status
         than `status`; a prefix's, at the first change under `prefix`.
         """
+        if self.stopping:
+            # Answered at once, as the drain answered the others: a request
+            # served after it began (pipelined behind a write, or its body
+            # still coming) was held to its end, and the stop waited the
+            # whole --shutdown-timeout for it.
+            return answer()
         if len(self.held) >= self.limit:
             raise busy("too many watches (--max-watchers)", WATCH_RETRY_AFTER)
         watch = Watch(self, connection, request, answer, status, key, prefix)

@@ -247,6 +247,27 @@ class KeyIndex:
                 raise KeyIndexBuilding()
         return self._sorted.page(prefix, after, count)
 
+    def under(self, prefix):
+        """The keys that start with `prefix`, in order; None while the index is being built.
+
+        For a delete by prefix: a scan of the dict, under the lock and on
+        the loop, took 55 ms a million keys for each DELETE /kv?prefix=,
+        matching or not; one client repeating it made others' GETs wait
+        50 ms (p50).  The index makes it a bisect and the keys found.
+        """
+        if self._sorted is None:
+            if self._log is None:
+                self._start()
+            if self._sorted is None:
+                return None
+        keys, after = [], ""
+        while True:
+            found = self._sorted.page(prefix, after, self.RUN)
+            keys += found
+            if len(found) < self.RUN:       # the last page, or cut at a key without the prefix
+                return keys
+            after = found[-1]
+
     def listing(self, prefix, after, limit, unexpired):
         """(keys, more): up to `limit` keys in order after `after` with `prefix`, expired ones out.
 
@@ -678,12 +699,14 @@ class QueuedWrites:
         """True if a queued write changes `key` (a queued CLEAR aside)."""
         return key in self._records
 
-    def present_under(self, prefix, data):
+    def present_under(self, prefix, data, indexed=None):
         """The keys under `prefix`, in order, present once the queued writes are applied.
 
-        `data` is the dict, scanned: about 60 ms a million keys.
+        `indexed`: the dict's keys under `prefix` (KeyIndex.under), or None:
+        then `data`, the dict, is scanned (about 60 ms a million keys).
         """
-        keys = {key for key in data if key.startswith(prefix)}
+        keys = set(indexed) if indexed is not None else {
+            key for key in data if key.startswith(prefix)}
         keys.update(key for key in self._records if key.startswith(prefix))
         return [key for key in sorted(keys) if self.latest(key) is not None]
 
@@ -1024,16 +1047,18 @@ class Store:
     def delete_prefix(self, prefix, on_durable=None):
         """Delete every key under `prefix` as one mutation.  Returns (keys deleted, revision).
 
-        The keys are those the writes queued so far leave, found by a scan
-        of the dict under the lock (QueuedWrites.present_under).  With
+        The keys are those the writes queued so far leave, found under the
+        lock in the key index (KeyIndex.under), or while it is being built
+        by a scan of the dict (QueuedWrites.present_under).  With
         none, nothing is queued: on_durable is called once what is queued
         already is durable.
         """
         with self._lock:
             if self._sealed:
                 raise Sealed()
-            parts = [(DELETE, key, b"", None)
-                     for key in self._queued.present_under(prefix, self._contents.data)]
+            contents = self._contents
+            parts = [(DELETE, key, b"", None) for key in self._queued.present_under(
+                prefix, contents.data, contents.keys.under(prefix))]
             revision = self._queued.revision
             if parts:
                 revision = self._queue((BATCH, "", b"", tuple(parts)), on_durable)

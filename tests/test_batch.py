@@ -11,6 +11,7 @@ import collections
 import json
 import socket
 import threading
+import time
 import types
 import unittest
 
@@ -125,6 +126,38 @@ class DeletePrefixDurabilityTest(support.ServerTestCase):
         self.assertEqual(listed(server, ""), ["apple", "b"])
 
 
+class DeletePrefixCostTest(support.ServerTestCase):
+
+    def test_a_delete_by_prefix_costs_the_keys_under_it_not_a_scan_of_the_store(self):
+        # Each DELETE /kv?prefix= scanned the whole dict on the loop, under
+        # the store's lock: 55 ms at a million keys, matching or not, and
+        # one client repeating it made every other client wait as long.
+        persistence.write_snapshot(self.data_dir, {"user/%07d" % i: b"v" for i in range(500000)})
+        server = self.start_server()
+        self.assertEqual(server.request("DELETE", "/kv?prefix=user/0000001")[:3:2], (200, b"1\n"))
+        listed(server, "nomatch/")              # the key index is built
+
+        def median_ms(method, target, expected):
+            conn, times = server.connection(), []
+            try:
+                for _ in range(21):
+                    started = time.perf_counter()
+                    conn.request(method, target)
+                    reply = conn.getresponse()
+                    self.assertEqual((reply.status, reply.read()), expected)
+                    times.append(time.perf_counter() - started)
+            finally:
+                conn.close()
+            return 1000 * sorted(times)[10]
+        health = median_ms("GET", "/health", (200, b"ok\n"))
+        deleting = median_ms("DELETE", "/kv?prefix=nomatch/", (200, b"0\n"))
+        self.assertLess(deleting, health + 5, "ms for a DELETE by prefix that matches nothing, "
+                                              "against GET /health's %.1f" % health)
+        self.assertEqual(server.request("DELETE", "/kv?prefix=user/00000")[:3:2], (200, b"99\n"))
+        self.assertEqual(listed(server, "user/00000"), [])
+        self.assertEqual(server.get("user/0000100"), b"v")
+
+
 def line(key, value=None, **fields):
     """One line of a batch: a put of `value` (bytes), or with op="delete" a delete."""
     fields["key"] = key
@@ -231,6 +264,21 @@ class BatchTests(SharedServerTestCase):
                 self.assertEqual(self.batch(data, 400), "line 3: %s\n" % message)
                 self.assertIsNone(self.server.get(k + "first"))
         self.assert_intact()
+
+    def test_a_line_nested_deeper_than_the_decoder_goes_is_400_and_batches_go_on(self):
+        # It raised RecursionError in the loop's callback: no reply ever, and
+        # every later batch waited behind it for ever.
+        k = self.key("/")
+        for nested in (b"[" * 100000, b'{"key": "x", "value": "dg==", "ttl": %s}'
+                       % (b"[" * 100000)):
+            with self.subTest(nested=nested[:20]):
+                status, _, reply = self.server.request(
+                    "POST", "/batch", line(k + "first", b"v").encode() + b"\n" + nested,
+                    timeout=10)
+                self.assertEqual((status, reply), (400, b"line 2: not a JSON object\n"))
+        self.assertEqual(self.batch(body(line(k + "after", b"v")))["applied"], 1)
+        self.assertIsNone(self.server.get(k + "first"))
+        self.assertNotIn("Unexpected error", self.server.output())
 
     def test_a_failed_condition_is_412_naming_its_line_and_nothing_is_applied(self):
         k = self.key("/")

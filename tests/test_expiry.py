@@ -294,6 +294,25 @@ class RestartTest(support.ServerTestCase):
         self.assertEqual(server.wait(), 0)
         self.assertLess(time.monotonic() - started, 5)
 
+    def test_a_watch_that_begins_during_the_drain_is_answered_at_once(self):
+        # A GET whose body is still coming when the stop begins is served
+        # after it (so is a read pipelined behind a write): its watch was
+        # held to its end, and the stop waited --shutdown-timeout for it.
+        server = self.start_server("--shutdown-timeout", "20")
+        with socket.create_connection((server.host, server.port), timeout=30) as sock:
+            sock.sendall(b"GET /kv/absent?wait=300 HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 1\r\nExpect: 100-continue\r\n\r\n")
+            self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue"))
+            started = time.monotonic()
+            server.signal(signal.SIGTERM)
+            server.wait_for_line("Received SIGTERM")
+            sock.sendall(b"x")
+            reply = support.read_until_quiet(sock, 30)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 404 "), reply)
+        self.assertIn(b"\r\nConnection: close\r\n", reply)
+        self.assertEqual(server.wait(), 0)
+        self.assertLess(time.monotonic() - started, 5)
+
 
 @unittest.skipUnless(shutil.which("curl") or os.environ.get("CI"), "needs curl")
 class ReadmeRecipeTest(support.ServerTestCase):
