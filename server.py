@@ -868,6 +868,14 @@ class BatchJob:
             reply = e.reply()
             if e.close:
                 self.connection.close_after = True
+        except Exception as e:
+            # A bug of ours: reported as asyncio reports one, answered 500,
+            # and the next batch's turn all the same: a job that never
+            # finished would hold up every batch after it.
+            self.api.server.loop.call_exception_handler(
+                {"message": "POST /batch failed", "exception": e})
+            reply = RequestError(500, "internal error").reply()
+            self.connection.close_after = True
         self.finish(reply)
 
     def parse_some(self):

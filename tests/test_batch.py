@@ -553,6 +553,20 @@ class BatchSliceTest(unittest.TestCase):
         self.assertEqual((sent, turns), ([("big", 200), ("small", 200)], 5))
         self.assertEqual(len(loop_server.batches), 0)
 
+        # A bug in one job (here, the store's hand-over failing) is reported
+        # and answered 500; the batches behind it still get their turn.
+        reported = []
+        loop_server.loop.call_exception_handler = reported.append
+        broken, after = job("broken", body(line("b", b"v"))), job("after", body(line("a", b"v")))
+        broken.api.write = lambda *args, **kwargs: 1 / 0
+        broken.start()
+        after.start()
+        while ready:
+            ready.pop(0)()
+        self.assertEqual(sent[2:], [("broken", 500), ("after", 200)])
+        self.assertIsInstance(reported[0]["exception"], ZeroDivisionError)
+        self.assertTrue(broken.connection.close_after)
+
     def test_a_turn_parses_at_most_its_share_of_bytes(self):
         # A turn stops once past its share: lines larger than it, one a turn.
         big = b"v" * server.BATCH_BYTES_PER_TURN
