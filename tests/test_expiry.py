@@ -265,7 +265,7 @@ class RestartTest(support.ServerTestCase):
             # everything before reading a reply is one that does not read.
             for first in range(0, count, batch):
                 sock.sendall(b"".join(
-                    b"PUT /kv/k%d?ttl=2 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                    b"PUT /kv/k%d?ttl=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
                     % i + b"v" * 100 for i in range(first, first + batch)))
                 replies = b""
                 while replies.count(b"HTTP/1.1 200") < batch:
