@@ -1,9 +1,9 @@
 """Black-box tests of the HTTP API: routing, keys, values, errors, concurrency, logging.
 
 Each test talks to the real server (a subprocess) through `http.client`.
-Tests that cannot disturb each other share one server per class, started in
-setUpClass (see `SharedServerTestCase`); each test uses keys named after
-itself.  Every response is checked for the framing every response must carry:
+Tests that cannot disturb each other share one server, started by the first
+class that needs one with its flags (see `SharedServerTestCase`); each test
+uses keys named after itself.  Every response is checked for the framing every response must carry:
 exactly one `Content-Type: text/plain; charset=utf-8` and a `Content-Length`
 equal to the body's length.
 
@@ -26,26 +26,41 @@ CONTENT_TYPE = "text/plain; charset=utf-8"
 KV_ALLOW = "GET, HEAD, PUT, DELETE"
 
 
-class SharedServerTestCase(unittest.TestCase):
-    """One server for the whole class, plus a sentinel key that no test may lose.
+# The servers that classes share, by their flags; stopped when the module is done.
+_shared_servers = {}
 
-    `server_args` are extra command-line flags.  After an error case a test
-    calls `assert_intact()`: the sentinel written in setUpClass must still be
-    there, byte for byte.
+
+class SharedServerTestCase(unittest.TestCase):
+    """A server shared by every class with the same flags, plus a sentinel key that no test may lose.
+
+    `server_args` are extra command-line flags; a class with `own_server`
+    set (one that empties the store) gets a server of its own.  After an
+    error case a test calls `assert_intact()`: the sentinel written in
+    setUpClass must still be there, byte for byte.
     """
 
     server_args = ()
+    own_server = False
     SENTINEL_KEY = "sentinel.key"
     SENTINEL_VALUE = bytes(range(256)) * 3     # under the 1000-byte limit of some classes
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        data_dir = tempfile.mkdtemp(prefix="kvtest-http-")
-        cls.addClassCleanup(shutil.rmtree, data_dir, True)
-        cls.server = support.ServerProcess(data_dir, *cls.server_args)
-        cls.addClassCleanup(cls.server.__exit__, None, None, None)
-        cls.server.start()
+        shared = not cls.own_server
+        cls.server = _shared_servers.get(tuple(cls.server_args)) if shared else None
+        if cls.server is None:
+            data_dir = tempfile.mkdtemp(prefix="kvtest-http-")
+            cls.server = support.ServerProcess(data_dir, *cls.server_args)
+            if shared:
+                _shared_servers[tuple(cls.server_args)] = cls.server
+                unittest.addModuleCleanup(shutil.rmtree, data_dir, True)
+                unittest.addModuleCleanup(cls.server.__exit__, None, None, None)
+                unittest.addModuleCleanup(_shared_servers.pop, tuple(cls.server_args), None)
+            else:
+                cls.addClassCleanup(shutil.rmtree, data_dir, True)
+                cls.addClassCleanup(cls.server.__exit__, None, None, None)
+            cls.server.start()
         cls.server.put(cls.SENTINEL_KEY, cls.SENTINEL_VALUE)
 
     # -- helpers ---------------------------------------------------------------
@@ -437,6 +452,8 @@ class CachingTests(SharedServerTestCase):
 class ClearTests(SharedServerTestCase):
     """DELETE /clear empties the store, so it gets a server of its own."""
 
+    own_server = True
+
     def test_clear_removes_everything(self):
         keys = ["clear-%d" % i for i in range(20)]
         for key in keys:
@@ -583,10 +600,13 @@ class AccessLogDefaultTests(support.ServerTestCase):
         self.assertNotIn(marker, output, "a request was logged without --access-log")
 
 
-class AccessLogTests(support.ServerTestCase):
+class AccessLogTests(SharedServerTestCase):
+    """Each test finds its own lines in the shared server's log by a marker of its own."""
+
+    server_args = ("--access-log",)
 
     def test_one_line_per_request_without_the_value(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         key, value = "logged-" + marker, ("secret-value-" + marker[::-1]).encode()
         self.assertEqual(server.request("PUT", "/kv/" + key, value)[0], 200)
@@ -603,7 +623,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertNotIn(marker[::-1], server.output(), "a value was logged")
 
     def test_each_line_says_who_what_the_outcome_and_how_long(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         key, value = "timed-" + marker, b"0123456789"
         waited = {}
@@ -628,7 +648,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertGreater(seconds[0], 0, "a PUT waits for its fsync")
 
     def test_a_quote_in_the_target_cannot_forge_a_field(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         reply = server.raw(('GET /kv/x"%s"_200_0 HTTP/1.1\r\nHost: x\r\nConnection: close'
                             '\r\n\r\n' % marker).encode())
@@ -637,7 +657,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertIn('"GET /kv/x\\"%s\\"_200_0" 400 ' % marker, line)
 
     def test_logging_does_not_break_keep_alive_or_errors(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         conn = server.connection()
         self.addCleanup(conn.close)
