@@ -301,8 +301,6 @@ class ReadmeRecipeTest(SharedServerTestCase):
     """The README's shell recipes, run by bash with the real curl against a server (one for
     the class: each recipe has keys of its own)."""
 
-    own_server = True
-
     def setUp(self):
         super().setUp()
         self.data_dir = tempfile.mkdtemp(prefix="kvtest-")     # the recipes' working directory

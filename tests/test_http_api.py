@@ -1,9 +1,9 @@
 """Black-box tests of the HTTP API: routing, keys, values, errors, concurrency, logging.
 
 Each test talks to the real server (a subprocess) through `http.client`.
-Tests that cannot disturb each other share one server, started by the first
-class that needs one with its flags (see `SharedServerTestCase`); each test
-uses keys named after itself.  Every response is checked for the framing every response must carry:
+Tests that cannot disturb each other share one server: the classes here
+with the same flags, except the one that empties the store (see
+`SharedServerTestCase`); each test uses keys named after itself.  Every response is checked for the framing every response must carry:
 exactly one `Content-Type: text/plain; charset=utf-8` and a `Content-Length`
 equal to the body's length.
 
@@ -26,37 +26,38 @@ CONTENT_TYPE = "text/plain; charset=utf-8"
 KV_ALLOW = "GET, HEAD, PUT, DELETE"
 
 
-# The servers that classes share, by their flags; stopped when the module is done.
+# The servers that classes with `share_server` set share: by module and flags.
 _shared_servers = {}
 
 
 class SharedServerTestCase(unittest.TestCase):
-    """A server shared by every class with the same flags, plus a sentinel key that no test may lose.
+    """One server for the whole class, plus a sentinel key that no test may lose.
 
-    `server_args` are extra command-line flags; a class with `own_server`
-    set (one that empties the store) gets a server of its own.  After an
-    error case a test calls `assert_intact()`: the sentinel written in
-    setUpClass must still be there, byte for byte.
+    `server_args` are extra command-line flags.  With `share_server` set, the
+    class shares its server with every other class of its module that sets it
+    and has the same flags (stopped when the module is done).  After an error
+    case a test calls `assert_intact()`: the sentinel written in setUpClass
+    must still be there, byte for byte.
     """
 
     server_args = ()
-    own_server = False
+    share_server = False
     SENTINEL_KEY = "sentinel.key"
     SENTINEL_VALUE = bytes(range(256)) * 3     # under the 1000-byte limit of some classes
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        shared = not cls.own_server
-        cls.server = _shared_servers.get(tuple(cls.server_args)) if shared else None
+        shared = (cls.__module__, tuple(cls.server_args)) if cls.share_server else None
+        cls.server = _shared_servers.get(shared)
         if cls.server is None:
             data_dir = tempfile.mkdtemp(prefix="kvtest-http-")
             cls.server = support.ServerProcess(data_dir, *cls.server_args)
             if shared:
-                _shared_servers[tuple(cls.server_args)] = cls.server
+                _shared_servers[shared] = cls.server
                 unittest.addModuleCleanup(shutil.rmtree, data_dir, True)
                 unittest.addModuleCleanup(cls.server.__exit__, None, None, None)
-                unittest.addModuleCleanup(_shared_servers.pop, tuple(cls.server_args), None)
+                unittest.addModuleCleanup(_shared_servers.pop, shared, None)
             else:
                 cls.addClassCleanup(shutil.rmtree, data_dir, True)
                 cls.addClassCleanup(cls.server.__exit__, None, None, None)
@@ -116,6 +117,8 @@ class SharedServerTestCase(unittest.TestCase):
 
 
 class HealthTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_get_health(self):
         self.assertResponse("GET", "/health", 200, b"ok\n")
@@ -129,6 +132,8 @@ class HealthTests(SharedServerTestCase):
 
 
 class KeyValueTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_put_then_get(self):
         path = "/kv/" + self.key()
@@ -183,6 +188,8 @@ class KeyValueTests(SharedServerTestCase):
 
 
 class KeyRuleTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_every_allowed_character(self):
         key = "AZaz09:_.-" + self.key()
@@ -310,6 +317,8 @@ class KeyRuleTests(SharedServerTestCase):
 
 
 class ValueTests(SharedServerTestCase):
+    share_server = True
+
 
     def roundtrip(self, value, suffix=""):
         path = "/kv/" + self.key(suffix)
@@ -370,6 +379,8 @@ class ValueTests(SharedServerTestCase):
 
 
 class MethodRoutingTests(SharedServerTestCase):
+    share_server = True
+
 
     OTHER_METHODS = ("POST", "PATCH", "OPTIONS", "TRACE", "FOO")
 
@@ -428,6 +439,8 @@ class CachingTests(SharedServerTestCase):
     choosing (heuristic freshness): a stale value, or a 404 after the PUT.
     """
 
+    share_server = True
+
     def test_a_value_may_be_kept_but_is_revalidated_with_its_etag(self):
         path = "/kv/" + self.key()
         self.put_ok(path, b"v")
@@ -451,8 +464,6 @@ class CachingTests(SharedServerTestCase):
 
 class ClearTests(SharedServerTestCase):
     """DELETE /clear empties the store, so it gets a server of its own."""
-
-    own_server = True
 
     def test_clear_removes_everything(self):
         keys = ["clear-%d" % i for i in range(20)]
@@ -490,6 +501,8 @@ class ValueLimitTests(SharedServerTestCase):
 
 
 class KeepAliveTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_many_requests_on_one_connection(self):
         conn = self.server.connection()
@@ -522,6 +535,8 @@ class KeepAliveTests(SharedServerTestCase):
 
 
 class ConcurrencyTests(SharedServerTestCase):
+    share_server = True
+
 
     THREADS = 32
     ROUNDS = 40        # 4 requests a round: 160 requests a thread
@@ -601,7 +616,7 @@ class AccessLogDefaultTests(support.ServerTestCase):
 
 
 class AccessLogTests(SharedServerTestCase):
-    """Each test finds its own lines in the shared server's log by a marker of its own."""
+    """Each test finds its own lines in the class's server's log by a marker of its own."""
 
     server_args = ("--access-log",)
 
