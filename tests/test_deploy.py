@@ -307,7 +307,7 @@ http {{
 
 
 def substitute(text, pattern, replacement):
-    """`text` with the one match of `pattern` replaced; AssertionError if there is not exactly one."""
+    """`text` with the one match of `pattern` replaced; AssertionError unless there is one."""
     new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
     if count != 1:
         raise AssertionError("deploy/nginx.conf: %r matched %d times" % (pattern, count))
@@ -362,7 +362,7 @@ class NginxTest(unittest.TestCase):
 
     @classmethod
     def kvstore_conf(cls):
-        """deploy/nginx.conf pointed at this class's server, port and certificate, plus a sub-path."""
+        """deploy/nginx.conf aimed at the class's server, port and certificate, plus a sub-path."""
         with open(NGINX_CONF, encoding="utf-8") as f:
             conf = f.read()
         conf = substitute(conf, r"^(\s*)server 127\.0\.0\.1:8080;",

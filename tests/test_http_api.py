@@ -3,9 +3,10 @@
 Each test talks to the real server (a subprocess) through `http.client`.
 Tests that cannot disturb each other share one server: the classes here
 with the same flags, except the one that empties the store (see
-`SharedServerTestCase`); each test uses keys named after itself.  Every response is checked for the framing every response must carry:
-exactly one `Content-Type: text/plain; charset=utf-8` and a `Content-Length`
-equal to the body's length.
+`SharedServerTestCase`); each test uses keys named after itself.  Every
+response is checked for the framing every response must carry: exactly one
+`Content-Type: text/plain; charset=utf-8` and a `Content-Length` equal to
+the body's length.
 
 The wire-level behaviour (raw bytes, malformed requests, chunked bodies,
 pipelining, 100-continue) is in test_http_protocol.py.
