@@ -38,7 +38,8 @@ TESTS = os.path.join(ROOT, "tests")
 # server): units start longest first.  A unit missing here counts as long (it
 # starts early); stale figures only make the schedule a little worse, never a
 # result wrong.
-SPLIT = {"test_attacks", "test_crash", "test_expiry", "test_lifecycle", "test_limits"}
+SPLIT = {"test_attacks", "test_crash", "test_disk", "test_expiry", "test_failures",
+         "test_lifecycle", "test_limits", "test_persistence"}
 DURATIONS = {
     "test_attacks.StalledDiskTest": 15, "test_attacks.PipelineFloodTest": 11,
     "test_attacks.ConnectionDeadlineTest": 10, "test_attacks.HalfCloseTest": 2.5,
@@ -230,6 +231,19 @@ def run_unit(workers, unit, patterns, directory):
     return report
 
 
+def cache_bytecode(directory):
+    """Where PYTHONDONTWRITEBYTECODE forbids bytecode caches, have the run keep one in
+    `directory` (PYTHONPYCACHEPREFIX), for the worker processes and what they start.
+
+    Else every server start compiles the server's modules again: some 400 starts,
+    about 20 ms of CPU each on a 2-CPU machine (the suite went from 130-135 to 122-124
+    s of CPU).  Nothing is written in the tree, and the directory goes with the run.
+    """
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(directory, "pycache")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__.split("\n")[0])
     parser.add_argument("-j", "--jobs", type=int,
@@ -257,6 +271,7 @@ def main(argv):
     failures, lock, cpu = [], threading.Lock(), 0.0
     with tempfile.TemporaryDirectory(prefix="kvtest-run-") as directory, \
             concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        cache_bytecode(directory)
         futures = {pool.submit(run_unit, workers, u, args.patterns, directory): u for u in planned}
         for future in concurrent.futures.as_completed(futures):
             unit = futures[future]
