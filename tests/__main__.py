@@ -3,9 +3,11 @@
     python3 -m tests [-j N] [PATTERN ...]
 
 The test modules run in parallel, each in a worker process of its own
-(the longest few, one process per test class), `-j` at a time (default 3,
+(the longest few, one process per test class), `-j` at a time (default 4,
 or $KV_TEST_JOBS; `-j 1` runs them one after the other), the longest first
-so that the last to finish is a short one.  Every test already has its own
+so that the last to finish is a short one.  Four on two CPUs: many tests
+wait on the server's timers, and a fourth worker uses the CPU they leave
+(whole runs on the shared 2-CPU machine: 73-74 s with 4, 77-83 s with 3).  Every test already has its own
 port and data directory, so they share nothing but the CPUs.  PATTERNs select
 tests as unittest's -k does (a substring of the test's full name, or a glob),
 e.g. `python3 -m tests shutdown`.
@@ -33,34 +35,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
 # The units of work, each run by a worker process: a module, or for the long
-# modules in SPLIT, each of its test classes.  DURATIONS is what each took
-# alone, in seconds, on the shared 2-CPU machine (tests branch, main 322ce3d's
-# server): units start longest first.  A unit missing here counts as long (it
-# starts early); stale figures only make the schedule a little worse, never a
-# result wrong.
+# modules in SPLIT, each of its test classes.  DURATIONS is what each took in a
+# whole run with 4 workers, in seconds, on the shared 2-CPU machine (tests-speed
+# branch, 0c599bd's server, load average 3 to 5): units start longest first.  A
+# unit missing here counts as long (it starts early); stale figures only make
+# the schedule a little worse, never a result wrong.
 SPLIT = {"test_attacks", "test_crash", "test_disk", "test_expiry", "test_failures",
          "test_lifecycle", "test_limits", "test_persistence"}
 DURATIONS = {
-    "test_attacks.StalledDiskTest": 15, "test_attacks.PipelineFloodTest": 11,
-    "test_attacks.ConnectionDeadlineTest": 10, "test_attacks.HalfCloseTest": 2.5,
-    "test_attacks.InflightMemoryTest": 1.5, "test_attacks.HugeContentLengthTest": 0.5,
-    "test_crash.KillFsyncAlwaysTest": 4.4, "test_crash.KillFsyncEverysecTest": 4.0,
-    "test_crash.KillFsyncNoTest": 3.6, "test_crash.BurstKillTest": 3.5,
-    "test_crash.JournalDamageTest": 1.8, "test_crash.CheckpointUnderLoadTest": 1.7,
-    "test_crash.AllowedStatesTest": 0.1, "test_crash.BatchKillTest": 2.5,
-    "test_lifecycle.ShutdownTest": 8.5, "test_lifecycle.CommandLineTest": 4.7,
-    "test_lifecycle.ShutdownUnderLoadTest": 3.1, "test_lifecycle.ProcessFailureTest": 2.5,
-    "test_lifecycle.CpuTest": 0.7,
-    "test_limits.FairnessTest": 3.8, "test_limits.DeadlineTest": 3.2,
-    "test_limits.FileDescriptorTest": 2.4, "test_limits.MemoryCapTest": 1.9,
-    "test_limits.ThreadLimitTest": 0.3, "test_limits.ConnectionCapTest": 0.2,
-    "test_persistence": 11, "test_listing": 9.5, "test_http_api": 7, "test_auth": 6.8,
-    "test_backup": 6.4, "test_metrics": 5.7, "test_http_protocol": 5.7,
-    "test_failures": 5.3, "test_conditional": 5.2, "test_docs": 3.4, "test_deploy": 1.3,
-    "test_export": 5.5, "test_batch": 2.5,
-    "test_bench_persist": 0.4, "test_bench_run": 0.3, "test_bench_goals": 0.2,
-    "test_expiry.RestartTest": 5.3, "test_expiry.WatchTest": 3.2,
-    "test_expiry.ExpiryTest": 2.4, "test_expiry.ReadmeRecipeTest": 0.7,
+    "test_lifecycle.CommandLineTest": 18.1, "test_lifecycle.ShutdownTest": 16.1,
+    "test_lifecycle.ShutdownUnderLoadTest": 7.3, "test_lifecycle.ProcessFailureTest": 5.5,
+    "test_lifecycle.CpuTest": 1.4, "test_crash.KillFsyncAlwaysTest": 14.1,
+    "test_crash.KillFsyncNoTest": 12.9, "test_crash.KillFsyncEverysecTest": 12.4,
+    "test_crash.CheckpointUnderLoadTest": 7.3, "test_crash.JournalDamageTest": 7,
+    "test_crash.BurstKillTest": 6.4, "test_crash.BatchKillTest": 5.3,
+    "test_crash.AllowedStatesTest": 0.1, "test_auth": 9.2, "test_backup": 9.1, "test_metrics": 8.5,
+    "test_attacks.PipelineFloodTest": 7.8, "test_attacks.StalledDiskTest": 5.8,
+    "test_attacks.ConnectionDeadlineTest": 5.2, "test_attacks.InflightMemoryTest": 2.9,
+    "test_attacks.HugeContentLengthTest": 0.7, "test_attacks.HalfCloseTest": 0.3,
+    "test_export": 7.2, "test_persistence.CheckpointCrashTest": 6.5,
+    "test_persistence.GroupCommitTest": 4.9, "test_persistence.DataDirectorySafetyTest": 3.2,
+    "test_persistence.BadSnapshotTest": 2, "test_persistence.FailedSaveTest": 1.8,
+    "test_persistence.VanishedFilesTest": 1.4, "test_persistence.ApplyAfterDurableTest": 0.8,
+    "test_persistence.FailedCheckpointCleanupTest": 0.6,
+    "test_persistence.SnapshotChecksumTest": 0.5, "test_persistence.JournalOrderTest": 0.4,
+    "test_persistence.RoundsTest": 0.2, "test_persistence.RecordTest": 0.1,
+    "test_persistence.LedgerTest": 0, "test_persistence.LoadTest": 0,
+    "test_persistence.TornWriteTest": 0, "test_conditional": 5.9, "test_batch": 5.9,
+    "test_expiry.RestartTest": 5.8, "test_expiry.WatchTest": 2.9, "test_expiry.ExpiryTest": 2.6,
+    "test_expiry.ReadmeRecipeTest": 0.9, "test_listing": 5.8, "test_deploy": 5.7,
+    "test_http_api": 5.5, "test_disk.VanishedDirectoryTest": 5.2,
+    "test_disk.FullDiskRestartTest": 4.8, "test_disk.TornLastWriteTest": 4.6,
+    "test_disk.ChildrenDieWithTheServerTest": 4.4, "test_disk.SnapshotChecksumTest": 4,
+    "test_disk.UnchangedSnapshotTest": 1.2, "test_docs": 5.1, "test_limits.FairnessTest": 3.8,
+    "test_limits.DeadlineTest": 3.2, "test_limits.FileDescriptorTest": 2.3,
+    "test_limits.MemoryCapTest": 1.7, "test_limits.ThreadLimitTest": 1.1,
+    "test_limits.ConnectionCapTest": 0.5, "test_http_protocol": 3.6, "test_http11": 3.5,
+    "test_failures.FsyncErrorTest": 3.4, "test_failures.JournalWriterDeathTest": 1.6,
+    "test_failures.RlimitFullDiskTest": 1.5, "test_failures.TmpfsFullDiskTest": 0.6,
+    "test_operations": 1.2, "test_bench_persist": 0, "test_bench_run": 0, "test_bench_goals": 0,
 }
 UNKNOWN_DURATION = 30
 # A unit that runs longer than this is stopped and counted as failed: a hung
@@ -247,8 +260,8 @@ def cache_bytecode(directory):
 def main(argv):
     parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__.split("\n")[0])
     parser.add_argument("-j", "--jobs", type=int,
-                        default=int(os.environ.get("KV_TEST_JOBS", "3")),
-                        help="worker processes at once (default 3, or $KV_TEST_JOBS)")
+                        default=int(os.environ.get("KV_TEST_JOBS", "4")),
+                        help="worker processes at once (default 4, or $KV_TEST_JOBS)")
     parser.add_argument("--worker", metavar="RESULT", help=argparse.SUPPRESS)
     parser.add_argument("patterns", nargs="*", metavar="PATTERN",
                         help="run only the tests whose name matches (unittest -k)")
