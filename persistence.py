@@ -1016,8 +1016,8 @@ def snapshot_in_child(directory, through, pass_fds=()):
     OSError, with the child's errno if it had one, if the child fails.
     """
     child = subprocess.run(
-        [sys.executable, "-I", os.path.abspath(__file__), "checkpoint", directory, str(through),
-         str(os.getpid())],
+        [sys.executable, "-I", "-S", os.path.abspath(__file__), "checkpoint", directory,
+         str(through), str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         pass_fds=pass_fds)
     out = child.stdout.split()
@@ -1170,8 +1170,10 @@ class Journal:
     POLICIES = ("always", "everysec", "no")
     PROBE_INTERVAL = 1.0        # seconds between probes for room after a full disk
     # The writer process: a new interpreter (never a fork of this threaded
-    # process), told the channel's fd, the directory and the policy.
-    WRITER_COMMAND = [sys.executable, "-I", os.path.abspath(__file__), "journal-writer"]
+    # process), told the channel's fd, the directory and the policy.  -S: it
+    # needs nothing but the standard library, so no site-packages (nor their
+    # .pth files, which run at every start of an interpreter that reads them).
+    WRITER_COMMAND = [sys.executable, "-I", "-S", os.path.abspath(__file__), "journal-writer"]
     # The fsync latency histogram's buckets, in seconds (GET /metrics).
     FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 

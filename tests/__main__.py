@@ -3,9 +3,11 @@
     python3 -m tests [-j N] [PATTERN ...]
 
 The test modules run in parallel, each in a worker process of its own
-(the longest few, one process per test class), `-j` at a time (default 3,
+(the longest few, one process per test class), `-j` at a time (default 4,
 or $KV_TEST_JOBS; `-j 1` runs them one after the other), the longest first
-so that the last to finish is a short one.  Every test already has its own
+so that the last to finish is a short one.  Four on two CPUs: many tests
+wait on the server's timers, and a fourth worker uses the CPU they leave
+(whole runs on the shared 2-CPU machine: 73-74 s with 4, 77-83 s with 3).  Every test already has its own
 port and data directory, so they share nothing but the CPUs.  PATTERNs select
 tests as unittest's -k does (a substring of the test's full name, or a glob),
 e.g. `python3 -m tests shutdown`.
@@ -17,9 +19,11 @@ it.  The exit status is 0 only if no test failed and at least one ran.
 """
 import argparse
 import concurrent.futures
+import importlib
 import json
+import multiprocessing
 import os
-import subprocess
+import resource
 import sys
 import tempfile
 import threading
@@ -31,33 +35,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 
 # The units of work, each run by a worker process: a module, or for the long
-# modules in SPLIT, each of its test classes.  DURATIONS is what each took
-# alone, in seconds, on the shared 2-CPU machine (tests branch, main 322ce3d's
-# server): units start longest first.  A unit missing here counts as long (it
-# starts early); stale figures only make the schedule a little worse, never a
-# result wrong.
-SPLIT = {"test_attacks", "test_crash", "test_expiry", "test_lifecycle", "test_limits"}
+# modules in SPLIT, each of its test classes.  DURATIONS is what each took in a
+# whole run with 4 workers, in seconds, on the shared 2-CPU machine (tests-speed
+# branch, 0c599bd's server, load average 3 to 5): units start longest first.  A
+# unit missing here counts as long (it starts early); stale figures only make
+# the schedule a little worse, never a result wrong.
+SPLIT = {"test_attacks", "test_crash", "test_disk", "test_expiry", "test_failures",
+         "test_lifecycle", "test_limits", "test_persistence"}
 DURATIONS = {
-    "test_attacks.StalledDiskTest": 15, "test_attacks.PipelineFloodTest": 11,
-    "test_attacks.ConnectionDeadlineTest": 10, "test_attacks.HalfCloseTest": 2.5,
-    "test_attacks.InflightMemoryTest": 1.5, "test_attacks.HugeContentLengthTest": 0.5,
-    "test_crash.KillFsyncAlwaysTest": 4.4, "test_crash.KillFsyncEverysecTest": 4.0,
-    "test_crash.KillFsyncNoTest": 3.6, "test_crash.BurstKillTest": 3.5,
-    "test_crash.JournalDamageTest": 1.8, "test_crash.CheckpointUnderLoadTest": 1.7,
-    "test_crash.AllowedStatesTest": 0.1, "test_crash.BatchKillTest": 2.5,
-    "test_lifecycle.ShutdownTest": 8.5, "test_lifecycle.CommandLineTest": 4.7,
-    "test_lifecycle.ShutdownUnderLoadTest": 3.1, "test_lifecycle.ProcessFailureTest": 2.5,
-    "test_lifecycle.CpuTest": 0.7,
-    "test_limits.FairnessTest": 3.8, "test_limits.DeadlineTest": 3.2,
-    "test_limits.FileDescriptorTest": 2.4, "test_limits.MemoryCapTest": 1.9,
-    "test_limits.ThreadLimitTest": 0.3, "test_limits.ConnectionCapTest": 0.2,
-    "test_persistence": 11, "test_listing": 9.5, "test_http_api": 7, "test_auth": 6.8,
-    "test_backup": 6.4, "test_metrics": 5.7, "test_http_protocol": 5.7,
-    "test_failures": 5.3, "test_conditional": 5.2, "test_docs": 3.4, "test_deploy": 1.3,
-    "test_export": 5.5, "test_batch": 2.5,
-    "test_bench_persist": 0.4, "test_bench_run": 0.3, "test_bench_goals": 0.2,
-    "test_expiry.RestartTest": 5.3, "test_expiry.WatchTest": 3.2,
-    "test_expiry.ExpiryTest": 2.4, "test_expiry.ReadmeRecipeTest": 0.7,
+    "test_lifecycle.CommandLineTest": 18.1, "test_lifecycle.ShutdownTest": 16.1,
+    "test_lifecycle.ShutdownUnderLoadTest": 7.3, "test_lifecycle.ProcessFailureTest": 5.5,
+    "test_lifecycle.CpuTest": 1.4, "test_crash.KillFsyncAlwaysTest": 14.1,
+    "test_crash.KillFsyncNoTest": 12.9, "test_crash.KillFsyncEverysecTest": 12.4,
+    "test_crash.CheckpointUnderLoadTest": 7.3, "test_crash.JournalDamageTest": 7,
+    "test_crash.BurstKillTest": 6.4, "test_crash.BatchKillTest": 5.3,
+    "test_crash.AllowedStatesTest": 0.1, "test_auth": 9.2, "test_backup": 9.1, "test_metrics": 8.5,
+    "test_attacks.PipelineFloodTest": 7.8, "test_attacks.StalledDiskTest": 5.8,
+    "test_attacks.ConnectionDeadlineTest": 5.2, "test_attacks.InflightMemoryTest": 2.9,
+    "test_attacks.HugeContentLengthTest": 0.7, "test_attacks.HalfCloseTest": 0.3,
+    "test_export": 7.2, "test_persistence.CheckpointCrashTest": 6.5,
+    "test_persistence.GroupCommitTest": 4.9, "test_persistence.DataDirectorySafetyTest": 3.2,
+    "test_persistence.BadSnapshotTest": 2, "test_persistence.FailedSaveTest": 1.8,
+    "test_persistence.VanishedFilesTest": 1.4, "test_persistence.ApplyAfterDurableTest": 0.8,
+    "test_persistence.FailedCheckpointCleanupTest": 0.6,
+    "test_persistence.SnapshotChecksumTest": 0.5, "test_persistence.JournalOrderTest": 0.4,
+    "test_persistence.RoundsTest": 0.2, "test_persistence.RecordTest": 0.1,
+    "test_persistence.LedgerTest": 0, "test_persistence.LoadTest": 0,
+    "test_persistence.TornWriteTest": 0, "test_conditional": 5.9, "test_batch": 5.9,
+    "test_expiry.RestartTest": 5.8, "test_expiry.WatchTest": 2.9, "test_expiry.ExpiryTest": 2.6,
+    "test_expiry.ReadmeRecipeTest": 0.9, "test_listing": 5.8, "test_deploy": 5.7,
+    "test_http_api": 5.5, "test_disk.VanishedDirectoryTest": 5.2,
+    "test_disk.FullDiskRestartTest": 4.8, "test_disk.TornLastWriteTest": 4.6,
+    "test_disk.ChildrenDieWithTheServerTest": 4.4, "test_disk.SnapshotChecksumTest": 4,
+    "test_disk.UnchangedSnapshotTest": 1.2, "test_docs": 5.1, "test_limits.FairnessTest": 3.8,
+    "test_limits.DeadlineTest": 3.2, "test_limits.FileDescriptorTest": 2.3,
+    "test_limits.MemoryCapTest": 1.7, "test_limits.ThreadLimitTest": 1.1,
+    "test_limits.ConnectionCapTest": 0.5, "test_http_protocol": 3.6, "test_http11": 3.5,
+    "test_failures.FsyncErrorTest": 3.4, "test_failures.JournalWriterDeathTest": 1.6,
+    "test_failures.RlimitFullDiskTest": 1.5, "test_failures.TmpfsFullDiskTest": 0.6,
+    "test_operations": 1.2, "test_bench_persist": 0, "test_bench_run": 0, "test_bench_goals": 0,
 }
 UNKNOWN_DURATION = 30
 # A unit that runs longer than this is stopped and counted as failed: a hung
@@ -153,34 +169,73 @@ def worker(unit, patterns, result_path):
         result = runner.run(suite)
     failed = {o["id"] for o in result.outcomes if o["kind"] in ("FAIL", "ERROR")}
     skipped = {o["id"] for o in result.outcomes if o["kind"] == "skipped"} - failed
+    # CPU: the worker's, and its children's that it waited for (the servers it
+    # started; not a helper process orphaned by a SIGKILL of its server).
+    cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
     with open(result_path, "w") as f:
         json.dump({"ran": result.testsRun, "failed": len(failed), "skipped": len(skipped),
-                   "outcomes": result.outcomes, "seconds": time.monotonic() - started}, f)
+                   "outcomes": result.outcomes, "seconds": time.monotonic() - started,
+                   "cpu": cpu}, f)
 
 
 # -- the parent: schedule the units, report ------------------------------------
 
-def run_unit(unit, patterns, directory):
+def run_in_child(unit, patterns, result_path, log_path):
+    """The body of a worker process: in ROOT, its output (fds 1 and 2) to `log_path`."""
+    os.chdir(ROOT)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    worker(unit, patterns, result_path)
+
+
+class Workers:
+    """Starts the worker processes, each a fork of a process that has already imported
+    unittest and the test modules (multiprocessing's forkserver): a few milliseconds
+    of CPU, where a new interpreter that imports them takes over 100 (48 units: the
+    suite went from 119.5 to 115.5 s of CPU).  The fork server is single-threaded,
+    and each unit still runs in a process of its own."""
+
+    def __init__(self, modules):
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["unittest", "tests.__main__", "tests.support"]
+                                            + ["tests." + m for m in modules])
+        # A child finds its target by the name of the target's module: not "__main__"
+        # (multiprocessing does not import a package's __main__ in a child).
+        self.target = importlib.import_module("tests.__main__").run_in_child
+        self.lock = threading.Lock()    # Process.start() from several threads at once
+
+    def run(self, unit, patterns, result_path, log_path):
+        """Run `unit` in a new worker process; its exit code, or a string if it was killed."""
+        process = self.context.Process(target=self.target, name="tests " + unit,
+                                       args=(unit, patterns, result_path, log_path))
+        with self.lock:
+            process.start()
+        process.join(MODULE_TIMEOUT)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return "killed after %d s" % MODULE_TIMEOUT
+        return process.exitcode
+
+
+def run_unit(workers, unit, patterns, directory):
     """Run `unit` in a worker process; what it reported (or a failure if it did not)."""
     result_path = os.path.join(directory, unit + ".json")
     log_path = os.path.join(directory, unit + ".log")
     started = time.monotonic()
-    command = [sys.executable, "-m", "tests", "--worker", result_path, unit, *patterns]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait(MODULE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = "killed after %d s" % MODULE_TIMEOUT
-            proc.wait()
+    code = workers.run(unit, patterns, result_path, log_path)
     try:
         with open(result_path) as f:
             report = json.load(f)
     except (OSError, ValueError):
-        with open(log_path, "rb") as f:
-            output = f.read().decode("utf-8", "replace")
+        try:
+            with open(log_path, "rb") as f:
+                output = f.read().decode("utf-8", "replace")
+        except OSError:
+            output = ""
         report = {"ran": 1, "failed": 1, "skipped": 0, "outcomes": [{
             "id": "tests." + unit, "kind": "ERROR",
             "detail": "the worker exited (%s) without a result; its output:\n%s"
@@ -189,11 +244,24 @@ def run_unit(unit, patterns, directory):
     return report
 
 
+def cache_bytecode(directory):
+    """Where PYTHONDONTWRITEBYTECODE forbids bytecode caches, have the run keep one in
+    `directory` (PYTHONPYCACHEPREFIX), for the worker processes and what they start.
+
+    Else every server start compiles the server's modules again: some 400 starts,
+    about 20 ms of CPU each on a 2-CPU machine (the suite went from 130-135 to 122-124
+    s of CPU).  Nothing is written in the tree, and the directory goes with the run.
+    """
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        del os.environ["PYTHONDONTWRITEBYTECODE"]
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(directory, "pycache")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="python3 -m tests", description=__doc__.split("\n")[0])
     parser.add_argument("-j", "--jobs", type=int,
-                        default=int(os.environ.get("KV_TEST_JOBS", "3")),
-                        help="worker processes at once (default 3, or $KV_TEST_JOBS)")
+                        default=int(os.environ.get("KV_TEST_JOBS", "4")),
+                        help="worker processes at once (default 4, or $KV_TEST_JOBS)")
     parser.add_argument("--worker", metavar="RESULT", help=argparse.SUPPRESS)
     parser.add_argument("patterns", nargs="*", metavar="PATTERN",
                         help="run only the tests whose name matches (unittest -k)")
@@ -204,15 +272,20 @@ def main(argv):
 
     started = time.monotonic()
     planned = sorted(units(args.patterns), key=lambda u: -DURATIONS.get(u, UNKNOWN_DURATION))
+    # The fork server imports the modules that this process could import (units()
+    # did); a module that fails to import fails in its own worker, as it would alone.
+    workers = Workers(sorted({u.split(".")[0] for u in planned
+                              if "tests." + u.split(".")[0] in sys.modules}))
     jobs = max(1, min(args.jobs, len(planned) or 1))
     print("Running %d module(s) or class(es) in %d worker(s)" % (len(planned), jobs),
           flush=True)
 
     totals = {"ran": 0, "failed": 0, "skipped": 0}
-    failures, lock = [], threading.Lock()
+    failures, lock, cpu = [], threading.Lock(), 0.0
     with tempfile.TemporaryDirectory(prefix="kvtest-run-") as directory, \
             concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(run_unit, u, args.patterns, directory): u for u in planned}
+        cache_bytecode(directory)
+        futures = {pool.submit(run_unit, workers, u, args.patterns, directory): u for u in planned}
         for future in concurrent.futures.as_completed(futures):
             unit = futures[future]
             try:
@@ -225,9 +298,10 @@ def main(argv):
                 for key in totals:
                     totals[key] += report[key]
                 status = "FAIL" if report["failed"] else "ok"
-                print("%-4s %-40s %3d tests, %d failed, %d skipped %6.1f s"
+                cpu += report.get("cpu", 0)
+                print("%-4s %-40s %3d tests, %d failed, %d skipped %6.1f s, CPU %5.1f s"
                       % (status, unit, report["ran"], report["failed"], report["skipped"],
-                         report["seconds"]), flush=True)
+                         report["seconds"], report.get("cpu", 0)), flush=True)
                 seen = set()
                 for outcome in report["outcomes"]:
                     if outcome["kind"] in ("FAIL", "ERROR"):
@@ -248,8 +322,8 @@ def main(argv):
         print("=" * 70)
     failed, skipped = totals["failed"], totals["skipped"]
     passed = totals["ran"] - failed - skipped
-    print("Ran %d tests in %.1f s (%d workers)" % (totals["ran"], time.monotonic() - started,
-                                                  jobs))
+    print("Ran %d tests in %.1f s (%d workers, %.0f s of CPU)"
+          % (totals["ran"], time.monotonic() - started, jobs, cpu))
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped), flush=True)
     return 0 if failed == 0 and totals["ran"] > 0 else 1
 

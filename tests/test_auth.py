@@ -55,11 +55,26 @@ def token_file(test, content, mode=0o600):
 
 
 class AuthTest(support.ServerTestCase):
+    """One server for the class: no test here depends on what another wrote (the
+    one that stops its server to read all it logged has a server of its own)."""
 
-    def setUp(self):
-        super().setUp()
-        path = token_file(self, b"\n  " + TOKEN.encode() + b"  \n\n")   # whitespace is not part of it
-        self.server = self.start_server("--auth-token-file", path, "--access-log")
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.server = cls.start_auth_server(cls.addClassCleanup)
+
+    @staticmethod
+    def start_auth_server(add_cleanup):
+        directory = tempfile.mkdtemp(prefix="kvtest-")
+        add_cleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "token")
+        with open(path, "wb") as f:
+            f.write(b"\n  " + TOKEN.encode() + b"  \n\n")     # whitespace is not part of it
+        os.chmod(path, 0o600)
+        server = support.ServerProcess(os.path.join(directory, "data"),
+                                       "--auth-token-file", path, "--access-log")
+        add_cleanup(server.__exit__, None, None, None)
+        return server.start()
 
     def refused(self, method, path, body, headers, why):
         status, reply_headers, reply = self.server.request(method, path, body, headers)
@@ -115,12 +130,13 @@ class AuthTest(support.ServerTestCase):
             self.assertEqual(s.recv(1), b"", "the connection stays open")
 
     def test_the_token_never_reaches_the_log(self):
+        server = self.start_auth_server(self.addCleanup)
         for headers in (RIGHT, {"Authorization": "Bearer " + WRONG}):
             for method, path, body, _ in ENDPOINTS:
-                self.server.request(method, path, body, headers)
-        self.server.wait_for_line(r'"GET /kv/guarded" 401', 10)       # it logs
-        self.assertEqual(self.server.stop(), 0)
-        output = self.server.output()
+                server.request(method, path, body, headers)
+        server.wait_for_line(r'"GET /kv/guarded" 401', 10)       # it logs
+        self.assertEqual(server.stop(), 0)
+        output = server.output()
         self.assertNotIn(TOKEN, output)
         self.assertNotIn(WRONG, output)
         self.assertNotIn(TOKEN[:12], output)

@@ -306,93 +306,115 @@ http {{
 """
 
 
-def substitute(test, text, pattern, replacement):
-    """`text` with the one match of `pattern` replaced; the test fails if there is not exactly one."""
+def substitute(text, pattern, replacement):
+    """`text` with the one match of `pattern` replaced; AssertionError unless there is one."""
     new, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
-    test.assertEqual(count, 1, "deploy/nginx.conf: %r matched %d times" % (pattern, count))
+    if count != 1:
+        raise AssertionError("deploy/nginx.conf: %r matched %d times" % (pattern, count))
     return new
 
 
-class NginxTest(support.ServerTestCase):
-    """deploy/nginx.conf in a real nginx: TLS, the body size, compare-and-set, a sub-path."""
+class NginxTest(unittest.TestCase):
+    """deploy/nginx.conf in a real nginx: TLS, the body size, compare-and-set, a sub-path.
 
-    def setUp(self):
-        super().setUp()
+    One server, certificate and nginx for the class; each test begins with
+    the store emptied.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
         missing = [tool for tool in ("nginx", "openssl") if not shutil.which(tool)]
         if missing:
             what = " and ".join(missing)
             if os.environ.get("CI"):                # it must run there: never a silent skip
-                self.fail("%s not installed: .ci/run installs it with apt-get" % what)
-            self.skipTest("needs %s (apt-get install nginx openssl)" % what)
-        token = support.temp_file(self, "token", b"nginx-test-token")
+                raise AssertionError("%s not installed: .ci/run installs it with apt-get" % what)
+            raise unittest.SkipTest("needs %s (apt-get install nginx openssl)" % what)
+        cls.dir = tempfile.mkdtemp(prefix="kvtest-nginx-")
+        cls.addClassCleanup(shutil.rmtree, cls.dir, True)
+        os.chmod(cls.dir, 0o755)                # nginx's workers run as another user under root
+        token = os.path.join(cls.dir, "token")
+        with open(token, "wb") as f:
+            f.write(b"nginx-test-token")
         os.chmod(token, 0o600)
-        self.auth = {"Authorization": "Bearer nginx-test-token"}
-        self.server = self.start_server("--auth-token-file", token)
-        self.dir = tempfile.mkdtemp(prefix="kvtest-nginx-")
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        os.chmod(self.dir, 0o755)               # nginx's workers run as another user under root
-        self.certificate = self.make_certificate()
-        self.port = support.free_port()
-        self.start_nginx()
+        cls.auth = {"Authorization": "Bearer nginx-test-token"}
+        cls.server = support.ServerProcess(os.path.join(cls.dir, "data"),
+                                           "--auth-token-file", token)
+        cls.addClassCleanup(cls.server.__exit__, None, None, None)
+        cls.server.start()
+        cls.certificate = cls.make_certificate()
+        cls.port = support.free_port()
+        cls.start_nginx()
 
-    def make_certificate(self):
+    def setUp(self):
+        super().setUp()
+        self.assertEqual(self.server.request("DELETE", "/clear", None, self.auth)[0], 200)
+
+    @classmethod
+    def make_certificate(cls):
         """A self-signed certificate for localhost and 127.0.0.1; the path of its PEM."""
-        cert, key = os.path.join(self.dir, "tls.crt"), os.path.join(self.dir, "tls.key")
+        cert, key = os.path.join(cls.dir, "tls.crt"), os.path.join(cls.dir, "tls.key")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                         "-subj", "/CN=localhost", "-keyout", key, "-out", cert,
                         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
                        check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         return cert
 
-    def kvstore_conf(self):
-        """deploy/nginx.conf pointed at this test's server, port and certificate, plus a sub-path."""
+    @classmethod
+    def kvstore_conf(cls):
+        """deploy/nginx.conf aimed at the class's server, port and certificate, plus a sub-path."""
         with open(NGINX_CONF, encoding="utf-8") as f:
             conf = f.read()
-        conf = substitute(self, conf, r"^(\s*)server 127\.0\.0\.1:8080;",
-                          r"\g<1>server 127.0.0.1:%d;" % self.server.port)
-        conf = substitute(self, conf, r"^(\s*)listen 443 ssl;", r"\g<1>listen 127.0.0.1:%d ssl;"
-                          % self.port)
-        conf = substitute(self, conf, r"^\s*listen \[::\]:443 ssl;\n", "")
-        conf = substitute(self, conf, r"^(\s*ssl_certificate)\s.*;", r"\1 %s;" % self.certificate)
-        conf = substitute(self, conf, r"^(\s*ssl_certificate_key)\s.*;",
-                          r"\1 %s;" % self.certificate.replace(".crt", ".key"))
+        conf = substitute(conf, r"^(\s*)server 127\.0\.0\.1:8080;",
+                          r"\g<1>server 127.0.0.1:%d;" % cls.server.port)
+        conf = substitute(conf, r"^(\s*)listen 443 ssl;", r"\g<1>listen 127.0.0.1:%d ssl;"
+                          % cls.port)
+        conf = substitute(conf, r"^\s*listen \[::\]:443 ssl;\n", "")
+        conf = substitute(conf, r"^(\s*ssl_certificate)\s.*;", r"\1 %s;" % cls.certificate)
+        conf = substitute(conf, r"^(\s*ssl_certificate_key)\s.*;",
+                          r"\1 %s;" % cls.certificate.replace(".crt", ".key"))
         # The same location again, under a sub-path, as its comment says.
         root = re.search(r"^    location / \{.*?^    \}\n", conf, re.MULTILINE | re.DOTALL)
-        self.assertIsNotNone(root, "no `location / {` block in deploy/nginx.conf")
+        if root is None:
+            raise AssertionError("no `location / {` block in deploy/nginx.conf")
         sub = root.group(0).replace("location / {", "location /kv-store/ {").replace(
             "proxy_pass http://kvstore;", "proxy_pass http://kvstore/;")
         return conf[:root.end()] + sub + conf[root.end():]
 
-    def start_nginx(self):
-        with open(os.path.join(self.dir, "kvstore.conf"), "w") as f:
-            f.write(self.kvstore_conf())
-        main = os.path.join(self.dir, "nginx.conf")
+    @classmethod
+    def start_nginx(cls):
+        with open(os.path.join(cls.dir, "kvstore.conf"), "w") as f:
+            f.write(cls.kvstore_conf())
+        main = os.path.join(cls.dir, "nginx.conf")
         with open(main, "w") as f:
-            f.write(NGINX_MAIN.format(dir=self.dir))
+            f.write(NGINX_MAIN.format(dir=cls.dir))
         nginx = subprocess.Popen(
-            ["nginx", "-p", self.dir, "-e", os.path.join(self.dir, "error.log"), "-c", main],
+            ["nginx", "-p", cls.dir, "-e", os.path.join(cls.dir, "error.log"), "-c", main],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True)
-        self.addCleanup(self.stop_nginx, nginx)
+        cls.addClassCleanup(cls.stop_nginx, nginx)
 
         def ready():
             if nginx.poll() is not None:
-                self.fail("nginx exited %s: %s" % (nginx.returncode, self.nginx_log(nginx)))
+                raise AssertionError("nginx exited %s: %s" % (nginx.returncode,
+                                                               cls.nginx_log(nginx)))
             try:
-                return self.request("GET", "/health")[0] == 200
+                return cls.request("GET", "/health")[0] == 200
             except OSError:
                 return False
         support.wait_until(ready, 30, 0.05, "nginx to serve /health")
 
-    def nginx_log(self, nginx):
+    @classmethod
+    def nginx_log(cls, nginx):
         output = nginx.stdout.read().decode("utf-8", "replace") if nginx.poll() is not None else ""
         try:
-            with open(os.path.join(self.dir, "error.log"), encoding="utf-8") as f:
+            with open(os.path.join(cls.dir, "error.log"), encoding="utf-8") as f:
                 return output + f.read()
         except OSError:
             return output
 
-    def stop_nginx(self, nginx):
+    @staticmethod
+    def stop_nginx(nginx):
         if nginx.poll() is None:
             os.killpg(nginx.pid, signal.SIGTERM)        # fast shutdown, workers included
             try:
@@ -402,10 +424,11 @@ class NginxTest(support.ServerTestCase):
                 nginx.wait(30)
         nginx.stdout.close()
 
-    def request(self, method, path, body=None, headers=None):
-        """One request through nginx, over TLS checked against the test's certificate."""
-        context = ssl.create_default_context(cafile=self.certificate)
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=30)
+    @classmethod
+    def request(cls, method, path, body=None, headers=None):
+        """One request through nginx, over TLS checked against the class's certificate."""
+        context = ssl.create_default_context(cafile=cls.certificate)
+        conn = http.client.HTTPSConnection("127.0.0.1", cls.port, context=context, timeout=30)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()

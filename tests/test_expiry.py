@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -265,7 +266,7 @@ class RestartTest(support.ServerTestCase):
             # everything before reading a reply is one that does not read.
             for first in range(0, count, batch):
                 sock.sendall(b"".join(
-                    b"PUT /kv/k%d?ttl=2 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+                    b"PUT /kv/k%d?ttl=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
                     % i + b"v" * 100 for i in range(first, first + batch)))
                 replies = b""
                 while replies.count(b"HTTP/1.1 200") < batch:
@@ -315,8 +316,14 @@ class RestartTest(support.ServerTestCase):
 
 
 @unittest.skipUnless(shutil.which("curl") or os.environ.get("CI"), "needs curl")
-class ReadmeRecipeTest(support.ServerTestCase):
-    """The README's shell recipes, run by bash with the real curl against a server."""
+class ReadmeRecipeTest(SharedServerTestCase):
+    """The README's shell recipes, run by bash with the real curl against a server (one for
+    the class: each recipe has keys of its own)."""
+
+    def setUp(self):
+        super().setUp()
+        self.data_dir = tempfile.mkdtemp(prefix="kvtest-")     # the recipes' working directory
+        self.addCleanup(shutil.rmtree, self.data_dir, True)
 
     def recipe(self, word):
         found = [script for script in shell_recipes(readme()) if word in script]
@@ -329,7 +336,7 @@ class ReadmeRecipeTest(support.ServerTestCase):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
     def test_the_lock_recipe_takes_renews_and_releases_the_lock(self):
-        server = self.start_server()
+        server = self.server
         script = self.recipe("lock.backup")
         out, err = self.run_recipe(server, script).communicate(timeout=30)
         self.assertIsNone(server.get("lock.backup"), err)
@@ -340,14 +347,14 @@ class ReadmeRecipeTest(support.ServerTestCase):
         self.assertEqual(server.get("lock.backup"), b"someone else")
 
     def test_the_cache_recipe_shows_the_seconds_left(self):
-        server = self.start_server()
+        server = self.server
         process = self.run_recipe(server, self.recipe("cache.user.7"))
         out, err = process.communicate(timeout=30)
         self.assertEqual(process.returncode, 0, err)
         self.assertRegex(out.decode(), r"(?i)^KV-TTL: (59|60)\r?$")
 
     def test_the_watch_recipe_prints_each_new_version(self):
-        server = self.start_server()
+        server = self.server
         process = self.run_recipe(server, self.recipe("config.app"), start_new_session=True)
         self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
         wait_watches(server, 1)

@@ -1,11 +1,12 @@
 """Black-box tests of the HTTP API: routing, keys, values, errors, concurrency, logging.
 
 Each test talks to the real server (a subprocess) through `http.client`.
-Tests that cannot disturb each other share one server per class, started in
-setUpClass (see `SharedServerTestCase`); each test uses keys named after
-itself.  Every response is checked for the framing every response must carry:
-exactly one `Content-Type: text/plain; charset=utf-8` and a `Content-Length`
-equal to the body's length.
+Tests that cannot disturb each other share one server: the classes here
+with the same flags, except the one that empties the store (see
+`SharedServerTestCase`); each test uses keys named after itself.  Every
+response is checked for the framing every response must carry: exactly one
+`Content-Type: text/plain; charset=utf-8` and a `Content-Length` equal to
+the body's length.
 
 The wire-level behaviour (raw bytes, malformed requests, chunked bodies,
 pipelining, 100-continue) is in test_http_protocol.py.
@@ -26,26 +27,42 @@ CONTENT_TYPE = "text/plain; charset=utf-8"
 KV_ALLOW = "GET, HEAD, PUT, DELETE"
 
 
+# The servers that classes with `share_server` set share: by module and flags.
+_shared_servers = {}
+
+
 class SharedServerTestCase(unittest.TestCase):
     """One server for the whole class, plus a sentinel key that no test may lose.
 
-    `server_args` are extra command-line flags.  After an error case a test
-    calls `assert_intact()`: the sentinel written in setUpClass must still be
-    there, byte for byte.
+    `server_args` are extra command-line flags.  With `share_server` set, the
+    class shares its server with every other class of its module that sets it
+    and has the same flags (stopped when the module is done).  After an error
+    case a test calls `assert_intact()`: the sentinel written in setUpClass
+    must still be there, byte for byte.
     """
 
     server_args = ()
+    share_server = False
     SENTINEL_KEY = "sentinel.key"
     SENTINEL_VALUE = bytes(range(256)) * 3     # under the 1000-byte limit of some classes
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        data_dir = tempfile.mkdtemp(prefix="kvtest-http-")
-        cls.addClassCleanup(shutil.rmtree, data_dir, True)
-        cls.server = support.ServerProcess(data_dir, *cls.server_args)
-        cls.addClassCleanup(cls.server.__exit__, None, None, None)
-        cls.server.start()
+        shared = (cls.__module__, tuple(cls.server_args)) if cls.share_server else None
+        cls.server = _shared_servers.get(shared)
+        if cls.server is None:
+            data_dir = tempfile.mkdtemp(prefix="kvtest-http-")
+            cls.server = support.ServerProcess(data_dir, *cls.server_args)
+            if shared:
+                _shared_servers[shared] = cls.server
+                unittest.addModuleCleanup(shutil.rmtree, data_dir, True)
+                unittest.addModuleCleanup(cls.server.__exit__, None, None, None)
+                unittest.addModuleCleanup(_shared_servers.pop, shared, None)
+            else:
+                cls.addClassCleanup(shutil.rmtree, data_dir, True)
+                cls.addClassCleanup(cls.server.__exit__, None, None, None)
+            cls.server.start()
         cls.server.put(cls.SENTINEL_KEY, cls.SENTINEL_VALUE)
 
     # -- helpers ---------------------------------------------------------------
@@ -101,6 +118,8 @@ class SharedServerTestCase(unittest.TestCase):
 
 
 class HealthTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_get_health(self):
         self.assertResponse("GET", "/health", 200, b"ok\n")
@@ -114,6 +133,8 @@ class HealthTests(SharedServerTestCase):
 
 
 class KeyValueTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_put_then_get(self):
         path = "/kv/" + self.key()
@@ -168,6 +189,8 @@ class KeyValueTests(SharedServerTestCase):
 
 
 class KeyRuleTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_every_allowed_character(self):
         key = "AZaz09:_.-" + self.key()
@@ -295,6 +318,8 @@ class KeyRuleTests(SharedServerTestCase):
 
 
 class ValueTests(SharedServerTestCase):
+    share_server = True
+
 
     def roundtrip(self, value, suffix=""):
         path = "/kv/" + self.key(suffix)
@@ -355,6 +380,8 @@ class ValueTests(SharedServerTestCase):
 
 
 class MethodRoutingTests(SharedServerTestCase):
+    share_server = True
+
 
     OTHER_METHODS = ("POST", "PATCH", "OPTIONS", "TRACE", "FOO")
 
@@ -412,6 +439,8 @@ class CachingTests(SharedServerTestCase):
     With no Cache-Control, a cache may reuse a reply for a time of its own
     choosing (heuristic freshness): a stale value, or a 404 after the PUT.
     """
+
+    share_server = True
 
     def test_a_value_may_be_kept_but_is_revalidated_with_its_etag(self):
         path = "/kv/" + self.key()
@@ -473,6 +502,8 @@ class ValueLimitTests(SharedServerTestCase):
 
 
 class KeepAliveTests(SharedServerTestCase):
+    share_server = True
+
 
     def test_many_requests_on_one_connection(self):
         conn = self.server.connection()
@@ -505,6 +536,8 @@ class KeepAliveTests(SharedServerTestCase):
 
 
 class ConcurrencyTests(SharedServerTestCase):
+    share_server = True
+
 
     THREADS = 32
     ROUNDS = 40        # 4 requests a round: 160 requests a thread
@@ -583,10 +616,13 @@ class AccessLogDefaultTests(support.ServerTestCase):
         self.assertNotIn(marker, output, "a request was logged without --access-log")
 
 
-class AccessLogTests(support.ServerTestCase):
+class AccessLogTests(SharedServerTestCase):
+    """Each test finds its own lines in the class's server's log by a marker of its own."""
+
+    server_args = ("--access-log",)
 
     def test_one_line_per_request_without_the_value(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         key, value = "logged-" + marker, ("secret-value-" + marker[::-1]).encode()
         self.assertEqual(server.request("PUT", "/kv/" + key, value)[0], 200)
@@ -603,7 +639,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertNotIn(marker[::-1], server.output(), "a value was logged")
 
     def test_each_line_says_who_what_the_outcome_and_how_long(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         key, value = "timed-" + marker, b"0123456789"
         waited = {}
@@ -628,7 +664,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertGreater(seconds[0], 0, "a PUT waits for its fsync")
 
     def test_a_quote_in_the_target_cannot_forge_a_field(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         reply = server.raw(('GET /kv/x"%s"_200_0 HTTP/1.1\r\nHost: x\r\nConnection: close'
                             '\r\n\r\n' % marker).encode())
@@ -637,7 +673,7 @@ class AccessLogTests(support.ServerTestCase):
         self.assertIn('"GET /kv/x\\"%s\\"_200_0" 400 ' % marker, line)
 
     def test_logging_does_not_break_keep_alive_or_errors(self):
-        server = self.start_server("--access-log")
+        server = self.server
         marker = uuid.uuid4().hex
         conn = server.connection()
         self.addCleanup(conn.close)

@@ -83,8 +83,10 @@ class Client:
 class DeadlineTest(support.ServerTestCase):
 
     def test_stalled_clients_are_cut_at_their_deadline(self):
-        server = self.start_server("--header-timeout", "1", "--body-timeout", "1",
-                                   "--send-timeout", "1", "--idle-timeout", "2")
+        # Deadlines of 0.5 s (the idle one 1.5 s): the server looks for passed
+        # deadlines once a second, so each client is cut 0.5 to 1.5 s in.
+        server = self.start_server("--header-timeout", "0.5", "--body-timeout", "0.5",
+                                   "--send-timeout", "0.5", "--idle-timeout", "1.5")
         server.put("big", b"v" * (8 << 20))
         address = (server.host, server.port)
         started = time.monotonic()
@@ -115,11 +117,11 @@ class DeadlineTest(support.ServerTestCase):
                     self.assertTrue(received.startswith(expected), received[:200])
                 if expected is timeout:
                     self.assertTrue(received.endswith(b"\r\n\r\nrequest timeout\n"), received)
-                self.assertGreater(elapsed, 0.9, "cut before its deadline")
-        self.assertGreater(time.monotonic() - started, 1.9, "idle connection cut before 2 s")
+                self.assertGreater(elapsed, 0.45, "cut before its deadline")
+        self.assertGreater(time.monotonic() - started, 1.45, "idle connection cut before 1.5 s")
         # The client that did not read: by now it has been cut off, so what it
         # reads is what was already on its way, then the end.
-        support.wait_until(lambda: time.monotonic() - started > 3, 10)
+        support.wait_until(lambda: time.monotonic() - started > 2.5, 10)
         received = read_to_end(reader, 10)
         self.assertLess(len(received), 8 << 20, "a client that did not read got it all")
         self.assertEqual(server.request("GET", "/health")[0], 200)
