@@ -7,7 +7,7 @@ waits with a deadline; nothing sleeps blindly.
                    stdout and stderr kept apart.
 - `BareServer`     a ServerProcess with exactly the given argv, environment
                    and cwd (for env fallbacks, `--port=N`, run.sh).
-- `get_many()`     GET many keys over a few keep-alive connections.
+- `get_many()`     GET many keys over a few keep-alive connections, pipelined.
 - `FaultyFsyncServer` the server with os.fsync under the test's control:
                    held while HOLD_FSYNC exists in the data directory,
                    failing (EIO) while FAIL_FSYNC does.
@@ -16,7 +16,6 @@ waits with a deadline; nothing sleeps blindly.
                    once the server has answered 100, i.e. once the server is
                    certainly inside that request, reading its body.
 """
-import http.client
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import time
 from unittest import mock
 
 from tests import support
+from tests.test_http_protocol import read_response as read_raw_response
 
 if support.ROOT not in sys.path:
     sys.path.insert(0, support.ROOT)
@@ -198,29 +198,37 @@ def stop_within(server, signum=signal.SIGTERM, timeout=20.0):
     return code, elapsed
 
 
-def get_many(server, keys, connections=4, timeout=30):
-    """{key: value or None (404)} for every key, over a few keep-alive connections."""
+def get_many(server, keys, connections=4, timeout=30, batch=100):
+    """{key: value or None (404)} for every key, over a few keep-alive connections.
+
+    Each connection sends its GETs `batch` at a time, pipelined, then reads
+    their responses in order: 10,000 keys cost 0.3 s of CPU (client and
+    server), where a request and a response object of http.client for each
+    cost 1.8 s.
+    """
     keys = list(keys)
     result, errors = {}, []
 
     def work(part):
-        conn = server.connection(timeout)
         try:
-            for key in part:
-                conn.request("GET", "/kv/" + key)
-                resp = conn.getresponse()
-                body = resp.read()
-                if resp.status == 404:
-                    result[key] = None
-                elif resp.status == 200:
-                    result[key] = body
-                else:
-                    errors.append("GET %s: %d %r" % (key, resp.status, body))
-                    return
-        except (OSError, http.client.HTTPException) as e:
+            with socket.create_connection((server.host, server.port), timeout=timeout) as sock, \
+                    sock.makefile("rb") as rfile:
+                for start in range(0, len(part), batch):
+                    chunk = part[start:start + batch]
+                    sock.sendall(b"".join(b"GET /kv/%s HTTP/1.1\r\nHost: kvtest\r\n\r\n"
+                                          % key.encode() for key in chunk))
+                    for key in chunk:
+                        response = read_raw_response(rfile)
+                        if response.status == 404:
+                            result[key] = None
+                        elif response.status == 200:
+                            result[key] = response.body
+                        else:
+                            errors.append("GET %s: %d %r" % (key, response.status,
+                                                             response.body))
+                            return
+        except (OSError, AssertionError) as e:
             errors.append("GET: %r" % e)
-        finally:
-            conn.close()
 
     threads = [threading.Thread(target=work, args=(keys[i::connections],))
                for i in range(connections)]
