@@ -439,8 +439,10 @@ class PipelineFloodTest(support.ServerTestCase):
 
     SAMPLES = 400
     SECONDS = 4.0           # at most, for the samples during the flood
-    SLACK_P99 = 0.100       # 0.05 failed once on a machine running two suites at once
-    SLACK_MEDIAN = 0.020
+    # The attack these guard against made the median 0.13-0.18 s and the p99
+    # 0.76-0.80 s; 0.02 and 0.05 failed on a machine running two suites at once.
+    SLACK_P99 = 0.100
+    SLACK_MEDIAN = 0.050
 
     def check_fair(self, server, kind, connections, between=None, flood_seconds=0):
         """The flood lasts `flood_seconds` at least; `between` is called every 0.1 s or so."""
