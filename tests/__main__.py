@@ -5,15 +5,17 @@
 The test modules run in parallel, each in a worker process of its own
 (the longest few, one process per test class), `-j` at a time (default 4,
 or $KV_TEST_JOBS; `-j 1` runs them one after the other), the longest first
-so that the last to finish is a short one.  Four on two CPUs: many tests
-wait on the server's timers, and a fourth worker uses the CPU they leave
-(whole runs on the shared 2-CPU machine: 73-74 s with 4, 77-83 s with 3).  Every test already has its own
-port and data directory, so they share nothing but the CPUs.  PATTERNs select
-tests as unittest's -k does (a substring of the test's full name, or a glob),
-e.g. `python3 -m tests shutdown`.
+so that the last to finish is a short one (see Schedule for the few that
+time a flood).  Each worker is a fork of a process that has imported the
+test modules once (Workers).  Four on two CPUs: many tests wait on the
+server's timers, and a fourth worker uses the CPU they leave (whole runs on
+the shared 2-CPU machine: 73-74 s with 4, 77-83 s with 3).  Every test
+already has its own port and data directory, so they share nothing but the
+CPUs.  PATTERNs select tests as unittest's -k does (a substring of the
+test's full name, or a glob), e.g. `python3 -m tests shutdown`.
 
-Output: one line per module (or class) as it finishes, with its counts and
-time, one line per failing or skipped test under it, then the tracebacks of
+Output: one line per module (or class) as it finishes, with its counts, time and
+CPU, one line per failing or skipped test under it, then the tracebacks of
 the failures, then the totals.  The last line is always "N passed, N failed, N skipped": CI reads
 it.  The exit status is 0 only if no test failed and at least one ran.
 """
