@@ -92,7 +92,7 @@ UNKNOWN_DURATION = (30, 30)
 # while it runs the other workers take only units that mostly wait (CPU under 30% of
 # their time) while there are any.  (Under a load average of 9 to 11, with busy units
 # beside it, PipelineFloodTest once saw a 99th percentile of 67 ms for a bound of 59.)
-TIMED = {"test_attacks.PipelineFloodTest"}
+TIMED = {"test_attacks.PipelineFloodTest", "test_limits.FairnessTest"}
 # A unit that runs longer than this is stopped and counted as failed: a hung
 # test must not hang CI.
 MODULE_TIMEOUT = 900
