@@ -155,23 +155,33 @@ def export_row(opts, server):
                           " (means of %d runs)" % opts.repeat if opts.repeat > 1 else "")}
 
 
-def _writers(opts, server, exporting):
-    """One run of PUT c=64, beside an exporter process or not."""
-    exporter = None
-    if exporting:
-        exporter = subprocess.Popen([PY, "-c", EXPORTER, str(server.port),
-                                     str(opts.batch_duration)],
-                                    stdout=subprocess.PIPE, text=True)
+def _load_beside(opts, server, connections, method, client=None, settle=0.0):
+    """run_load for opts.batch_duration, beside `client` ([script, its arguments], run by a
+    process of its own, given `settle` seconds first) or not: (the load's result, the
+    client's output)."""
+    beside = subprocess.Popen([PY, "-c"] + [str(arg) for arg in client],
+                              stdout=subprocess.PIPE, text=True) if client else None
+    out = None
     try:
+        if beside is not None:
+            time.sleep(settle)
         with on_client_cpu():
-            r = run_load(HOST, server.port, CONNECTIONS, opts.batch_duration, "PUT",
+            r = run_load(HOST, server.port, connections, opts.batch_duration, method,
                          opts.batch_keys, opts.value_size)
     finally:
-        if exporter is not None:
-            out, _ = exporter.communicate(timeout=600)
-            if exporter.returncode != 0:
-                raise RuntimeError("the exporter failed")
-            r["exports_s"] = json.loads(out)["seconds"]
+        if beside is not None:
+            out, _ = beside.communicate(timeout=600)
+            if beside.returncode != 0:
+                raise RuntimeError("the client beside the load failed")
+    return r, out
+
+
+def _writers(opts, server, exporting):
+    """One run of PUT c=64, beside an exporter process or not."""
+    client = [EXPORTER, server.port, opts.batch_duration] if exporting else None
+    r, out = _load_beside(opts, server, CONNECTIONS, "PUT", client)
+    if exporting:
+        r["exports_s"] = json.loads(out)["seconds"]
     return r
 
 
@@ -204,22 +214,12 @@ def readers_rows(opts, server):
     runs = {True: [], False: []}
     for _ in range(opts.repeat):
         for importing in (True, False):
-            importer = subprocess.Popen(
-                [PY, "-c", IMPORTER, str(server.port), str(IMPORTERS), str(opts.batch_lines),
-                 str(opts.batch_duration + 2)], stdout=subprocess.PIPE, text=True) \
-                if importing else None
-            try:
-                if importer is not None:
-                    time.sleep(2)           # its bodies built, its batches flowing
-                with on_client_cpu():
-                    r = run_load(HOST, server.port, 8, opts.batch_duration, "GET",
-                                 opts.batch_keys, opts.value_size)
-            finally:
-                if importer is not None:
-                    out, _ = importer.communicate(timeout=600)
-                    if importer.returncode != 0:
-                        raise RuntimeError("the importers failed")
-                    r["imported"] = int(out)
+            client = [IMPORTER, server.port, IMPORTERS, opts.batch_lines,
+                      opts.batch_duration + 2] if importing else None
+            # 2 s for the importers to build their bodies and get their batches flowing
+            r, out = _load_beside(opts, server, 8, "GET", client, settle=2)
+            if importing:
+                r["imported"] = int(out)
             runs[importing].append(r)
     rows = []
     for importing, label in ((True, "%d clients importing" % IMPORTERS), (False, "none")):
