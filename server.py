@@ -822,8 +822,7 @@ class BatchJob:
     store's own work cannot be sliced, the batch being atomic: queueing it
     (its record encoded under the store's lock) and applying it hold the
     loop about 1.5 us an operation, so --max-batch-ops (10,000 by default:
-    15 ms) bounds a batch, and the journal applies a round of many batches
-    a share at a time (persistence._RoundsInFlight).
+    15 ms) bounds that step.
     """
 
     def __init__(self, api, connection, request):
