@@ -442,7 +442,7 @@ class Api:
         deadline = now_ms() + 1000 * query["ttl"] if "ttl" in query else None
         return self.write(request, connection, self.store.put, key, body, tag=tag,
                           condition=write_condition(request.headers), deadline=deadline,
-                          etag=b'"%s"' % tag.encode())
+                          etag='"%s"' % tag)
 
     def read(self, request, key):
         """The reply to GET or HEAD of `key`: 200, 304 or 404, with the revision it reflects."""
@@ -2167,7 +2167,7 @@ class SnapshotStream:
             self.send([b"HTTP/1.1 200 OK\r\n", self.HEAD,
                        b"Cache-Control: no-store\r\n",          # a copy of the data: no cache
                        b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
-                       http11.date_header(), b"Connection: %s\r\n\r\n" % connection.encode()])
+                       http11.date_header().encode(), b"Connection: %s\r\n\r\n" % connection.encode()])
             self.body()
             whole = True
         except Exception as e:              # the client gone or too slow, mostly

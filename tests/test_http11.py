@@ -821,7 +821,7 @@ class ReplyTests(unittest.TestCase):
         return status, [line.split(b": ", 1) for line in lines], body
 
     def test_a_reply(self):
-        reply = http11.response(200, b"ok\n", headers=(("ETag", '"x"'), (b"X-B", b"\xff")),
+        reply = http11.response(200, b"ok\n", headers=(("ETag", '"x"'), ("X-B", "\xff")),
                                 connection="keep-alive")
         status, headers, body = self.split(reply)
         self.assertEqual((status, body), (b"HTTP/1.1 200 OK", b"ok\n"))
@@ -855,7 +855,7 @@ class ReplyTests(unittest.TestCase):
             self.assertIn([b"Content-Type", b"text/x"], headers)
 
     def test_error_response(self):
-        reply = http11.error_response(503, "server busy", headers=(("Retry-After", 1),))
+        reply = http11.error_response(503, "server busy", headers=(("Retry-After", "1"),))
         status, headers, body = self.split(reply)
         self.assertEqual((status, body), (b"HTTP/1.1 503 Service Unavailable", b"server busy\n"))
         for header in ([b"Connection", b"close"], [b"Retry-After", b"1"],
@@ -863,12 +863,12 @@ class ReplyTests(unittest.TestCase):
             self.assertIn(header, headers)
 
     def test_date_header(self):
-        header = http11.date_header()
+        header = http11.date_header().encode()
         self.assertRegex(header, self.DATE)
         when = email.utils.parsedate_to_datetime(header[6:-2].decode()).timestamp()
         self.assertLess(abs(when - time.time()), 5)
         with mock.patch("time.time", return_value=784111777.5):
-            self.assertEqual(http11.date_header(), b"Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n")
+            self.assertEqual(http11.date_header(), "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n")
             with mock.patch("email.utils.formatdate") as formatdate:
                 http11.date_header()            # the same second: not built again
             formatdate.assert_not_called()
