@@ -999,24 +999,24 @@ class Owed:
         return 200, self.body, headers, self.content_type
 
 
-class Replies:
-    """A connection's replies in request order: ready ones (bytes), and writes owed (Owed)."""
+class Replies(collections.deque):
+    """A connection's replies in request order: ready ones (bytes), and writes owed (Owed).
 
-    __slots__ = ("pending", "owed", "owed_bytes")
+    A deque, so that len() and truth, asked a few times per request, cost
+    no Python call; beside it, the writes still owed and their bodies' bytes.
+    """
+
+    __slots__ = ("owed", "owed_bytes")
 
     def __init__(self):
-        self.pending = collections.deque()
+        super().__init__()
         self.owed = 0               # writes not yet durable
         self.owed_bytes = 0         # their bodies
 
-    def __len__(self):
-        return len(self.pending)
-
-    def add(self, reply):
-        self.pending.append(reply)
+    add = collections.deque.append
 
     def owe(self, owed):
-        self.pending.append(owed)
+        self.append(owed)
         self.owed += 1
         self.owed_bytes += owed.size
 
@@ -1027,19 +1027,19 @@ class Replies:
         self.owed_bytes -= owed.size
 
     def first_is(self, owed):
-        return self.pending[0] is owed
+        return self[0] is owed
 
     def take_ready(self):
         """The replies ready at the front, in order: up to the first write still owed."""
-        pending, out = self.pending, []
-        while pending:
-            reply = pending[0]
+        out = []
+        while self:
+            reply = self[0]
             if type(reply) is not bytes:    # a write owed, or a watch held
                 if reply.reply is None:
                     break
                 reply = reply.reply
             out.append(reply)
-            pending.popleft()
+            self.popleft()
         return out
 
 
@@ -1420,11 +1420,13 @@ class Server:
         `now` when the reply goes out (this loop turn's time).
         """
         seconds = (now or self.now()) - started
-        method, target, path = (request.method, request.target, request.path) if request \
-            else (None, None, "")
-        self.metrics.request_done(method or "other", route_label(path), status, seconds)
+        if request is None:
+            self.metrics.request_done("other", "", status, seconds)
+        else:
+            self.metrics.request_done(request.method, request.path, status, seconds)
         if self.access_log:
-            log_access(connection.client, method, target, status, size, seconds)
+            log_access(connection.client, request and request.method, request and request.target,
+                       status, size, seconds)
 
     # -- memory ---------------------------------------------------------------
 
@@ -1905,13 +1907,6 @@ ROUTE_OF_PATH = {"/kv": "listing", "/health": "health", "/metrics": "metrics",
                  "/snapshot": "snapshot", "/export": "export", "/batch": "batch"}
 
 
-def route_label(path):
-    """The route of a request's path (without its query), one of ROUTES: /kv/a is "key"."""
-    if path.startswith("/kv/"):
-        return "key"
-    return ROUTE_OF_PATH.get(path, "other")
-
-
 class Metrics:
     """The counters of requests served, and the rendering of /metrics.
 
@@ -1926,13 +1921,13 @@ class Metrics:
         # histogram in one row, so that a request costs one lookup.
         self._rows = {}
 
-    def request_done(self, method, route, status, seconds):
+    def request_done(self, method, path, status, seconds):
         """Count a request whose reply went out.
 
         `method` is the request's (any other than METHOD_LABELS counts as
-        "other"), `route` one of ROUTES (route_label), `status` the reply's
-        code, `seconds` the time from the request's first bytes to the
-        reply's hand-over to the kernel.
+        "other"), `path` its path without the query (its route: /kv/a is
+        "key", see ROUTES), `status` the reply's code, `seconds` the time
+        from the request's first bytes to the reply's hand-over to the kernel.
 
         No lock, although the worker and the snapshot stream both count:
         since Python 3.10 a thread lets the GIL go only at a call or a
@@ -1942,6 +1937,7 @@ class Metrics:
         which Prometheus would read as a restart.  The lock cost a third
         of this method.
         """
+        route = "key" if path.startswith("/kv/") else ROUTE_OF_PATH.get(path, "other")
         row = self._rows.get((method, route, status))
         if row is None:
             row = self._new_row(method, route, status)
