@@ -1312,7 +1312,8 @@ class Connection(asyncio.Protocol):
                 return
             elif not (self.idle or self.parser.buffered or self.parser.in_body):
                 self.idle, self.since = True, self.now
-        self.update_reading()
+        if not self.reading:                # replies gone: maybe room to read again
+            self.update_reading()           # (the turn decided when to stop: advance)
         self.account()
 
     def update_reading(self):
