@@ -77,7 +77,13 @@ PAUSED = _Sentinel("PAUSED")
 
 
 class ProtocolError(Exception):
-    """A request we cannot read on: answer `status` with `message`, then close the connection."""
+    """A request we cannot read on: answer `status` with `message`, then close the connection.
+
+    `request`: the Request whose head was read, when its framing is what is
+    refused (a Content-Length too large, say); else None.
+    """
+
+    request = None
 
     def __init__(self, status, message):
         super().__init__(status, message)
@@ -295,7 +301,11 @@ class RequestParser:
         request.head_bytes = end
         del buf[:end]
         self._scanned = 0
-        return self._frame(request)
+        try:
+            return self._frame(request)
+        except ProtocolError as error:
+            error.request = request
+            raise
 
     def _frame(self, request):
         """Find how the body is framed (RFC 9112 6.3); take it if it is all here.

@@ -390,6 +390,13 @@ class Api:
         """Checks that need only the head, made before the body is read: auth."""
         check_auth(self.auth_token, request)
 
+    def revision_header(self, request):
+        """KV-Revision, for a reply about /kv or a key (every one carries it), as headers."""
+        path = request.path if request is not None else ""
+        if path == "/kv" or path.startswith("/kv/"):
+            return (("KV-Revision", str(self.store.revision)),)
+        return ()
+
     def body_limit(self, request):
         """The parser asks, from a request's head: (its largest body, the 413's message)."""
         return self.batch_limit if request.path == "/batch" else self.value_limit
@@ -404,7 +411,7 @@ class Api:
                                        headers=(("Allow", ", ".join(KEY_METHODS)),))
                 return self.key(request, parse_key(path[4:]), connection)
             except RequestError as e:       # the answer reflects the store as it is now
-                e.headers += (("KV-Revision", str(self.store.revision)),)
+                e.headers += self.revision_header(request)
                 raise
         route = ROUTE_TABLE.get(path)
         if route is None:
@@ -416,8 +423,7 @@ class Api:
                                    headers=(("Allow", ", ".join(route)),))
             return getattr(self, name)(request, connection)
         except RequestError as e:
-            if path == "/kv":
-                e.headers += (("KV-Revision", str(self.store.revision)),)
+            e.headers += self.revision_header(request)
             raise
 
     def key(self, request, key, connection):
@@ -1151,9 +1157,9 @@ class Connection(asyncio.Protocol):
         try:
             self.serve_some()
         except http11.ProtocolError as e:
-            self.refuse(e.status, e.message)
+            self.refuse(e.status, e.message, self.api.revision_header(e.request))
         except RequestError as e:           # refused from its head: the body is not read
-            self.refuse(e.status, e.message, e.headers)
+            self.refuse(e.status, e.message, e.headers + self.api.revision_header(self.checked))
         self.update_reading()               # now: before the loop looks for input again
         if not self.flush_due:
             self.flush_due = True
@@ -1211,6 +1217,7 @@ class Connection(asyncio.Protocol):
         except RequestError as e:
             if not request.complete:
                 raise
+            e.headers += self.api.revision_header(request)
             self.send(request, *e.reply())
             return False
         if request.complete:

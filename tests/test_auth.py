@@ -14,6 +14,7 @@ import tempfile
 import unittest
 
 from tests import support
+from tests.test_http_protocol import RawConnection
 
 TOKEN = "s3cret-Token_0123456789abcdef"
 WRONG = "s3cret-Token_0123456789abcdeX"       # one character off
@@ -82,6 +83,18 @@ class AuthTest(support.ServerTestCase):
         self.assertEqual(reply, b"" if method == "HEAD" else b"unauthorized\n")
         self.assertEqual(reply_headers.get("WWW-Authenticate"), 'Bearer realm="kvstore"')
         self.assertEqual(reply_headers.get("Content-Type"), "text/plain; charset=utf-8")
+        # Every reply about /kv or a key carries the revision, a refusal too.
+        about_keys = path.split("?")[0] == "/kv" or path.startswith("/kv/")
+        self.assertEqual("KV-Revision" in reply_headers, about_keys, path)
+
+    def test_a_refusal_from_the_head_before_the_body_carries_the_revision(self):
+        for path, expected in (("/kv/guarded", True), ("/batch", False)):
+            connection = RawConnection(self.server)
+            connection.send(b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+                            % path.encode())       # the body never comes
+            reply = connection.response()
+            self.assertEqual(reply.status, 401)
+            self.assertEqual(reply.get("KV-Revision") is not None, expected, path)
 
     def test_every_endpoint_needs_the_token(self):
         self.server.request("PUT", "/kv/guarded", b"old", RIGHT)

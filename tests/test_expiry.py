@@ -19,6 +19,7 @@ import unittest
 from tests import support
 from tests.test_docs import readme, shell_recipes
 from tests.test_http_api import SharedServerTestCase
+from tests.test_http_protocol import RawConnection
 
 
 def metric(server, name, *more):
@@ -79,6 +80,14 @@ class ExpiryTest(SharedServerTestCase):
                 self.assertIn("KV-Revision", headers)
         self.assertIsNone(self.server.get(key))
         self.assertEqual(self.put("/kv/%s?ttl=315360000" % key)[0], 200)
+
+    def test_a_refusal_before_routing_carries_the_revision(self):
+        connection = RawConnection(self.server)
+        connection.send(b"PUT /kv/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"
+                        % self.key().encode())     # refused from its Content-Length
+        reply = connection.response()
+        self.assertEqual(reply.status, 413)
+        self.assertIsNotNone(reply.get("KV-Revision"))
 
     def test_ttl_header_counts_down_and_a_put_without_ttl_makes_the_key_permanent(self):
         key = self.key()
