@@ -1066,8 +1066,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server):
         self.server, self.api, limits = server, server.api, server.limits
         self.parser = http11.RequestParser(limits.max_header_bytes, body_limit=self.api.body_limit)
-        self.transport = None
-        self.client = "-"
+        self.transport, self.client = None, "-"
         self.queue = Replies()
         self.held = 0                       # bytes counted in server.inflight
         self.reserved = 0                   # body bytes reserved against the memory cap
@@ -1075,14 +1074,10 @@ class Connection(asyncio.Protocol):
         self.waiting = None                 # a read that waits for this connection's writes
         self.busy = False                   # a backup is being streamed into it
         self.close_after = False            # close once every reply is out
-        self.lingering = False
-        self.reading = True
-        self.write_paused = False
         self.turn_due = False               # a turn is scheduled (call_soon)
         self.flush_due = False              # its replies go out at the turn's end (flush_soon)
-        self.closed = False
-        self.timed_out = False
-        self.idle = False
+        self.lingering = self.write_paused = self.closed = self.timed_out = self.idle = False
+        self.reading = True
         self.now = server.now()             # this turn's time (data_received, take_turn)
         self.since = self.now               # when the current state began (its deadline)
         self.started = self.now             # when the current request began (its latency)
