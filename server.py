@@ -2190,6 +2190,9 @@ class SnapshotStream:
             raise RequestError(503, cls.BUSY,
                                headers=(("Retry-After", str(SNAPSHOT_RETRY_AFTER)),))
         connection.busy = True
+        # The replies before it out first: the thread writes to the transport
+        # itself, and the turn's flush (Server.flush_soon) might come after.
+        connection.flush()
         stream = cls(server, connection, request, *args)
         threading.Thread(target=stream.run, name=cls.KIND, daemon=True).start()
 

@@ -149,6 +149,19 @@ class SnapshotTest(support.ServerTestCase):
         self.assertEqual(load(self, snapshot), data)
         self.assertEqual(value, data["k1"])
 
+    def test_a_request_pipelined_before_a_snapshot_is_answered_before_it(self):
+        server = self.start_server()
+        server.put("k", b"v")
+        for _ in range(20):     # the order once depended on which thread ran first
+            with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET /kv/k HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /snapshot HTTP/1.1\r\nHost: x\r\n\r\n")
+                buffered = _Buffered(sock)
+                first, value = read_response(buffered)
+                second, snapshot = read_response(buffered)
+            self.assertEqual((first.status, value), (200, b"v"))
+            self.assertEqual(load(self, snapshot), {"k": b"v"})
+
     def test_the_connection_serves_requests_after_a_snapshot(self):
         server = self.start_server()
         server.put("k", b"v")
