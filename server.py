@@ -1220,7 +1220,7 @@ class Connection(asyncio.Protocol):
         self.reserved = self.server.reserve_body(request, self.parser.buffered)
         self.since = self.now
         if request.expect_continue and not self.parser.body_started:
-            self.transport.write(http11.CONTINUE)
+            self.queue.add(http11.CONTINUE)     # in order: after the replies before it
         return True
 
     def serve(self, request):

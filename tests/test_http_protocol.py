@@ -454,6 +454,21 @@ class LimitTests(ProtocolTestCase):
         response = conn.response("GET")
         self.assertEqual((response.status, response.body), (200, b"body"))
 
+    def test_expect_100_continue_behind_another_request_comes_after_its_reply(self):
+        # A 100 belongs to the request being answered: sent before the reply
+        # to the request ahead of it, the client would read it as that one's.
+        conn = self.connect()
+        conn.send(request("PUT", "/kv/" + self.key("a"), [("Content-Length", "1")], b"a")
+                  + request("GET", "/health")
+                  + request("PUT", "/kv/" + self.key("b"),
+                            [("Content-Length", "1"), ("Expect", "100-continue")]))
+        self.assertEqual(conn.response("PUT").status, 200)
+        self.assertEqual(conn.response("GET").body, b"ok\n")
+        self.assertEqual(conn.response("PUT").status, 100)
+        conn.send(b"b")
+        self.assertEqual(conn.response("PUT").status, 200)
+        self.assert_value(self.key("b"), b"b")
+
     def test_expect_100_continue_with_oversized_length(self):
         conn = self.connect()
         conn.send(request("PUT", "/kv/" + self.key(),
