@@ -237,9 +237,9 @@ ROUTE_TABLE = {
 class Limits:
     """Every bound on what a client can make the server spend; each is a flag (parse_args).
 
-    Timeouts are in seconds, checked by a sweep once a second (Server.sweep),
-    so they are exact to within a second.  Each starts when the connection
-    is accepted.
+    Timeouts are in seconds, checked by a sweep (Server.sweep) once a second,
+    or at a tenth of the shortest timeout if that is shorter, so they are
+    exact to within that.  Each starts when the connection is accepted.
       header_timeout      a request line and headers must arrive within it,
                           from their first byte (from the accept for a new
                           connection); else 408 (nothing sent yet: just
@@ -1352,7 +1352,8 @@ class Connection(asyncio.Protocol):
 
 # ----------------------------------------------------------------- server --
 
-SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines
+SWEEP_INTERVAL = 1.0        # seconds between two looks for passed deadlines, at most
+SWEEP_INTERVAL_MIN = 0.05   # ... and at least (Server.sweep_interval)
 STALL_SECONDS = 3.0         # a write older than this waits on a stalled disk (/health: 503)
 EXPIRY_INTERVAL = 0.025     # seconds between two looks for keys whose deadline passed
 EXPIRE_PER_TURN = 250       # keys expired at a look at most: 10,000 a second
@@ -1365,7 +1366,7 @@ class Server:
     """What all connections share: their count, the memory they hold, deadlines, the drain.
 
     Runs on the loop's thread; the Connections call it.  Deadlines are
-    checked by one sweep a second rather than a timer per connection: a
+    checked by one periodic sweep rather than a timer per connection: a
     request then costs a float assignment, not a timer handle.
     """
 
@@ -1391,7 +1392,8 @@ class Server:
         self.on_fatal = None        # called once the store has failed for good
         self.watches = Watches(loop, limits.max_watchers)
         store.listen(self.watches.changed)
-        loop.call_later(SWEEP_INTERVAL, self.sweep)
+        self.sweep_every = self.sweep_interval(limits)
+        loop.call_later(self.sweep_every, self.sweep)
         loop.call_later(EXPIRY_INTERVAL, self.expire)
 
     # -- connections --------------------------------------------------------
@@ -1533,8 +1535,21 @@ class Server:
 
     # -- deadlines and the end -----------------------------------------------------
 
+    @staticmethod
+    def sweep_interval(limits):
+        """Seconds between two sweeps: a deadline is passed by up to that much.
+
+        Once a second suits the default timeouts (10 s and more).  A shorter
+        one (a test's half second, say) is swept at a tenth of itself, so
+        that it stays exact to a tenth, but never more often than every
+        SWEEP_INTERVAL_MIN: a sweep looks at every connection.
+        """
+        shortest = min(limits.header_timeout, limits.body_timeout, limits.send_timeout,
+                       limits.idle_timeout)
+        return min(SWEEP_INTERVAL, max(SWEEP_INTERVAL_MIN, shortest / 10))
+
     def sweep(self):
-        """Once a second: connections past their deadline, and a store that failed for good."""
+        """Every sweep_every s: connections past their deadline, and a store failed for good."""
         now = self.now()
         for connection in list(self.connections):
             deadline = self.deadline(connection)
@@ -1543,7 +1558,7 @@ class Server:
         if self.store.fatal.is_set() and self.on_fatal is not None:
             on_fatal, self.on_fatal = self.on_fatal, None
             on_fatal()
-        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
+        self.loop.call_later(self.sweep_every, self.sweep)
 
     def expire(self):
         """Every EXPIRY_INTERVAL: journal the expiry of keys whose deadline passed.

@@ -230,6 +230,17 @@ def wait_until(predicate, timeout=30.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def metric(server, name, *more):
+    """The value of metric `name` (None if absent); with `more` names, a tuple of
+    the values, all from the same GET /metrics (one instant of the server)."""
+    status, _, body = server.request("GET", "/metrics")
+    values = []
+    for one in (name,) + more:
+        found = re.search(rb"^%s (\S+)$" % one.encode(), body, re.M)
+        values.append(float(found.group(1)) if found else None)
+    return tuple(values) if more else values[0]
+
+
 def temp_file(test, name, content):
     """Write `content` (bytes) to a file `name` in a new directory, removed after the test; its path."""
     directory = tempfile.mkdtemp(prefix="kvtest-")

@@ -6,7 +6,6 @@ A watch is known to be held once /metrics counts it (kvstore_watches):
 only then does a test make the change that must wake it.
 """
 import os
-import re
 import shutil
 import signal
 import socket
@@ -17,20 +16,10 @@ import time
 import unittest
 
 from tests import support
+from tests.support import metric
 from tests.test_docs import readme, shell_recipes
 from tests.test_http_api import SharedServerTestCase
 from tests.test_http_protocol import RawConnection
-
-
-def metric(server, name, *more):
-    """The value of metric `name` (None if absent); with `more` names, a tuple of
-    the values, all from the same GET /metrics (one instant of the server)."""
-    status, _, body = server.request("GET", "/metrics")
-    values = []
-    for one in (name,) + more:
-        found = re.search(rb"^%s (\S+)$" % one.encode(), body, re.M)
-        values.append(float(found.group(1)) if found else None)
-    return tuple(values) if more else values[0]
 
 
 def revision(headers):
