@@ -164,7 +164,10 @@ class ExportCutTest(support.ServerTestCase):
         for thread in threads:
             thread.start()
         try:
-            support.wait_until(lambda: acked["generation"] >= 1, 30, message="a first batch")
+            # Both writers under way: an export before the first counter was
+            # acknowledged may have no counter at all.
+            support.wait_until(lambda: acked["generation"] >= 1 and acked["counter"] >= 0, 30,
+                               message="a first batch and a first counter")
             exports = 0
             while exports < 15 or acked["generation"] < 5:
                 before = dict(acked)
