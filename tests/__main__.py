@@ -9,7 +9,8 @@ so that the last to finish is a short one (see Schedule for the few that
 time a flood).  Each worker is a fork of a process that has imported the
 test modules once (Workers).  Four on two CPUs: many tests wait on the
 server's timers, and a fourth worker uses the CPU they leave (whole runs on
-the shared 2-CPU machine: 73-74 s with 4, 77-83 s with 3).  Every test
+the shared 2-CPU machine, when the suite was slower: 73-74 s with 4, 77-83 s
+with 3; later, 5 or 6 were no faster than 4).  Every test
 already has its own port and data directory, so they share nothing but the
 CPUs.  PATTERNs select tests as unittest's -k does (a substring of the
 test's full name, or a glob), e.g. `python3 -m tests shutdown`.
@@ -90,6 +91,7 @@ DURATIONS = {
     "test_failures.JournalWriterDeathTest": (1.3, 0.2),
     "test_failures.TmpfsFullDiskTest": (0.5, 0.2), "test_http11": (2.1, 1.4),
     "test_docs": (1.1, 0.9), "test_operations": (0.8, 0.5), "test_bench_goals": (0, 0),
+    "test_connection": (0.7, 0.2),
     "test_bench_persist": (0, 0), "test_bench_run": (0, 0),
 }
 UNKNOWN_DURATION = (30, 30)
