@@ -115,7 +115,7 @@ class Request:
 
     def __init__(self, method, target, minor, headers):
         self.method, self.target, self.headers = method, target, headers
-        if target[:1] != "/":                   # absolute form: http://host/path?query
+        if target[0] != "/":                    # absolute form: http://host/path?query
             scheme, _, rest = target.partition("://")
             target = "/" + rest.partition("/")[2] if scheme.lower() in ("http", "https") else ""
         self.path, _, self.query = target.partition("?")
@@ -514,7 +514,7 @@ def response_head(status, length, headers=(), content_type=TEXT_PLAIN, connectio
     status_line = _STATUS_LINES.get(status) or "HTTP/1.1 %d \r\n" % status
     return ("%s%sContent-Length: %d\r\n%s%s%s\r\n" % (
         status_line, type_line, length, date_header(), _CONNECTION[connection],
-        "".join(["%s: %s\r\n" % header for header in headers]))).encode("latin-1")
+        "".join([name + ": " + value + "\r\n" for name, value in headers]))).encode("latin-1")
 
 
 def response(status, body=b"", headers=(), content_type=TEXT_PLAIN, connection=None,

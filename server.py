@@ -330,6 +330,7 @@ def check_key(key):
 TTL_MAX = 315360000          # seconds: ten years
 WAIT_MAX = 300              # seconds a watch may be held
 KEY_PARAMETERS = ("ttl", "wait")    # known on /kv/{key}; any other is ignored, as before
+NO_PARAMETERS = {}                  # key_query of no query (read, never written)
 
 
 def whole_seconds(name, text, most):
@@ -428,7 +429,7 @@ class Api:
 
     def key(self, request, key, connection):
         method = request.method
-        query = key_query(request.query) if request.query else {}
+        query = key_query(request.query) if request.query else NO_PARAMETERS
         if method == "GET" or method == "HEAD":
             reply = self.read(request, key)
             if "wait" in query and reply[0] in (304, 404):     # a watch: until that changes
@@ -453,10 +454,9 @@ class Api:
     def read(self, request, key):
         """The reply to GET or HEAD of `key`: 200, 304 or 404, with the revision it reflects."""
         value, tag, deadline, revision = self.store.read(key)
-        headers = (("KV-Revision", str(revision)),)
         if value is None:
-            return 404, b"key not found\n", headers, http11.TEXT_PLAIN
-        headers += (("ETag", '"%s"' % tag), VALUE_CACHING)
+            return 404, b"key not found\n", (("KV-Revision", str(revision)),), http11.TEXT_PLAIN
+        headers = (("KV-Revision", str(revision)), ("ETag", '"%s"' % tag), VALUE_CACHING)
         if deadline is not None:
             headers += (("KV-TTL", seconds_left(deadline)),)
         return read_status(request.headers, tag), value, headers, http11.TEXT_PLAIN
