@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 import unittest
-from unittest import mock
 
 import persistence
 import store as store_module
@@ -417,19 +416,19 @@ class StoreConditionTest(unittest.TestCase):
         old, new = os.urandom(BIG), os.urandom(BIG)
         old_tag, new_tag = store_module.value_tag(old), store_module.value_tag(new)
         store.put("k", old, tag=old_tag)
-        release, real_write = threading.Event(), persistence._write_group
-
-        def held_write(*args):
-            release.wait(30)
-            return real_write(*args)
-
+        # The journal's writer, a process, held still: the write stays queued.
+        # (A patch of this process's _write_group, as once, no longer holds
+        # it: the test then raced the writer, and failed when it lost.)
+        writer = journal._process.pid
         done = threading.Event()
-        # The journal's writer (a thread here) writes each group of rounds with it.
-        with mock.patch.object(persistence, "_write_group", held_write):
+        os.kill(writer, signal.SIGSTOP)
+        try:
             store.put("k", new, tag=new_tag, on_durable=lambda error: done.set())
             self.assertEqual(store.get_tagged("k"), (old, old_tag))
             with self.assertRaises(store_module.ConditionFailed):
                 store.put("k", b"x", condition=lambda tag: tag == old_tag)
-            release.set()
-            self.assertTrue(done.wait(30))
+            self.assertFalse(done.is_set())
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        self.assertTrue(done.wait(30))
         self.assertEqual(store.get_tagged("k"), (new, new_tag))
