@@ -135,16 +135,20 @@ class SnapshotTest(support.ServerTestCase):
         backup = support.temp_file(self, "backup.pickle", body)
         self.assertEqual(persistence.check_snapshot(backup), (1, len(body), True))
 
+    @staticmethod
+    def pipelined(server, first_path, second_path):
+        """Two GETs sent at once on one connection: [(response, body), (response, body)]."""
+        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+                                  for path in (first_path, second_path)))
+            buffered = _Buffered(sock)
+            return [read_response(buffered), read_response(buffered)]
+
     def test_a_request_pipelined_after_a_snapshot_is_answered_after_it(self):
         data = {"k%d" % i: bytes([i]) * (1 << 20) for i in range(8)}    # takes a while to send
         persistence.write_snapshot(self.data_dir, data)
         server = self.start_server()
-        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
-            sock.sendall(b"GET /snapshot HTTP/1.1\r\nHost: x\r\n\r\n"
-                         b"GET /kv/k1 HTTP/1.1\r\nHost: x\r\n\r\n")
-            buffered = _Buffered(sock)
-            first, snapshot = read_response(buffered)
-            second, value = read_response(buffered)
+        (first, snapshot), (second, value) = self.pipelined(server, "/snapshot", "/kv/k1")
         self.assertEqual((first.status, second.status), (200, 200))
         self.assertEqual(load(self, snapshot), data)
         self.assertEqual(value, data["k1"])
@@ -153,12 +157,7 @@ class SnapshotTest(support.ServerTestCase):
         server = self.start_server()
         server.put("k", b"v")
         for _ in range(20):     # the order once depended on which thread ran first
-            with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
-                sock.sendall(b"GET /kv/k HTTP/1.1\r\nHost: x\r\n\r\n"
-                             b"GET /snapshot HTTP/1.1\r\nHost: x\r\n\r\n")
-                buffered = _Buffered(sock)
-                first, value = read_response(buffered)
-                second, snapshot = read_response(buffered)
+            (first, value), (second, snapshot) = self.pipelined(server, "/kv/k", "/snapshot")
             self.assertEqual((first.status, value), (200, b"v"))
             self.assertEqual(load(self, snapshot), {"k": b"v"})
 
