@@ -118,6 +118,8 @@ class DeadlineTest(support.ServerTestCase):
                     self.assertTrue(received.startswith(expected), received[:200])
                 if expected is timeout:
                     self.assertTrue(received.endswith(b"\r\n\r\nrequest timeout\n"), received)
+                    # A reply about a key carries the revision; /health's does not.
+                    self.assertEqual(b"\r\nKV-Revision: " in received, name != "head", received)
                 self.assertGreater(elapsed, 0.45, "cut before its deadline")
         self.assertGreater(time.monotonic() - started, 1.45, "idle connection cut before 1.5 s")
         # The client that did not read: once it has been cut off (the fourth
