@@ -405,25 +405,21 @@ class Api:
     def serve(self, request, connection):
         """The reply to a whole request: (status, body, headers, content type) or PENDING."""
         path = request.path
-        if path.startswith("/kv/"):
-            try:
+        try:
+            if path.startswith("/kv/"):
                 if request.method not in KEY_METHODS:
                     raise RequestError(405, "method not allowed",
                                        headers=(("Allow", ", ".join(KEY_METHODS)),))
                 return self.key(request, parse_key(path[4:]), connection)
-            except RequestError as e:       # the answer reflects the store as it is now
-                e.headers += self.revision_header(request)
-                raise
-        route = ROUTE_TABLE.get(path)
-        if route is None:
-            raise RequestError(404, "not found")
-        try:
+            route = ROUTE_TABLE.get(path)
+            if route is None:
+                raise RequestError(404, "not found")
             name = route.get(request.method)
             if name is None:
                 raise RequestError(405, "method not allowed",
                                    headers=(("Allow", ", ".join(route)),))
             return getattr(self, name)(request, connection)
-        except RequestError as e:
+        except RequestError as e:       # about /kv or a key: the revision it reflects, now
             e.headers += self.revision_header(request)
             raise
 
