@@ -121,11 +121,11 @@ class Request:
         self.path, _, self.query = target.partition("?")
         # Any 1.x but 1.0 is read as 1.1 (RFC 9112 2.3).
         self.http_1_0 = http_1_0 = minor == "0"
-        self.keep_alive, self.expect_continue = True, False
+        tokens = headers.get("connection", "").lower()
         if http_1_0:
-            self.keep_alive = "keep-alive" in headers.get("connection", "").lower()
-        elif len(headers) > 1:                  # more than Host: maybe these
-            self.keep_alive = "close" not in headers.get("connection", "").lower()
+            self.keep_alive, self.expect_continue = "keep-alive" in tokens, False
+        else:
+            self.keep_alive = "close" not in tokens
             self.expect_continue = headers.get("expect", "").lower() == "100-continue"
         self.framed = self.chunked = self.complete = False
         self.content_length, self.head_bytes, self.body = None, 0, b""
